@@ -1,0 +1,28 @@
+# Fresh machine: `make demo` (install + the demo run), `make test` (install + the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; a GPU user installs their CUDA build instead (README).
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
+	$(PY) -m pip install --quiet -e ".[test,dashboard]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/netloupe run examples/mnist.yaml --force
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) benchmarks/bench_spine.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""The analyst dashboard (Panel + Datashader); it reads runs only through ``storage``."""

@@ -1,0 +1,106 @@
+"""The ``netloupe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from pipeline.errors import NetloupeError, SpecError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set takes KEY=VALUE (e.g. execution.num_workers=2), got {pair!r}")
+        result[key] = yaml.safe_load(value)
+    return result
+
+
+def cmd_run(args) -> int:
+    from pipeline.driver import manifest_summary, run_job
+    from pipeline.spec import load_spec
+
+    spec = load_spec(args.spec, _overrides(args.set))
+    result = run_job(spec, force=args.force, progress=not args.no_progress)
+    run_dir = result.layout.root
+    print(manifest_summary(result.manifest))
+    print(f"\nrun committed: {run_dir}")
+    print("next:")
+    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"SELECT prediction, count(*) FROM '{run_dir}/instances/*.parquet' GROUP BY 1 ORDER BY 1\\\"))\"")
+    print(f"  cat {run_dir}/manifest.json")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.driver import validate
+    from pipeline.spec import load_spec
+
+    checked = validate(load_spec(args.spec, _overrides(args.set)))
+    print(json.dumps({"rows": checked.dataset.num_rows, "classes": checked.class_names,
+                      "model": checked.facts.to_json()}, indent=2))
+    return 0
+
+
+def cmd_methods(_args) -> int:
+    from workers.methods import METHODS
+
+    for method in METHODS.values():
+        flags = [name for name in ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
+                                   "needs_unique_nonlinearities") if getattr(method, name)]
+        print(f"{method.name:22s} captum.attr.{method.captum_class.__name__:20s} {', '.join(flags)}")
+        print(f"{'':22s} params: {', '.join(method.attribute_parameters())}")
+    print("any method can be wrapped with 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from pipeline.models import load_model
+    from pipeline.spec import load_spec
+
+    model = load_model(load_spec(args.spec).model)
+    for name, module in model.named_modules():
+        if name:
+            print(f"{name:30s} {type(module).__name__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netloupe", description="Explain neural networks at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="explain every instance of a dataset into a run directory")
+    run.add_argument("spec", help="job spec YAML (see examples/mnist.yaml)")
+    run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec value, e.g. --set execution.num_workers=2")
+    run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a spec on a few rows without running it")
+    val.add_argument("spec")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=cmd_validate)
+    sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
+    layers = sub.add_parser("layers", help="list the layer names of a spec's model")
+    layers.add_argument("spec")
+    layers.set_defaults(func=cmd_layers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.driver import local_ray_environment
+
+    local_ray_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NetloupeError as error:
+        print(f"netloupe: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

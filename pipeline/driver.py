@@ -1,0 +1,250 @@
+"""The driver: validate on one batch, run the Ray Data plan, check and commit the run.
+
+Order matters: everything that can fail on the user's input (spec, dataset, model,
+layers, methods, an existing run name) fails before Ray starts and before any file is
+written; once workers run, results are staged and become visible only at the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import torch
+
+from pipeline.datasets import ResolvedDataset, resolve_dataset
+from pipeline.errors import RunError
+from pipeline.models import load_model
+from pipeline.spec import JobSpec, spec_to_dict
+from storage import schema as S
+from storage.layout import RunLayout, RunStaging
+from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
+
+VALIDATION_ROWS = 4
+"""Rows the driver explains itself before starting workers (fail fast, learn shapes)."""
+
+PACKAGES = ("netloupe", "torch", "captum", "ray", "pyarrow", "duckdb", "numpy", "pydantic")
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What validation established: the dataset's columns and the model's shapes."""
+
+    dataset: ResolvedDataset
+    facts: ModelFacts
+    class_names: list[str]
+    bytes_per_row: int
+    """Arrow bytes of one input row, to size Ray Data blocks."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A committed run."""
+
+    layout: RunLayout
+    manifest: dict
+
+
+def validate(spec: JobSpec) -> Validated:
+    """Check the spec against the data and the model on a few rows, on the driver."""
+    started = time.perf_counter()
+    dataset = resolve_dataset(spec)
+    model = load_model(spec.model)
+    explainer = BatchExplainer(spec, dataset, model, torch.device("cpu"))
+    head = dataset.head(VALIDATION_ROWS)
+    facts = explainer.describe(head)
+    class_names = spec.model.class_names or [str(i) for i in range(facts.num_classes)]
+    if len(class_names) != facts.num_classes:
+        raise RunError(
+            f"model.class_names has {len(class_names)} names but the model outputs "
+            f"{facts.num_classes} classes; give one name per output"
+        )
+    bytes_per_row = max(1, head.nbytes // max(1, head.num_rows))
+    return Validated(dataset, facts, class_names, bytes_per_row, time.perf_counter() - started)
+
+
+def local_ray_environment() -> None:
+    """Keep a local Ray on loopback with token authentication, unless the user chose."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def ensure_ray(address: str | None) -> float:
+    """Connect to the spec's cluster, or start a local one on 127.0.0.1; return seconds."""
+    # Ray reads these when it is first imported; the CLI sets them before that too.
+    local_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    started = time.perf_counter()
+    if address is None:
+        # One logical CPU more than the cores: Ray Data's read tasks need a CPU slot, and
+        # actors holding every slot would leave them (and the run) waiting forever.
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=(os.cpu_count() or 1) + 1,
+                 include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+    return time.perf_counter() - started
+
+
+def default_threads(spec: JobSpec) -> int | None:
+    """Torch threads per worker: the spec's, else the node's cores shared by the workers."""
+    if spec.execution.threads_per_worker is not None:
+        return spec.execution.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // spec.execution.num_workers)
+
+
+def _check_cluster_fits(spec: JobSpec) -> None:
+    """Fail with a fix instead of waiting forever when the workers cannot all be placed."""
+    import ray
+
+    execution = spec.execution
+    total = ray.cluster_resources()
+    cpus_needed = execution.num_workers * execution.cpus_per_worker + 1
+    gpus_needed = execution.num_workers * execution.gpus_per_worker
+    if total.get("CPU", 0) < cpus_needed or total.get("GPU", 0) < gpus_needed:
+        raise RunError(
+            f"the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; "
+            f"{execution.num_workers} workers with {execution.cpus_per_worker:g} CPUs and "
+            f"{execution.gpus_per_worker:g} GPUs each, plus 1 CPU for reading, need "
+            f"{cpus_needed:g} CPUs and {gpus_needed:g} GPUs. Lower execution.num_workers or "
+            "the per-worker resources, or add nodes"
+        )
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _check_exactly_once(layout: RunLayout, expected: int) -> int:
+    """Count the staged instances and their distinct ids; both must equal ``expected``."""
+    pattern = str(layout.instances_dir / "*.parquet")
+    rows, distinct = duckdb.execute(
+        "SELECT count(*), count(DISTINCT instance_id) FROM read_parquet(?)", [pattern]
+    ).fetchone()
+    if rows != expected or distinct != expected:
+        raise RunError(
+            f"the run produced {rows} instance rows with {distinct} distinct ids, expected "
+            f"{expected} of each; nothing was committed (the staged files are removed)"
+        )
+    return rows
+
+
+def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunResult:
+    """Validate, explain every instance on Ray, and commit the run atomically."""
+    timings = {}
+    started = time.perf_counter()
+    # Checked first: a taken name should not cost a model load.
+    staging = RunStaging(spec.output.root, spec.output.run_name, force=force)
+    checked = validate(spec)
+    timings["validate_seconds"] = checked.seconds
+    timings["ray_init_seconds"] = ensure_ray(spec.execution.ray_address)
+
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    _check_cluster_fits(spec)
+    layout = staging.create()
+    try:
+        dataset = checked.dataset
+        execution = spec.execution
+        # Blocks of about one batch: a small file otherwise arrives as one block, which
+        # one actor would process alone while the others idle.
+        context = ray.data.DataContext.get_current()
+        context.target_max_block_size = max(2**16, checked.bytes_per_row * execution.batch_size)
+        ds = ray.data.read_parquet(dataset.path).select_columns(dataset.columns)
+        if dataset.limit is not None:
+            ds = ds.limit(dataset.limit)
+        results = ds.map_batches(
+            ExplainWorker,
+            fn_constructor_kwargs={
+                "spec_data": spec_to_dict(spec),
+                "dataset": dataset,
+                "facts_data": checked.facts.to_json(),
+                "staging_dir": str(layout.root.resolve()),
+                "threads": default_threads(spec),
+            },
+            batch_size=execution.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=execution.num_workers),
+            num_cpus=execution.cpus_per_worker,
+            num_gpus=execution.gpus_per_worker or None,
+        )
+        explain_started = time.perf_counter()
+        parts = []
+        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            parts.extend(batch.to_pylist())
+        timings["explain_seconds"] = time.perf_counter() - explain_started
+        keys = {part["part"] for part in parts}
+        staging.remove_unlisted_parts(
+            layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
+        )
+        count = _check_exactly_once(layout, dataset.num_rows)
+        timings["total_seconds"] = time.perf_counter() - started
+        manifest = build_manifest(spec, checked, parts, count, timings)
+        final = staging.commit(manifest)
+    except BaseException:
+        staging.abort()
+        raise
+    return RunResult(final, manifest)
+
+
+def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict) -> dict:
+    """The run's self-description, written last (its presence marks a committed run)."""
+    facts = checked.facts
+    return {
+        "netloupe_manifest": 1,
+        "schema_version": S.SCHEMA_VERSION,
+        "run_name": spec.output.run_name,
+        "created_unix": time.time(),
+        "spec": spec_to_dict(spec),
+        "preprocess": checked.dataset.preprocess.model_dump(mode="json"),
+        "dataset": {
+            "path": str(Path(checked.dataset.path).resolve()),
+            "id_type": checked.dataset.id_type,
+            "metadata_columns": list(checked.dataset.metadata_columns),
+            "label_column": checked.dataset.label_column,
+        },
+        "counts": {
+            "instances": count,
+            "parts": len(parts),
+            "bytes": sum(p["bytes"] for p in parts),
+            "attribution_rows_per_method": count * (spec.target.k if spec.target.kind == "top_k" else 1),
+        },
+        "class_names": checked.class_names,
+        "model": facts.to_json(),
+        "tables": {
+            "instances": "instances",
+            "activations": {name: f"activations/{name}" for name in facts.layer_neurons},
+            "attributions": {name: f"attributions/{name}" for name in facts.attribution_shapes},
+        },
+        "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"]) for p in parts}),
+        "timings": {**timings, "compute_seconds_sum": sum(p["compute_seconds"] for p in parts),
+                    "write_seconds_sum": sum(p["write_seconds"] for p in parts)},
+        "versions": _package_versions(),
+        "argv": sys.argv,
+    }
+
+
+def manifest_summary(manifest: dict) -> str:
+    """A few lines for the terminal at the end of a run."""
+    return json.dumps(
+        {k: manifest[k] for k in ("run_name", "counts", "timings")}, indent=2, default=str
+    )

@@ -1,0 +1,102 @@
+"""Model resolution: an entry point (plus optional weights) or a TorchScript file → ``nn.Module``.
+
+Weights are read without executing code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+from pipeline.spec import ModelSpec
+
+
+def import_entry_point(entry_point: str):
+    """``package.module:attribute`` → the attribute, with errors that say what to fix."""
+    module_name, _, attribute = entry_point.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelError(
+            f"cannot import module {module_name!r} of model.factory {entry_point!r}: {error}. "
+            "Install the package that defines it, or add its directory to PYTHONPATH"
+        ) from None
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            public = [n for n in dir(module) if not n.startswith("_")]
+            from pipeline.errors import did_you_mean
+
+            raise ModelError(
+                f"module {module_name!r} has no {attribute!r} (from model.factory "
+                f"{entry_point!r}); {did_you_mean(attribute, public)}"
+            )
+        target = getattr(target, part)
+    return target
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, executing no code."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"weights file {path} does not exist; check model.weights")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to parse is the same user problem
+        raise ModelError(
+            f"cannot read weights file {path}: {type(error).__name__}: {error}. It must be a "
+            ".safetensors file or a state dict saved with torch.save (no pickled classes)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {path} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_model(spec: ModelSpec) -> nn.Module:
+    """Build the model the spec names, load its weights, and put it in eval mode."""
+    if spec.torchscript is not None:
+        path = Path(spec.torchscript)
+        if not path.is_file():
+            raise ModelError(f"TorchScript file {path} does not exist; check model.torchscript")
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - reported to the user with its cause
+            raise ModelError(f"cannot load TorchScript file {path}: {error}") from None
+    else:
+        factory = import_entry_point(spec.factory)
+        if not callable(factory):
+            raise ModelError(f"model.factory {spec.factory!r} is a {type(factory).__name__}, not a callable")
+        try:
+            model = factory(**spec.kwargs)
+        except Exception as error:  # noqa: BLE001 - user code: report what it raised
+            raise ModelError(
+                f"model.factory {spec.factory!r} raised {type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(model, nn.Module):
+            raise ModelError(
+                f"model.factory {spec.factory!r} returned a {type(model).__name__}; it must "
+                "return a torch.nn.Module"
+            )
+        if spec.weights is not None:
+            state = load_state_dict(spec.weights)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                raise ModelError(
+                    f"weights {spec.weights} do not fit the model from {spec.factory!r}: "
+                    f"{error}. Check that the file was saved from this architecture"
+                ) from None
+    model.eval()
+    for parameter in model.parameters():
+        # Attribution methods need gradients of the input only; parameter gradients
+        # would double the backward work.
+        parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,293 @@
+"""The job spec: what to explain, how, and where the results go.
+
+A spec is YAML on disk and a tree of frozen pydantic models in memory. Unknown keys are
+rejected with the closest valid name; every field carries its documentation as the
+docstring below it (shown by ``netloupe spec-help``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import SpecError, did_you_mean
+
+BUILTIN_DATASETS = ("mnist-5k", "digits", "breast-cancer")
+
+
+class StrictModel(BaseModel):
+    """A frozen model that names the closest valid key when given an unknown one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            valid = set(cls.model_fields)
+            for key in data:
+                if key not in valid:
+                    raise ValueError(f"unknown key {key!r}; {did_you_mean(str(key), valid)}")
+        return data
+
+
+class ModelSpec(StrictModel):
+    """Which network to explain."""
+
+    factory: str | None = None
+    """Python entry point ``package.module:callable`` that returns an ``nn.Module``."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the factory."""
+    weights: str | None = None
+    """Optional state-dict file loaded into the factory's module: ``.safetensors``, or a
+    ``torch.save`` file read with ``weights_only=True`` (no code is executed)."""
+    torchscript: str | None = None
+    """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
+    class_names: list[str] | None = None
+    """Names of the output classes, in logit order; default ``"0"``, ``"1"``, ..."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.factory is None) == (self.torchscript is None):
+            raise ValueError(
+                "give exactly one of 'factory' (an entry point such as "
+                "'pipeline.zoo:mnist_cnn') or 'torchscript' (a .pt file); "
+                f"got factory={self.factory!r}, torchscript={self.torchscript!r}"
+            )
+        if self.torchscript is not None and self.weights is not None:
+            raise ValueError("'weights' applies to a factory model; a TorchScript file carries its own")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(
+                f"factory must look like 'package.module:callable', got {self.factory!r}"
+            )
+        return self
+
+
+class DatasetSpec(StrictModel):
+    """Which instances to explain."""
+
+    source: str
+    """A built-in set (``mnist-5k``, ``digits``, ``breast-cancer``) or a Parquet file or
+    directory."""
+    input_column: str | None = None
+    """Column holding each instance's input as a list of numbers (images, tensors)."""
+    feature_columns: list[str] | None = None
+    """Numeric columns that together form the input (tabular models), in model order."""
+    id_column: str = "instance_id"
+    """Column with a unique integer or string id per instance."""
+    label_column: str | None = "label"
+    """Column with the true class index; null for unlabeled data."""
+    metadata_columns: list[str] = Field(default_factory=list)
+    """Columns copied into the instances table for slicing (subgroups, provenance)."""
+    limit: int | None = Field(default=None, gt=0)
+    """Explain only the first N instances (for trying a spec out)."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "DatasetSpec":
+        if self.source in BUILTIN_DATASETS:
+            return self
+        if (self.input_column is None) == (self.feature_columns is None):
+            raise ValueError(
+                "for a Parquet dataset give exactly one of 'input_column' (a list/tensor "
+                "column) or 'feature_columns' (numeric columns); "
+                f"got input_column={self.input_column!r}, feature_columns={self.feature_columns!r}"
+            )
+        return self
+
+
+class PreprocessSpec(StrictModel):
+    """How a stored input becomes the model's input tensor: ``(x * scale + offset - mean) / std``."""
+
+    shape: list[int] | None = None
+    """Shape of one instance as the model takes it, e.g. ``[1, 28, 28]``; default: as stored."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating dtype of the model input."""
+    scale: float = 1.0
+    """Multiplier applied first (``1/255`` for 8-bit images)."""
+    offset: float = 0.0
+    """Added after scaling."""
+    mean: list[float] | None = None
+    """Per-channel (or per-feature) mean subtracted after scaling."""
+    std: list[float] | None = None
+    """Per-channel (or per-feature) standard deviation divided by last."""
+
+
+class LayerSpec(StrictModel):
+    """A layer whose activations are recorded."""
+
+    name: str
+    """Module name as in ``model.named_modules()`` (e.g. ``conv2`` or ``features.3``)."""
+    pooling: Literal["mean", "max", "none"] = "mean"
+    """For outputs with spatial dimensions: average or max over them, one value per
+    channel, or ``none`` to keep every unit."""
+
+
+class NoiseTunnelSpec(StrictModel):
+    """Captum's NoiseTunnel around a method (SmoothGrad and its variants)."""
+
+    nt_type: Literal["smoothgrad", "smoothgrad_sq", "vargrad"] = "smoothgrad"
+    """How the noisy attributions are combined."""
+    nt_samples: int = Field(default=8, gt=0)
+    """Noisy copies per instance."""
+    stdevs: float = Field(default=0.1, ge=0)
+    """Standard deviation of the Gaussian noise, in model-input units."""
+
+
+class MethodSpec(StrictModel):
+    """One attribution method to run on every instance."""
+
+    method: str
+    """Registry name: integrated_gradients, saliency, input_x_gradient, deeplift,
+    gradient_shap, grad_cam, occlusion (``netloupe methods`` lists them)."""
+    name: str | None = None
+    """Name of the stored table; defaults to ``method`` (``<method>_<nt_type>`` in a noise tunnel).
+    Set it to run one method twice with different parameters."""
+    layer: str | None = None
+    """The layer for layer methods (grad_cam)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the Captum ``attribute`` call (``n_steps``, ``sliding_window_shapes``...)."""
+    baseline: float = 0.0
+    """Constant baseline value for methods that take one (IG, DeepLift, GradientSHAP, Occlusion)."""
+    noise_tunnel: NoiseTunnelSpec | None = None
+    """Wrap the method in a noise tunnel."""
+
+    @property
+    def table_name(self) -> str:
+        if self.name is not None:
+            return self.name
+        if self.noise_tunnel is not None:
+            return f"{self.method}_{self.noise_tunnel.nt_type}"
+        return self.method
+
+
+class TargetSpec(StrictModel):
+    """Which output class each attribution explains."""
+
+    kind: Literal["predicted", "label", "top_k"] = "predicted"
+    """The predicted class, the true label, or the k most probable classes."""
+    k: int = Field(default=1, gt=0)
+    """How many classes for ``top_k``."""
+
+
+class StorageSpec(StrictModel):
+    """How much of each attribution is kept."""
+
+    attributions: Literal["full", "heatmap", "summary"] = "full"
+    """``full``: the whole map; ``heatmap``: channels summed and pooled to ``heatmap_size``;
+    ``summary``: only the per-instance statistics."""
+    heatmap_size: list[int] = Field(default_factory=lambda: [14, 14])
+    """Height and width of a stored heatmap."""
+
+
+class ExecutionSpec(StrictModel):
+    """Resources and batching."""
+
+    batch_size: int = Field(default=1024, gt=0)
+    """Instances per batch handed to a worker."""
+    num_workers: int = Field(default=1, gt=0)
+    """Worker actors (each holds one model)."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """Logical CPUs Ray reserves for each worker."""
+    threads_per_worker: int | None = Field(default=None, gt=0)
+    """PyTorch threads in each worker; default: the node's cores divided among its workers."""
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    """GPUs Ray assigns to each worker; the worker computes on its GPU when it gets one."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; default: start a local one on 127.0.0.1."""
+    seed: int = 0
+    """Seed for stochastic methods (noise tunnel, GradientSHAP); results are reproducible."""
+
+
+class OutputSpec(StrictModel):
+    """Where the run is written."""
+
+    root: str = "runs"
+    """Directory that holds runs (relative paths are taken from the working directory)."""
+    run_name: str
+    """The run's directory name under ``root``."""
+
+
+class JobSpec(StrictModel):
+    """A whole explanation job."""
+
+    model: ModelSpec
+    """The network."""
+    dataset: DatasetSpec
+    """The instances."""
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    """Stored input → model input."""
+    layers: list[LayerSpec] = Field(default_factory=list)
+    """Layers whose activations are recorded."""
+    attributions: list[MethodSpec] = Field(default_factory=list)
+    """Attribution methods to run."""
+    target: TargetSpec = Field(default_factory=TargetSpec)
+    """Which class each attribution explains."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """How attributions are kept."""
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    """Resources and batching."""
+    output: OutputSpec
+    """Where the run goes."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "JobSpec":
+        for kind, names in (
+            ("layer", [layer.name for layer in self.layers]),
+            ("attribution table", [m.table_name for m in self.attributions]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(
+                    f"{kind} names must be unique, {dupes} repeat; give each method entry "
+                    "its own 'name' to run it twice"
+                )
+        return self
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid job spec {origin}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, origin: str = "") -> JobSpec:
+    """Validate a mapping (parsed YAML) into a :class:`JobSpec`, or raise :class:`SpecError`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"a job spec {origin} must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_validation_error(error, origin)) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply dotted-key ``overrides`` (from the CLI), and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job spec {path} does not exist; pass the path of a YAML file like examples/mnist.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"job spec {path} is not valid YAML: {error}") from None
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return parse_spec(data, origin=f"in {path}")
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The spec as plain data, as stored in the manifest and handed to workers."""
+    return spec.model_dump(mode="json")

@@ -1,0 +1,131 @@
+"""The demo models: small networks trained once on the built-in sets and cached.
+
+``trained_mnist_cnn`` and ``trained_breast_cancer_mlp`` are ordinary model factories
+(``model.factory: pipeline.zoo:trained_mnist_cnn``): the first call trains with a fixed
+seed and caches the weights as safetensors; later calls, in any process, load them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.datasets import builtin_defaults, builtin_path, cache_dir
+
+ZOO_VERSION = 1
+"""Bumped when an architecture or its training changes, so stale caches are not reused."""
+
+
+class MnistCNN(nn.Module):
+    """Two conv blocks and two dense layers; every ReLU is its own module (DeepLift needs it)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(2 * width * 7 * 7, 128)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+class TabularMLP(nn.Module):
+    """A two-hidden-layer MLP for feature vectors."""
+
+    def __init__(self, num_features: int = 30, num_classes: int = 2, hidden: int = 64):
+        super().__init__()
+        self.fc1 = nn.Linear(num_features, hidden)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden // 2)
+        self.relu2 = nn.ReLU()
+        self.out = nn.Linear(hidden // 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu2(self.fc2(self.relu1(self.fc1(x)))))
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = torch.tensor(x), torch.tensor(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _cached(name: str, build, train) -> nn.Module:
+    """Load ``name``'s cached weights into ``build()``, training them first if absent.
+
+    A file lock makes concurrent first calls (driver and workers) train only once.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build()
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            train(model)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def _dataset_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from workers.inputs import InputDecoder
+    from pipeline.spec import PreprocessSpec
+    import pyarrow.parquet as pq
+
+    defaults = builtin_defaults(name)
+    table = pq.read_table(builtin_path(name))
+    decoder = InputDecoder(
+        defaults.get("input_column"),
+        tuple(defaults["feature_columns"]) if "feature_columns" in defaults else None,
+        PreprocessSpec.model_validate(defaults["preprocess"]),
+    )
+    return decoder(table).astype(np.float32), table["label"].to_numpy()
+
+
+def trained_mnist_cnn() -> MnistCNN:
+    """:class:`MnistCNN` trained for 3 epochs on ``mnist-5k`` (about 20 s on 2 cores)."""
+    def train(model):
+        x, y = _dataset_arrays("mnist-5k")
+        _train(model, x, y, epochs=3, seed=0)
+    return _cached("mnist_cnn", MnistCNN, train)
+
+
+def trained_breast_cancer_mlp() -> TabularMLP:
+    """:class:`TabularMLP` trained on the standardized ``breast-cancer`` features."""
+    def train(model):
+        x, y = _dataset_arrays("breast-cancer")
+        _train(model, x, y, epochs=30, seed=0)
+    return _cached("breast_cancer_mlp", TabularMLP, train)
+
+
+def model_weights_path(name: str) -> Path:
+    """Where a zoo model's cached weights are (for specs that load them by file)."""
+    return cache_dir() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"

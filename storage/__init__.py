@@ -1,0 +1,1 @@
+"""The on-disk contract of a run: Arrow schemas, the run layout and its atomic commit."""

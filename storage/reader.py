@@ -1,0 +1,61 @@
+"""Reading a committed run's tables (the Python side; SQL comes through the catalog)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.errors import RunError, did_you_mean
+from storage.layout import RunLayout
+from storage.schema import vectors_to_numpy
+
+
+class RunReader:
+    """A committed run: its manifest and its tables as Arrow, in ``instance_id`` order."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.layout = RunLayout(Path(run_dir))
+        self.manifest = self.layout.read_manifest()
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["tables"]["activations"])
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest["tables"]["attributions"])
+
+    def _read(self, directory: Path, sort_keys: list[str]) -> pa.Table:
+        table = pads.dataset(directory, format="parquet").to_table()
+        return table.sort_by([(key, "ascending") for key in sort_keys])
+
+    def instances(self) -> pa.Table:
+        return self._read(self.layout.instances_dir, ["instance_id"])
+
+    def activations(self, layer: str) -> pa.Table:
+        if layer not in self.layers:
+            raise RunError(f"run has no activations of layer {layer!r}; {did_you_mean(layer, self.layers)}")
+        return self._read(self.layout.activations_dir(layer), ["instance_id"])
+
+    def attributions(self, method: str) -> pa.Table:
+        if method not in self.methods:
+            raise RunError(f"run has no attributions {method!r}; {did_you_mean(method, self.methods)}")
+        return self._read(self.layout.attributions_dir(method), ["instance_id", "target_rank"])
+
+    def activation_matrix(self, layer: str) -> tuple[pa.Array, np.ndarray]:
+        """Instance ids and the ``(n, neurons)`` activation matrix of ``layer``."""
+        table = self.activations(layer)
+        return table["instance_id"], vectors_to_numpy(table["activation"])
+
+    def attribution_maps(self, method: str) -> tuple[pa.Table, np.ndarray]:
+        """Attribution rows and their maps reshaped to the stored per-instance shape."""
+        table = self.attributions(method)
+        shape = self.manifest["model"]["attribution_shapes"][method]
+        if shape is None:
+            raise RunError(f"attributions {method!r} were stored as summaries only; no maps to read")
+        maps = vectors_to_numpy(table["attribution"]).reshape((table.num_rows, *shape))
+        return table, maps

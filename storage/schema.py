@@ -1,0 +1,142 @@
+"""The Arrow schemas of a run: the one place every writer and reader takes them from.
+
+A run holds three kinds of table, each a directory of Parquet parts:
+
+* ``instances``: one row per input instance (label, prediction, probabilities, metadata).
+* ``activations/<layer>``: one row per instance, the layer's pooled activation vector.
+* ``attributions/<method>``: one row per instance and explained target (``target_rank``
+  runs over the top-k targets), the attribution (full or as a heatmap) and its summary.
+
+Vectors are ``fixed_size_list<float32>`` so that a reader gets an ``(n, d)`` numpy matrix
+without a copy, and their length is part of the schema, so a wrong-sized write fails.
+Run-level facts (class names, shapes, the spec) live in the manifest, not in every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a table's columns or their meaning change."""
+
+INSTANCES = "instances"
+ACTIVATIONS = "activations"
+ATTRIBUTIONS = "attributions"
+
+ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
+
+#: Statistics of every stored attribution, kept in all storage modes so that a run in
+#: ``summary`` mode still answers "how much evidence, and of which sign".
+ATTRIBUTION_SUMMARY_COLUMNS = ("attr_sum", "attr_abs_sum", "attr_min", "attr_max", "attr_l2")
+
+
+def vector_type(length: int) -> pa.DataType:
+    """A fixed-length float32 vector (activations, probabilities, attributions)."""
+    if length < 1:
+        raise ValueError(f"a stored vector needs length >= 1, got {length}")
+    return pa.list_(pa.float32(), length)
+
+
+def instances_schema(
+    num_classes: int,
+    id_type: str = "int64",
+    metadata_fields: Sequence[pa.Field] = (),
+    has_labels: bool = True,
+) -> pa.Schema:
+    """Schema of the ``instances`` table.
+
+    ``label`` and ``correct`` are null when the dataset has no label column.
+    ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
+    keep their prediction but get no attributions.
+    """
+    fields = [
+        pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+        pa.field("label", pa.int64(), nullable=has_labels is False),
+        pa.field("prediction", pa.int64(), nullable=False),
+        pa.field("confidence", pa.float32(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=has_labels is False),
+        pa.field("probabilities", vector_type(num_classes), nullable=False),
+        pa.field("input_finite", pa.bool_(), nullable=False),
+        pa.field("node_id", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+    ]
+    reserved = {f.name for f in fields}
+    for field in metadata_fields:
+        if field.name in reserved:
+            raise ValueError(
+                f"metadata column {field.name!r} clashes with a netloupe column; "
+                f"rename it in the dataset (reserved: {sorted(reserved)})"
+            )
+        fields.append(field.with_nullable(True))
+    return pa.schema(fields)
+
+
+def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:
+    """Schema of one layer's ``activations/<layer>`` table."""
+    return pa.schema(
+        [
+            pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+            pa.field("activation", vector_type(num_neurons), nullable=False),
+        ]
+    )
+
+
+def attributions_schema(stored_size: int | None, id_type: str = "int64") -> pa.Schema:
+    """Schema of one method's ``attributions/<method>`` table.
+
+    ``stored_size`` is the flattened length of the stored map (the input's for ``full``,
+    H*W for ``heatmap``), or None in ``summary`` mode, where no map is kept.
+    ``convergence_delta`` is Captum's delta for methods that have one (Integrated
+    Gradients, DeepLift, GradientSHAP), else null. ``finite`` is false when the method
+    returned NaN or Inf for the row.
+    """
+    fields = [
+        pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+        pa.field("target_rank", pa.int16(), nullable=False),
+        pa.field("target", pa.int64(), nullable=False),
+    ]
+    if stored_size is not None:
+        fields.append(pa.field("attribution", vector_type(stored_size), nullable=False))
+    fields += [pa.field(name, pa.float32(), nullable=False) for name in ATTRIBUTION_SUMMARY_COLUMNS]
+    fields += [
+        pa.field("convergence_delta", pa.float64(), nullable=True),
+        pa.field("finite", pa.bool_(), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+def fixed_vectors(matrix, length: int) -> pa.FixedSizeListArray:
+    """Wrap a C-contiguous ``(n, length)`` float32 numpy matrix as a vector column, no copy."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), length)
+
+
+def vectors_to_numpy(column: pa.ChunkedArray | pa.Array):
+    """The inverse of :func:`fixed_vectors`: an ``(n, d)`` float32 matrix from a vector column."""
+    import numpy as np
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(len(column), width)
+
+
+def table_from_columns(schema: pa.Schema, columns: Mapping[str, object]) -> pa.Table:
+    """Build a table that has exactly ``schema``; a missing or extra column is an error."""
+    missing = [f.name for f in schema if f.name not in columns]
+    extra = [name for name in columns if schema.get_field_index(name) < 0]
+    if missing or extra:
+        raise ValueError(f"columns do not match the schema: missing {missing}, unexpected {extra}")
+    arrays = []
+    for f in schema:
+        value = columns[f.name]
+        if isinstance(value, (pa.Array, pa.ChunkedArray)):
+            arrays.append(value if value.type == f.type else value.cast(f.type))
+        else:
+            arrays.append(pa.array(value, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -1,0 +1,139 @@
+"""Every bad input of the spine fails on the driver, before Ray, with a clear message, a
+non-zero exit, and nothing written. One table drives them all through the CLI."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import main as cli_main
+from tests.conftest import tabular_spec_data, tabular_table
+
+CASES = {
+    # name: (spec changes, words the message must contain)
+    "wrong layer name": (
+        {"layers": [{"name": "fcc"}]},
+        ["no layer 'fcc'", "did you mean 'fc'"],
+    ),
+    "unknown method": (
+        {"attributions": [{"method": "integrated_gradient"}]},
+        ["unknown attribution method 'integrated_gradient'", "did you mean 'integrated_gradients'"],
+    ),
+    "unknown method parameter": (
+        {"attributions": [{"method": "integrated_gradients", "params": {"nsteps": 8}}]},
+        ["no parameter 'nsteps'", "did you mean 'n_steps'"],
+    ),
+    "missing column": (
+        {"dataset__feature_columns": ["x0", "x1", "x3"]},
+        ["column 'x3'", "did you mean"],
+    ),
+    "shape mismatch": (
+        {"preprocess": {"shape": [2, 2]}},
+        ["preprocess.shape [2, 2] holds 4 values", "each stored input has 3"],
+    ),
+    "model rejects the input shape": (
+        {"dataset__feature_columns": ["x0", "x1"]},
+        ["model failed on a validation batch of shape (4, 2)"],
+    ),
+    "factory raises": (
+        {"model": {"factory": "tests.tiny_models:raising_factory"}},
+        ["raised ValueError: checkpoint server unreachable"],
+    ),
+    "factory returns no module": (
+        {"model": {"factory": "tests.tiny_models:not_a_module"}},
+        ["returned a dict", "torch.nn.Module"],
+    ),
+    "factory not importable": (
+        {"model": {"factory": "tests.no_such_module:model"}},
+        ["cannot import module 'tests.no_such_module'"],
+    ),
+    "deeplift on a reused ReLU": (
+        {"model": {"factory": "tests.tiny_models:reused_relu"}, "layers": [],
+         "attributions": [{"method": "deeplift"}]},
+        ["deeplift cannot explain this model", "['relu']", "more than once"],
+    ),
+    "unknown spec key": (
+        {"executon": {"num_workers": 2}},
+        ["unknown key 'executon'", "did you mean 'execution'"],
+    ),
+    "unknown nested key": (
+        {"execution": {"batch_sise": 8}},
+        ["execution", "unknown key 'batch_sise'", "did you mean 'batch_size'"],
+    ),
+    "layer method without layer": (
+        {"attributions": [{"method": "grad_cam"}]},
+        ["grad_cam needs 'layer"],
+    ),
+    "label target out of range": (
+        {"target": {"kind": "label"}, "dataset__label_column": "big_label"},
+        ["class indices 0..1", "found [5]"],
+    ),
+    "heatmap of tabular input": (
+        {"storage": {"attributions": "heatmap"}},
+        ["'heatmap' needs image-shaped maps"],
+    ),
+    "top-k larger than classes": (
+        {"target": {"kind": "top_k", "k": 3}},
+        ["target.k is 3 but the model has only 2 classes"],
+    ),
+    "missing weights file": (
+        {"model": {"factory": "tests.tiny_models:linear", "weights": "nowhere.safetensors"}},
+        ["weights file nowhere.safetensors does not exist"],
+    ),
+}
+
+
+@pytest.fixture
+def data_path(tmp_path):
+    table = tabular_table(12)
+    table = table.append_column("big_label", pa.array([5] * 12, pa.int64()))
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_clearly_and_writes_nothing(case, data_path, tmp_path, capsys):
+    changes, expected = CASES[case]
+    out_root = tmp_path / "runs"
+    data = tabular_spec_data(data_path, out_root, **changes)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    code = cli_main(["run", str(spec_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("netloupe: error: ")
+    for words in expected:
+        assert words in err, f"{words!r} not in: {err}"
+    assert "Traceback" not in err
+    assert not out_root.exists() or not any(out_root.iterdir())
+
+
+def test_existing_run_name_without_force(data_path, tmp_path, capsys):
+    out_root = tmp_path / "runs"
+    (out_root / "t").mkdir(parents=True)
+    (out_root / "t" / "manifest.json").write_text("{}")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tabular_spec_data(data_path, out_root)))
+    assert cli_main(["run", str(spec_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err
+    assert sorted(p.name for p in out_root.iterdir()) == ["t"]
+    assert (out_root / "t" / "manifest.json").read_text() == "{}"
+
+
+def test_corrupt_parquet_input(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not really parquet")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tabular_spec_data(bad, tmp_path / "runs")))
+    assert cli_main(["run", str(spec_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and str(bad) in err
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert cli_main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

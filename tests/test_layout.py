@@ -1,0 +1,99 @@
+"""The run layout: atomic commit, replacement with --force, nothing left after abort."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.errors import RunError
+from storage import schema as S
+from storage.layout import RunExistsError, RunStaging, check_run_name, part_key, write_part
+
+
+def _table(n=3):
+    return S.table_from_columns(S.activations_schema(2), {
+        "instance_id": pa.array(np.arange(n, dtype=np.int64)),
+        "activation": S.fixed_vectors(np.ones((n, 2), np.float32), 2),
+    })
+
+
+def test_commit_makes_the_run_appear_whole(tmp_path):
+    staging = RunStaging(tmp_path, "r")
+    layout = staging.create()
+    write_part(layout.instances_dir, "k1", _table())
+    assert not (tmp_path / "r").exists()
+    final = staging.commit({"hello": 1})
+    assert json.loads(final.manifest_path.read_text()) == {"hello": 1}
+    assert (final.instances_dir / "part-k1.parquet").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_existing_run_refused_then_replaced_with_force(tmp_path):
+    first = RunStaging(tmp_path, "r")
+    first.create()
+    first.commit({"n": 1})
+    with pytest.raises(RunExistsError, match="--force"):
+        RunStaging(tmp_path, "r")
+    assert issubclass(RunExistsError, RunError)
+    second = RunStaging(tmp_path, "r", force=True)
+    second.create()
+    second.commit({"n": 2})
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text()) == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_abort_leaves_nothing_and_keeps_committed_runs(tmp_path):
+    keep = RunStaging(tmp_path, "keep")
+    keep.create()
+    keep.commit({"kept": True})
+    failed = RunStaging(tmp_path, "failed")
+    layout = failed.create()
+    write_part(layout.instances_dir, "k", _table())
+    failed.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_unlisted_parts_are_removed_before_commit(tmp_path):
+    staging = RunStaging(tmp_path, "r")
+    layout = staging.create()
+    write_part(layout.instances_dir, "good", _table())
+    write_part(layout.instances_dir, "orphan", _table())
+    (layout.instances_dir / ".tmp-half-written.parquet").write_bytes(b"PAR1")
+    removed = staging.remove_unlisted_parts([layout.instances_dir], {"good"})
+    assert sorted(p.name for p in removed) == [".tmp-half-written.parquet", "part-orphan.parquet"]
+    assert [p.name for p in layout.instances_dir.iterdir()] == ["part-good.parquet"]
+
+
+def test_part_key_is_stable_and_order_sensitive():
+    assert part_key([1, 2, 3]) == part_key([1, 2, 3])
+    assert part_key([1, 2, 3]) != part_key([3, 2, 1])
+    assert part_key(["12", "3"]) != part_key(["1", "23"])
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 200])
+def test_bad_run_names(name):
+    with pytest.raises(ValueError, match="run name"):
+        check_run_name(name)
+
+
+def test_schema_rejects_wrong_vector_length():
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, ValueError)):
+        S.table_from_columns(S.activations_schema(3), {
+            "instance_id": pa.array([1], pa.int64()),
+            "activation": S.fixed_vectors(np.ones((1, 2), np.float32), 2),
+        })
+
+
+def test_empty_batch_still_has_the_schema(tmp_path):
+    table = S.table_from_columns(S.attributions_schema(4), {
+        "instance_id": pa.array([], pa.int64()), "target_rank": pa.array([], pa.int16()),
+        "target": pa.array([], pa.int64()), "attribution": S.fixed_vectors(np.zeros((0, 4), np.float32), 4),
+        **{c: pa.array([], pa.float32()) for c in S.ATTRIBUTION_SUMMARY_COLUMNS},
+        "convergence_delta": pa.array([], pa.float64()), "finite": pa.array([], pa.bool_()),
+    })
+    write_part(tmp_path, "empty", table)
+    import pyarrow.parquet as pq
+    assert pq.read_schema(tmp_path / "part-empty.parquet") == S.attributions_schema(4)

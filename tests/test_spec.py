@@ -1,0 +1,73 @@
+"""The job spec: typed, frozen, unknown keys rejected with the closest valid name."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from pipeline.errors import SpecError
+from pipeline.spec import JobSpec, load_spec, parse_spec
+
+MINIMAL = {
+    "model": {"factory": "pipeline.zoo:trained_mnist_cnn"},
+    "dataset": {"source": "mnist-5k"},
+    "output": {"run_name": "r"},
+}
+
+
+def test_minimal_spec_gets_documented_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.execution.batch_size == 1024
+    assert spec.target.kind == "predicted"
+    assert spec.storage.attributions == "full"
+    assert spec.output.root == "runs"
+    # Every field carries its docstring as its description.
+    for model in (JobSpec, type(spec.execution), type(spec.dataset)):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+
+
+def test_spec_is_frozen():
+    spec = parse_spec(MINIMAL)
+    with pytest.raises(pydantic.ValidationError):
+        spec.execution.batch_size = 3
+
+
+@pytest.mark.parametrize("data, words", [
+    ({**MINIMAL, "layer": []}, ["(top level)", "unknown key 'layer'", "did you mean 'layers'"]),
+    ({**MINIMAL, "model": {"factory": "a.b:c", "wieghts": "w"}}, ["model", "did you mean 'weights'"]),
+    ({**MINIMAL, "model": {"factory": "no_colon"}}, ["package.module:callable"]),
+    ({**MINIMAL, "model": {}}, ["exactly one of 'factory'"]),
+    ({"model": MINIMAL["model"], "dataset": MINIMAL["dataset"]}, ["output: required key is missing"]),
+    ({**MINIMAL, "execution": {"batch_size": 0}}, ["execution.batch_size", "greater than 0"]),
+    ({**MINIMAL, "layers": [{"name": "fc1", "pooling": "median"}]}, ["layers.0.pooling", "'mean', 'max' or 'none'"]),
+    ({**MINIMAL, "attributions": [{"method": "saliency"}, {"method": "saliency"}]}, ["['saliency'] repeat"]),
+    ({**MINIMAL, "dataset": {"source": "data.parquet"}}, ["exactly one of 'input_column'"]),
+])
+def test_bad_specs_name_the_problem(data, words):
+    with pytest.raises(SpecError) as error:
+        parse_spec(data)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_noise_tunnel_table_name_and_explicit_name():
+    spec = parse_spec({**MINIMAL, "attributions": [
+        {"method": "saliency", "noise_tunnel": {"nt_type": "vargrad"}},
+        {"method": "saliency", "name": "plain"},
+    ]})
+    assert [m.table_name for m in spec.attributions] == ["saliency_vargrad", "plain"]
+
+
+def test_load_spec_applies_dotted_overrides(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("model: {factory: 'a.b:c'}\ndataset: {source: digits}\noutput: {run_name: x}\n")
+    spec = load_spec(path, {"execution.num_workers": 2, "output.run_name": "y"})
+    assert spec.execution.num_workers == 2 and spec.output.run_name == "y"
+
+
+def test_load_spec_reports_yaml_errors(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)

@@ -1,0 +1,89 @@
+"""Hand-weighted models whose activations and attributions can be worked out on paper.
+
+They are ordinary model factories (``model.factory: tests.tiny_models:linear``); Ray
+workers import them because a local Ray puts the driver's working directory (the
+repository root under pytest) on their path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Weights of :func:`linear`: logit_c = W[c] · x + B[c].
+LINEAR_W = [[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]]
+LINEAR_B = [0.1, -0.2]
+
+#: The two 2×2 filters of :func:`tiny_cnn` (a vertical-edge and an averaging filter).
+CNN_FILTERS = [[[1.0, -1.0], [1.0, -1.0]], [[0.25, 0.25], [0.25, 0.25]]]
+CNN_FILTER_BIAS = [0.0, -0.1]
+CNN_HEAD_W = [[2.0, -1.0], [-1.0, 1.5]]
+CNN_HEAD_B = [0.0, 0.05]
+
+
+class Linear3(nn.Module):
+    """Three features → two logits through one ``fc`` layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor(LINEAR_W))
+            self.fc.bias.copy_(torch.tensor(LINEAR_B))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def linear() -> nn.Module:
+    return Linear3()
+
+
+class TinyCNN(nn.Module):
+    """1×4×4 image → conv (2 filters, 2×2) → ReLU → mean over space → linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor(CNN_FILTERS).reshape(2, 1, 2, 2))
+            self.conv.bias.copy_(torch.tensor(CNN_FILTER_BIAS))
+            self.head.weight.copy_(torch.tensor(CNN_HEAD_W))
+            self.head.bias.copy_(torch.tensor(CNN_HEAD_B))
+
+    def forward(self, x):
+        return self.head(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+def tiny_cnn() -> nn.Module:
+    return TinyCNN()
+
+
+class ReusedReLU(nn.Module):
+    """One ReLU module called twice per forward, as torchvision's ResNet blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.fc2(self.relu(self.fc1(x))))
+
+
+def reused_relu() -> nn.Module:
+    torch.manual_seed(0)
+    return ReusedReLU()
+
+
+def raising_factory() -> nn.Module:
+    raise ValueError("checkpoint server unreachable")
+
+
+def not_a_module():
+    return {"weights": [1, 2, 3]}

@@ -1,0 +1,1 @@
+"""Code that runs inside Ray actors: the explain worker, layer capture, the method registry."""

@@ -1,0 +1,82 @@
+"""Recording layer activations with forward hooks, pooled to one vector per instance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError, did_you_mean
+
+
+def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(n, c, *spatial)`` → ``(n, c)`` by mean or max, or ``(n, c·spatial)`` for ``none``.
+
+    Outputs without spatial dimensions (``(n, features)``) pass through unchanged.
+    """
+    if output.dim() <= 2 or pooling == "none":
+        return output.reshape(output.shape[0], -1)
+    flat = output.reshape(output.shape[0], output.shape[1], -1)
+    if pooling == "mean":
+        return flat.mean(dim=2)
+    if pooling == "max":
+        return flat.amax(dim=2)
+    raise ValueError(f"pooling must be 'mean', 'max' or 'none', got {pooling!r}")
+
+
+def find_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules called ``names``; an unknown name is a :class:`ModelError` naming close ones."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if name not in modules or name == "":
+            raise ModelError(
+                f"the model has no layer {name!r}; {did_you_mean(name, [n for n in modules if n])} "
+                "(names are those of model.named_modules(); `netloupe layers SPEC` lists them)"
+            )
+        found[name] = modules[name]
+    return found
+
+
+class LayerCapture:
+    """Forward hooks that keep the pooled output of chosen layers during one forward pass.
+
+    Use as a context manager around the forward pass; :attr:`activations` then maps each
+    layer name to a detached ``(n, neurons)`` float32 tensor.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[tuple[str, str]]):
+        self.layers = list(layers)
+        self.modules = find_modules(model, [name for name, _ in self.layers])
+        self.activations: dict[str, torch.Tensor] = {}
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
+        """Per-instance output shape of each layer before pooling (from the last pass)."""
+        self._handles = []
+
+    def __enter__(self) -> "LayerCapture":
+        self.activations = {}
+        for name, pooling in self.layers:
+            self._handles.append(self.modules[name].register_forward_hook(self._hook(name, pooling)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str, pooling: str):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise ModelError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                    "record one of its submodules instead"
+                )
+            if name in self.activations:
+                raise ModelError(
+                    f"layer {name!r} ran twice in one forward pass, so its activation is "
+                    "ambiguous; record a module that is used once"
+                )
+            self.output_shapes[name] = tuple(output.shape[1:])
+            self.activations[name] = pool_activation(output.detach(), pooling).float()
+        return hook

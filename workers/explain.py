@@ -1,0 +1,379 @@
+"""Explaining a batch: the forward pass with layer hooks, then each attribution method.
+
+:class:`BatchExplainer` is the whole computation for one batch and has no Ray in it: the
+driver runs it on a few rows to validate a spec, and :class:`ExplainWorker` (the Ray Data
+actor) runs it on every batch and writes the results as Parquet parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.datasets import ResolvedDataset
+from pipeline.errors import DatasetError, MethodError, ModelError, NetloupeError
+from pipeline.spec import JobSpec
+from storage import schema as S
+from storage.layout import RunLayout, part_key, write_part
+from workers.capture import LayerCapture
+from workers.inputs import InputDecoder
+from workers.methods import BoundMethod, bind_method, reused_nonlinearities
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the validation batch revealed about the model; fixes every table's schema."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    layer_neurons: dict[str, int]
+    """Stored vector length per recorded layer (after pooling)."""
+    layer_output_shapes: dict[str, tuple[int, ...]]
+    """Per-instance output shape of each recorded layer, before pooling."""
+    attribution_shapes: dict[str, tuple[int, ...] | None]
+    """Per-instance shape of each method's stored map (None in summary mode)."""
+    attribution_raw_shapes: dict[str, tuple[int, ...]]
+    """Per-instance shape of each method's map as Captum returns it."""
+    per_instance_bytes: int
+    """Bytes of all module outputs for one instance: sizes the methods' internal chunks."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelFacts":
+        return cls(
+            num_classes=data["num_classes"],
+            input_shape=tuple(data["input_shape"]),
+            layer_neurons=dict(data["layer_neurons"]),
+            layer_output_shapes={k: tuple(v) for k, v in data["layer_output_shapes"].items()},
+            attribution_shapes={k: tuple(v) if v is not None else None for k, v in data["attribution_shapes"].items()},
+            attribution_raw_shapes={k: tuple(v) for k, v in data["attribution_raw_shapes"].items()},
+            per_instance_bytes=data["per_instance_bytes"],
+        )
+
+
+def batch_seed(seed: int, key: str, table_name: str) -> int:
+    """The RNG seed for a stochastic method on one batch: fixed by the spec's seed, the
+    batch's ids and the method, so a retried batch reproduces its attributions."""
+    digest = hashlib.blake2b(f"{seed}/{key}/{table_name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def module_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every leaf module's output for one instance of ``x``."""
+    total = [0]
+
+    def add(_m, _i, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output[:1].numel() * output.element_size()
+
+    handles = [m.register_forward_hook(add) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(total[0], x[:1].numel() * x.element_size())
+
+
+@dataclass
+class ExplainedBatch:
+    """One batch's rows for every table of the run, each with its schema."""
+
+    instance_ids: list
+    num_classes: int
+    tables: dict[Path, pa.Table] = field(default_factory=dict)
+    """Table directory (relative to the run) → the batch's rows."""
+
+
+class BatchExplainer:
+    """Computes predictions, activations and attributions for Arrow batches of a dataset."""
+
+    def __init__(self, spec: JobSpec, dataset: ResolvedDataset, model: nn.Module,
+                 device: torch.device, facts: ModelFacts | None = None):
+        self.spec = spec
+        self.dataset = dataset
+        self.model = model
+        self.device = device
+        self.decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
+        self.capture = LayerCapture(model, [(layer.name, layer.pooling) for layer in spec.layers])
+        self.facts = facts
+        self.methods: list[BoundMethod] | None = None
+        self.raw_attribution_shapes: dict[str, tuple[int, ...]] = {}
+        self.node_id = os.environ.get("NETLOUPE_NODE_ID", "driver")
+
+    # -- the model's answers -------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and pooled activations of the recorded layers, in one forward pass."""
+        with torch.inference_mode(), self.capture:
+            logits = self.model(x)
+            activations = dict(self.capture.activations)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"the model must return logits of shape (batch, classes); for an input of shape "
+                f"{tuple(x.shape)} it returned {got}"
+            )
+        return logits.float(), activations
+
+    def targets(self, probabilities: torch.Tensor, labels: np.ndarray | None) -> torch.Tensor:
+        """``(n, k)`` class indices to explain, per the spec's target."""
+        target = self.spec.target
+        num_classes = probabilities.shape[1]
+        if target.kind == "predicted":
+            return probabilities.argmax(dim=1, keepdim=True)
+        if target.kind == "label":
+            if labels is None:
+                raise DatasetError("target.kind is 'label' but the dataset has no label_column")
+            bad = (labels < 0) | (labels >= num_classes)
+            if bad.any():
+                raise DatasetError(
+                    f"labels must be class indices 0..{num_classes - 1} for target.kind 'label'; "
+                    f"found {sorted(set(labels[bad].tolist()))[:5]}"
+                )
+            return torch.as_tensor(labels, device=probabilities.device).reshape(-1, 1)
+        if target.k > num_classes:
+            raise MethodError(f"target.k is {target.k} but the model has only {num_classes} classes")
+        return probabilities.topk(target.k, dim=1).indices
+
+    def bind_methods(self, x: torch.Tensor) -> list[BoundMethod]:
+        if self.methods is None:
+            per_instance = self.facts.per_instance_bytes if self.facts else module_output_bytes(self.model, x)
+            self.methods = [
+                bind_method(m, self.model, tuple(x.shape[1:]), per_instance) for m in self.spec.attributions
+            ]
+        return self.methods
+
+    # -- storing ---------------------------------------------------------------------------
+
+    def stored_map(self, attributions: torch.Tensor) -> torch.Tensor | None:
+        """Attributions as kept: flattened whole, pooled heatmap, or nothing (summary)."""
+        mode = self.spec.storage.attributions
+        if mode == "summary":
+            return None
+        if mode == "heatmap":
+            if attributions.dim() != 4:
+                raise MethodError(
+                    f"storage.attributions 'heatmap' needs image-shaped maps (channels, height, "
+                    f"width); this one is {tuple(attributions.shape[1:])}. Use 'full' or 'summary'"
+                )
+            summed = attributions.sum(dim=1, keepdim=True)
+            attributions = F.adaptive_avg_pool2d(summed, tuple(self.spec.storage.heatmap_size))
+        return attributions.reshape(attributions.shape[0], -1)
+
+    @staticmethod
+    def summary(attributions: torch.Tensor) -> dict[str, np.ndarray]:
+        flat = attributions.reshape(attributions.shape[0], -1).double()
+        stats = {
+            "attr_sum": flat.sum(dim=1),
+            "attr_abs_sum": flat.abs().sum(dim=1),
+            "attr_min": flat.min(dim=1).values,
+            "attr_max": flat.max(dim=1).values,
+            "attr_l2": flat.norm(dim=1),
+        }
+        return {k: v.float().cpu().numpy() for k, v in stats.items()}
+
+    # -- the whole batch -------------------------------------------------------------------
+
+    def explain(self, table: pa.Table, key: str | None = None) -> ExplainedBatch:
+        """All of the run's rows for one batch of input rows."""
+        ds = self.dataset
+        n = table.num_rows
+        ids = table[ds.id_column].combine_chunks()
+        if ids.null_count:
+            raise DatasetError(f"id column {ds.id_column!r} has null values; every instance needs an id")
+        key = key or part_key(ids.to_pylist())
+        x_np = self.decoder(table)
+        x = torch.from_numpy(x_np).to(self.device)
+        finite_inputs = torch.isfinite(x.reshape(n, -1)).all(dim=1)
+        logits, activations = self.forward(x)
+        probabilities = torch.softmax(logits, dim=1)
+        confidence, prediction = probabilities.max(dim=1)
+        labels = None
+        if ds.label_column:
+            label_col = table[ds.label_column]
+            if label_col.null_count == 0:
+                labels = label_col.to_numpy(zero_copy_only=False).astype(np.int64)
+        num_classes = probabilities.shape[1]
+        pred_np = prediction.cpu().numpy().astype(np.int64)
+        label_values = table[ds.label_column] if ds.label_column else pa.nulls(n, pa.int64())
+        label_values = label_values.cast(pa.int64()) if ds.label_column else label_values
+        correct = pc.equal(label_values, pa.array(pred_np)) if ds.label_column else pa.nulls(n, pa.bool_())
+        instance_columns = {
+            "instance_id": ids.cast(S.ID_TYPES[ds.id_type]),
+            "label": label_values,
+            "prediction": pa.array(pred_np),
+            "confidence": pa.array(confidence.cpu().numpy()),
+            "correct": correct,
+            "probabilities": S.fixed_vectors(probabilities.cpu().numpy(), num_classes),
+            "input_finite": pa.array(finite_inputs.cpu().numpy()),
+            "node_id": pa.array([self.node_id] * n, pa.string()),
+            "device": pa.array([str(self.device)] * n, pa.string()),
+        }
+        for column in ds.metadata_columns:
+            instance_columns[column] = table[column]
+        out = ExplainedBatch(instance_ids=ids.to_pylist(), num_classes=num_classes)
+        run = RunLayout(Path("."))
+        out.tables[run.instances_dir] = S.table_from_columns(
+            S.instances_schema(num_classes, ds.id_type, ds.metadata_fields, ds.label_column is not None),
+            instance_columns,
+        )
+        for name, values in activations.items():
+            width = values.shape[1]
+            out.tables[run.activations_dir(name)] = S.table_from_columns(
+                S.activations_schema(width, ds.id_type),
+                {"instance_id": instance_columns["instance_id"], "activation": S.fixed_vectors(values.cpu().numpy(), width)},
+            )
+        if self.spec.attributions:
+            targets = self.targets(probabilities, labels)
+            for method in self.bind_methods(x):
+                out.tables[run.attributions_dir(method.table_name)] = self._attribute(
+                    method, x, targets, instance_columns["instance_id"], key
+                )
+        return out
+
+    def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str) -> pa.Table:
+        pieces = []
+        for rank in range(targets.shape[1]):
+            target = targets[:, rank]
+            if method.stochastic:
+                seed = batch_seed(self.spec.execution.seed, key, method.table_name)
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Captum warns on every call that it set requires_grad or hooks; expected here.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+                attributions, delta = method(x.detach().requires_grad_(True), target)
+            attributions = attributions.detach()
+            self.raw_attribution_shapes[method.table_name] = tuple(attributions.shape[1:])
+            stored = self.stored_map(attributions)
+            columns = {
+                "instance_id": ids,
+                "target_rank": pa.array(np.full(len(ids), rank, np.int16)),
+                "target": pa.array(target.cpu().numpy().astype(np.int64)),
+                **self.summary(attributions),
+                "convergence_delta": pa.array(delta.detach().double().cpu().numpy()) if delta is not None else pa.nulls(len(ids), pa.float64()),
+                "finite": pa.array(torch.isfinite(attributions.reshape(len(ids), -1)).all(dim=1).cpu().numpy()),
+            }
+            width = None
+            if stored is not None:
+                width = stored.shape[1]
+                columns["attribution"] = S.fixed_vectors(stored.cpu().numpy(), width)
+            pieces.append(S.table_from_columns(S.attributions_schema(width, self.dataset.id_type), columns))
+        return pa.concat_tables(pieces)
+
+    def describe(self, table: pa.Table) -> ModelFacts:
+        """Run one small batch and report the shapes every table will have.
+
+        This is the driver's validation: any error a worker would hit on the first batch
+        (a missing layer, a shape mismatch, a method that cannot run) is raised here.
+        """
+        x = torch.from_numpy(self.decoder(table)).to(self.device)
+        try:
+            deeplifts = [b.table_name for b in self.bind_methods(x) if b.method.needs_unique_nonlinearities]
+            reused = reused_nonlinearities(self.model, x) if deeplifts else []
+            if reused:
+                raise MethodError(
+                    f"{', '.join(deeplifts)} cannot explain this model: the nonlinearity module(s) "
+                    f"{reused} are called more than once per forward pass (as torchvision's ResNet "
+                    "reuses one ReLU), which makes DeepLift's multipliers wrong. Give each use its "
+                    "own module, or choose integrated_gradients or gradient_shap instead"
+                )
+            explained = self.explain(table)
+            per_instance_bytes = module_output_bytes(self.model, x)
+        except NetloupeError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise ModelError(
+                f"the model failed on a validation batch of shape {tuple(x.shape)}: "
+                f"{type(error).__name__}: {error}. Check preprocess.shape and that the layers "
+                "and methods fit the model"
+            ) from None
+        mode = self.spec.storage.attributions
+        stored_shapes = {
+            name: None if mode == "summary" else tuple(self.spec.storage.heatmap_size) if mode == "heatmap" else shape
+            for name, shape in self.raw_attribution_shapes.items()
+        }
+        return ModelFacts(
+            num_classes=explained.num_classes,
+            input_shape=tuple(x.shape[1:]),
+            layer_neurons={name: int(v.shape[1]) for name, v in self.capture.activations.items()},
+            layer_output_shapes=dict(self.capture.output_shapes),
+            attribution_shapes=stored_shapes,
+            attribution_raw_shapes=dict(self.raw_attribution_shapes),
+            per_instance_bytes=per_instance_bytes,
+        )
+
+
+def pick_device() -> torch.device:
+    """The GPU Ray assigned to this worker, else the CPU."""
+    import ray
+
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+        # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so the first visible is ours.
+        return torch.device("cuda:0")
+    return torch.device("cpu")
+
+
+class ExplainWorker:
+    """The Ray Data actor: loads the model once, explains each batch, writes its parts.
+
+    It returns one small row per batch (part key, row count, bytes, seconds) for the
+    driver to commit; the results themselves never travel through the driver.
+    """
+
+    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict,
+                 staging_dir: str, threads: int | None):
+        import ray
+
+        from pipeline.models import load_model
+
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1)))
+        self.spec = JobSpec.model_validate(spec_data)
+        self.device = pick_device()
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        model = load_model(self.spec.model).to(self.device)
+        self.explainer = BatchExplainer(self.spec, dataset, model, self.device, ModelFacts.from_json(facts_data))
+        if ray.is_initialized():
+            self.explainer.node_id = ray.get_runtime_context().get_node_id()
+        self.layout = RunLayout(Path(staging_dir))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        ids = batch[self.explainer.dataset.id_column].to_pylist()
+        key = part_key(ids)
+        try:
+            explained = self.explainer.explain(batch, key)
+        except NetloupeError:
+            raise
+        except Exception as error:
+            raise RuntimeError(
+                f"explaining the batch of {len(ids)} rows with ids {ids[0]!r}..{ids[-1]!r} failed "
+                f"on {self.device}: {type(error).__name__}: {error}"
+            ) from error
+        computed = time.perf_counter()
+        size = sum(write_part(self.layout.root / rel, key, table) for rel, table in explained.tables.items())
+        return pa.table({
+            "part": [key],
+            "rows": [len(ids)],
+            "bytes": [size],
+            "compute_seconds": [computed - started],
+            "write_seconds": [time.perf_counter() - computed],
+            "device": [str(self.device)],
+            "gpu_ids": [",".join(self.gpu_ids)],
+            "node_id": [self.explainer.node_id],
+        })

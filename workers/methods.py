@@ -1,0 +1,256 @@
+"""The attribution-method registry: a name → a thin wrapper around one Captum class.
+
+Each :class:`AttributionMethod` declares what the method needs (a layer, a baseline) and
+what it gives (a convergence delta, randomness) as flags, so the rest of netloupe asks
+flags instead of checking names. Captum does the computing; netloupe only chooses the
+arguments (baselines, chunk sizes) and never re-implements a method.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from captum.attr import (
+    DeepLift,
+    GradientShap,
+    InputXGradient,
+    IntegratedGradients,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from torch import nn
+
+from pipeline.errors import MethodError, did_you_mean
+
+#: Working-set budget for one chunk of a method's internal forward/backward passes. Chunks
+#: this size kept the CPU busy without thrashing caches in the benchmarks (see
+#: benchmarks/RESULTS.md); on a GPU it is far below memory limits.
+CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class AttributionMethod:
+    """One registered method and its capability flags."""
+
+    name: str
+    """Registry name used in job specs."""
+    captum_class: type
+    """The Captum attribution class that does the work."""
+    layer_method: bool = False
+    """Constructed with a layer; its map has the layer's spatial shape (Grad-CAM)."""
+    takes_baselines: bool = False
+    """``attribute`` takes ``baselines``."""
+    has_convergence_delta: bool = False
+    """``attribute`` can return Captum's convergence delta."""
+    stochastic: bool = False
+    """Draws random numbers; seeded per batch for reproducibility."""
+    needs_unique_nonlinearities: bool = False
+    """Every nonlinearity module must be called once per forward (DeepLift's rule)."""
+    forward_passes_per_instance: str = "1"
+    """Cost in forward(+backward) passes, for documentation and chunk sizing."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Default ``attribute`` keyword arguments."""
+
+    def attribute_parameters(self) -> list[str]:
+        """Names a job spec may set in ``params`` (those of Captum's ``attribute``)."""
+        reserved = {"self", "inputs", "target", "baselines", "additional_forward_args",
+                    "return_convergence_delta", "attribute_to_layer_input", "show_progress"}
+        names = inspect.signature(self.captum_class.attribute).parameters
+        return [n for n in names if n not in reserved]
+
+
+METHODS: dict[str, AttributionMethod] = {
+    m.name: m
+    for m in [
+        AttributionMethod(
+            "integrated_gradients", IntegratedGradients, takes_baselines=True,
+            has_convergence_delta=True, forward_passes_per_instance="n_steps",
+            defaults={"n_steps": 32, "method": "gausslegendre"},
+        ),
+        AttributionMethod("saliency", Saliency, defaults={"abs": True}),
+        AttributionMethod("input_x_gradient", InputXGradient),
+        AttributionMethod(
+            "deeplift", DeepLift, takes_baselines=True, has_convergence_delta=True,
+            needs_unique_nonlinearities=True,
+        ),
+        AttributionMethod(
+            "gradient_shap", GradientShap, takes_baselines=True, has_convergence_delta=True,
+            stochastic=True, forward_passes_per_instance="n_samples",
+            defaults={"n_samples": 8, "stdevs": 0.0},
+        ),
+        AttributionMethod(
+            "grad_cam", LayerGradCam, layer_method=True,
+            defaults={"relu_attributions": False},
+        ),
+        AttributionMethod(
+            "occlusion", Occlusion, takes_baselines=True,
+            forward_passes_per_instance="windows",
+        ),
+    ]
+}
+
+
+def get_method(name: str) -> AttributionMethod:
+    """The registered method called ``name``, or a :class:`MethodError` naming close ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown attribution method {name!r}; {did_you_mean(name, METHODS)} "
+            "(`netloupe methods` lists them all)"
+        ) from None
+
+
+def reused_nonlinearities(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of nonlinearity modules called more than once in one forward pass.
+
+    DeepLift keeps one module's input and output to compute its multipliers; a module
+    used twice (torchvision's ResNet reuses one ReLU per block) silently breaks that.
+    """
+    calls: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if type(module) in SUPPORTED_NON_LINEAR:
+            def count(_m, _i, _o, name=name):
+                calls[name] = calls.get(name, 0) + 1
+            handles.append(module.register_forward_hook(count))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(name for name, n in calls.items() if n > 1)
+
+
+def default_occlusion_window(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A window covering all channels and about 1/7 of each spatial side (4×4 on MNIST)."""
+    if len(input_shape) == 3:
+        channels, height, width = input_shape
+        return (channels, max(1, round(height / 7)), max(1, round(width / 7)))
+    return tuple(1 for _ in input_shape)
+
+
+@dataclass
+class BoundMethod:
+    """A configured method bound to one model: the object a worker calls per batch."""
+
+    method: AttributionMethod
+    table_name: str
+    attribution: Any
+    """The Captum object (possibly a NoiseTunnel around the method)."""
+    kwargs: dict[str, Any]
+    baseline: float
+    noise_tunnel: dict[str, Any] | None
+    per_instance_bytes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def stochastic(self) -> bool:
+        return self.method.stochastic or self.noise_tunnel is not None
+
+    @property
+    def returns_delta(self) -> bool:
+        return self.method.has_convergence_delta
+
+    def call_kwargs(self, inputs: torch.Tensor) -> dict[str, Any]:
+        """The ``attribute`` keyword arguments for a batch, chunk sizes included."""
+        kwargs = dict(self.kwargs)
+        batch = inputs.shape[0]
+        rows_per_chunk = max(1, CHUNK_BYTES // max(1, self.per_instance_bytes))
+        name = self.method.name
+        if self.method.takes_baselines:
+            kwargs["baselines"] = torch.full_like(inputs[:1], self.baseline) if name == "gradient_shap" else self.baseline
+        if name == "integrated_gradients" and "internal_batch_size" not in kwargs:
+            # Captum evaluates batch × n_steps scaled inputs; one chunk of all of them runs
+            # out of cache (or memory) for real models, one step at a time wastes calls.
+            kwargs["internal_batch_size"] = max(batch, min(batch * kwargs["n_steps"], rows_per_chunk))
+        if name == "occlusion":
+            kwargs.setdefault("sliding_window_shapes", default_occlusion_window(self.input_shape))
+            kwargs.setdefault("strides", kwargs["sliding_window_shapes"])
+            kwargs["sliding_window_shapes"] = tuple(kwargs["sliding_window_shapes"])
+            if isinstance(kwargs["strides"], list):
+                kwargs["strides"] = tuple(kwargs["strides"])
+            if "perturbations_per_eval" not in kwargs:
+                windows = occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
+                kwargs["perturbations_per_eval"] = max(1, min(windows, rows_per_chunk // max(1, batch)))
+        if self.returns_delta:
+            kwargs["return_convergence_delta"] = True
+        if self.noise_tunnel is not None:
+            kwargs.update(self.noise_tunnel)
+        return kwargs
+
+    def __call__(self, inputs: torch.Tensor, target: torch.Tensor):
+        """Attributions shaped like the input (or the layer, for layer methods), and the
+        convergence delta per instance (or None)."""
+        kwargs = self.call_kwargs(inputs)
+        result = self.attribution.attribute(inputs, target=target, **kwargs)
+        if self.returns_delta:
+            attributions, delta = result
+            if delta.numel() != inputs.shape[0]:
+                # Sampling methods (GradientSHAP, a noise tunnel) give one delta per sample,
+                # samples of an instance adjacent (repeat_interleave): keep the worst.
+                delta = delta.reshape(inputs.shape[0], -1).abs().max(dim=1).values
+            return attributions, delta
+        return result, None
+
+
+def occlusion_window_count(input_shape, window, strides) -> int:
+    if isinstance(strides, int):
+        strides = (strides,) * len(input_shape)
+    count = 1
+    for size, w, s in zip(input_shape, window, strides):
+        count *= (size - w) // s + 1
+    return count
+
+
+def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], per_instance_bytes: int) -> BoundMethod:
+    """Build the Captum object for one ``MethodSpec`` on ``model``, checking its parameters."""
+    method = get_method(spec.method)
+    allowed = method.attribute_parameters()
+    if spec.noise_tunnel is not None:
+        nt_reserved = {"nt_type", "nt_samples", "stdevs", "nt_samples_batch_size", "draw_baseline_from_distrib"}
+        clash = nt_reserved & set(spec.params)
+        if clash:
+            raise MethodError(f"{spec.table_name}: set {sorted(clash)} under 'noise_tunnel', not 'params'")
+    for key in spec.params:
+        if key not in allowed:
+            raise MethodError(
+                f"{spec.table_name}: {spec.method} has no parameter {key!r}; "
+                f"{did_you_mean(key, allowed)}"
+            )
+    if method.layer_method:
+        if spec.layer is None:
+            raise MethodError(f"{spec.table_name}: {spec.method} needs 'layer: <module name>'")
+        modules = dict(model.named_modules())
+        if spec.layer not in modules:
+            raise MethodError(
+                f"{spec.table_name}: no layer {spec.layer!r} in the model; "
+                f"{did_you_mean(spec.layer, [n for n in modules if n])}"
+            )
+        attribution = method.captum_class(model, modules[spec.layer])
+    else:
+        if spec.layer is not None:
+            raise MethodError(f"{spec.table_name}: {spec.method} takes no 'layer' (only layer methods such as grad_cam do)")
+        attribution = method.captum_class(model)
+    nt_kwargs = None
+    if spec.noise_tunnel is not None:
+        attribution = NoiseTunnel(attribution)
+        nt_kwargs = spec.noise_tunnel.model_dump()
+    kwargs = {**method.defaults, **spec.params}
+    return BoundMethod(
+        method=method,
+        table_name=spec.table_name,
+        attribution=attribution,
+        kwargs=kwargs,
+        baseline=spec.baseline,
+        noise_tunnel=nt_kwargs,
+        per_instance_bytes=per_instance_bytes,
+        input_shape=tuple(input_shape),
+    )
