@@ -159,10 +159,10 @@ def test_breast_cancer_mlp_builtin(ray_local, tmp_path):
     assert reader.manifest["model"]["layer_neurons"] == {"fc1": 64, "relu2": 32}
     ig = reader.attributions("integrated_gradients")
     # Completeness: attributions add up to f(x) - f(baseline) up to the stored delta,
-    # which is small against the logit gap it explains (float32, 64 steps).
+    # which is small against the evidence on the path (float32, 64 steps, ReLU kinks).
     delta = np.abs(ig["convergence_delta"].to_numpy())
-    gap = np.abs(ig["attr_sum"].to_numpy())
-    assert (delta <= 2e-3 * gap + 1e-3).all(), (delta / gap).max()
+    evidence = ig["attr_abs_sum"].to_numpy()
+    assert (delta <= 5e-3 * evidence).all(), (delta / evidence).max()
     assert reader.manifest["class_names"] == ["malignant", "benign"]
     parts = pads.dataset(reader.layout.instances_dir).files
     assert len(parts) == 5  # ceil(569 / 128)

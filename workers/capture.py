@@ -48,6 +48,11 @@ class LayerCapture:
 
     def __init__(self, model: nn.Module, layers: Sequence[tuple[str, str]]):
         self.layers = list(layers)
+        if self.layers and isinstance(model, torch.jit.ScriptModule):
+            raise ModelError(
+                "layers cannot be recorded from a TorchScript model (it does not support "
+                "forward hooks); give model.factory with the Python model instead, or drop 'layers'"
+            )
         self.modules = find_modules(model, [name for name, _ in self.layers])
         self.activations: dict[str, torch.Tensor] = {}
         self.output_shapes: dict[str, tuple[int, ...]] = {}

@@ -73,6 +73,9 @@ def batch_seed(seed: int, key: str, table_name: str) -> int:
 
 def module_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of every leaf module's output for one instance of ``x``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # No hooks on TorchScript: assume activations 64× the input, a conv net's order.
+        return 64 * x[:1].numel() * x.element_size()
     total = [0]
 
     def add(_m, _i, output):
@@ -337,12 +340,12 @@ class ExplainWorker:
     """
 
     def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict,
-                 staging_dir: str, threads: int | None):
+                 staging_dir: str, threads: int):
         import ray
 
         from pipeline.models import load_model
 
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1)))
+        torch.set_num_threads(threads)
         self.spec = JobSpec.model_validate(spec_data)
         self.device = pick_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []

@@ -52,6 +52,8 @@ class AttributionMethod:
     """Draws random numbers; seeded per batch for reproducibility."""
     needs_unique_nonlinearities: bool = False
     """Every nonlinearity module must be called once per forward (DeepLift's rule)."""
+    needs_hooks: bool = False
+    """Works through module hooks, which TorchScript models do not support."""
     forward_passes_per_instance: str = "1"
     """Cost in forward(+backward) passes, for documentation and chunk sizing."""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +79,7 @@ METHODS: dict[str, AttributionMethod] = {
         AttributionMethod("input_x_gradient", InputXGradient),
         AttributionMethod(
             "deeplift", DeepLift, takes_baselines=True, has_convergence_delta=True,
-            needs_unique_nonlinearities=True,
+            needs_unique_nonlinearities=True, needs_hooks=True,
         ),
         AttributionMethod(
             "gradient_shap", GradientShap, takes_baselines=True, has_convergence_delta=True,
@@ -85,7 +87,7 @@ METHODS: dict[str, AttributionMethod] = {
             defaults={"n_samples": 8, "stdevs": 0.0},
         ),
         AttributionMethod(
-            "grad_cam", LayerGradCam, layer_method=True,
+            "grad_cam", LayerGradCam, layer_method=True, needs_hooks=True,
             defaults={"relu_attributions": False},
         ),
         AttributionMethod(
@@ -213,6 +215,12 @@ def occlusion_window_count(input_shape, window, strides) -> int:
 def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], per_instance_bytes: int) -> BoundMethod:
     """Build the Captum object for one ``MethodSpec`` on ``model``, checking its parameters."""
     method = get_method(spec.method)
+    if method.needs_hooks and isinstance(model, torch.jit.ScriptModule):
+        raise MethodError(
+            f"{spec.table_name}: {spec.method} works through module hooks, which TorchScript "
+            "models do not support; give model.factory with the Python model, or choose "
+            "integrated_gradients, saliency, input_x_gradient, gradient_shap or occlusion"
+        )
     allowed = method.attribute_parameters()
     if spec.noise_tunnel is not None:
         nt_reserved = {"nt_type", "nt_samples", "stdevs", "nt_samples_batch_size", "draw_baseline_from_distrib"}

@@ -1,0 +1,267 @@
+"""Spine benchmarks: ours vs. a baseline, measured side by side in one run, same threads.
+
+    .venv/bin/python benchmarks/bench_spine.py [--only a,b,c,d] [--instances 200000]
+
+(a) activations + saliency, whole pipeline (Ray + Parquet) vs. a bare single-process loop
+    doing the same work (read Parquet, forward with hooks, saliency, write Parquet);
+    steady-state throughput, with Ray start-up and actor start-up reported apart.
+(b) attribution methods vs. the model's own bound (fwd+bwd throughput ÷ passes), and
+    Integrated Gradients vs. a plain Captum loop with default settings.
+(c) forward with hooks recording a 512-wide layer vs. a plain forward.
+(d) the demo (`netloupe run examples/mnist.yaml`) wall time, cold cache (trains the CNN).
+
+Not a test: prints ratios for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.datasets import builtin_path  # noqa: E402
+from pipeline.spec import parse_spec  # noqa: E402
+from pipeline.zoo import MnistCNN  # noqa: E402
+from storage.layout import part_key, write_part  # noqa: E402
+from workers.capture import LayerCapture  # noqa: E402
+from workers.explain import BatchExplainer, module_output_bytes  # noqa: E402
+from workers.methods import bind_method  # noqa: E402
+
+THREADS = 2
+BATCH = 1024
+
+
+def line(label: str, ours: float, base: float, unit: str, better: str = "higher") -> None:
+    ratio = ours / base if base else float("nan")
+    print(f"  {label:58s} ours {ours:10.1f} {unit:6s} baseline {base:10.1f} {unit:6s} ratio {ratio:5.2f}x ({better} is better)")
+
+
+def tiled_mnist(n: int, path: Path) -> Path:
+    """``n`` instances made by repeating mnist-5k, with unique ids, in row groups of 16k."""
+    base = pq.read_table(builtin_path("mnist-5k"))
+    reps = -(-n // base.num_rows)
+    table = pa.concat_tables([base] * reps).slice(0, n)
+    table = table.set_column(0, "instance_id", pa.array(np.arange(n, dtype=np.int64)))
+    pq.write_table(table, path, row_group_size=16384)
+    return path
+
+
+def timeit(fn, repeat: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# -- (a) ------------------------------------------------------------------------------------
+
+def bench_pipeline(n: int, work: Path) -> None:
+    print(f"(a) activations (conv1, conv2, fc1) + saliency, {n} MNIST-sized instances, batch {BATCH}, {THREADS} threads")
+    data = tiled_mnist(n, work / "tiled.parquet")
+    spec_data = {
+        "model": {"factory": "pipeline.zoo:MnistCNN"},
+        "dataset": {"source": str(data), "input_column": "image", "metadata_columns": ["stroke"]},
+        "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255},
+        "layers": [{"name": "conv1"}, {"name": "conv2"}, {"name": "fc1"}],
+        "attributions": [{"method": "saliency"}],
+        "execution": {"batch_size": BATCH, "num_workers": 1, "threads_per_worker": THREADS},
+        "output": {"root": str(work / "runs"), "run_name": "bench"},
+    }
+    spec = parse_spec(spec_data)
+
+    # Baseline: the same work in one process, no Ray.
+    from pipeline.datasets import resolve_dataset
+    from pipeline.models import load_model
+
+    torch.set_num_threads(THREADS)
+    dataset = resolve_dataset(spec)
+    model = load_model(spec.model)
+    explainer = BatchExplainer(spec, dataset, model, torch.device("cpu"))
+    out = work / "bare"
+    started = time.perf_counter()
+    rows = 0
+    for batch in pq.ParquetFile(data).iter_batches(batch_size=BATCH, columns=dataset.columns):
+        table = pa.Table.from_batches([batch])
+        explained = explainer.explain(table)
+        key = part_key(explained.instance_ids)
+        for rel, part in explained.tables.items():
+            write_part(out / rel, key, part)
+        rows += table.num_rows
+    bare = rows / (time.perf_counter() - started)
+    shutil.rmtree(out)
+
+    # Ours: the whole pipeline.
+    import ray
+
+    from pipeline.driver import ensure_ray, run_job
+
+    ray_init = ensure_ray(None)
+    result = run_job(spec, force=True, progress=False)
+    timings = result.manifest["timings"]
+    steady = timings["steady_instances_per_second"]
+    wall = n / timings["explain_seconds"]
+    print(f"  ray.init {ray_init:.1f} s; actor start-up + first batch {timings['first_result_seconds']:.1f} s; "
+          f"explain wall {timings['explain_seconds']:.1f} s; validate {timings['validate_seconds']:.1f} s")
+    line("steady state (after the first batch), instances/s", steady, bare, "inst/s")
+    line("whole explain stage incl. actor start-up, instances/s", wall, bare, "inst/s")
+    ray.shutdown()
+
+
+# -- (b) ------------------------------------------------------------------------------------
+
+def bench_methods(work: Path) -> None:
+    print(f"(b) attribution methods on a {BATCH}-instance MNIST batch, {THREADS} threads (time per batch)")
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(BATCH, 1, 28, 28)
+    target = torch.randint(0, 10, (BATCH,))
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def fwd_bwd():
+        xr = x.clone().requires_grad_(True)
+        out = model(xr).gather(1, target[:, None]).sum()
+        torch.autograd.grad(out, xr)
+
+    t_fwd, t_fwd_bwd = timeit(fwd), timeit(fwd_bwd)
+    print(f"  model: forward {t_fwd * 1e3:.0f} ms, forward+backward {t_fwd_bwd * 1e3:.0f} ms per batch")
+    per_instance = module_output_bytes(model, x)
+    base = {"method": "saliency", "params": {}}
+
+    def bound(entry, layer=None):
+        spec = parse_spec({"model": {"factory": "a.b:c"}, "dataset": {"source": "digits"},
+                           "attributions": [entry], "output": {"run_name": "x"}}).attributions[0]
+        method = bind_method(spec, model, (1, 28, 28), per_instance)
+        return lambda: method(x.clone().requires_grad_(True), target)
+
+    n_steps = 32
+    t_ig = timeit(bound({"method": "integrated_gradients", "params": {"n_steps": n_steps}}), repeat=3)
+    line(f"integrated_gradients n_steps={n_steps} vs bound fwd+bwd×n (inst/s)", BATCH / t_ig, BATCH / (t_fwd_bwd * n_steps), "inst/s")
+
+    plain_model = MnistCNN().eval()  # parameters still require grad, as in a plain script
+    from captum.attr import IntegratedGradients
+
+    subset = x[:256]
+
+    def plain_captum():
+        for start in range(0, len(subset), 64):
+            IntegratedGradients(plain_model).attribute(subset[start:start + 64], target=target[start:start + 64], n_steps=n_steps)
+
+    t_plain = timeit(plain_captum, repeat=2) / len(subset) * BATCH
+    line("integrated_gradients vs plain Captum loop (batch 64, defaults), inst/s", BATCH / t_ig, BATCH / t_plain, "inst/s")
+    t_sal = timeit(bound(base))
+    line("saliency time vs fwd+bwd time (ms, target ≤ 1.3)", t_sal * 1e3, t_fwd_bwd * 1e3, "ms", "lower")
+    spec_cam = {"method": "grad_cam", "layer": "conv2"}
+    t_cam = timeit(bound(spec_cam))
+    line("grad_cam time vs forward time (ms, target ≤ 1.3)", t_cam * 1e3, t_fwd * 1e3, "ms", "lower")
+    occ = {"method": "occlusion", "params": {"sliding_window_shapes": [1, 7, 7], "strides": [1, 7, 7]}}
+    t_occ = timeit(bound(occ), repeat=2)
+    occ1 = {"method": "occlusion", "params": {"sliding_window_shapes": [1, 7, 7], "strides": [1, 7, 7], "perturbations_per_eval": 1}}
+    t_occ1 = timeit(bound(occ1), repeat=2)
+    line("occlusion 16 windows: chosen perturbations_per_eval vs 1 (ms)", t_occ * 1e3, t_occ1 * 1e3, "ms", "lower")
+    line("occlusion 16 windows vs bound 16×forward (ms)", t_occ * 1e3, 16 * t_fwd * 1e3, "ms", "lower")
+
+
+# -- (c) ------------------------------------------------------------------------------------
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(4)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * 7 * 7, 512)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc2(self.relu1(self.fc1(self.flatten(self.pool(self.relu(self.conv(x)))))))
+
+
+def bench_hooks() -> None:
+    print(f"(c) forward with a hook recording a 512-wide layer vs plain forward, batch {BATCH}")
+    torch.set_num_threads(THREADS)
+    model = Wide().eval()
+    x = torch.rand(BATCH, 1, 28, 28)
+    capture = LayerCapture(model, [("fc1", "mean")])
+
+    def plain():
+        with torch.inference_mode():
+            model(x)
+
+    def hooked():
+        with torch.inference_mode(), capture:
+            model(x)
+        capture.activations["fc1"].numpy()
+
+    plains, hookeds = [], []
+    for _ in range(15):  # interleaved, so drift hits both alike
+        plains.append(timeit(plain, 1))
+        hookeds.append(timeit(hooked, 1))
+    line("hooked forward time vs plain forward (ms, target ≤ 1.1)", statistics.median(hookeds) * 1e3,
+         statistics.median(plains) * 1e3, "ms", "lower")
+
+
+# -- (d) ------------------------------------------------------------------------------------
+
+def bench_demo(work: Path) -> None:
+    print("(d) the demo, cold cache (downloads nothing; trains the CNN once), target < 180 s")
+    env = dict(os.environ, NETLOUPE_CACHE=str(work / "cache"))
+    started = time.perf_counter()
+    subprocess.run([str(ROOT / ".venv" / "bin" / "netloupe"), "run", str(ROOT / "examples" / "mnist.yaml"),
+                    "--force", "--no-progress", "--set", f"output.root={work / 'demo-runs'}"],
+                   check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"  demo wall time {time.perf_counter() - started:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="a,b,c,d")
+    parser.add_argument("--instances", type=int, default=200_000)
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="netloupe-bench-"))
+    os.environ.setdefault("NETLOUPE_CACHE", str(work / "cache"))
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {THREADS} threads on both sides")
+    try:
+        if "c" in parts:
+            bench_hooks()
+        if "b" in parts:
+            bench_methods(work)
+        if "a" in parts:
+            bench_pipeline(args.instances, work)
+        if "d" in parts:
+            bench_demo(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
