@@ -43,7 +43,7 @@ from pipeline.zoo import MnistCNN  # noqa: E402
 from storage.layout import part_key, write_part  # noqa: E402
 from workers.capture import LayerCapture  # noqa: E402
 from workers.explain import BatchExplainer, module_output_bytes  # noqa: E402
-from workers.methods import bind_method  # noqa: E402
+from workers.methods import bind_method, tune_chunk_rows  # noqa: E402
 
 THREADS = 2
 BATCH = 1024
@@ -62,6 +62,24 @@ def tiled_mnist(n: int, path: Path) -> Path:
     table = table.set_column(0, "instance_id", pa.array(np.arange(n, dtype=np.int64)))
     pq.write_table(table, path, row_group_size=16384)
     return path
+
+
+def paired(ours, base, rounds: int = 7) -> tuple[float, float, float]:
+    """Median times of ``ours`` and ``base`` run alternately, and the median of the per-round
+    ratios (this machine's speed drifts by 20% over seconds; alternation cancels it)."""
+    ours(), base()
+    t_ours, t_base, ratios = [], [], []
+    for _ in range(rounds):
+        a = timeit(ours, 1)
+        b = timeit(base, 1)
+        t_ours.append(a)
+        t_base.append(b)
+        ratios.append(a / b)
+    return statistics.median(t_ours), statistics.median(t_base), statistics.median(ratios)
+
+
+def pline(label: str, ours: float, base: float, ratio: float, unit: str = "ms") -> None:
+    print(f"  {label:58s} ours {ours * 1e3:10.1f} {unit:6s} baseline {base * 1e3:10.1f} {unit:6s} time ratio {ratio:5.2f}x")
 
 
 def timeit(fn, repeat: int = 5) -> float:
@@ -140,52 +158,75 @@ def bench_methods(work: Path) -> None:
     x = torch.rand(BATCH, 1, 28, 28)
     target = torch.randint(0, 10, (BATCH,))
 
-    def fwd():
-        with torch.no_grad():
-            model(x)
+    def fwd_bwd_at(size):
+        xs, ts = x[:size], target[:size]
 
-    def fwd_bwd():
-        xr = x.clone().requires_grad_(True)
-        out = model(xr).gather(1, target[:, None]).sum()
-        torch.autograd.grad(out, xr)
+        def run():
+            for start in range(0, BATCH, size):
+                xr = xs.clone().requires_grad_(True)
+                out = model(xr).gather(1, ts[:, None]).sum()
+                torch.autograd.grad(out, xr)
+        return run
 
-    t_fwd, t_fwd_bwd = timeit(fwd), timeit(fwd_bwd)
-    print(f"  model: forward {t_fwd * 1e3:.0f} ms, forward+backward {t_fwd_bwd * 1e3:.0f} ms per batch")
+    def fwd_at(size):
+        def run():
+            with torch.no_grad():
+                for start in range(0, BATCH, size):
+                    model(x[start:start + size])
+        return run
+
+    # The model's own bound: its best forward(+backward) time for 1024 instances over
+    # batch sizes, each the median of 5.
+    sizes = (128, 256, 512, 1024)
+    fwd_times = {n: timeit(fwd_at(n)) for n in sizes}
+    fb_times = {n: timeit(fwd_bwd_at(n)) for n in sizes}
+    print("  model, ms per 1024 instances by batch size: forward "
+          + ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in fwd_times.items())
+          + "; forward+backward " + ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in fb_times.items()))
     per_instance = module_output_bytes(model, x)
+    chunk_rows = tune_chunk_rows(model, x, per_instance)
+    print(f"  chunk rows chosen by measurement: {chunk_rows}")
     base = {"method": "saliency", "params": {}}
 
     def bound(entry, layer=None):
         spec = parse_spec({"model": {"factory": "a.b:c"}, "dataset": {"source": "digits"},
                            "attributions": [entry], "output": {"run_name": "x"}}).attributions[0]
-        method = bind_method(spec, model, (1, 28, 28), per_instance)
-        return lambda: method(x.clone().requires_grad_(True), target)
+        method = bind_method(spec, model, (1, 28, 28), chunk_rows)
+        return lambda: method(x, target)
 
+    best_fb, best_fwd = min(fb_times, key=fb_times.get), min(fwd_times, key=fwd_times.get)
     n_steps = 32
-    t_ig = timeit(bound({"method": "integrated_gradients", "params": {"n_steps": n_steps}}), repeat=3)
-    line(f"integrated_gradients n_steps={n_steps} vs bound fwd+bwd×n (inst/s)", BATCH / t_ig, BATCH / (t_fwd_bwd * n_steps), "inst/s")
+    ig = bound({"method": "integrated_gradients", "params": {"n_steps": n_steps}})
+    bound_fb = fwd_bwd_at(best_fb)
+    t_ig, t_b, r = paired(ig, lambda: [bound_fb() for _ in range(n_steps)], rounds=3)
+    pline(f"integrated_gradients n={n_steps} vs bound {n_steps}×fwd+bwd (target ≤ 1/0.85=1.18)", t_ig, t_b, r)
 
     plain_model = MnistCNN().eval()  # parameters still require grad, as in a plain script
     from captum.attr import IntegratedGradients
 
-    subset = x[:256]
-
     def plain_captum():
-        for start in range(0, len(subset), 64):
-            IntegratedGradients(plain_model).attribute(subset[start:start + 64], target=target[start:start + 64], n_steps=n_steps)
+        for start in range(0, BATCH, 64):
+            IntegratedGradients(plain_model).attribute(x[start:start + 64], target=target[start:start + 64], n_steps=n_steps)
 
-    t_plain = timeit(plain_captum, repeat=2) / len(subset) * BATCH
-    line("integrated_gradients vs plain Captum loop (batch 64, defaults), inst/s", BATCH / t_ig, BATCH / t_plain, "inst/s")
-    t_sal = timeit(bound(base))
-    line("saliency time vs fwd+bwd time (ms, target ≤ 1.3)", t_sal * 1e3, t_fwd_bwd * 1e3, "ms", "lower")
-    spec_cam = {"method": "grad_cam", "layer": "conv2"}
-    t_cam = timeit(bound(spec_cam))
-    line("grad_cam time vs forward time (ms, target ≤ 1.3)", t_cam * 1e3, t_fwd * 1e3, "ms", "lower")
-    occ = {"method": "occlusion", "params": {"sliding_window_shapes": [1, 7, 7], "strides": [1, 7, 7]}}
-    t_occ = timeit(bound(occ), repeat=2)
-    occ1 = {"method": "occlusion", "params": {"sliding_window_shapes": [1, 7, 7], "strides": [1, 7, 7], "perturbations_per_eval": 1}}
-    t_occ1 = timeit(bound(occ1), repeat=2)
-    line("occlusion 16 windows: chosen perturbations_per_eval vs 1 (ms)", t_occ * 1e3, t_occ1 * 1e3, "ms", "lower")
-    line("occlusion 16 windows vs bound 16×forward (ms)", t_occ * 1e3, 16 * t_fwd * 1e3, "ms", "lower")
+    t_ig, t_plain, r = paired(ig, plain_captum, rounds=3)
+    pline("integrated_gradients vs plain Captum, batches of 64, defaults", t_ig, t_plain, r)
+
+    def plain_captum_same_batch():
+        IntegratedGradients(plain_model).attribute(x, target=target, n_steps=n_steps)
+
+    t_ig, t_plain, r = paired(ig, plain_captum_same_batch, rounds=1)
+    pline(f"integrated_gradients vs plain Captum, same {BATCH} batch, defaults", t_ig, t_plain, r)
+    t_sal, t_b, r = paired(bound(base), bound_fb)
+    pline("saliency vs fwd+bwd (target ≤ 1.3)", t_sal, t_b, r)
+    t_cam, t_b, r = paired(bound({"method": "grad_cam", "layer": "conv2"}), fwd_at(best_fwd))
+    pline("grad_cam vs forward (target ≤ 1.3)", t_cam, t_b, r)
+    window = {"sliding_window_shapes": [1, 7, 7], "strides": [1, 7, 7]}
+    occ = bound({"method": "occlusion", "params": window})
+    occ1 = bound({"method": "occlusion", "params": {**window, "perturbations_per_eval": 1}})
+    t_occ, t_occ1, r = paired(occ, occ1, rounds=3)
+    pline("occlusion, 16 windows: chosen perturbations_per_eval vs 1", t_occ, t_occ1, r)
+    t_occ, t_b, r = paired(occ, lambda: [fwd_at(best_fwd)() for _ in range(16)], rounds=3)
+    pline("occlusion, 16 windows vs bound 16×forward", t_occ, t_b, r)
 
 
 # -- (c) ------------------------------------------------------------------------------------
@@ -221,12 +262,8 @@ def bench_hooks() -> None:
             model(x)
         capture.activations["fc1"].numpy()
 
-    plains, hookeds = [], []
-    for _ in range(15):  # interleaved, so drift hits both alike
-        plains.append(timeit(plain, 1))
-        hookeds.append(timeit(hooked, 1))
-    line("hooked forward time vs plain forward (ms, target ≤ 1.1)", statistics.median(hookeds) * 1e3,
-         statistics.median(plains) * 1e3, "ms", "lower")
+    t_hooked, t_plain, r = paired(hooked, plain, rounds=15)
+    pline("hooked forward vs plain forward (target ≤ 1.1)", t_hooked, t_plain, r)
 
 
 # -- (d) ------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
             "activations": {name: f"activations/{name}" for name in facts.layer_neurons},
             "attributions": {name: f"attributions/{name}" for name in facts.attribution_shapes},
         },
-        "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"]) for p in parts}),
+        "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"], p["chunk_rows"]) for p in parts}),
         "timings": {**timings, "compute_seconds_sum": sum(p["compute_seconds"] for p in parts),
                     "write_seconds_sum": sum(p["write_seconds"] for p in parts)},
         "versions": _package_versions(),

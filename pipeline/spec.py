@@ -199,7 +199,11 @@ class ExecutionSpec(StrictModel):
     ray_address: str | None = None
     """Address of an existing Ray cluster; default: start a local one on 127.0.0.1."""
     seed: int = 0
-    """Seed for stochastic methods (noise tunnel, GradientSHAP); results are reproducible."""
+    """Seed for stochastic methods (noise tunnel, GradientSHAP); with the same seed and
+    ``chunk_rows`` their results reproduce exactly."""
+    chunk_rows: int | None = Field(default=None, gt=0)
+    """Rows per forward/backward pass inside a method (batches are cut to fit); default:
+    each worker measures the fastest on its first batch."""
 
 
 class OutputSpec(StrictModel):

@@ -43,20 +43,20 @@ def instances_schema(
     num_classes: int,
     id_type: str = "int64",
     metadata_fields: Sequence[pa.Field] = (),
-    has_labels: bool = True,
 ) -> pa.Schema:
     """Schema of the ``instances`` table.
 
-    ``label`` and ``correct`` are null when the dataset has no label column.
+    ``label`` and ``correct`` are null when the dataset has no label column (or the row
+    has no label).
     ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
     keep their prediction but get no attributions.
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
-        pa.field("label", pa.int64(), nullable=has_labels is False),
+        pa.field("label", pa.int64(), nullable=True),
         pa.field("prediction", pa.int64(), nullable=False),
         pa.field("confidence", pa.float32(), nullable=False),
-        pa.field("correct", pa.bool_(), nullable=has_labels is False),
+        pa.field("correct", pa.bool_(), nullable=True),
         pa.field("probabilities", vector_type(num_classes), nullable=False),
         pa.field("input_finite", pa.bool_(), nullable=False),
         pa.field("node_id", pa.string(), nullable=False),

@@ -81,7 +81,9 @@ def cnn_run(ray_local, tmp_path_factory):
         "layers": [{"name": "conv", "pooling": "mean"}, {"name": "relu", "pooling": "max"},
                    {"name": "head"}],
         "attributions": METHODS,
-        "execution": {"batch_size": 12, "num_workers": 2, "threads_per_worker": 1, "seed": 7},
+        # chunk_rows above the batch size: one Captum call per batch, as the test makes.
+        "execution": {"batch_size": 12, "num_workers": 2, "threads_per_worker": 1, "seed": 7,
+                      "chunk_rows": 10_000},
         "output": {"root": str(root / "runs"), "run_name": "cnn"},
     })
     return RunReader(run_job(spec, progress=False).layout.root), image_table(40)
@@ -198,3 +200,26 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
     assert manifest["versions"]["torch"].startswith("2.13")
     ig = reader.attributions("integrated_gradients")
     assert ig.num_rows == 600 and ig["finite"].to_numpy(zero_copy_only=False).all()
+
+
+def test_sub_batching_changes_nothing_for_deterministic_methods(cnn_run):
+    """A worker cuts batches to its chunk size; the result must not depend on the cut."""
+    from pipeline.spec import MethodSpec
+    from workers.methods import bind_method
+
+    reader, source = cnn_run
+    model = tiny_cnn().eval()
+    x = torch.from_numpy(_inputs(source))
+    target = torch.from_numpy(np.arange(len(x)) % 2)
+    for entry in METHODS:
+        spec = MethodSpec.model_validate(entry)
+        whole = bind_method(spec, model, (1, 4, 4), chunk_rows=10_000)
+        if whole.stochastic:
+            continue
+        cut = bind_method(spec, model, (1, 4, 4), chunk_rows=7)
+        assert cut.sub_batch_size(x) < len(x)
+        a, da = whole(x, target)
+        b, db = cut(x, target)
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
+        if da is not None:
+            np.testing.assert_allclose(db.detach().numpy(), da.detach().numpy(), rtol=1e-4, atol=1e-6)

@@ -28,7 +28,8 @@ from storage import schema as S
 from storage.layout import RunLayout, part_key, write_part
 from workers.capture import LayerCapture
 from workers.inputs import InputDecoder
-from workers.methods import BoundMethod, bind_method, reused_nonlinearities
+from workers.methods import (BoundMethod, bind_method, default_chunk_rows, reused_nonlinearities,
+                             tune_chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class BatchExplainer:
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
         self.raw_attribution_shapes: dict[str, tuple[int, ...]] = {}
+        self.tune_chunks = False
+        """Measure the best chunk size on the first batch (workers) instead of the budget."""
+        self.chunk_rows: int | None = None
         self.node_id = os.environ.get("NETLOUPE_NODE_ID", "driver")
 
     # -- the model's answers -------------------------------------------------------------
@@ -141,7 +145,10 @@ class BatchExplainer:
             return probabilities.argmax(dim=1, keepdim=True)
         if target.kind == "label":
             if labels is None:
-                raise DatasetError("target.kind is 'label' but the dataset has no label_column")
+                raise DatasetError(
+                    "target.kind is 'label' but the dataset has no label_column, or a row of this "
+                    "batch has a null label; set dataset.label_column or use target.kind 'predicted'"
+                )
             bad = (labels < 0) | (labels >= num_classes)
             if bad.any():
                 raise DatasetError(
@@ -154,10 +161,20 @@ class BatchExplainer:
         return probabilities.topk(target.k, dim=1).indices
 
     def bind_methods(self, x: torch.Tensor) -> list[BoundMethod]:
+        """The spec's methods bound to the model, their chunk size measured on ``x`` when
+        this explainer tunes (workers do; the driver's validation does not)."""
         if self.methods is None:
             per_instance = self.facts.per_instance_bytes if self.facts else module_output_bytes(self.model, x)
+            pinned = self.spec.execution.chunk_rows
+            if pinned is not None:
+                self.chunk_rows = pinned
+            elif self.tune_chunks and not isinstance(self.model, torch.jit.ScriptModule):
+                with torch.enable_grad():
+                    self.chunk_rows = tune_chunk_rows(self.model, x, per_instance)
+            else:
+                self.chunk_rows = default_chunk_rows(per_instance)
             self.methods = [
-                bind_method(m, self.model, tuple(x.shape[1:]), per_instance) for m in self.spec.attributions
+                bind_method(m, self.model, tuple(x.shape[1:]), self.chunk_rows) for m in self.spec.attributions
             ]
         return self.methods
 
@@ -232,7 +249,7 @@ class BatchExplainer:
         out = ExplainedBatch(instance_ids=ids.to_pylist(), num_classes=num_classes)
         run = RunLayout(Path("."))
         out.tables[run.instances_dir] = S.table_from_columns(
-            S.instances_schema(num_classes, ds.id_type, ds.metadata_fields, ds.label_column is not None),
+            S.instances_schema(num_classes, ds.id_type, ds.metadata_fields),
             instance_columns,
         )
         for name, values in activations.items():
@@ -260,7 +277,7 @@ class BatchExplainer:
             with torch.enable_grad(), warnings.catch_warnings():
                 # Captum warns on every call that it set requires_grad or hooks; expected here.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
-                attributions, delta = method(x.detach().requires_grad_(True), target)
+                attributions, delta = method(x, target)
             attributions = attributions.detach()
             self.raw_attribution_shapes[method.table_name] = tuple(attributions.shape[1:])
             stored = self.stored_map(attributions)
@@ -351,6 +368,7 @@ class ExplainWorker:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         model = load_model(self.spec.model).to(self.device)
         self.explainer = BatchExplainer(self.spec, dataset, model, self.device, ModelFacts.from_json(facts_data))
+        self.explainer.tune_chunks = True
         if ray.is_initialized():
             self.explainer.node_id = ray.get_runtime_context().get_node_id()
         self.layout = RunLayout(Path(staging_dir))
@@ -379,4 +397,5 @@ class ExplainWorker:
             "device": [str(self.device)],
             "gpu_ids": [",".join(self.gpu_ids)],
             "node_id": [self.explainer.node_id],
+            "chunk_rows": [self.explainer.chunk_rows or 0],
         })

@@ -28,10 +28,41 @@ from torch import nn
 
 from pipeline.errors import MethodError, did_you_mean
 
-#: Working-set budget for one chunk of a method's internal forward/backward passes. Chunks
-#: this size kept the CPU busy without thrashing caches in the benchmarks (see
-#: benchmarks/RESULTS.md); on a GPU it is far below memory limits.
-CHUNK_BYTES = 256 * 2**20
+#: Working-set budget (module outputs) of one forward/backward pass inside a method, used
+#: until a worker has measured its own best chunk (:func:`tune_chunk_rows`). On 2 CPU cores
+#: the MNIST CNN ran fastest with 128-512-row chunks, 1.4x faster than 1024-row ones.
+CHUNK_BYTES = 64 * 2**20
+#: The largest chunk tuning may choose, so a big model cannot exhaust memory.
+MAX_CHUNK_BYTES = 1024 * 2**20
+CHUNK_CANDIDATES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def tune_chunk_rows(model: nn.Module, example: torch.Tensor, per_instance_bytes: int) -> int:
+    """Rows per forward+backward pass that run fastest per row on this device, measured.
+
+    Each candidate (within :data:`MAX_CHUNK_BYTES`) runs twice on copies of ``example``'s
+    rows; the best time per row wins. It costs a few thousand rows of forward+backward,
+    once per worker, and adapts to the model and the hardware (a GPU wants large chunks,
+    two CPU cores a few hundred MNIST rows).
+    """
+    import time
+
+    cap = max(CHUNK_CANDIDATES[0], MAX_CHUNK_BYTES // max(1, per_instance_bytes))
+    best_rows, best_time = CHUNK_CANDIDATES[0], float("inf")
+    for rows in (r for r in CHUNK_CANDIDATES if r <= cap):
+        repeats = -(-rows // example.shape[0])
+        x = example.detach().repeat((repeats,) + (1,) * (example.dim() - 1))[:rows]
+        per_row = []
+        for _ in range(2):
+            xr = x.clone().requires_grad_(True)
+            started = time.perf_counter()
+            torch.autograd.grad(model(xr).sum(), xr)
+            if xr.is_cuda:
+                torch.cuda.synchronize()
+            per_row.append((time.perf_counter() - started) / rows)
+        if min(per_row) < best_time:
+            best_rows, best_time = rows, min(per_row)
+    return best_rows
 
 
 @dataclass(frozen=True)
@@ -150,7 +181,8 @@ class BoundMethod:
     kwargs: dict[str, Any]
     baseline: float
     noise_tunnel: dict[str, Any] | None
-    per_instance_bytes: int
+    chunk_rows: int
+    """Rows (instances × samples) one forward/backward pass should hold."""
     input_shape: tuple[int, ...]
 
     @property
@@ -161,18 +193,31 @@ class BoundMethod:
     def returns_delta(self) -> bool:
         return self.method.has_convergence_delta
 
+    def occlusion_windows(self, kwargs: dict[str, Any]) -> int:
+        return occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
+
+    def rows_per_instance(self, kwargs: dict[str, Any]) -> int:
+        """How many rows one instance becomes in a single Captum call (before any chunking
+        Captum does itself, as Integrated Gradients does with ``internal_batch_size``)."""
+        name = self.method.name
+        rows = {"gradient_shap": kwargs.get("n_samples", 5), "deeplift": 2}.get(name, 1)
+        if name == "occlusion":
+            rows = kwargs["perturbations_per_eval"]
+        if self.noise_tunnel is not None:
+            rows *= self.noise_tunnel["nt_samples"]
+        return rows
+
     def call_kwargs(self, inputs: torch.Tensor) -> dict[str, Any]:
-        """The ``attribute`` keyword arguments for a batch, chunk sizes included."""
+        """The ``attribute`` keyword arguments for a (sub-)batch, chunk sizes included."""
         kwargs = dict(self.kwargs)
         batch = inputs.shape[0]
-        rows_per_chunk = max(1, CHUNK_BYTES // max(1, self.per_instance_bytes))
         name = self.method.name
         if self.method.takes_baselines:
             kwargs["baselines"] = torch.full_like(inputs[:1], self.baseline) if name == "gradient_shap" else self.baseline
         if name == "integrated_gradients" and "internal_batch_size" not in kwargs:
-            # Captum evaluates batch × n_steps scaled inputs; one chunk of all of them runs
-            # out of cache (or memory) for real models, one step at a time wastes calls.
-            kwargs["internal_batch_size"] = max(batch, min(batch * kwargs["n_steps"], rows_per_chunk))
+            # Captum evaluates batch × n_steps scaled inputs: all at once thrashes (or
+            # exhausts) memory, one step at a time wastes calls. Chunks of the budget.
+            kwargs["internal_batch_size"] = max(batch, self.chunk_rows)
         if name == "occlusion":
             kwargs.setdefault("sliding_window_shapes", default_occlusion_window(self.input_shape))
             kwargs.setdefault("strides", kwargs["sliding_window_shapes"])
@@ -180,27 +225,48 @@ class BoundMethod:
             if isinstance(kwargs["strides"], list):
                 kwargs["strides"] = tuple(kwargs["strides"])
             if "perturbations_per_eval" not in kwargs:
-                windows = occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
-                kwargs["perturbations_per_eval"] = max(1, min(windows, rows_per_chunk // max(1, batch)))
+                kwargs["perturbations_per_eval"] = max(
+                    1, min(self.occlusion_windows(kwargs), self.chunk_rows // max(1, batch))
+                )
         if self.returns_delta:
             kwargs["return_convergence_delta"] = True
         if self.noise_tunnel is not None:
             kwargs.update(self.noise_tunnel)
         return kwargs
 
+    def sub_batch_size(self, inputs: torch.Tensor) -> int:
+        """Instances per Captum call, so that one call's rows fit the chunk budget."""
+        kwargs = self.call_kwargs(inputs[:1])
+        return max(1, self.chunk_rows // self.rows_per_instance(kwargs))
+
     def __call__(self, inputs: torch.Tensor, target: torch.Tensor):
         """Attributions shaped like the input (or the layer, for layer methods), and the
-        convergence delta per instance (or None)."""
-        kwargs = self.call_kwargs(inputs)
-        result = self.attribution.attribute(inputs, target=target, **kwargs)
-        if self.returns_delta:
-            attributions, delta = result
-            if delta.numel() != inputs.shape[0]:
-                # Sampling methods (GradientSHAP, a noise tunnel) give one delta per sample,
-                # samples of an instance adjacent (repeat_interleave): keep the worst.
-                delta = delta.reshape(inputs.shape[0], -1).abs().max(dim=1).values
-            return attributions, delta
-        return result, None
+        convergence delta per instance (or None).
+
+        The batch is cut into sub-batches that fit the chunk budget. For deterministic
+        methods this changes nothing but speed; stochastic methods draw their samples per
+        sub-batch, so their results reproduce for the same seed and budget.
+        """
+        # Input gradients for input methods only: a layer method (Grad-CAM) needs the
+        # backward pass down to its layer, not through the layers below it.
+        inputs = inputs.detach().requires_grad_(not self.method.layer_method)
+        size = self.sub_batch_size(inputs)
+        pieces, deltas = [], []
+        for start in range(0, inputs.shape[0], size):
+            x, t = inputs[start : start + size], target[start : start + size]
+            result = self.attribution.attribute(x, target=t, **self.call_kwargs(x))
+            if self.returns_delta:
+                result, delta = result
+                if delta.numel() != x.shape[0]:
+                    # Sampling methods (GradientSHAP, a noise tunnel) give one delta per
+                    # sample, an instance's samples adjacent (repeat_interleave): keep the worst.
+                    delta = delta.reshape(x.shape[0], -1).abs().max(dim=1).values
+                deltas.append(delta)
+            pieces.append(result)
+        attributions = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if not self.returns_delta:
+            return attributions, None
+        return attributions, deltas[0] if len(deltas) == 1 else torch.cat(deltas)
 
 
 def occlusion_window_count(input_shape, window, strides) -> int:
@@ -212,7 +278,12 @@ def occlusion_window_count(input_shape, window, strides) -> int:
     return count
 
 
-def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], per_instance_bytes: int) -> BoundMethod:
+def default_chunk_rows(per_instance_bytes: int) -> int:
+    """Rows per pass from the memory budget, before a worker has measured its own."""
+    return max(1, CHUNK_BYTES // max(1, per_instance_bytes))
+
+
+def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows: int) -> BoundMethod:
     """Build the Captum object for one ``MethodSpec`` on ``model``, checking its parameters."""
     method = get_method(spec.method)
     if method.needs_hooks and isinstance(model, torch.jit.ScriptModule):
@@ -259,6 +330,6 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], per_instan
         kwargs=kwargs,
         baseline=spec.baseline,
         noise_tunnel=nt_kwargs,
-        per_instance_bytes=per_instance_bytes,
+        chunk_rows=chunk_rows,
         input_shape=tuple(input_shape),
     )
