@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import DatasetError, did_you_mean
 from pipeline.spec import BUILTIN_DATASETS, JobSpec, PreprocessSpec
+from storage.schema import instances_schema
 
 
 def cache_dir() -> Path:
@@ -152,6 +154,22 @@ def builtin_defaults(name: str) -> dict:
     raise DatasetError(f"unknown built-in dataset {name!r}; {did_you_mean(name, BUILTIN_DATASETS)}")
 
 
+def _check_ids(dataset: pads.Dataset, id_column: str, path: str) -> None:
+    """Ids must be present and unique: they key every table of the run."""
+    ids = dataset.to_table(columns=[id_column])[id_column]
+    if ids.null_count:
+        raise DatasetError(f"id column {id_column!r} of {path} has {ids.null_count} null values; "
+                           "every instance needs an id")
+    distinct = pc.count_distinct(ids).as_py()
+    if distinct != len(ids):
+        counts = pc.value_counts(ids)
+        examples = [d["values"] for d in counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()[:3]]
+        raise DatasetError(
+            f"id column {id_column!r} of {path} has {len(ids) - distinct} repeated values "
+            f"(e.g. {examples}); ids must be unique: choose another id_column or de-duplicate"
+        )
+
+
 def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     """Find the dataset, check that every named column exists, and count its rows."""
     spec = job.dataset
@@ -167,8 +185,10 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             feature_columns = defaults.get("feature_columns")
         if "metadata_columns" not in spec.model_fields_set:
             metadata_columns = defaults["metadata_columns"]
-        if "preprocess" not in job.model_fields_set:
-            preprocess = PreprocessSpec.model_validate(defaults["preprocess"])
+        # The set's own preprocessing, with whatever the spec sets on top of it.
+        preprocess = PreprocessSpec.model_validate(
+            {**defaults["preprocess"], **job.preprocess.model_dump(exclude_unset=True)}
+        )
     else:
         if not Path(source).exists():
             raise DatasetError(
@@ -195,10 +215,25 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     for key, names in wanted.items():
         for name in names:
             if name not in available:
+                hint = (" (for unlabeled data set dataset.label_column: null)"
+                        if key == "dataset.label_column" else "")
                 raise DatasetError(
                     f"{key} names column {name!r}, which {path} does not have; "
-                    f"{did_you_mean(name, available)}"
+                    f"{did_you_mean(name, available)}{hint}"
                 )
+    reserved = set(instances_schema(1).names)
+    clashes = sorted(reserved & set(metadata_columns))
+    if clashes:
+        raise DatasetError(
+            f"metadata columns {clashes} clash with columns netloupe writes ({sorted(reserved)}); "
+            "rename them in the dataset"
+        )
+    if spec.label_column and not pa.types.is_integer(schema.field(spec.label_column).type):
+        raise DatasetError(
+            f"label column {spec.label_column!r} has type {schema.field(spec.label_column).type}; "
+            "expected integer class indices 0..classes-1 (map names to indices, and give the "
+            "names as model.class_names)"
+        )
     id_field = schema.field(spec.id_column)
     if pa.types.is_integer(id_field.type):
         id_type = "int64"
@@ -213,6 +248,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         num_rows = min(num_rows, spec.limit)
     if num_rows == 0:
         raise DatasetError(f"dataset {path} has no rows to explain")
+    _check_ids(dataset, spec.id_column, path)
     return ResolvedDataset(
         path=path,
         input_column=input_column,

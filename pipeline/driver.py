@@ -20,11 +20,11 @@ import duckdb
 import torch
 
 from pipeline.datasets import ResolvedDataset, resolve_dataset
-from pipeline.errors import RunError
+from pipeline.errors import NetloupeError, RunError
 from pipeline.models import load_model
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
-from storage.layout import RunLayout, RunStaging
+from storage.layout import RunExistsError, RunLayout, RunStaging
 from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
 
 VALIDATION_ROWS = 4
@@ -135,18 +135,24 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
-def _check_exactly_once(layout: RunLayout, expected: int) -> int:
-    """Count the staged instances and their distinct ids; both must equal ``expected``."""
-    pattern = str(layout.instances_dir / "*.parquet")
-    rows, distinct = duckdb.execute(
-        "SELECT count(*), count(DISTINCT instance_id) FROM read_parquet(?)", [pattern]
-    ).fetchone()
-    if rows != expected or distinct != expected:
-        raise RunError(
-            f"the run produced {rows} instance rows with {distinct} distinct ids, expected "
-            f"{expected} of each; nothing was committed (the staged files are removed)"
-        )
-    return rows
+_COUNT_BY_INSTANCE = "SELECT count(*), count(DISTINCT instance_id) FROM read_parquet(?)"
+_COUNT_BY_TARGET = "SELECT count(*), count(DISTINCT (instance_id, target_rank)) FROM read_parquet(?)"
+
+
+def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> int:
+    """Every table must hold each instance exactly once (attributions: once per target)."""
+    tables = [(layout.instances_dir, expected, _COUNT_BY_INSTANCE)]
+    tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in checked.facts.layer_neurons]
+    tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET)
+               for n in checked.facts.attribution_shapes]
+    for directory, want, sql in tables:
+        rows, distinct = duckdb.execute(sql, [str(directory / "*.parquet")]).fetchone()
+        if rows != want or distinct != want:
+            raise RunError(
+                f"table {directory.relative_to(layout.root)} has {rows} rows with {distinct} distinct "
+                f"keys, expected {want} of each; nothing was committed (the staged files are removed)"
+            )
+    return expected
 
 
 def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunResult:
@@ -162,6 +168,8 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     _check_cluster_fits(spec)
     layout = staging.create()
     try:
@@ -171,6 +179,9 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         # one actor would process alone while the others idle.
         context = ray.data.DataContext.get_current()
         context.target_max_block_size = max(2**16, checked.bytes_per_row * execution.batch_size)
+        if dataset.limit is not None:
+            # "The first N rows" must mean the same rows in every run.
+            context.execution_options.preserve_order = True
         ds = ray.data.read_parquet(dataset.path).select_columns(dataset.columns)
         if dataset.limit is not None:
             ds = ds.limit(dataset.limit)
@@ -207,14 +218,35 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         staging.remove_unlisted_parts(
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
-        count = _check_exactly_once(layout, dataset.num_rows)
+        targets = spec.target.k if spec.target.kind == "top_k" else 1
+        count = _check_exactly_once(layout, dataset.num_rows, checked, targets)
         timings["total_seconds"] = time.perf_counter() - started
         manifest = build_manifest(spec, checked, parts, count, timings)
         final = staging.commit(manifest)
-    except BaseException:
+    except RunExistsError:
+        raise  # lost a race for the name: the staged results stay where the message says
+    except BaseException as error:
         staging.abort()
+        user_error = _netloupe_cause(error)
+        if user_error is not None and user_error is not error:
+            raise user_error from None
         raise
     return RunResult(final, manifest)
+
+
+def _netloupe_cause(error: BaseException) -> NetloupeError | None:
+    """The user-facing error inside Ray's wrappers (a worker's DatasetError arrives as a
+    UserCodeException caused by a RayTaskError caused by it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, NetloupeError):
+            # Ray re-raises a worker's error as a subclass of both RayTaskError and the
+            # error's own class, with a traceback in its text; hand on the original.
+            original = getattr(error, "cause", None)
+            return original if isinstance(original, NetloupeError) else error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict) -> dict:

@@ -15,6 +15,18 @@ class NetloupeError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    # The message is kept apart from ``args``: Ray Data appends its retry advice to a
+    # worker's exception args, which would bury the user's message under Ray's.
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
 
 class SpecError(NetloupeError):
     """The job spec is malformed: unknown keys, wrong types, impossible combinations."""

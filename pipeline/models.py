@@ -25,6 +25,11 @@ def import_entry_point(entry_point: str):
             f"cannot import module {module_name!r} of model.factory {entry_point!r}: {error}. "
             "Install the package that defines it, or add its directory to PYTHONPATH"
         ) from None
+    except Exception as error:  # noqa: BLE001 - user code failed while importing
+        raise ModelError(
+            f"importing module {module_name!r} of model.factory {entry_point!r} raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -39,13 +44,20 @@ def import_entry_point(entry_point: str):
     return target
 
 
+def _is_safetensors(file: Path) -> bool:
+    """Safetensors files start with an 8-byte header length and a JSON header."""
+    with open(file, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, executing no code."""
     file = Path(path)
     if not file.is_file():
         raise ModelError(f"weights file {path} does not exist; check model.weights")
     try:
-        if file.suffix == ".safetensors":
+        if _is_safetensors(file):
             from safetensors.torch import load_file
 
             return load_file(str(file), device="cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SpecError, did_you_mean
 
@@ -115,6 +115,13 @@ class PreprocessSpec(StrictModel):
     std: list[float] | None = None
     """Per-channel (or per-feature) standard deviation divided by last."""
 
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value):
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError(f"every std must be > 0, got {value}")
+        return value
+
 
 class LayerSpec(StrictModel):
     """A layer whose activations are recorded."""
@@ -155,6 +162,13 @@ class MethodSpec(StrictModel):
     noise_tunnel: NoiseTunnelSpec | None = None
     """Wrap the method in a noise tunnel."""
 
+    @field_validator("name")
+    @classmethod
+    def _table_name(cls, value):
+        from storage.layout import table_dir_name
+
+        return value if value is None else table_dir_name(value)
+
     @property
     def table_name(self) -> str:
         if self.name is not None:
@@ -181,6 +195,13 @@ class StorageSpec(StrictModel):
     ``summary``: only the per-instance statistics."""
     heatmap_size: list[int] = Field(default_factory=lambda: [14, 14])
     """Height and width of a stored heatmap."""
+
+    @field_validator("heatmap_size")
+    @classmethod
+    def _two_sides(cls, value):
+        if len(value) != 2 or any(v < 1 for v in value):
+            raise ValueError(f"heatmap_size must be [height, width], both >= 1; got {value}")
+        return value
 
 
 class ExecutionSpec(StrictModel):
@@ -213,6 +234,13 @@ class OutputSpec(StrictModel):
     """Directory that holds runs (relative paths are taken from the working directory)."""
     run_name: str
     """The run's directory name under ``root``."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _usable_name(cls, value):
+        from storage.layout import check_run_name
+
+        return check_run_name(value)
 
 
 class JobSpec(StrictModel):
@@ -288,6 +316,11 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
             *parents, leaf = dotted.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise SpecError(
+                        f"--set {dotted}: {key!r} is not a section of keys; --set reaches "
+                        "mapping keys only (edit lists such as layers in the YAML file)"
+                    )
             node[leaf] = value
     return parse_spec(data, origin=f"in {path}")
 

@@ -49,7 +49,7 @@ def instances_schema(
     ``label`` and ``correct`` are null when the dataset has no label column (or the row
     has no label).
     ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
-    keep their prediction but get no attributions.
+    are still explained, and their attributions are flagged ``finite = false``.
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
@@ -89,7 +89,9 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64") -> pa.S
     ``stored_size`` is the flattened length of the stored map (the input's for ``full``,
     H*W for ``heatmap``), or None in ``summary`` mode, where no map is kept.
     ``convergence_delta`` is Captum's delta for methods that have one (Integrated
-    Gradients, DeepLift, GradientSHAP), else null. ``finite`` is false when the method
+    Gradients, DeepLift, GradientSHAP), else null: signed where Captum gives one per
+    instance; for sampling methods (GradientSHAP, a noise tunnel), which give one per
+    sample, the largest absolute delta among the instance's samples. ``finite`` is false when the method
     returned NaN or Inf for the row.
     """
     fields = [

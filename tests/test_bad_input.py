@@ -78,6 +78,26 @@ CASES = {
         {"target": {"kind": "top_k", "k": 3}},
         ["target.k is 3 but the model has only 2 classes"],
     ),
+    "run name with a space": (
+        {"output__run_name": "my run"},
+        ["output.run_name", "run name 'my run' is not allowed"],
+    ),
+    "duplicate ids": (
+        {"dataset__id_column": "dup_id"},
+        ["id column 'dup_id'", "repeated values", "e.g. [7]"],
+    ),
+    "metadata column named like a netloupe column": (
+        {"dataset__metadata_columns": ["device"]},
+        ["metadata columns ['device'] clash"],
+    ),
+    "string label column": (
+        {"dataset__label_column": "group"},
+        ["label column 'group' has type string", "integer class indices"],
+    ),
+    "occlusion window larger than the input": (
+        {"attributions": [{"method": "occlusion", "params": {"sliding_window_shapes": [5]}}]},
+        ["attribution method rejected its parameters"],
+    ),
     "missing weights file": (
         {"model": {"factory": "tests.tiny_models:linear", "weights": "nowhere.safetensors"}},
         ["weights file nowhere.safetensors does not exist"],
@@ -89,6 +109,8 @@ CASES = {
 def data_path(tmp_path):
     table = tabular_table(12)
     table = table.append_column("big_label", pa.array([5] * 12, pa.int64()))
+    table = table.append_column("dup_id", pa.array([7] * 12, pa.int64()))
+    table = table.append_column("device", pa.array(["gpu"] * 12))
     path = tmp_path / "data.parquet"
     pq.write_table(table, path)
     return path
@@ -137,3 +159,10 @@ def test_corrupt_parquet_input(tmp_path, capsys):
 def test_missing_spec_file(tmp_path, capsys):
     assert cli_main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_set_into_a_list_is_a_clear_error(data_path, tmp_path, capsys):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tabular_spec_data(data_path, tmp_path / "runs")))
+    assert cli_main(["run", str(spec_path), "--set", "layers.0.pooling=max"]) == 2
+    assert "--set reaches mapping keys only" in capsys.readouterr().err

@@ -8,6 +8,7 @@ saliency = |W[c]|, input×gradient = IG (zero baseline) = DeepLift = GradientSHA
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -166,3 +167,26 @@ def test_breast_cancer_mlp_builtin(ray_local, tmp_path):
     assert reader.manifest["class_names"] == ["malignant", "benign"]
     parts = pads.dataset(reader.layout.instances_dir).files
     assert len(parts) == 5  # ceil(569 / 128)
+
+
+def test_error_in_a_later_batch_reaches_the_user_clearly(ray_local, tmp_path, capsys):
+    """Validation sees the first rows only; a bad row further on fails in a worker, and the
+    user still gets the clear message (not Ray's traceback), and nothing is written."""
+    import yaml
+
+    from pipeline.cli import main as cli_main
+
+    table = tabular_table(40)
+    labels = table["label"].to_pylist()
+    labels[33] = None
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+    pq.write_table(table, tmp_path / "data.parquet")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tabular_spec_data(
+        tmp_path / "data.parquet", tmp_path / "runs", target={"kind": "label"})))
+    assert cli_main(["run", str(spec_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("netloupe: error: ")]
+    assert len(message) == 1 and "null label" in message[0], err[-2000:]
+    assert "Failed to apply UDF" not in err.split("netloupe: error: ")[1]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

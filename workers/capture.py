@@ -65,10 +65,16 @@ class LayerCapture:
             self._handles.append(self.modules[name].register_forward_hook(self._hook(name, pooling)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        missing = [name for name, _ in self.layers if name not in self.activations]
+        if exc_type is None and missing:
+            raise ModelError(
+                f"layer(s) {missing} did not run in the forward pass, so they have no "
+                "activations; record modules that the model's forward() calls"
+            )
 
     def _hook(self, name: str, pooling: str):
         def hook(_module, _inputs, output):

@@ -317,6 +317,14 @@ class BatchExplainer:
             per_instance_bytes = module_output_bytes(self.model, x)
         except NetloupeError:
             raise
+        except AssertionError as error:
+            # Captum checks its arguments with assert (window larger than the input, unknown
+            # integration method...): those are the spec's method parameters.
+            raise MethodError(
+                f"an attribution method rejected its parameters on a validation batch of shape "
+                f"{tuple(x.shape)}: {error or 'Captum assertion failed'}. Check each method's "
+                "params against `netloupe methods` and Captum's documentation"
+            ) from None
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise ModelError(
                 f"the model failed on a validation batch of shape {tuple(x.shape)}: "

@@ -35,6 +35,11 @@ class InputDecoder:
                 columns.append(column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
             return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
         column = table[self.input_column].combine_chunks()
+        if column.null_count:
+            raise DatasetError(
+                f"input column {self.input_column!r} has {column.null_count} null rows in this "
+                "batch; every instance needs an input (drop or fill those rows)"
+            )
         kind = column.type
         if pa.types.is_fixed_size_list(kind):
             width = kind.list_size
@@ -52,8 +57,6 @@ class InputDecoder:
                 f"input column {self.input_column!r} has type {kind}; expected a list of numbers "
                 "per row (e.g. an image flattened to list<uint8>)"
             )
-        if column.null_count:
-            raise DatasetError(f"input column {self.input_column!r} has {column.null_count} null rows")
         values = column.flatten().to_numpy(zero_copy_only=False)
         return values.reshape(n, width)
 
