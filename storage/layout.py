@@ -168,7 +168,11 @@ class RunStaging:
             # for longer than two renames.
             trash = target.parent / STAGING_DIR / f"replaced-{target.name}-{uuid.uuid4().hex[:12]}"
             os.replace(target, trash)
-            os.replace(self.layout.root, target)
+            try:
+                os.replace(self.layout.root, target)
+            except OSError:
+                os.replace(trash, target)  # put the old run back; the new one stays staged
+                raise
             shutil.rmtree(trash)
         else:
             os.replace(self.layout.root, target)

@@ -85,8 +85,21 @@ class AttributionMethod:
     """Every nonlinearity module must be called once per forward (DeepLift's rule)."""
     needs_hooks: bool = False
     """Works through module hooks, which TorchScript models do not support."""
-    forward_passes_per_instance: str = "1"
-    """Cost in forward(+backward) passes, for documentation and chunk sizing."""
+    baselines_as_distribution: bool = False
+    """Baselines are a tensor of reference samples (GradientSHAP), not a scalar."""
+    rows_per_instance: int = 1
+    """Rows one instance becomes in a single ``attribute`` call (DeepLift pairs each input
+    with its baseline: 2)."""
+    samples_parameter: str | None = None
+    """The ``attribute`` argument that multiplies the rows per instance (``n_samples``)."""
+    internal_batch_parameter: str | None = None
+    """The ``attribute`` argument with which Captum chunks its own expanded rows
+    (Integrated Gradients' ``internal_batch_size``): set to the chunk size."""
+    perturbations_parameter: str | None = None
+    """The ``attribute`` argument that batches perturbations (Occlusion's
+    ``perturbations_per_eval``): as many as fit a chunk."""
+    sliding_window: bool = False
+    """Takes ``sliding_window_shapes`` and ``strides``; defaults follow the input shape."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Default ``attribute`` keyword arguments."""
 
@@ -103,18 +116,18 @@ METHODS: dict[str, AttributionMethod] = {
     for m in [
         AttributionMethod(
             "integrated_gradients", IntegratedGradients, takes_baselines=True,
-            has_convergence_delta=True, forward_passes_per_instance="n_steps",
+            has_convergence_delta=True, internal_batch_parameter="internal_batch_size",
             defaults={"n_steps": 32, "method": "gausslegendre"},
         ),
         AttributionMethod("saliency", Saliency, defaults={"abs": True}),
         AttributionMethod("input_x_gradient", InputXGradient),
         AttributionMethod(
             "deeplift", DeepLift, takes_baselines=True, has_convergence_delta=True,
-            needs_unique_nonlinearities=True, needs_hooks=True,
+            needs_unique_nonlinearities=True, needs_hooks=True, rows_per_instance=2,
         ),
         AttributionMethod(
             "gradient_shap", GradientShap, takes_baselines=True, has_convergence_delta=True,
-            stochastic=True, forward_passes_per_instance="n_samples",
+            stochastic=True, baselines_as_distribution=True, samples_parameter="n_samples",
             defaults={"n_samples": 8, "stdevs": 0.0},
         ),
         AttributionMethod(
@@ -122,8 +135,8 @@ METHODS: dict[str, AttributionMethod] = {
             defaults={"relu_attributions": False},
         ),
         AttributionMethod(
-            "occlusion", Occlusion, takes_baselines=True,
-            forward_passes_per_instance="windows",
+            "occlusion", Occlusion, takes_baselines=True, sliding_window=True,
+            perturbations_parameter="perturbations_per_eval",
         ),
     ]
 }
@@ -199,10 +212,12 @@ class BoundMethod:
     def rows_per_instance(self, kwargs: dict[str, Any]) -> int:
         """How many rows one instance becomes in a single Captum call (before any chunking
         Captum does itself, as Integrated Gradients does with ``internal_batch_size``)."""
-        name = self.method.name
-        rows = {"gradient_shap": kwargs.get("n_samples", 5), "deeplift": 2}.get(name, 1)
-        if name == "occlusion":
-            rows = kwargs["perturbations_per_eval"]
+        method = self.method
+        rows = method.rows_per_instance
+        if method.samples_parameter:
+            rows *= kwargs[method.samples_parameter]
+        if method.perturbations_parameter:
+            rows *= kwargs[method.perturbations_parameter]
         if self.noise_tunnel is not None:
             rows *= self.noise_tunnel["nt_samples"]
         return rows
@@ -211,23 +226,24 @@ class BoundMethod:
         """The ``attribute`` keyword arguments for a (sub-)batch, chunk sizes included."""
         kwargs = dict(self.kwargs)
         batch = inputs.shape[0]
-        name = self.method.name
-        if self.method.takes_baselines:
-            kwargs["baselines"] = torch.full_like(inputs[:1], self.baseline) if name == "gradient_shap" else self.baseline
-        if name == "integrated_gradients" and "internal_batch_size" not in kwargs:
+        method = self.method
+        if method.takes_baselines:
+            kwargs["baselines"] = (torch.full_like(inputs[:1], self.baseline)
+                                   if method.baselines_as_distribution else self.baseline)
+        if method.internal_batch_parameter and method.internal_batch_parameter not in kwargs:
             # Captum evaluates batch × n_steps scaled inputs: all at once thrashes (or
             # exhausts) memory, one step at a time wastes calls. Chunks of the budget.
-            kwargs["internal_batch_size"] = max(batch, self.chunk_rows)
-        if name == "occlusion":
+            kwargs[method.internal_batch_parameter] = max(batch, self.chunk_rows)
+        if method.sliding_window:
             kwargs.setdefault("sliding_window_shapes", default_occlusion_window(self.input_shape))
             kwargs.setdefault("strides", kwargs["sliding_window_shapes"])
             kwargs["sliding_window_shapes"] = tuple(kwargs["sliding_window_shapes"])
             if isinstance(kwargs["strides"], list):
                 kwargs["strides"] = tuple(kwargs["strides"])
-            if "perturbations_per_eval" not in kwargs:
-                kwargs["perturbations_per_eval"] = max(
-                    1, min(self.occlusion_windows(kwargs), self.chunk_rows // max(1, batch))
-                )
+        if method.perturbations_parameter and method.perturbations_parameter not in kwargs:
+            kwargs[method.perturbations_parameter] = max(
+                1, min(self.occlusion_windows(kwargs), self.chunk_rows // max(1, batch))
+            )
         if self.returns_delta:
             kwargs["return_convergence_delta"] = True
         if self.noise_tunnel is not None:
@@ -290,7 +306,7 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         raise MethodError(
             f"{spec.table_name}: {spec.method} works through module hooks, which TorchScript "
             "models do not support; give model.factory with the Python model, or choose "
-            "integrated_gradients, saliency, input_x_gradient, gradient_shap or occlusion"
+            f"one of {sorted(n for n, m in METHODS.items() if not m.needs_hooks)}"
         )
     allowed = method.attribute_parameters()
     if spec.noise_tunnel is not None:
