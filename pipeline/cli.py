@@ -31,7 +31,8 @@ def cmd_run(args) -> int:
     print(manifest_summary(result.manifest))
     print(f"\nrun committed: {run_dir}")
     print("next:")
-    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"SELECT prediction, count(*) FROM '{run_dir}/instances/*.parquet' GROUP BY 1 ORDER BY 1\\\"))\"")
+    query = f"SELECT label, prediction, count(*) AS n FROM '{run_dir}/instances/*.parquet' GROUP BY ALL ORDER BY n DESC LIMIT 10"
+    print(f"  {sys.executable} -c \"import duckdb; print(duckdb.sql(\\\"{query}\\\"))\"")
     print(f"  cat {run_dir}/manifest.json")
     return 0
 
