@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -30,9 +32,11 @@ def cmd_run(args) -> int:
     run_dir = result.layout.root
     print(manifest_summary(result.manifest))
     print(f"\nrun committed: {run_dir}")
+    netloupe = shutil.which("netloupe") or f"{sys.executable} -m pipeline.cli"
     print("next:")
-    query = f"SELECT label, prediction, count(*) AS n FROM '{run_dir}/instances/*.parquet' GROUP BY ALL ORDER BY n DESC LIMIT 10"
-    print(f"  {sys.executable} -c \"import duckdb; print(duckdb.sql(\\\"{query}\\\"))\"")
+    print(f"  {netloupe} sql {run_dir} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
+          "FROM instances GROUP BY 1 ORDER BY 1\"")
+    print(f"  {netloupe} sql {run_dir} --list")
     print(f"  cat {run_dir}/manifest.json")
     return 0
 
@@ -70,6 +74,54 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def _show(table, max_rows: int) -> None:
+    """Print an Arrow table as DuckDB's boxed table (a private in-memory connection)."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        con.from_arrow(table).show(max_rows=max_rows, max_width=200)
+
+
+def cmd_sql(args) -> int:
+    from storage.catalog import QueryError, open_catalog, run_query
+
+    if args.list:
+        con = open_catalog(args.run)
+        for query in ("SELECT view_name AS view FROM duckdb_views() WHERE NOT internal ORDER BY 1",
+                      "SELECT * FROM layers", "SELECT * FROM methods"):
+            _show(run_query(con, query), 1000)
+        return 0
+    if (args.query is None) == (args.file is None):
+        raise QueryError("give a query, or --file with a script of queries (not both)")
+    sql = args.query if args.query is not None else Path(args.file).read_text()
+    table = run_query(open_catalog(args.run), sql)
+    if args.format == "table":
+        _show(table, args.max_rows)
+        return 0
+    if args.format == "parquet":
+        if args.output is None:
+            raise QueryError("--format parquet writes a file: add --output FILE.parquet")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, args.output)
+        return 0
+    out = open(args.output, "wb") if args.output else sys.stdout.buffer
+    try:
+        if args.format == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, out)
+        else:
+            for row in table.to_pylist():
+                out.write((json.dumps(row, default=str) + "\n").encode())
+    finally:
+        if args.output:
+            out.close()
+        else:
+            out.flush()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloupe", description="Explain neural networks at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
+    sql = sub.add_parser("sql", help="query a run with SQL (read-only DuckDB views)")
+    sql.add_argument("run", help="a run directory (runs/<name>)")
+    sql.add_argument("query", nargs="?", help="SQL; views: instances, activations_<layer>, attributions_<method>, layers, methods, run_metadata")
+    sql.add_argument("--file", help="run the statements of this .sql file; the last one's result is shown")
+    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sql.add_argument("--output", help="write the result to this file (required for parquet)")
+    sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format")
+    sql.add_argument("--list", action="store_true", help="list the run's views, layers and methods")
+    sql.set_defaults(func=cmd_sql)
     layers = sub.add_parser("layers", help="list the layer names of a spec's model")
     layers.add_argument("spec")
     layers.set_defaults(func=cmd_layers)

@@ -145,8 +145,9 @@ def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", 
     tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in checked.facts.layer_neurons]
     tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET)
                for n in checked.facts.attribution_shapes]
-    for directory, want, sql in tables:
-        rows, distinct = duckdb.execute(sql, [str(directory / "*.parquet")]).fetchone()
+    with duckdb.connect() as con:
+        counts = [(d, want, con.execute(sql, [str(d / "*.parquet")]).fetchall()[0]) for d, want, sql in tables]
+    for directory, want, (rows, distinct) in counts:
         if rows != want or distinct != want:
             raise RunError(
                 f"table {directory.relative_to(layout.root)} has {rows} rows with {distinct} distinct "

@@ -101,7 +101,7 @@ class RunLayout:
 
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():
-            raise FileNotFoundError(
+            raise RunError(
                 f"{self.root} is not a committed netloupe run: it has no {MANIFEST}. "
                 "Pass the directory that `netloupe run` printed at its end."
             )

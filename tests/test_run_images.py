@@ -191,7 +191,7 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
 
     suggestion = out.split("next:\n")[1].splitlines()[0].strip()
     answer = subprocess.run(["bash", "-c", suggestion], capture_output=True, text=True, timeout=60)
-    assert answer.returncode == 0 and "prediction" in answer.stdout, answer.stderr
+    assert answer.returncode == 0 and "accuracy" in answer.stdout, answer.stderr
     reader = RunReader(tmp_path / "mnist-demo")
     instances = reader.instances()
     assert instances.num_rows == 600

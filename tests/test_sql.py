@@ -1,0 +1,117 @@
+"""SQL over a run: views over every table, a moved run still queries, the sandbox holds,
+and `netloupe sql` prints and exports. (The explanation operators come with issue 3.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.driver import run_job
+from storage.catalog import QueryError, open_catalog, run_query
+from tests.conftest import tabular_spec, tabular_table
+from tests.tiny_models import LINEAR_B, LINEAR_W
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sqlrun")
+    pq.write_table(tabular_table(30), root / "data.parquet")
+    spec = tabular_spec(root / "data.parquet", root / "runs",
+                        attributions=[{"method": "input_x_gradient"}, {"method": "saliency", "name": "sal.abs"}])
+    return run_job(spec, progress=False).layout.root
+
+
+def _expected():
+    table = tabular_table(30)
+    x = np.stack([table[c].to_numpy() for c in ("x0", "x1", "x2")], axis=1)
+    logits = x @ np.array(LINEAR_W).T + np.array(LINEAR_B)
+    return table, logits
+
+
+def test_views_cover_every_table(run_dir):
+    con = open_catalog(run_dir)
+    table, logits = _expected()
+    rows = run_query(con, "SELECT instance_id, prediction, correct, \"group\" FROM instances ORDER BY 1")
+    assert rows["instance_id"].to_pylist() == table["row_id"].to_pylist()
+    assert rows["prediction"].to_pylist() == logits.argmax(axis=1).tolist()
+    assert rows["group"].to_pylist() == table["group"].to_pylist()
+    fc = run_query(con, "SELECT activation FROM activations_fc ORDER BY instance_id")["activation"].to_pylist()
+    np.testing.assert_allclose(np.array(fc), logits, rtol=1e-5, atol=1e-6)
+    assert run_query(con, "SELECT count(*) AS n FROM attributions_sal_abs")["n"].to_pylist() == [30]
+    assert run_query(con, "SELECT layer, neurons FROM layers").to_pylist() == [{"layer": "fc", "neurons": 2}]
+    assert sorted(run_query(con, "SELECT method FROM methods")["method"].to_pylist()) == ["input_x_gradient", "sal.abs"]
+    meta = dict(zip(*run_query(con, "SELECT key, value FROM run_metadata").to_pydict().values()))
+    assert json.loads(meta["counts"])["instances"] == 30
+
+
+def test_moved_run_still_queries(run_dir, tmp_path):
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run_dir, moved)
+    con = open_catalog(moved)
+    assert run_query(con, "SELECT count(*) AS n FROM instances")["n"].to_pylist() == [30]
+    # and it reads the copy, not the original
+    (moved / "instances").rename(moved / "gone")
+    with pytest.raises(Exception):
+        run_query(open_catalog(moved), "SELECT count(*) FROM instances")
+
+
+@pytest.mark.parametrize("sql, words", [
+    ("SELECT * FROM read_csv('/etc/passwd')", "refused"),
+    ("COPY instances TO '{run}/leak.csv'", "COPY statements are not allowed"),
+    ("COPY (SELECT 1) TO '/tmp/netloupe-leak.csv'", "COPY statements are not allowed"),
+    ("INSTALL httpfs", "LOAD statements are not allowed"),
+    ("LOAD httpfs", "LOAD statements are not allowed"),
+    ("ATTACH '/tmp/netloupe-other.db' AS other", "ATTACH statements are not allowed"),
+    ("SET enable_external_access = true", "SET statements are not allowed"),
+    ("CREATE TABLE t AS SELECT 1", "CREATE statements are not allowed"),
+    ("SELECT 1; DROP VIEW instances", "DROP statements are not allowed"),
+    ("SELECT * FROM read_parquet('{outside}')", "refused"),
+])
+def test_sandbox_refuses(run_dir, tmp_path, sql, words):
+    outside = tmp_path / "outside.parquet"
+    pq.write_table(tabular_table(3), outside)
+    con = open_catalog(run_dir)
+    with pytest.raises(QueryError, match=words):
+        run_query(con, sql.format(run=run_dir, outside=outside))
+    assert not (run_dir / "leak.csv").exists()
+    assert run_query(con, "SELECT count(*) AS n FROM instances")["n"].to_pylist() == [30]  # intact
+
+
+def test_configuration_cannot_be_unlocked_from_python_either(run_dir):
+    con = open_catalog(run_dir)
+    with pytest.raises(Exception, match="locked"):
+        con.execute("SET enable_external_access = true")
+
+
+def test_cli_formats(run_dir, tmp_path, capsys):
+    query = "SELECT prediction, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1"
+    _, logits = _expected()
+    expected = np.bincount(logits.argmax(axis=1)).tolist()
+    assert cli_main(["sql", str(run_dir), query, "--format", "csv", "--output", str(tmp_path / "o.csv")]) == 0
+    assert pacsv.read_csv(tmp_path / "o.csv")["n"].to_pylist() == expected
+    assert cli_main(["sql", str(run_dir), query, "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["n"] for row in lines] == expected
+    assert cli_main(["sql", str(run_dir), query, "--format", "parquet"]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert cli_main(["sql", str(run_dir), query, "--format", "parquet", "--output", str(tmp_path / "o.parquet")]) == 0
+    assert pq.read_table(tmp_path / "o.parquet")["n"].to_pylist() == expected
+    script = tmp_path / "q.sql"
+    script.write_text("SELECT 1;\n" + query + ";\n")
+    assert cli_main(["sql", str(run_dir), "--file", str(script)]) == 0
+    assert "prediction" in capsys.readouterr().out
+    assert cli_main(["sql", str(run_dir), "--list"]) == 0
+    assert "activations_fc" in capsys.readouterr().out
+    assert cli_main(["sql", str(run_dir), "DELETE FROM instances"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+
+
+def test_not_a_run(tmp_path, capsys):
+    assert cli_main(["sql", str(tmp_path), "SELECT 1"]) == 2
+    assert "not a committed netloupe run" in capsys.readouterr().err
