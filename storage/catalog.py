@@ -8,7 +8,8 @@ are locked so a query cannot undo any of it.
 
 View names: ``instances``; ``activations_<layer>`` and ``attributions_<method>`` with
 non-identifier characters of the name as ``_`` (``features.3`` → ``activations_features_3``);
-``layers``, ``methods`` and ``run_metadata`` describe the run.
+``layers``, ``methods`` and ``run_metadata`` describe the run. Operators (table macros
+from ``storage/sql/operators.sql``): ``confusion_matrix()``, ``class_metrics()``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _parquet(con: duckdb.DuckDBPyConnection, directory: Path) -> duckdb.DuckDBPy
     return con.read_parquet(str(directory / "*.parquet"))
 
 
+OPERATORS_SQL = Path(__file__).with_name("sql") / "operators.sql"
+"""The explanation operators (table macros); SQL lives in this file, not in Python."""
+
+
+def _load_operators(con: duckdb.DuckDBPyConnection) -> None:
+    for statement in duckdb.extract_statements(OPERATORS_SQL.read_text()):
+        con.execute(statement.query).fetchall()
+
+
 def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view for every table of the committed run at ``run_dir``.
 
@@ -69,6 +79,7 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.from_arrow(pa.Table.from_pylist(methods, schema=pa.schema(
         [("method", pa.string()), ("view", pa.string()), ("stored_shape", pa.string())]
     ))).create_view("methods")
+    _load_operators(con)
     metadata = [{"key": key, "value": json.dumps(value, default=str)} for key, value in sorted(manifest.items())]
     con.from_arrow(pa.Table.from_pylist(metadata)).create_view("run_metadata")
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):

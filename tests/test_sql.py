@@ -115,3 +115,22 @@ def test_cli_formats(run_dir, tmp_path, capsys):
 def test_not_a_run(tmp_path, capsys):
     assert cli_main(["sql", str(tmp_path), "SELECT 1"]) == 2
     assert "not a committed netloupe run" in capsys.readouterr().err
+
+
+def test_confusion_matrix_and_class_metrics_match_scikit_learn(run_dir):
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    table, logits = _expected()
+    labels, predictions = table["label"].to_numpy(), logits.argmax(axis=1)
+    con = open_catalog(run_dir)
+    cells = run_query(con, "SELECT * FROM confusion_matrix()").to_pylist()
+    matrix = np.zeros((2, 2), int)
+    for cell in cells:
+        matrix[cell["label"], cell["prediction"]] = cell["n"]
+    np.testing.assert_array_equal(matrix, confusion_matrix(labels, predictions, labels=[0, 1]))
+    metrics = run_query(con, "SELECT * FROM class_metrics()").to_pydict()
+    precision, recall, _, support = precision_recall_fscore_support(labels, predictions, labels=[0, 1], zero_division=0)
+    assert metrics["class"] == [0, 1]
+    np.testing.assert_allclose(metrics["precision"], precision)
+    np.testing.assert_allclose(metrics["recall"], recall)
+    assert metrics["support"] == support.tolist()
