@@ -9,7 +9,8 @@ are locked so a query cannot undo any of it.
 View names: ``instances``; ``activations_<layer>`` and ``attributions_<method>`` with
 non-identifier characters of the name as ``_`` (``features.3`` → ``activations_features_3``);
 ``layers``, ``methods`` and ``run_metadata`` describe the run. Operators (table macros
-from ``storage/sql/operators.sql``): ``confusion_matrix()``, ``class_metrics()``.
+from ``storage/sql/operators.sql``): ``confusion_matrix()``, ``class_metrics()``,
+``subset_summary(predicate)``, ``subgroup_metrics(columns, positive)``.
 """
 
 from __future__ import annotations

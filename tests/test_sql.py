@@ -134,3 +134,38 @@ def test_confusion_matrix_and_class_metrics_match_scikit_learn(run_dir):
     np.testing.assert_allclose(metrics["precision"], precision)
     np.testing.assert_allclose(metrics["recall"], recall)
     assert metrics["support"] == support.tolist()
+
+
+def _instances_frame():
+    table, logits = _expected()
+    frame = table.to_pandas()
+    frame["prediction"] = logits.argmax(axis=1)
+    frame["correct"] = frame["label"] == frame["prediction"]
+    return frame
+
+
+def test_subset_summary_matches_pandas(run_dir):
+    frame = _instances_frame()
+    subset = frame[(frame["group"] == "b") & (frame["prediction"] == 1)]
+    row = run_query(open_catalog(run_dir),
+                    "SELECT * FROM subset_summary('\"group\" = ''b'' AND prediction = 1')").to_pylist()[0]
+    assert row["size"] == len(subset)
+    assert row["accuracy"] == pytest.approx(subset["correct"].mean())
+    assert dict(row["label_counts"]) == subset["label"].value_counts().to_dict()
+    assert dict(row["prediction_counts"]) == {1: len(subset)}
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_subgroup_metrics_match_pandas(run_dir, positive):
+    frame = _instances_frame()
+    rows = run_query(open_catalog(run_dir), f"SELECT * FROM subgroup_metrics('\"group\"', {positive})").to_pylist()
+    assert [r["group"] for r in rows] == ["a", "b"]
+    for row in rows:
+        part = frame[frame["group"] == row["group"]]
+        pos, pred = part["label"] == positive, part["prediction"] == positive
+        tp, fp, fn, tn = (pos & pred).sum(), (~pos & pred).sum(), (pos & ~pred).sum(), (~pos & ~pred).sum()
+        assert (row["size"], row["tp"], row["fp"], row["fn"], row["tn"]) == (len(part), tp, fp, fn, tn)
+        assert row["accuracy"] == pytest.approx(part["correct"].mean())
+        assert row["fpr"] == pytest.approx(fp / (fp + tn))
+        assert row["fnr"] == pytest.approx(fn / (fn + tp))
+        assert row["recall"] == pytest.approx(tp / (tp + fn))
