@@ -139,7 +139,7 @@ _COUNT_BY_INSTANCE = "SELECT count(*), count(DISTINCT instance_id) FROM read_par
 _COUNT_BY_TARGET = "SELECT count(*), count(DISTINCT (instance_id, target_rank)) FROM read_parquet(?)"
 
 
-def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> int:
+def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> None:
     """Every table must hold each instance exactly once (attributions: once per target)."""
     tables = [(layout.instances_dir, expected, _COUNT_BY_INSTANCE)]
     tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in checked.facts.layer_neurons]
@@ -153,7 +153,6 @@ def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", 
                 f"table {directory.relative_to(layout.root)} has {rows} rows with {distinct} distinct "
                 f"keys, expected {want} of each; nothing was committed (the staged files are removed)"
             )
-    return expected
 
 
 def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunResult:
@@ -219,10 +218,9 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         staging.remove_unlisted_parts(
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
-        targets = spec.target.k if spec.target.kind == "top_k" else 1
-        count = _check_exactly_once(layout, dataset.num_rows, checked, targets)
+        _check_exactly_once(layout, dataset.num_rows, checked, spec.target.per_instance)
         timings["total_seconds"] = time.perf_counter() - started
-        manifest = build_manifest(spec, checked, parts, count, timings)
+        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings)
         final = staging.commit(manifest)
     except RunExistsError:
         raise  # lost a race for the name: the staged results stay where the message says
@@ -270,7 +268,7 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
             "instances": count,
             "parts": len(parts),
             "bytes": sum(p["bytes"] for p in parts),
-            "attribution_rows_per_method": count * (spec.target.k if spec.target.kind == "top_k" else 1),
+            "attribution_rows_per_method": count * spec.target.per_instance,
         },
         "class_names": checked.class_names,
         "model": facts.to_json(),

@@ -186,6 +186,11 @@ class TargetSpec(StrictModel):
     k: int = Field(default=1, gt=0)
     """How many classes for ``top_k``."""
 
+    @property
+    def per_instance(self) -> int:
+        """Attribution rows per instance: ``k`` for ``top_k``, else one."""
+        return self.k if self.kind == "top_k" else 1
+
 
 class StorageSpec(StrictModel):
     """How much of each attribution is kept."""

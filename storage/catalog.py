@@ -65,15 +65,16 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep]]).fetchall()
     _parquet(con, layout.instances_dir).create_view("instances")
     layers, methods = [], []
-    for layer, neurons in manifest["model"]["layer_neurons"].items():
-        _parquet(con, layout.activations_dir(layer)).create_view(f"activations_{sql_identifier(layer)}")
-        shape = manifest["model"]["layer_output_shapes"].get(layer)
-        layers.append({"layer": layer, "view": f"activations_{sql_identifier(layer)}", "neurons": neurons,
-                       "output_shape": json.dumps(shape)})
-    for method, shape in manifest["model"]["attribution_shapes"].items():
-        _parquet(con, layout.attributions_dir(method)).create_view(f"attributions_{sql_identifier(method)}")
-        methods.append({"method": method, "view": f"attributions_{sql_identifier(method)}",
-                        "stored_shape": json.dumps(shape)})
+    model = manifest["model"]
+    for layer, neurons in model["layer_neurons"].items():
+        view = f"activations_{sql_identifier(layer)}"
+        _parquet(con, layout.activations_dir(layer)).create_view(view)
+        layers.append({"layer": layer, "view": view, "neurons": neurons,
+                       "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
+    for method, shape in model["attribution_shapes"].items():
+        view = f"attributions_{sql_identifier(method)}"
+        _parquet(con, layout.attributions_dir(method)).create_view(view)
+        methods.append({"method": method, "view": view, "stored_shape": json.dumps(shape)})
     con.from_arrow(pa.Table.from_pylist(layers, schema=pa.schema(
         [("layer", pa.string()), ("view", pa.string()), ("neurons", pa.int64()), ("output_shape", pa.string())]
     ))).create_view("layers")

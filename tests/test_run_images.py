@@ -253,3 +253,14 @@ def test_stochastic_methods_cut_into_chunks_reproduce_sequential_captum_calls():
                        baselines=torch.zeros_like(x[:1]), n_samples=4, stdevs=0.1)
         for s in range(0, 9, 2)])
     np.testing.assert_allclose(ours.detach().numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_tuned_chunk_is_a_candidate_within_the_memory_cap():
+    from workers.methods import CHUNK_CANDIDATES, MAX_CHUNK_BYTES, tune_chunk_rows
+
+    model = tiny_cnn().eval()
+    x = torch.from_numpy(_inputs(image_table(5)))
+    assert tune_chunk_rows(model, x, per_instance_bytes=64) in CHUNK_CANDIDATES
+    # An instance so large that only the smallest candidate fits the cap.
+    assert tune_chunk_rows(model, x, per_instance_bytes=MAX_CHUNK_BYTES // 40) == CHUNK_CANDIDATES[0]
+    assert tune_chunk_rows(model, x, per_instance_bytes=MAX_CHUNK_BYTES // 100) in (32, 64)

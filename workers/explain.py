@@ -107,7 +107,7 @@ class BatchExplainer:
     """Computes predictions, activations and attributions for Arrow batches of a dataset."""
 
     def __init__(self, spec: JobSpec, dataset: ResolvedDataset, model: nn.Module,
-                 device: torch.device, facts: ModelFacts | None = None):
+                 device: torch.device, facts: ModelFacts | None = None, tune_chunks: bool = False):
         self.spec = spec
         self.dataset = dataset
         self.model = model
@@ -117,8 +117,10 @@ class BatchExplainer:
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
         self.raw_attribution_shapes: dict[str, tuple[int, ...]] = {}
-        self.tune_chunks = False
+        self.tune_chunks = tune_chunks
         """Measure the best chunk size on the first batch (workers) instead of the budget."""
+        self.per_instance_bytes: int | None = facts.per_instance_bytes if facts else None
+        """Bytes of all module outputs for one instance (measured on the first batch)."""
         self.chunk_rows: int | None = None
         self.node_id = os.environ.get("NETLOUPE_NODE_ID", "driver")
 
@@ -164,7 +166,9 @@ class BatchExplainer:
         """The spec's methods bound to the model, their chunk size measured on ``x`` when
         this explainer tunes (workers do; the driver's validation does not)."""
         if self.methods is None:
-            per_instance = self.facts.per_instance_bytes if self.facts else module_output_bytes(self.model, x)
+            if self.per_instance_bytes is None:
+                self.per_instance_bytes = module_output_bytes(self.model, x)
+            per_instance = self.per_instance_bytes
             pinned = self.spec.execution.chunk_rows
             if pinned is not None:
                 self.chunk_rows = pinned
@@ -314,7 +318,6 @@ class BatchExplainer:
                     "own module, or choose integrated_gradients or gradient_shap instead"
                 )
             explained = self.explain(table)
-            per_instance_bytes = module_output_bytes(self.model, x)
         except NetloupeError:
             raise
         except AssertionError as error:
@@ -343,7 +346,7 @@ class BatchExplainer:
             layer_output_shapes=dict(self.capture.output_shapes),
             attribution_shapes=stored_shapes,
             attribution_raw_shapes=dict(self.raw_attribution_shapes),
-            per_instance_bytes=per_instance_bytes,
+            per_instance_bytes=self.per_instance_bytes,
         )
 
 
@@ -375,8 +378,8 @@ class ExplainWorker:
         self.device = pick_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         model = load_model(self.spec.model).to(self.device)
-        self.explainer = BatchExplainer(self.spec, dataset, model, self.device, ModelFacts.from_json(facts_data))
-        self.explainer.tune_chunks = True
+        self.explainer = BatchExplainer(self.spec, dataset, model, self.device,
+                                        ModelFacts.from_json(facts_data), tune_chunks=True)
         if ray.is_initialized():
             self.explainer.node_id = ray.get_runtime_context().get_node_id()
         self.layout = RunLayout(Path(staging_dir))
