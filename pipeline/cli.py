@@ -36,6 +36,10 @@ def cmd_run(args) -> int:
     print("next:")
     print(f"  {netloupe} sql {run_dir} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
           "FROM instances GROUP BY 1 ORDER BY 1\"")
+    layers = list(result.manifest["model"]["layer_neurons"])
+    if layers:
+        print(f"  {netloupe} sql {run_dir} \"SELECT * FROM neuron_matrix_by('{layers[-1]}', 'label') "
+              "WHERE neuron < 2\"")
     print(f"  {netloupe} sql {run_dir} --list")
     print(f"  cat {run_dir}/manifest.json")
     return 0
@@ -83,13 +87,15 @@ def _show(table, max_rows: int) -> None:
 
 
 def cmd_sql(args) -> int:
-    from storage.catalog import QueryError, open_catalog, run_query
+    from storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
 
     if args.list:
         con = open_catalog(args.run)
-        for query in ("SELECT view_name AS view FROM duckdb_views() WHERE NOT internal ORDER BY 1",
-                      "SELECT * FROM layers", "SELECT * FROM methods"):
+        for query in (CATALOG_CONTENTS_SQL, "SELECT layer, view, neurons, output_shape FROM layers",
+                      "SELECT * FROM methods", OPERATORS_LIST_SQL):
             _show(run_query(con, query), 1000)
+        print("operators are table macros: SELECT * FROM neuron_matrix('conv2', 'label = 3'); "
+              "docs/sql.md has an example of each")
         return 0
     if (args.query is None) == (args.file is None):
         raise QueryError("give a query, or --file with a script of queries (not both)")
@@ -122,6 +128,16 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_catalog(args) -> int:
+    from storage.catalog import build_catalog
+    from storage.layout import RunLayout
+
+    layout = RunLayout(Path(args.run).resolve())
+    timings = build_catalog(layout, layout.read_manifest())
+    print(f"built {layout.catalog_path} ({timings['bytes'] / 1e6:.1f} MB) in {timings['total']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloupe", description="Explain neural networks at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,13 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
     sql = sub.add_parser("sql", help="query a run with SQL (read-only DuckDB views)")
     sql.add_argument("run", help="a run directory (runs/<name>)")
-    sql.add_argument("query", nargs="?", help="SQL; views: instances, activations_<layer>, attributions_<method>, layers, methods, run_metadata")
+    sql.add_argument("query", nargs="?", help="SQL over the run's views and operators (--list shows them)")
     sql.add_argument("--file", help="run the statements of this .sql file; the last one's result is shown")
     sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sql.add_argument("--output", help="write the result to this file (required for parquet)")
     sql.add_argument("--max-rows", type=int, default=40, help="rows shown in table format")
-    sql.add_argument("--list", action="store_true", help="list the run's views, layers and methods")
+    sql.add_argument("--list", action="store_true",
+                     help="list the run's views and tables, layers, methods, and the SQL operators")
     sql.set_defaults(func=cmd_sql)
+    catalog = sub.add_parser("catalog", help="(re)build a run's catalog.duckdb (runs made before it existed)")
+    catalog.add_argument("run", help="a run directory (runs/<name>)")
+    catalog.set_defaults(func=cmd_catalog)
     layers = sub.add_parser("layers", help="list the layer names of a spec's model")
     layers.add_argument("spec")
     layers.set_defaults(func=cmd_layers)

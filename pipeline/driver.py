@@ -24,6 +24,7 @@ from pipeline.errors import NetloupeError, RunError
 from pipeline.models import load_model
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
+from storage.catalog import build_catalog
 from storage.layout import RunExistsError, RunLayout, RunStaging
 from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
 
@@ -219,8 +220,10 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
         _check_exactly_once(layout, dataset.num_rows, checked, spec.target.per_instance)
-        timings["total_seconds"] = time.perf_counter() - started
         manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings)
+        # Part of the staged run, so a committed run always answers SQL.
+        manifest["timings"]["catalog"] = build_catalog(layout, manifest)
+        manifest["timings"]["total_seconds"] = time.perf_counter() - started
         final = staging.commit(manifest)
     except RunExistsError:
         raise  # lost a race for the name: the staged results stay where the message says

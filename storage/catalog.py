@@ -1,16 +1,28 @@
-"""The SQL face of a run: DuckDB views over its Parquet parts, read-only and sandboxed.
+"""The SQL face of a run: ``catalog.duckdb`` (built once, at commit) and the sandbox analysts query.
 
-:func:`open_catalog` is the one place views are made. Paths are taken from where the run
-is now, so a moved or copied run still queries. An analyst's connection can read the run
-and nothing else: only SELECT/EXPLAIN statements run, file access outside the run is off,
-extensions cannot be installed or loaded, no database can be attached, and the settings
-are locked so a query cannot undo any of it.
+:func:`build_catalog` is the one place the run's tables become SQL. It writes
+``<run>/catalog.duckdb`` holding:
 
-View names: ``instances``; ``activations_<layer>`` and ``attributions_<method>`` with
-non-identifier characters of the name as ``_`` (``features.3`` → ``activations_features_3``);
-``layers``, ``methods`` and ``run_metadata`` describe the run. Operators (table macros
-from ``storage/sql/operators.sql``): ``confusion_matrix()``, ``class_metrics()``,
-``subset_summary(predicate)``, ``subgroup_metrics(columns, positive)``.
+* ``instances``: a native copy of the instances table (predicates join against it);
+* ``activations_<layer>``: a native *wide* table per layer, ``instance_id, n0 .. n<d-1>``,
+  one FLOAT column per neuron, stored uncompressed. Measured (``benchmarks/bench_sql.py``):
+  a subset's mean over every neuron scans this in a third of the time the same query takes
+  over DuckDB's compressed columns, and many times faster than the Parquet vectors.
+* ``neuron_cells`` / ``attribution_cells``: sums per (label, prediction) cell, so class
+  subsets (ActiVis' default rows) and per-class attribution maps need no scan at all;
+* views over the Parquet parts that stay Parquet (``attributions_<method>``,
+  ``activation_vectors_<layer>``), by paths relative to the run, so a moved or copied run
+  keeps working; ``layers``, ``methods``, ``neurons``, ``parquet_views``;
+* the explanation operators of ``storage/sql/operators.sql`` as table macros.
+
+:func:`open_catalog` attaches that file read-only in an in-memory DuckDB that can read
+this run and nothing else: only SELECT/EXPLAIN statements run (:func:`run_query`), file
+access outside the run is off, extensions cannot be installed or loaded, and settings are
+locked. The stock ``duckdb`` CLI can open ``catalog.duckdb`` directly (docs/sql.md).
+
+View names: layer and method names with non-identifier characters as ``_``
+(``features.3`` → ``activations_features_3``), the rule :func:`sql_identifier` and the
+SQL macro ``_activations_view`` share.
 """
 
 from __future__ import annotations
@@ -18,13 +30,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+import uuid
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.errors import NetloupeError
+from pipeline.errors import NetloupeError, RunError
+from storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
 from storage.layout import RunLayout
+from storage.schema import ID_TYPES, vectors_to_numpy
 
 
 class QueryError(NetloupeError):
@@ -34,66 +52,249 @@ class QueryError(NetloupeError):
 ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 """Statement kinds an analyst may run (SELECT covers DESCRIBE, SHOW and SUMMARIZE)."""
 
+SQL_DIR = Path(__file__).with_name("sql")
+OPERATORS_SQL = SQL_DIR / "operators.sql"
+"""The explanation operators (table macros); SQL lives in these files, not in Python."""
+TABLES_SQL = SQL_DIR / "tables.sql"
+"""The statistics tables the operators read."""
+BUILD_SQL = SQL_DIR / "build.sql"
+"""Build-time helpers and the views over the statistics tables."""
+FAST_SQL = SQL_DIR / "fast.sql"
+"""The analyst connection's override of ``_neuron_moments`` (storage/activation_index.py)."""
+
+ATTACHED = "run"
+"""The name the catalog file is attached under in an analyst's connection."""
+
 
 def sql_identifier(name: str) -> str:
     """A layer or method name as part of a view name."""
     return re.sub(r"\W", "_", name)
 
 
-def _parquet(con: duckdb.DuckDBPyConnection, directory: Path) -> duckdb.DuckDBPyRelation:
-    return con.read_parquet(str(directory / "*.parquet"))
+def activations_view(layer: str) -> str:
+    return f"activations_{sql_identifier(layer)}"
 
 
-OPERATORS_SQL = Path(__file__).with_name("sql") / "operators.sql"
-"""The explanation operators (table macros); SQL lives in this file, not in Python."""
+def activation_vectors_view(layer: str) -> str:
+    return f"activation_vectors_{sql_identifier(layer)}"
 
 
-def _load_operators(con: duckdb.DuckDBPyConnection) -> None:
-    for statement in duckdb.extract_statements(OPERATORS_SQL.read_text()):
+def attributions_view(method: str) -> str:
+    return f"attributions_{sql_identifier(method)}"
+
+
+def _run_statements(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    for statement in duckdb.extract_statements(path.read_text()):
         con.execute(statement.query).fetchall()
 
 
-def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view for every table of the committed run at ``run_dir``.
+def _parts(directory: Path) -> list[Path]:
+    return sorted(directory.glob("part-*.parquet"))
 
-    The connection is in memory (nothing is written anywhere) and locked down as the
-    module docstring says; run analysts' SQL through :func:`run_query`.
+
+# -- building ------------------------------------------------------------------------------
+
+
+def build_catalog(layout: RunLayout, manifest: dict) -> dict:
+    """Write ``catalog.duckdb`` for the run at ``layout`` (atomically); return timings.
+
+    Called by the driver on the staged run before its commit, so a committed run always
+    has its catalog; ``netloupe catalog RUN`` rebuilds it.
+    """
+    started = time.perf_counter()
+    # Absolute: with file_search_path set, DuckDB resolves relative paths against it only.
+    layout = RunLayout(layout.root.resolve())
+    final = layout.catalog_path
+    tmp = layout.root / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    model = manifest["model"]
+    id_type = ID_TYPES[manifest["dataset"]["id_type"]]
+    timings = {}
+    con = duckdb.connect(str(tmp))
+    try:
+        # Relative paths in views are resolved against this, and stored relative.
+        con.execute("SET file_search_path = ?", [str(layout.root)]).fetchall()
+        # Uncompressed floats scan about twice as fast as DuckDB's compressed ones for
+        # whole-layer aggregates (benchmarks/RESULTS.md); activations dominate the file.
+        con.execute("PRAGMA force_compression = 'uncompressed'").fetchall()
+        con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances")
+        for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
+            _run_statements(con, sql)
+        parquet_views, layers, methods = [], [], []
+        for layer, neurons in model["layer_neurons"].items():
+            layer_started = time.perf_counter()
+            relative = f"{layout.activations_dir(layer).relative_to(layout.root)}/*.parquet"
+            parquet_views.append((activation_vectors_view(layer), relative))
+            wide = neurons <= WIDE_NEURON_LIMIT
+            if wide:
+                _build_wide_layer(con, layout, layer, neurons, id_type)
+                con.execute("INSERT INTO neuron_cells SELECT * FROM _neuron_cells_of(?)", [layer]).fetchall()
+            layers.append({"layer": layer, "view": activations_view(layer) if wide else None,
+                           "vectors_view": activation_vectors_view(layer), "neurons": neurons,
+                           "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
+            timings[f"layer {layer}"] = time.perf_counter() - layer_started
+        index_started = time.perf_counter()
+        wide_layers = {row["layer"]: _parts(layout.activations_dir(row["layer"])) for row in layers if row["view"]}
+        write_activation_index(layout.root, wide_layers,
+                               con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
+        timings["activation index"] = time.perf_counter() - index_started
+        for method, shape in model["attribution_shapes"].items():
+            method_started = time.perf_counter()
+            relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
+            parquet_views.append((attributions_view(method), relative))
+            if shape is not None:
+                cells = _attribution_cells(con, layout, method)
+                con.from_arrow(cells).insert_into("attribution_cells")
+            methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
+            timings[f"method {method}"] = time.perf_counter() - method_started
+        for view, relative in parquet_views:
+            con.read_parquet(relative).create_view(view)
+        for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
+                            ("layers", layers), ("methods", methods)):
+            if rows:
+                con.from_arrow(pa.Table.from_pylist(rows)).insert_into(table)
+        con.execute("CHECKPOINT").fetchall()
+    except BaseException:
+        con.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    os.replace(tmp, final)
+    timings["total"] = time.perf_counter() - started
+    timings["bytes"] = final.stat().st_size
+    return timings
+
+
+def _build_wide_layer(con, layout: RunLayout, layer: str, neurons: int, id_type: pa.DataType) -> None:
+    """One FLOAT column per neuron, filled part by part (memory stays one part's worth)."""
+    schema = pa.schema([pa.field("instance_id", id_type)] + [pa.field(f"n{j}", pa.float32()) for j in range(neurons)])
+    name = activations_view(layer)
+    con.from_arrow(schema.empty_table()).create(name)
+    for part in _parts(layout.activations_dir(layer)):
+        table = pq.read_table(part)
+        # Transposed once so that every neuron's column is contiguous (no per-column copy).
+        columns = np.ascontiguousarray(vectors_to_numpy(table["activation"]).T)
+        wide = pa.Table.from_arrays([table["instance_id"].combine_chunks()] + [pa.array(c) for c in columns],
+                                    schema=schema)
+        con.from_arrow(wide).insert_into(name)
+
+
+ATTRIBUTION_CELLS_SCHEMA = pa.schema([
+    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("position", pa.int32()), ("size", pa.int64()), ("total", pa.float64()), ("total_abs", pa.float64()),
+])
+
+
+def _attribution_cells(con, layout: RunLayout, method: str) -> pa.Table:
+    """Sums of each stored map position per (target rank, label, prediction), streamed.
+
+    DuckDB has no element-wise aggregate over arrays (and unnesting a million maps costs
+    minutes), so the sums are accumulated here with one matrix product per batch.
+    """
+    totals: dict[tuple, list] = {}
+    for part in _parts(layout.attributions_dir(method)):
+        rows = con.sql(
+            "SELECT a.target_rank, i.label, i.prediction, a.attribution "
+            "FROM read_parquet(?) AS a JOIN instances AS i USING (instance_id)", params=[str(part)]
+        ).to_arrow_table()
+        if rows.num_rows == 0:
+            continue
+        maps = vectors_to_numpy(rows["attribution"]).astype(np.float64)
+        keys = list(zip(rows["target_rank"].to_pylist(), rows["label"].to_pylist(), rows["prediction"].to_pylist()))
+        unique = sorted(set(keys), key=lambda k: (k[0], -1 if k[1] is None else k[1], k[2]))
+        index = {key: i for i, key in enumerate(unique)}
+        member = np.zeros((len(unique), len(keys)))
+        member[[index[k] for k in keys], np.arange(len(keys))] = 1.0
+        sums, abs_sums, counts = member @ maps, member @ np.abs(maps), member.sum(axis=1)
+        for i, key in enumerate(unique):
+            if key not in totals:
+                totals[key] = [0, np.zeros(maps.shape[1]), np.zeros(maps.shape[1])]
+            entry = totals[key]
+            entry[0] += int(counts[i])
+            entry[1] += sums[i]
+            entry[2] += abs_sums[i]
+    columns = {name: [] for name in ATTRIBUTION_CELLS_SCHEMA.names}
+    for (rank, label, prediction), (size, total, total_abs) in totals.items():
+        width = len(total)
+        columns["method"] += [method] * width
+        columns["target_rank"] += [rank] * width
+        columns["label"] += [label] * width
+        columns["prediction"] += [prediction] * width
+        columns["position"] += list(range(width))
+        columns["size"] += [size] * width
+        columns["total"] += total.tolist()
+        columns["total_abs"] += total_abs.tolist()
+    return pa.table(columns, schema=ATTRIBUTION_CELLS_SCHEMA)
+
+
+# -- querying ------------------------------------------------------------------------------
+
+
+def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """A read-only, sandboxed DuckDB connection over the committed run at ``run_dir``.
+
+    Every view, table and operator of the run's ``catalog.duckdb`` is reachable by its
+    plain name. Run analysts' SQL through :func:`run_query`.
     """
     layout = RunLayout(Path(run_dir).resolve())
     manifest = layout.read_manifest()
+    if not layout.catalog_path.exists():
+        raise RunError(
+            f"run {layout.root} has no {layout.catalog_path.name} (it was made by an older netloupe); "
+            f"build it with `netloupe catalog {layout.root}`"
+        )
     con = duckdb.connect(":memory:")
-    con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep]]).fetchall()
-    _parquet(con, layout.instances_dir).create_view("instances")
-    layers, methods = [], []
-    model = manifest["model"]
-    for layer, neurons in model["layer_neurons"].items():
-        view = f"activations_{sql_identifier(layer)}"
-        _parquet(con, layout.activations_dir(layer)).create_view(view)
-        layers.append({"layer": layer, "view": view, "neurons": neurons,
-                       "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
-    for method, shape in model["attribution_shapes"].items():
-        view = f"attributions_{sql_identifier(method)}"
-        _parquet(con, layout.attributions_dir(method)).create_view(view)
-        methods.append({"method": method, "view": view, "stored_shape": json.dumps(shape)})
-    con.from_arrow(pa.Table.from_pylist(layers, schema=pa.schema(
-        [("layer", pa.string()), ("view", pa.string()), ("neurons", pa.int64()), ("output_shape", pa.string())]
-    ))).create_view("layers")
-    con.from_arrow(pa.Table.from_pylist(methods, schema=pa.schema(
-        [("method", pa.string()), ("view", pa.string()), ("stored_shape", pa.string())]
-    ))).create_view("methods")
-    _load_operators(con)
+    con.execute(f"ATTACH ? AS {ATTACHED} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
+    # Names resolve here first (the views and macros below), then in the run's catalog.
+    con.execute(f"SET search_path = 'memory.main,{ATTACHED}.main'").fetchall()
+    # The catalog's Parquet views hold paths relative to the run; here they are made
+    # absolute for where the run is now, which the sandbox below allows.
+    for view, relative in con.execute(f"SELECT view, path FROM {ATTACHED}.main.parquet_views").fetchall():
+        con.read_parquet(str(layout.root / relative)).create_view(view)
     metadata = [{"key": key, "value": json.dumps(value, default=str)} for key, value in sorted(manifest.items())]
-    con.from_arrow(pa.Table.from_pylist(metadata)).create_view("run_metadata")
+    con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
+                   ).create_view("run_metadata")
+    _register_fast_moments(con, layout, manifest["dataset"]["id_type"])
+    con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep]]).fetchall()
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
         con.execute(f"SET {setting} = false").fetchall()  # constant names, no user input
     con.execute("SET lock_configuration = true").fetchall()
     return con
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+_MOMENTS_TYPE = "STRUCT(size BIGINT, total DOUBLE[], total_sq DOUBLE[], active BIGINT[])"
+_MOMENTS_ARROW = pa.struct([("size", pa.int64()), ("total", pa.list_(pa.float64())),
+                            ("total_sq", pa.list_(pa.float64())), ("active", pa.list_(pa.int64()))])
+
+
+def _register_fast_moments(con: duckdb.DuckDBPyConnection, layout: RunLayout, id_type: str) -> None:
+    """Serve ``_neuron_moments`` from the run's activation index (see its module)."""
+    whole = con.sql("SELECT layer, neuron, sum(total) AS total, sum(total_sq) AS total_sq, "
+                    "sum(active)::BIGINT AS active FROM neuron_cells GROUP BY ALL ORDER BY layer, neuron"
+                    ).to_arrow_table()
+    layers = np.asarray(whole["layer"].to_pylist(), dtype=object)
+    totals = {layer: {key: whole[key].to_numpy()[layers == layer] for key in ("total", "total_sq", "active")}
+              for layer in dict.fromkeys(layers)}
+    index = ActivationIndex(layout.root, totals)
+
+    def moments(layers: pa.Array, id_lists: pa.Array) -> pa.Array:
+        rows = []
+        for layer, ids in zip(layers.to_pylist(), id_lists):
+            values = ids.values.to_numpy(zero_copy_only=False) if ids.is_valid else np.empty(0)
+            size, total, total_sq, active = index.moments(layer, values)
+            rows.append({"size": size, "total": total.tolist(), "total_sq": total_sq.tolist(), "active": active.tolist()})
+        return pa.array(rows, type=_MOMENTS_ARROW)
+
+    id_sql = "BIGINT" if id_type == "int64" else "VARCHAR"
+    con.create_function("_neuron_moments_fast", moments, [con.type("VARCHAR"), con.type(f"{id_sql}[]")],
+                        con.type(_MOMENTS_TYPE), type="arrow", side_effects=False)
+    _run_statements(con, FAST_SQL)
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict | None = None) -> pa.Table:
     """Run an analyst's SQL (one or more statements); return the last statement's result.
 
-    Statements other than SELECT/EXPLAIN are refused before anything runs.
+    Statements other than SELECT/EXPLAIN are refused before anything runs. ``parameters``
+    bind ``?`` / ``$name`` placeholders of the last statement (values never go into SQL text).
     """
     try:
         statements = duckdb.extract_statements(sql)
@@ -109,11 +310,33 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
                 "csv|json|parquet`"
             )
     try:
-        for statement in statements:
+        for i, statement in enumerate(statements):
+            last = i == len(statements) - 1
             # Fetched here so that errors raised while executing are reported like the rest.
-            result = con.sql(statement.query).to_arrow_table()
+            result = con.sql(statement.query, params=parameters if last else None).to_arrow_table()
     except duckdb.PermissionException as error:
         raise QueryError(f"refused: {error}. A run's SQL can read only that run's tables") from None
     except duckdb.Error as error:
-        raise QueryError(f"{type(error).__name__}: {error}") from None
+        message = str(error)
+        # An error of ours raised inside the fast path reaches here wrapped by DuckDB.
+        _, udf, ours = message.partition("Python exception occurred while executing the UDF: ")
+        raise QueryError(ours.split(": ", 1)[-1] if udf else f"{type(error).__name__}: {message}") from None
     return result
+
+
+CATALOG_CONTENTS_SQL = f"""
+SELECT 'view' AS kind, view_name AS name, comment FROM duckdb_views()
+    WHERE NOT internal AND database_name IN ('memory', '{ATTACHED}') AND schema_name = 'main'
+UNION
+SELECT 'table', table_name, comment FROM duckdb_tables()
+    WHERE database_name = '{ATTACHED}' AND schema_name = 'main' AND table_name <> 'parquet_views'
+ORDER BY 1, 2
+"""
+"""What ``netloupe sql --list`` shows besides the operators."""
+
+OPERATORS_LIST_SQL = f"""
+SELECT function_name AS operator, parameters, comment
+FROM duckdb_functions()
+WHERE database_name = '{ATTACHED}' AND function_type = 'table_macro' AND NOT starts_with(function_name, '_')
+ORDER BY 1
+"""

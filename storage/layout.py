@@ -5,6 +5,7 @@
     <output_root>/
       <run>/                      the committed run (appears only through one rename)
         manifest.json
+        catalog.duckdb            views, fast tables and SQL operators (storage/catalog.py)
         instances/part-<key>.parquet
         activations/<layer>/part-<key>.parquet
         attributions/<method>/part-<key>.parquet
@@ -34,6 +35,7 @@ from pipeline.errors import RunError
 from storage.schema import ACTIVATIONS, ATTRIBUTIONS, INSTANCES
 
 MANIFEST = "manifest.json"
+CATALOG = "catalog.duckdb"
 STAGING_DIR = ".staging"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TABLE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -83,6 +85,11 @@ class RunLayout:
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
+
+    @property
+    def catalog_path(self) -> Path:
+        """The run's DuckDB catalog (storage/catalog.py builds it)."""
+        return self.root / CATALOG
 
     @property
     def instances_dir(self) -> Path:

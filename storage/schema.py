@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute below
 
 SCHEMA_VERSION = 1
 """Bumped whenever a table's columns or their meaning change."""
@@ -123,8 +124,14 @@ def vectors_to_numpy(column: pa.ChunkedArray | pa.Array):
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    width = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+    else:  # a variable list column (as DuckDB returns arrays) whose lists are all one length
+        lengths = np.unique(pa.compute.list_value_length(column).to_numpy(zero_copy_only=False))
+        if len(lengths) > 1:
+            raise ValueError(f"vectors of one column must have one length, got lengths {lengths[:5].tolist()}")
+        width = int(lengths[0]) if len(lengths) else 0
     return np.asarray(values, dtype=np.float32).reshape(len(column), width)
 
 

@@ -189,16 +189,18 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
     # The first "next" command must work as printed.
     import subprocess
 
-    suggestion = out.split("next:\n")[1].splitlines()[0].strip()
-    answer = subprocess.run(["bash", "-c", suggestion], capture_output=True, text=True, timeout=60)
+    suggestions = [line.strip() for line in out.split("next:\n")[1].splitlines()[:2]]
+    answer = subprocess.run(["bash", "-c", suggestions[0]], capture_output=True, text=True, timeout=60)
     assert answer.returncode == 0 and "accuracy" in answer.stdout, answer.stderr
+    answer = subprocess.run(["bash", "-c", suggestions[1]], capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0 and "frac_active" in answer.stdout and "label=1" in answer.stdout, answer.stderr
     reader = RunReader(tmp_path / "mnist-demo")
     instances = reader.instances()
     assert instances.num_rows == 600
     assert np.mean(instances["correct"].to_numpy(zero_copy_only=False)) > 0.9
     assert set(instances["stroke"].to_pylist()) == {"thin", "medium", "heavy"}
     manifest = json.loads((tmp_path / "mnist-demo" / "manifest.json").read_text())
-    assert manifest["model"]["layer_neurons"] == {"conv1": 16, "conv2": 32, "fc1": 128}
+    assert manifest["model"]["layer_neurons"] == {"relu1": 16, "relu2": 32, "relu3": 128}
     assert manifest["model"]["attribution_shapes"]["grad_cam"] == [1, 14, 14]
     assert set(manifest["tables"]["attributions"]) == {
         "integrated_gradients", "saliency", "input_x_gradient", "deeplift", "gradient_shap",

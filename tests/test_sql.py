@@ -1,5 +1,6 @@
-"""SQL over a run: views over every table, a moved run still queries, the sandbox holds,
-and `netloupe sql` prints and exports. (The explanation operators come with issue 3.)"""
+"""SQL over a run made by the pipeline: views over every table, a moved run still queries,
+the sandbox holds, and `netloupe sql` prints and exports. (tests/test_operators.py checks
+every operator against numpy and pandas on a hand-made run.)"""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def test_views_cover_every_table(run_dir):
     assert rows["instance_id"].to_pylist() == table["row_id"].to_pylist()
     assert rows["prediction"].to_pylist() == logits.argmax(axis=1).tolist()
     assert rows["group"].to_pylist() == table["group"].to_pylist()
-    fc = run_query(con, "SELECT activation FROM activations_fc ORDER BY instance_id")["activation"].to_pylist()
-    np.testing.assert_allclose(np.array(fc), logits, rtol=1e-5, atol=1e-6)
+    fc = run_query(con, "SELECT n0, n1 FROM activations_fc ORDER BY instance_id")
+    np.testing.assert_allclose(np.stack([fc["n0"], fc["n1"]], axis=1), logits, rtol=1e-5, atol=1e-6)
+    vectors = run_query(con, "SELECT activation FROM activation_vectors_fc ORDER BY instance_id")["activation"]
+    np.testing.assert_allclose(np.array(vectors.to_pylist()), logits, rtol=1e-5, atol=1e-6)
     assert run_query(con, "SELECT count(*) AS n FROM attributions_sal_abs")["n"].to_pylist() == [30]
     assert run_query(con, "SELECT layer, neurons FROM layers").to_pylist() == [{"layer": "fc", "neurons": 2}]
     assert sorted(run_query(con, "SELECT method FROM methods")["method"].to_pylist()) == ["input_x_gradient", "sal.abs"]
@@ -56,10 +59,11 @@ def test_moved_run_still_queries(run_dir, tmp_path):
     shutil.copytree(run_dir, moved)
     con = open_catalog(moved)
     assert run_query(con, "SELECT count(*) AS n FROM instances")["n"].to_pylist() == [30]
-    # and it reads the copy, not the original
-    (moved / "instances").rename(moved / "gone")
-    with pytest.raises(duckdb.Error):
-        run_query(open_catalog(moved), "SELECT count(*) FROM instances")
+    assert run_query(con, "SELECT count(*) AS n FROM attributions_sal_abs")["n"].to_pylist() == [30]
+    # and it reads the copy's Parquet, not the original's
+    (moved / "attributions").rename(moved / "gone")
+    with pytest.raises(duckdb.IOException, match="elsewhere/copy/attributions/"):
+        open_catalog(moved)
 
 
 @pytest.mark.parametrize("sql, words", [
@@ -159,7 +163,7 @@ def test_subset_summary_matches_pandas(run_dir):
 @pytest.mark.parametrize("positive", [0, 1])
 def test_subgroup_metrics_match_pandas(run_dir, positive):
     frame = _instances_frame()
-    rows = run_query(open_catalog(run_dir), f"SELECT * FROM subgroup_metrics('\"group\"', {positive})").to_pylist()
+    rows = run_query(open_catalog(run_dir), f"SELECT * FROM subgroup_metrics(['group'], {positive})").to_pylist()
     assert [r["group"] for r in rows] == ["a", "b"]
     for row in rows:
         part = frame[frame["group"] == row["group"]]

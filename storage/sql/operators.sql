@@ -1,5 +1,149 @@
--- Explanation operators over a run's views, loaded by storage/catalog.py:open_catalog.
--- Each is a table macro: SELECT * FROM <operator>(...). docs/sql.md has worked examples.
+-- Explanation operators: table macros stored in a run's catalog.duckdb by
+-- storage/catalog.py:build_catalog. Use them as SELECT * FROM <operator>(...); they
+-- compose like any table (join them, UNION ALL them, filter them).
+-- docs/sql.md has a worked example of each. Names starting with "_" are building blocks.
+--
+-- Conventions: `layer_name` / `method_name` are names as in the job spec ('conv2');
+-- `predicate` is SQL text over the instances view ('stroke = ''thin'' AND NOT correct');
+-- `ids` is a LIST of instance ids; `columns` is a LIST of instances column names.
+-- A layer's wide table has one FLOAT column per neuron, n0 .. n<d-1>: the
+-- regular expression '^n\d+$' below selects exactly those (table order = neuron order).
+
+-- The view of a layer or method name, by the rule of storage/catalog.py:sql_identifier.
+CREATE MACRO _activations_view(layer_name) AS 'activations_' || regexp_replace(layer_name, '\W', '_', 'g');
+CREATE MACRO _attributions_view(method_name) AS 'attributions_' || regexp_replace(method_name, '\W', '_', 'g');
+
+-- Ids of the instances where `predicate` holds, as a LIST (feeds the *_ids operators).
+CREATE MACRO subset_ids(predicate) AS
+    (SELECT coalesce(list(instance_id), []) FROM query('SELECT instance_id FROM instances WHERE ' || predicate));
+COMMENT ON MACRO subset_ids IS 'LIST of the ids of the instances where predicate (SQL text over instances) holds';
+
+-- Per neuron of a layer, over the instances in `ids`: size, sum, sum of squares and the
+-- count of active (> 0) values: the mergeable parts of a mean, a variance and a fraction.
+-- One scan of the layer's wide table, every neuron at once.
+CREATE MACRO _neuron_moments(layer_name, ids) AS TABLE
+    WITH totals AS (
+        SELECT count(*) AS size,
+               sum(COLUMNS('^n\d+$')) AS 'sum_\0',
+               sum(COLUMNS('^n\d+$')::DOUBLE * COLUMNS('^n\d+$')::DOUBLE) AS 'sq_\0',
+               count_if(COLUMNS('^n\d+$') > 0) AS 'act_\0'
+        FROM query_table(_activations_view(layer_name))
+        WHERE instance_id IN (SELECT unnest(ids))
+    ), lists AS (
+        SELECT size, list_value(*COLUMNS('^sum_')) AS sums, list_value(*COLUMNS('^sq_')) AS squares,
+               list_value(*COLUMNS('^act_')) AS actives
+        FROM totals
+    )
+    SELECT unnest(range(len(sums)))::INTEGER AS neuron, size,
+           unnest(sums) AS total, unnest(squares) AS total_sq, unnest(actives) AS active
+    FROM lists;
+
+-- Mean, sample standard deviation and fraction active from mergeable parts.
+CREATE MACRO _mean(total, size) AS total / nullif(size, 0);
+CREATE MACRO _std(total, total_sq, size) AS
+    sqrt(greatest(0, (total_sq - total * total / nullif(size, 0)) / nullif(size - 1, 0)));
+
+-- Neuron activation matrix (ActiVis) of one subset given as a list of ids: one row per
+-- neuron with the subset's size, mean activation, standard deviation and the fraction
+-- of its instances where the neuron is active (> 0).
+CREATE MACRO neuron_matrix_ids(layer_name, ids) AS TABLE
+    SELECT neuron, size, _mean(total, size) AS mean, _std(total, total_sq, size) AS std,
+           _mean(active, size) AS frac_active
+    FROM _neuron_moments(layer_name, ids)
+    ORDER BY neuron;
+COMMENT ON MACRO TABLE neuron_matrix_ids IS 'Per neuron of a layer over a LIST of instance ids: size, mean, std, fraction active (> 0)';
+
+-- The same for the subset where `predicate` holds.
+CREATE MACRO neuron_matrix(layer_name, predicate) AS TABLE
+    FROM neuron_matrix_ids(layer_name, subset_ids(predicate));
+COMMENT ON MACRO TABLE neuron_matrix IS 'Per neuron of a layer over the instances where predicate holds: size, mean, std, fraction active';
+
+-- The class subset a (label, prediction) cell belongs to, for the *_by operators:
+-- `subsets` is 'label' (true classes), 'prediction' (predicted classes), 'correct'
+-- (correct / incorrect) or 'cell' (each label → prediction pair); and the subset's class
+-- (the label, or the predicted class; NULL for 'correct').
+CREATE MACRO _class_subset(subsets, label, prediction) AS
+    CASE subsets
+        WHEN 'label' THEN 'label=' || label
+        WHEN 'prediction' THEN 'prediction=' || prediction
+        WHEN 'correct' THEN CASE WHEN label = prediction THEN 'correct' ELSE 'incorrect' END
+        WHEN 'cell' THEN 'label=' || label || ' prediction=' || prediction
+        ELSE error('subsets must be ''label'', ''prediction'', ''correct'' or ''cell'', got ''' || subsets || '''')
+    END;
+CREATE MACRO _class_subset_class(subsets, label, prediction) AS
+    CASE subsets WHEN 'label' THEN label WHEN 'prediction' THEN prediction WHEN 'cell' THEN label END;
+
+-- Neuron activation matrix for class subsets, from the statistics precomputed per
+-- (label, prediction) cell when the catalog was built (no scan of the activations).
+-- `subsets` as in _class_subset; instances without a label count only for 'prediction'.
+CREATE MACRO neuron_matrix_by(layer_name, subsets := 'label') AS TABLE
+    WITH keyed AS (
+        SELECT _class_subset(subsets, label, prediction) AS subset,
+               _class_subset_class(subsets, label, prediction) AS class,
+               CASE subsets WHEN 'cell' THEN prediction END AS cell_prediction,
+               neuron, size, total, total_sq, active
+        FROM neuron_cells
+        WHERE layer = layer_name AND (subsets = 'prediction' OR label IS NOT NULL)
+    )
+    SELECT subset, class, neuron, sum(size)::BIGINT AS size, _mean(sum(total), sum(size)) AS mean,
+           _std(sum(total), sum(total_sq), sum(size)) AS std, _mean(sum(active), sum(size)) AS frac_active
+    FROM keyed
+    GROUP BY subset, class, cell_prediction, neuron
+    ORDER BY class, cell_prediction, subset, neuron;
+COMMENT ON MACRO TABLE neuron_matrix_by IS 'Neuron matrix for class subsets (subsets: label, prediction, correct, cell) from precomputed sums, no scan';
+
+-- Two subsets compared (ActiVis's comparison, i-Algebra's comparative analysis): per
+-- neuron the means of A and B, their difference (A - B) and Cohen's d (the difference
+-- over the pooled standard deviation), largest |d| first.
+CREATE MACRO compare_subsets_ids(layer_name, ids_a, ids_b) AS TABLE
+    SELECT a.neuron, a.size AS size_a, b.size AS size_b,
+           _mean(a.total, a.size) AS mean_a, _mean(b.total, b.size) AS mean_b,
+           mean_a - mean_b AS difference,
+           difference / nullif(sqrt(
+               ((a.size - 1) * _std(a.total, a.total_sq, a.size) ** 2
+                + (b.size - 1) * _std(b.total, b.total_sq, b.size) ** 2)
+               / nullif(a.size + b.size - 2, 0)), 0) AS effect_size,
+           _mean(a.active, a.size) AS frac_active_a, _mean(b.active, b.size) AS frac_active_b
+    FROM _neuron_moments(layer_name, ids_a) AS a JOIN _neuron_moments(layer_name, ids_b) AS b USING (neuron)
+    ORDER BY abs(effect_size) DESC NULLS LAST, abs(difference) DESC, neuron;
+COMMENT ON MACRO TABLE compare_subsets_ids IS 'Two subsets (LISTs of ids) compared per neuron: means, difference, Cohen''s d; largest |d| first';
+
+CREATE MACRO compare_subsets(layer_name, predicate_a, predicate_b) AS TABLE
+    FROM compare_subsets_ids(layer_name, subset_ids(predicate_a), subset_ids(predicate_b));
+COMMENT ON MACRO TABLE compare_subsets IS 'Two subsets (predicates) compared per neuron: means, difference, Cohen''s d; largest |d| first';
+
+-- Exemplars: the k instances that activate one neuron most, highest first.
+CREATE MACRO top_instances(layer_name, neuron, k := 10) AS TABLE
+    SELECT row_number() OVER (ORDER BY activation DESC, instance_id) AS rank, instance_id, activation
+    FROM (SELECT instance_id, COLUMNS('^n' || neuron || '$') AS activation
+          FROM query_table(_activations_view(layer_name)))
+    ORDER BY rank
+    LIMIT k;
+COMMENT ON MACRO TABLE top_instances IS 'The k instances that activate one neuron most (exemplars)';
+
+-- Exemplars of every neuron of a layer in one scan: (neuron, rank, instance_id, activation).
+CREATE MACRO neuron_exemplars(layer_name, k := 5) AS TABLE
+    WITH tops AS (
+        SELECT max_by(instance_id, COLUMNS('^n\d+$'), k) AS 'ids_\0', max(COLUMNS('^n\d+$'), k) AS 'values_\0'
+        FROM query_table(_activations_view(layer_name))
+    ), per_neuron AS (
+        SELECT unnest(range(len(ids)))::INTEGER AS neuron, unnest(ids) AS ids, unnest(vals) AS vals
+        FROM (SELECT list_value(*COLUMNS('^ids_')) AS ids, list_value(*COLUMNS('^values_')) AS vals FROM tops)
+    )
+    SELECT neuron, unnest(range(1, len(ids) + 1)) AS rank, unnest(ids) AS instance_id, unnest(vals) AS activation
+    FROM per_neuron
+    ORDER BY neuron, rank;
+COMMENT ON MACRO TABLE neuron_exemplars IS 'The k top instances of every neuron of a layer, in one scan';
+
+-- The k neurons of a layer most active for one instance, highest first.
+CREATE MACRO top_neurons(layer_name, instance, k := 10) AS TABLE
+    SELECT neuron, activation
+    FROM (SELECT unnest(range(len(v)))::INTEGER AS neuron, unnest(v) AS activation
+          FROM (SELECT list_value(*COLUMNS('^n\d+$')) AS v
+                FROM query_table(_activations_view(layer_name)) WHERE instance_id = instance))
+    ORDER BY activation DESC, neuron
+    LIMIT k;
+COMMENT ON MACRO TABLE top_neurons IS 'The k most active neurons of a layer for one instance';
 
 -- Confusion matrix: one row per (label, prediction) pair that occurs, with its count.
 CREATE MACRO confusion_matrix() AS TABLE
@@ -8,6 +152,7 @@ CREATE MACRO confusion_matrix() AS TABLE
     WHERE label IS NOT NULL
     GROUP BY ALL
     ORDER BY label, prediction;
+COMMENT ON MACRO TABLE confusion_matrix IS 'Counts per (label, prediction)';
 
 -- Per-class precision, recall and support (classes that occur as label or prediction).
 -- precision is NULL for a class never predicted; recall is NULL for a class never labeled.
@@ -24,29 +169,123 @@ CREATE MACRO class_metrics() AS TABLE
     FROM classes CROSS JOIN labeled AS l
     GROUP BY class
     ORDER BY class;
+COMMENT ON MACRO TABLE class_metrics IS 'Per class: support, predicted, true positives, precision, recall';
 
--- Summary of the subset of instances where `predicate` (SQL over instances' columns, as
--- text) holds: size, accuracy, mean confidence, and label / prediction counts (MAPs).
--- Example: SELECT * FROM subset_summary('stroke = ''thin'' AND NOT correct')
+-- Summary of the subset of instances where `predicate` holds: size, accuracy, mean
+-- confidence, and label / prediction counts (MAPs class → count).
 CREATE MACRO subset_summary(predicate) AS TABLE
     FROM query(
         'SELECT count(*) AS size, avg(correct::INT) AS accuracy, avg(confidence) AS mean_confidence, '
         || 'histogram(label) AS label_counts, histogram(prediction) AS prediction_counts '
         || 'FROM instances WHERE ' || predicate
     );
+COMMENT ON MACRO TABLE subset_summary IS 'Size, accuracy, mean confidence, label and prediction counts of the subset where predicate holds';
 
--- Subgroup metrics (FairVis): one row per value combination of `columns` (text: one to
--- three instances columns, comma-separated), with size, accuracy, and one-vs-rest
--- FPR, FNR, precision and recall for class `positive`.
--- Example: SELECT * FROM subgroup_metrics('stroke', 8) ORDER BY recall
-CREATE MACRO subgroup_metrics(columns, positive) AS TABLE
+-- A name as a quoted SQL identifier, and a text as a SQL string literal.
+CREATE MACRO _quoted(name) AS '"' || replace(name, '"', '""') || '"';
+CREATE MACRO _literal(text) AS '''' || replace(text, '''', '''''') || '''';
+
+-- Subgroups (FairVis) of the labeled instances: every value combination of every
+-- non-empty subset of `columns` (one to three instances columns, as a LIST), i.e. each
+-- column alone and their intersections. Per subgroup: a readable `subgroup`, `level`
+-- (how many columns it fixes), `size`, `accuracy` and one-vs-rest tp/fp/fn/tn, FPR, FNR,
+-- precision and recall for class `positive`. The columns themselves are NULL where a
+-- subgroup does not fix them.
+CREATE MACRO _subgroups(columns, positive) AS TABLE
     FROM query(
-        'SELECT ' || columns || ', count(*) AS size, avg(correct::INT) AS accuracy, '
-        || 'count(*) FILTER (WHERE label = ' || positive || ' AND prediction = ' || positive || ') AS tp, '
-        || 'count(*) FILTER (WHERE label <> ' || positive || ' AND prediction = ' || positive || ') AS fp, '
-        || 'count(*) FILTER (WHERE label = ' || positive || ' AND prediction <> ' || positive || ') AS fn, '
-        || 'count(*) FILTER (WHERE label <> ' || positive || ' AND prediction <> ' || positive || ') AS tn, '
+        'SELECT ' || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ', '
+        || 'concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c:
+               'CASE WHEN grouping(' || _quoted(c) || ') = 0 THEN ' || _literal(c || '=') || ' || coalesce('
+               || _quoted(c) || '::VARCHAR, ''NULL'') END'), ', ') || ') AS subgroup, '
+        || '(' || array_to_string(list_transform(columns, lambda c: '(1 - grouping(' || _quoted(c) || '))'), ' + ')
+        || ')::INTEGER AS level, count(*) AS size, avg(correct::INT) AS accuracy, '
+        || 'count(*) FILTER (WHERE label = netloupe_positive AND prediction = netloupe_positive) AS tp, '
+        || 'count(*) FILTER (WHERE label <> netloupe_positive AND prediction = netloupe_positive) AS fp, '
+        || 'count(*) FILTER (WHERE label = netloupe_positive AND prediction <> netloupe_positive) AS fn, '
+        || 'count(*) FILTER (WHERE label <> netloupe_positive AND prediction <> netloupe_positive) AS tn, '
         || 'fp / nullif(fp + tn, 0) AS fpr, fn / nullif(fn + tp, 0) AS fnr, '
         || 'tp / nullif(tp + fp, 0) AS precision, tp / nullif(tp + fn, 0) AS recall '
-        || 'FROM instances WHERE label IS NOT NULL GROUP BY ALL ORDER BY ALL'
-    );
+        || 'FROM instances, (SELECT ' || CAST(positive AS BIGINT) || '::BIGINT AS netloupe_positive) '
+        || 'WHERE label IS NOT NULL GROUP BY CUBE (' || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ') '
+        || 'HAVING level > 0'
+    )
+    WHERE CASE WHEN len(columns) BETWEEN 1 AND 3 THEN true
+               ELSE error('subgroups take one to three columns, got ' || len(columns) || ': ' || columns::VARCHAR) END;
+
+-- Subgroup metrics over `columns` and their intersections, most specific first.
+-- Example: SELECT * FROM subgroup_metrics(['stroke'], 8) ORDER BY recall
+CREATE MACRO subgroup_metrics(columns, positive) AS TABLE
+    FROM _subgroups(columns, positive)
+    ORDER BY level DESC, subgroup;
+COMMENT ON MACRO TABLE subgroup_metrics IS 'FairVis subgroups of 1-3 columns and their intersections: size, accuracy, FPR, FNR, precision, recall for class positive';
+
+-- The worst subgroups by `metric` (accuracy, fpr, fnr, precision or recall for class
+-- `positive`) among those with at least `min_size` instances, as FairVis suggests them.
+-- A sliceline-like search: every subgroup of up to three columns is scored; `gap` is how
+-- much worse than all labeled instances it is (positive = worse), and ties go to the
+-- larger subgroup.
+CREATE MACRO suggested_subgroups(columns, metric := 'accuracy', positive := 0, min_size := 30, k := 10) AS TABLE
+    WITH scored AS (
+        SELECT *, CASE metric WHEN 'accuracy' THEN accuracy WHEN 'fpr' THEN fpr WHEN 'fnr' THEN fnr
+                              WHEN 'precision' THEN precision WHEN 'recall' THEN recall
+                              ELSE error('suggested_subgroups: metric must be accuracy, fpr, fnr, precision '
+                                         || 'or recall, got ''' || metric || '''') END AS value
+        FROM _subgroups(columns, positive)
+    ), overall AS (
+        SELECT count(*) FILTER (WHERE label = positive AND prediction = positive) AS tp,
+               count(*) FILTER (WHERE label <> positive AND prediction = positive) AS fp,
+               count(*) FILTER (WHERE label = positive AND prediction <> positive) AS fn,
+               count(*) FILTER (WHERE label <> positive AND prediction <> positive) AS tn,
+               CASE metric WHEN 'accuracy' THEN avg(correct::INT) WHEN 'fpr' THEN fp / nullif(fp + tn, 0)
+                           WHEN 'fnr' THEN fn / nullif(fn + tp, 0) WHEN 'precision' THEN tp / nullif(tp + fp, 0)
+                           WHEN 'recall' THEN tp / nullif(tp + fn, 0) END AS value
+        FROM instances WHERE label IS NOT NULL
+    )
+    SELECT s.subgroup, s.level, s.size, metric AS metric, s.value, o.value AS overall,
+           CASE WHEN metric IN ('fpr', 'fnr') THEN s.value - o.value ELSE o.value - s.value END AS gap,
+           s.accuracy, s.fpr, s.fnr, s.precision, s.recall
+    FROM scored AS s, overall AS o
+    WHERE s.size >= min_size AND s.value IS NOT NULL
+    ORDER BY gap DESC, s.size DESC, s.subgroup
+    LIMIT k;
+COMMENT ON MACRO TABLE suggested_subgroups IS 'The k worst subgroups by metric with at least min_size instances (sliceline-like)';
+
+-- Mean attribution maps per class subset, from the per-(label, prediction) sums computed
+-- when the catalog was built: one row per subset with `mean_abs` (mean absolute
+-- attribution per stored position, the usual "where does the model look") and `mean`
+-- (signed), both flat lists in the order of the method's stored_shape (see `methods`).
+-- `subsets` as in neuron_matrix_by; `target_rank` 0 is the first explained target.
+CREATE MACRO attribution_map_by(method_name, subsets := 'label', rank := 0) AS TABLE
+    WITH keyed AS (
+        SELECT _class_subset(subsets, label, prediction) AS subset,
+               _class_subset_class(subsets, label, prediction) AS class,
+               CASE subsets WHEN 'cell' THEN prediction END AS cell_prediction,
+               position, size, total, total_abs
+        FROM attribution_cells
+        WHERE method = method_name AND target_rank = rank AND (subsets = 'prediction' OR label IS NOT NULL)
+    ), per_position AS (
+        SELECT subset, class, cell_prediction, position, sum(size)::BIGINT AS size,
+               sum(total_abs) / sum(size) AS mean_abs, sum(total) / sum(size) AS mean
+        FROM keyed GROUP BY ALL
+    )
+    SELECT subset, class, any_value(size) AS size,
+           list(mean_abs ORDER BY position) AS mean_abs, list(mean ORDER BY position) AS mean
+    FROM per_position
+    GROUP BY subset, class, cell_prediction
+    ORDER BY class, cell_prediction, subset;
+COMMENT ON MACRO TABLE attribution_map_by IS 'Mean |attribution| and mean attribution maps per class subset, from precomputed sums';
+
+-- Mean attribution map of the subset where `predicate` holds (scans the stored maps).
+CREATE MACRO attribution_map(method_name, predicate, rank := 0) AS TABLE
+    WITH chosen AS (
+        SELECT attribution FROM query_table(_attributions_view(method_name))
+        WHERE target_rank = rank AND instance_id IN (SELECT unnest(subset_ids(predicate)))
+    ), flat AS (
+        SELECT unnest(range(len(attribution))) AS position, unnest(attribution) AS value FROM chosen
+    ), per_position AS (
+        SELECT position, avg(abs(value)) AS mean_abs, avg(value) AS mean FROM flat GROUP BY position
+    )
+    SELECT (SELECT count(*) FROM chosen) AS size,
+           list(mean_abs ORDER BY position) AS mean_abs, list(mean ORDER BY position) AS mean
+    FROM per_position;
+COMMENT ON MACRO TABLE attribution_map IS 'Mean |attribution| and mean attribution map of the subset where predicate holds';

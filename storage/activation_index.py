@@ -1,0 +1,153 @@
+"""Row-major activation matrices beside the catalog: the fast path of subset statistics.
+
+DuckDB aggregates a layer's wide table at about 1.5 ns per value on two cores, so a
+subset's mean over 1M instances × 256 neurons costs 0.6-1.2 s whatever the subset's size
+(it scans every row). Here each layer is also kept as one ``float32`` matrix in
+``instance_id`` order (``index/<layer>.npy``, memory-mapped), so a subset costs a gather
+of its own rows, and a subset larger than half the run is answered from the run's totals
+minus its complement. ``benchmarks/bench_sql.py`` measures both paths side by side.
+
+:func:`open_catalog <storage.catalog.open_catalog>` registers :meth:`ActivationIndex.moments`
+as the scalar function ``_neuron_moments_fast`` and shadows the SQL macro
+``_neuron_moments`` with one that calls it, so every operator built on it (neuron
+matrices, subset comparison) takes the fast path; a plain DuckDB client (the stock CLI)
+runs the same operators in pure SQL.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import RunError, did_you_mean
+from storage.schema import vectors_to_numpy
+
+WIDE_NEURON_LIMIT = 4096
+"""Widest layer given one column per neuron in the catalog and a matrix here; wider ones
+(a conv map kept with ``pooling: none``) stay Parquet vectors only."""
+
+INDEX_DIR = "index"
+IDS_FILE = "instance_ids.npy"
+GATHER_ROWS = 2048
+"""Rows gathered per step: about 2 MB at 256 neurons, so each step's reductions run from
+cache (1-2k rows measured fastest on this machine's 2 cores)."""
+THREADS = min(4, os.cpu_count() or 1)
+"""Threads that gather and reduce a subset's rows (numpy releases the GIL for both)."""
+
+
+def layer_file(layer: str) -> str:
+    return f"{layer}.npy"
+
+
+def write_activation_index(run_root: Path, layers: dict[str, list[Path]], instance_ids: pa.Array) -> None:
+    """Write ``index/instance_ids.npy`` (sorted) and each layer's rows in that order.
+
+    ``layers`` maps a layer to its Parquet parts. Rows are placed part by part, so memory
+    stays one part's worth plus the id arrays.
+    """
+    directory = run_root / INDEX_DIR
+    directory.mkdir(exist_ok=True)
+    ids = instance_ids.to_numpy(zero_copy_only=False)
+    if ids.dtype == object:
+        ids = ids.astype(str)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    np.save(directory / IDS_FILE, sorted_ids)
+    for layer, parts in layers.items():
+        matrix = None
+        for part in parts:
+            table = pq.read_table(part)
+            values = vectors_to_numpy(table["activation"])
+            if matrix is None:
+                matrix = np.lib.format.open_memmap(directory / layer_file(layer), mode="w+",
+                                                   dtype=np.float32, shape=(len(ids), values.shape[1]))
+            part_ids = table["instance_id"].to_numpy(zero_copy_only=False)
+            matrix[np.searchsorted(sorted_ids, part_ids.astype(sorted_ids.dtype))] = values
+        if matrix is not None:
+            matrix.flush()
+            del matrix
+
+
+class ActivationIndex:
+    """The memory-mapped matrices of one run; answers per-neuron moments of any subset."""
+
+    def __init__(self, run_root: Path, totals: dict[str, dict[str, np.ndarray]]):
+        """``totals``: per layer the whole run's ``size``, ``total``, ``total_sq`` and
+        ``active`` (from the catalog's neuron_cells), for answering by complement."""
+        directory = run_root / INDEX_DIR
+        # In memory (8 bytes per instance): searching a memory-mapped array was 10x slower.
+        self.sorted_ids = np.load(directory / IDS_FILE)
+        self.totals = totals
+        self._matrices: dict[str, np.ndarray] = {}
+        self._directory = directory
+
+    def matrix(self, layer: str) -> np.ndarray:
+        if layer not in self._matrices:
+            path = self._directory / layer_file(layer)
+            if not path.exists():
+                raise RunError(
+                    f"no neuron statistics for layer {layer!r} in this run; {did_you_mean(layer, self.totals)} "
+                    f"(neuron operators cover recorded layers of up to {WIDE_NEURON_LIMIT:,} neurons; a wider "
+                    "one is only in activation_vectors_<layer>)"
+                )
+            self._matrices[layer] = np.load(path, mmap_mode="r")
+        return self._matrices[layer]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Sorted, distinct row positions of the given instance ids (unknown ids are ignored,
+        as the SQL path's ``instance_id IN (...)`` ignores them)."""
+        ids = np.asarray(ids)
+        if ids.dtype == object:
+            ids = ids.astype(str)
+        if len(ids) == 0 or len(self.sorted_ids) == 0:
+            return np.empty(0, np.int64)
+        # Sorted needles: numpy's search then walks the ids in order (10x fewer cache misses
+        # than random needles), and the positions come out sorted and distinct.
+        # Strings stay as they are: a cast to the stored width would truncate longer ids.
+        needles = np.sort(ids.astype(str) if self.sorted_ids.dtype.kind == "U" else ids.astype(self.sorted_ids.dtype))
+        # (np.unique took 50x longer than this sort for 333k int64 ids with numpy 2.x)
+        needles = needles[np.concatenate(([True], needles[1:] != needles[:-1]))]
+        found = np.minimum(np.searchsorted(self.sorted_ids, needles), len(self.sorted_ids) - 1)
+        return found[self.sorted_ids[found] == needles]
+
+    def moments(self, layer: str, ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """``(size, total, total_sq, active)`` per neuron over the instances ``ids``."""
+        matrix = self.matrix(layer)
+        rows = self.positions(ids)
+        n = matrix.shape[0]
+        if 2 * len(rows) <= n:
+            return (len(rows), *self._sums(matrix, rows))
+        # More than half the run: the run's totals minus the complement's (fewer rows read).
+        keep = np.ones(n, bool)
+        keep[rows] = False
+        rest = np.flatnonzero(keep)
+        total, total_sq, active = self._sums(matrix, rest)
+        whole = self.totals[layer]
+        return (len(rows), whole["total"] - total, whole["total_sq"] - total_sq, whole["active"] - active)
+
+    @staticmethod
+    def _sums(matrix: np.ndarray, rows: np.ndarray):
+        """Sum, sum of squares and count > 0 per column over ``rows``, in parallel pieces."""
+        pieces = [p for p in np.array_split(rows, THREADS) if len(p)] or [rows]
+        if len(pieces) == 1:
+            return ActivationIndex._sums_of_piece(matrix, pieces[0])
+        with ThreadPoolExecutor(len(pieces)) as pool:
+            parts = list(pool.map(lambda piece: ActivationIndex._sums_of_piece(matrix, piece), pieces))
+        return tuple(sum(values) for values in zip(*parts))
+
+    @staticmethod
+    def _sums_of_piece(matrix: np.ndarray, rows: np.ndarray):
+        width = matrix.shape[1]
+        total, total_sq = np.zeros(width), np.zeros(width)
+        active = np.zeros(width, np.int64)
+        for start in range(0, len(rows), GATHER_ROWS):
+            block = matrix[rows[start:start + GATHER_ROWS]]
+            total += block.sum(axis=0, dtype=np.float64)
+            total_sq += np.square(block).sum(axis=0, dtype=np.float64)
+            active += np.count_nonzero(block > 0, axis=0)
+        return total, total_sq, active

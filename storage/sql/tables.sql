@@ -1,0 +1,25 @@
+-- The statistics tables of a run's catalog, created by storage/catalog.py:build_catalog
+-- before the operators that read them (operators.sql) and the helpers that fill them (build.sql).
+
+CREATE TABLE neuron_cells (
+    layer VARCHAR, label BIGINT, prediction BIGINT, neuron INTEGER, size BIGINT,
+    total DOUBLE, total_sq DOUBLE, active BIGINT, minimum DOUBLE, maximum DOUBLE
+);
+COMMENT ON TABLE neuron_cells IS 'Per layer, (label, prediction) cell and neuron: size, sum, sum of squares, count active (> 0), min, max. Serves neuron_matrix_by and neurons.';
+
+CREATE TABLE attribution_cells (
+    method VARCHAR, target_rank SMALLINT, label BIGINT, prediction BIGINT, position INTEGER, size BIGINT,
+    total DOUBLE, total_abs DOUBLE
+);
+COMMENT ON TABLE attribution_cells IS 'Per method, target rank, (label, prediction) cell and stored map position: size, sum and sum of absolute attributions. Serves attribution_map_by.';
+
+CREATE TABLE layers (layer VARCHAR, view VARCHAR, vectors_view VARCHAR, neurons BIGINT, output_shape VARCHAR);
+COMMENT ON TABLE layers IS 'Recorded layers: the wide table (one column n<i> per neuron; NULL if too wide), the Parquet vector view, neurons, output shape before pooling.';
+
+CREATE TABLE methods (method VARCHAR, view VARCHAR, stored_shape VARCHAR);
+COMMENT ON TABLE methods IS 'Attribution tables: view, and the shape of each stored map (NULL in summary mode).';
+
+CREATE TABLE parquet_views (view VARCHAR, path VARCHAR);
+COMMENT ON TABLE parquet_views IS 'Views over Parquet parts, with paths relative to the run directory (set file_search_path to the run when not inside it).';
+
+COMMENT ON TABLE instances IS 'One row per instance: label, prediction, probabilities, confidence, correct, metadata columns.';
