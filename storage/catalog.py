@@ -64,6 +64,10 @@ FAST_SQL = SQL_DIR / "fast.sql"
 
 ATTACHED = "run"
 """The name the catalog file is attached under in an analyst's connection."""
+BUILDING = "netloupe_catalog"
+"""The name the catalog file is attached under while it is built."""
+CATALOG_STORAGE_VERSION = "v1.0.0"
+"""DuckDB storage format of catalog.duckdb: readable by the DuckDB 1.x CLIs as well as 2.x."""
 
 
 def sql_identifier(name: str) -> str:
@@ -109,8 +113,12 @@ def build_catalog(layout: RunLayout, manifest: dict) -> dict:
     model = manifest["model"]
     id_type = ID_TYPES[manifest["dataset"]["id_type"]]
     timings = {}
-    con = duckdb.connect(str(tmp))
+    con = duckdb.connect(":memory:")
     try:
+        # An older storage format than this DuckDB's own, so that the duckdb CLIs users
+        # already have can open the catalog (DuckDB 2.0 writes files 1.x cannot read).
+        con.execute(f"ATTACH ? AS {BUILDING} (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')", [str(tmp)]).fetchall()
+        con.execute(f"USE {BUILDING}").fetchall()  # everything below lands in the file, unqualified
         # Relative paths in views are resolved against this, and stored relative.
         con.execute("SET file_search_path = ?", [str(layout.root)]).fetchall()
         # Uncompressed floats scan about twice as fast as DuckDB's compressed ones for

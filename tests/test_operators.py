@@ -322,3 +322,23 @@ def test_string_ids_and_a_layer_too_wide_for_neuron_columns(tmp_path):
     assert len(vectors["activation"][0]) == 4097
     with pytest.raises(QueryError, match="up to 4,096 neurons"):
         run_query(con, "SELECT * FROM neuron_matrix('huge', 'true')")
+
+
+def test_the_stock_duckdb_cli_runs_the_operators(handmade):
+    """The real `duckdb` command-line shell (PyPI's duckdb-cli, an older DuckDB than the
+    library that wrote the catalog) opens catalog.duckdb from inside the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir, frame, activations, _ = handmade
+    cli = Path(sys.executable).with_name("duckdb")
+    sql = ("SELECT round(mean, 6) AS mean FROM neuron_matrix('fc', 'label = 2') ORDER BY neuron;"
+           "SELECT count(*) AS n FROM attributions_saliency;")
+    done = subprocess.run([str(cli), "-readonly", "-csv", "catalog.duckdb", "-c", sql],
+                          cwd=run_dir, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    expected = activations["fc"][(frame["label"] == 2).to_numpy()].mean(axis=0)
+    np.testing.assert_allclose([float(v) for v in lines[1:5]], expected, atol=2e-6)
+    assert lines[5:] == ["n", str(N)]
