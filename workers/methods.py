@@ -100,6 +100,12 @@ class AttributionMethod:
     ``perturbations_per_eval``): as many as fit a chunk."""
     sliding_window: bool = False
     """Takes ``sliding_window_shapes`` and ``strides``; defaults follow the input shape."""
+    sums_targets: bool = False
+    """Captum differentiates the batch's summed target outputs, one backward root, instead
+    of one root per instance (``torch.unbind``), which costs a Python step per instance:
+    ~10 ms per 128-row call, a third of Grad-CAM's time on the demo CNN. The gradients are
+    the same because instances do not interact in an eval-mode model; only for methods
+    that use no per-instance forward output (no convergence delta)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Default ``attribute`` keyword arguments."""
 
@@ -131,7 +137,7 @@ METHODS: dict[str, AttributionMethod] = {
             defaults={"n_samples": 8, "stdevs": 0.0},
         ),
         AttributionMethod(
-            "grad_cam", LayerGradCam, layer_method=True, needs_hooks=True,
+            "grad_cam", LayerGradCam, layer_method=True, needs_hooks=True, sums_targets=True,
             defaults={"relu_attributions": False},
         ),
         AttributionMethod(
@@ -270,7 +276,10 @@ class BoundMethod:
         pieces, deltas = [], []
         for start in range(0, inputs.shape[0], size):
             x, t = inputs[start : start + size], target[start : start + size]
-            result = self.attribution.attribute(x, target=t, **self.call_kwargs(x))
+            if self.method.sums_targets:
+                result = self.attribution.attribute(x, additional_forward_args=(t,), **self.call_kwargs(x))
+            else:
+                result = self.attribution.attribute(x, target=t, **self.call_kwargs(x))
             if self.returns_delta:
                 result, delta = result
                 if delta.numel() != x.shape[0]:
@@ -283,6 +292,14 @@ class BoundMethod:
         if not self.returns_delta:
             return attributions, None
         return attributions, deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+
+
+def summed_target_output(model: nn.Module):
+    """A forward function for Captum that returns, as one value, the sum over the batch of
+    each instance's target logit (the target comes as an additional forward argument)."""
+    def forward(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return model(inputs).gather(1, target.reshape(-1, 1)).sum().reshape(1)
+    return forward
 
 
 def occlusion_window_count(input_shape, window, strides) -> int:
@@ -320,6 +337,7 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
                 f"{spec.table_name}: {spec.method} has no parameter {key!r}; "
                 f"{did_you_mean(key, allowed)}"
             )
+    forward = summed_target_output(model) if method.sums_targets else model
     if method.layer_method:
         if spec.layer is None:
             raise MethodError(f"{spec.table_name}: {spec.method} needs 'layer: <module name>'")
@@ -329,11 +347,11 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
                 f"{spec.table_name}: no layer {spec.layer!r} in the model; "
                 f"{did_you_mean(spec.layer, [n for n in modules if n])}"
             )
-        attribution = method.captum_class(model, modules[spec.layer])
+        attribution = method.captum_class(forward, modules[spec.layer])
     else:
         if spec.layer is not None:
             raise MethodError(f"{spec.table_name}: {spec.method} takes no 'layer' (only layer methods such as grad_cam do)")
-        attribution = method.captum_class(model)
+        attribution = method.captum_class(forward)
     nt_kwargs = None
     if spec.noise_tunnel is not None:
         attribution = NoiseTunnel(attribution)
