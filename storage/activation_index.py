@@ -3,7 +3,7 @@
 DuckDB aggregates a layer's wide table at about 1.5 ns per value on two cores, so a
 subset's mean over 1M instances × 256 neurons costs 0.6-1.2 s whatever the subset's size
 (it scans every row). Here each layer is also kept as one ``float32`` matrix in
-``instance_id`` order (``index/<layer>.npy``, memory-mapped), so a subset costs a gather
+``instance_id`` order (``index/layer-<layer>.npy``, memory-mapped), so a subset costs a gather
 of its own rows, and a subset larger than half the run is answered from the run's totals
 minus its complement. ``benchmarks/bench_sql.py`` measures both paths side by side.
 
@@ -17,6 +17,8 @@ runs the same operators in pure SQL.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +43,7 @@ THREADS = min(4, os.cpu_count() or 1)
 
 
 def layer_file(layer: str) -> str:
-    return f"{layer}.npy"
+    return f"layer-{layer}.npy"  # prefixed: a layer named like IDS_FILE must not replace it
 
 
 def write_activation_index(run_root: Path, layers: dict[str, list[Path]], instance_ids: pa.Array) -> None:
@@ -50,8 +52,26 @@ def write_activation_index(run_root: Path, layers: dict[str, list[Path]], instan
     ``layers`` maps a layer to its Parquet parts. Rows are placed part by part, so memory
     stays one part's worth plus the id arrays.
     """
-    directory = run_root / INDEX_DIR
-    directory.mkdir(exist_ok=True)
+    final = run_root / INDEX_DIR
+    # Written aside and swapped in whole: a failed rebuild must not leave new ids beside old
+    # matrices, and open sessions keep their memory maps of the old files.
+    directory = run_root / f".{INDEX_DIR}.{uuid.uuid4().hex}.tmp"
+    directory.mkdir()
+    try:
+        _write_index(directory, layers, instance_ids)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    if final.exists():
+        old = run_root / f".{INDEX_DIR}.{uuid.uuid4().hex}.old"
+        os.replace(final, old)
+        os.replace(directory, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(directory, final)
+
+
+def _write_index(directory: Path, layers: dict[str, list[Path]], instance_ids: pa.Array) -> None:
     ids = instance_ids.to_numpy(zero_copy_only=False)
     if ids.dtype == object:
         ids = ids.astype(str)
@@ -77,25 +97,26 @@ class ActivationIndex:
     """The memory-mapped matrices of one run; answers per-neuron moments of any subset."""
 
     def __init__(self, run_root: Path, totals: dict[str, dict[str, np.ndarray]]):
-        """``totals``: per layer the whole run's ``size``, ``total``, ``total_sq`` and
-        ``active`` (from the catalog's neuron_cells), for answering by complement."""
+        """``totals``: per layer the whole run's ``total``, ``total_sq`` and ``active``
+        (from the catalog's neuron_cells): the layers there are, and the answer by complement."""
         directory = run_root / INDEX_DIR
-        # In memory (8 bytes per instance): searching a memory-mapped array was 10x slower.
+        # In memory (8 bytes per int id): searching a memory-mapped array was 10x slower.
         self.sorted_ids = np.load(directory / IDS_FILE)
         self.totals = totals
         self._matrices: dict[str, np.ndarray] = {}
         self._directory = directory
 
     def matrix(self, layer: str) -> np.ndarray:
+        # Checked against the catalog's layers before any path is made from the name: the
+        # name comes from an analyst's SQL, and this read bypasses DuckDB's file sandbox.
+        if layer not in self.totals:
+            raise RunError(
+                f"no neuron statistics for layer {layer!r} in this run; {did_you_mean(str(layer), self.totals)} "
+                f"(neuron operators cover recorded layers of up to {WIDE_NEURON_LIMIT:,} neurons; a wider "
+                "one is only in activation_vectors_<layer>)"
+            )
         if layer not in self._matrices:
-            path = self._directory / layer_file(layer)
-            if not path.exists():
-                raise RunError(
-                    f"no neuron statistics for layer {layer!r} in this run; {did_you_mean(layer, self.totals)} "
-                    f"(neuron operators cover recorded layers of up to {WIDE_NEURON_LIMIT:,} neurons; a wider "
-                    "one is only in activation_vectors_<layer>)"
-                )
-            self._matrices[layer] = np.load(path, mmap_mode="r")
+            self._matrices[layer] = np.load(self._directory / layer_file(layer), mmap_mode="r")
         return self._matrices[layer]
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -120,14 +141,17 @@ class ActivationIndex:
         matrix = self.matrix(layer)
         rows = self.positions(ids)
         n = matrix.shape[0]
-        if 2 * len(rows) <= n:
+        whole = self.totals[layer]
+        finite = all(np.isfinite(whole[key]).all() for key in ("total", "total_sq"))
+        # The complement trick subtracts from the run's totals: with a NaN activation in the
+        # run those are NaN, and a subset without that row would wrongly come out NaN.
+        if 2 * len(rows) <= n or not finite:
             return (len(rows), *self._sums(matrix, rows))
         # More than half the run: the run's totals minus the complement's (fewer rows read).
         keep = np.ones(n, bool)
         keep[rows] = False
         rest = np.flatnonzero(keep)
         total, total_sq, active = self._sums(matrix, rest)
-        whole = self.totals[layer]
         return (len(rows), whole["total"] - total, whole["total_sq"] - total_sq, whole["active"] - active)
 
     @staticmethod
@@ -148,6 +172,8 @@ class ActivationIndex:
         for start in range(0, len(rows), GATHER_ROWS):
             block = matrix[rows[start:start + GATHER_ROWS]]
             total += block.sum(axis=0, dtype=np.float64)
-            total_sq += np.square(block).sum(axis=0, dtype=np.float64)
+            # Squared in float64, as the SQL path does: float32 squares lose the spread of
+            # values far from zero (a std 10-15% off at mean 100, std 0.01).
+            total_sq += np.square(block, dtype=np.float64).sum(axis=0)
             active += np.count_nonzero(block > 0, axis=0)
         return total, total_sq, active

@@ -37,6 +37,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import NetloupeError, RunError
@@ -50,7 +51,9 @@ class QueryError(NetloupeError):
 
 
 ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-"""Statement kinds an analyst may run (SELECT covers DESCRIBE, SHOW and SUMMARIZE)."""
+"""Statement kinds an analyst may run (SELECT covers DESCRIBE, SHOW and SUMMARIZE; EXPLAIN
+without ANALYZE, which would run what it explains)."""
+_EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s+(\(.*?\)\s*)?ANALY[SZ]E\b", re.IGNORECASE | re.DOTALL)
 
 SQL_DIR = Path(__file__).with_name("sql")
 OPERATORS_SQL = SQL_DIR / "operators.sql"
@@ -262,6 +265,8 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
     _register_fast_moments(con, layout, manifest["dataset"]["id_type"])
+    # No spill directory: DuckDB would add it to the allowed directories, writable.
+    con.execute("SET temp_directory = ''").fetchall()
     con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep]]).fetchall()
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
         con.execute(f"SET {setting} = false").fetchall()  # constant names, no user input
@@ -284,10 +289,11 @@ def _register_fast_moments(con: duckdb.DuckDBPyConnection, layout: RunLayout, id
               for layer in dict.fromkeys(layers)}
     index = ActivationIndex(layout.root, totals)
 
-    def moments(layers: pa.Array, id_lists: pa.Array) -> pa.Array:
+    def moments(layer_names: pa.Array, id_lists: pa.Array) -> pa.Array:
         rows = []
-        for layer, ids in zip(layers.to_pylist(), id_lists):
-            values = ids.values.to_numpy(zero_copy_only=False) if ids.is_valid else np.empty(0)
+        for layer, ids in zip(layer_names.to_pylist(), id_lists):
+            # Nulls dropped first: they would turn int64 ids into float64 (and match nothing).
+            values = pc.drop_null(ids.values).to_numpy(zero_copy_only=False) if ids.is_valid else np.empty(0)
             size, total, total_sq, active = index.moments(layer, values)
             rows.append({"size": size, "total": total.tolist(), "total_sq": total_sq.tolist(), "active": active.tolist()})
         return pa.array(rows, type=_MOMENTS_ARROW)
@@ -311,6 +317,9 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict 
     if not statements:
         raise QueryError("no SQL statement given")
     for statement in statements:
+        if statement.type == duckdb.StatementType.EXPLAIN and _EXPLAIN_ANALYZE.match(statement.query):
+            # EXPLAIN ANALYZE runs the statement it explains (a COPY would write files).
+            raise QueryError("EXPLAIN ANALYZE is not allowed: it runs the statement; use EXPLAIN")
         if statement.type not in ALLOWED_STATEMENTS:
             raise QueryError(
                 f"{statement.type.name} statements are not allowed: run catalogs are read-only "

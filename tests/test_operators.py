@@ -342,3 +342,35 @@ def test_the_stock_duckdb_cli_runs_the_operators(handmade):
     expected = activations["fc"][(frame["label"] == 2).to_numpy()].mean(axis=0)
     np.testing.assert_allclose([float(v) for v in lines[1:5]], expected, atol=2e-6)
     assert lines[5:] == ["n", str(N)]
+
+
+def test_both_paths_agree_far_from_zero_and_around_nan(tmp_path):
+    """Values 100 ± 0.01 (squares in float32 would lose the spread) and one NaN row (which
+    must not leak into subsets without it, nor count as active)."""
+    n = 400
+    rng = np.random.default_rng(11)
+    probabilities = rng.dirichlet(np.ones(2), n).astype(np.float32)
+    instances = pa.table({
+        "instance_id": np.arange(n, dtype=np.int64), "label": rng.integers(0, 2, n),
+        "prediction": probabilities.argmax(axis=1), "probabilities": S.fixed_vectors(probabilities, 2),
+    })
+    values = (100 + 0.01 * rng.normal(size=(n, 3))).astype(np.float32)
+    values[7] = np.nan
+    layout = write_handmade_run(tmp_path, "far", instances, {"fc": values}, rows_per_part=64)
+    fast, stock = open_catalog(layout.root), stock_connection(layout.root)
+    for predicate, rows in (("instance_id < 150", np.arange(150) != 7),     # small, holds the NaN row
+                            ("instance_id >= 8", np.arange(8, n)),         # over half, without it
+                            ("instance_id <> 7", np.flatnonzero(np.arange(n) != 7))):
+        sql = f"SELECT * FROM neuron_matrix('fc', '{predicate}')"
+        got_fast = run_query(fast, sql).to_pandas()
+        got_stock = stock.sql(sql).to_arrow_table().to_pandas()
+        if predicate == "instance_id < 150":
+            assert got_fast["mean"].isna().all() and got_stock["mean"].isna().all()
+            np.testing.assert_allclose(got_fast["frac_active"], 149 / 150)
+            np.testing.assert_allclose(got_stock["frac_active"], 149 / 150)
+            continue
+        chosen = values[rows]
+        for got in (got_fast, got_stock):
+            np.testing.assert_allclose(got["mean"], chosen.mean(axis=0, dtype=np.float64), rtol=1e-9)
+            np.testing.assert_allclose(got["std"], chosen.astype(np.float64).std(axis=0, ddof=1), rtol=1e-3)
+            np.testing.assert_allclose(got["frac_active"], 1.0)

@@ -77,6 +77,11 @@ def test_moved_run_still_queries(run_dir, tmp_path):
     ("CREATE TABLE t AS SELECT 1", "CREATE statements are not allowed"),
     ("SELECT 1; DROP VIEW instances", "DROP statements are not allowed"),
     ("SELECT * FROM read_parquet('{outside}')", "refused"),
+    # EXPLAIN ANALYZE runs what it explains: a COPY inside it would overwrite the run's files
+    ("EXPLAIN ANALYZE COPY (SELECT 1 AS a) TO '{run}/leak.csv' (FORMAT csv)", "EXPLAIN ANALYZE is not allowed"),
+    ("explain  analyze CREATE OR REPLACE TABLE memory.main.instances AS SELECT 1", "EXPLAIN ANALYZE is not allowed"),
+    # the fast path's function must not turn a layer name into a path outside the run
+    ("SELECT _neuron_moments_fast('../../../../etc/passwd', [1::BIGINT])", "no neuron statistics for layer"),
 ])
 def test_sandbox_refuses(run_dir, tmp_path, sql, words):
     outside = tmp_path / "outside.parquet"
@@ -85,6 +90,7 @@ def test_sandbox_refuses(run_dir, tmp_path, sql, words):
     with pytest.raises(QueryError, match=words):
         run_query(con, sql.format(run=run_dir, outside=outside))
     assert not (run_dir / "leak.csv").exists()
+    assert (run_dir / "manifest.json").read_text().startswith("{")
     assert run_query(con, "SELECT count(*) AS n FROM instances")["n"].to_pylist() == [30]  # intact
 
 

@@ -8,7 +8,7 @@ CREATE TEMP MACRO _neuron_cells_of(layer_name) AS TABLE
         SELECT i.label, i.prediction, count(*) AS size,
                sum(COLUMNS('^n\d+$')) AS 'sum_\0',
                sum(COLUMNS('^n\d+$')::DOUBLE * COLUMNS('^n\d+$')::DOUBLE) AS 'sq_\0',
-               count_if(COLUMNS('^n\d+$') > 0) AS 'act_\0',
+               count_if(COLUMNS('^n\d+$') > 0 AND NOT isnan(COLUMNS('^n\d+$'))) AS 'act_\0',
                min(COLUMNS('^n\d+$')) AS 'min_\0',
                max(COLUMNS('^n\d+$')) AS 'max_\0'
         FROM query_table(_activations_view(layer_name))

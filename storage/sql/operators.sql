@@ -26,7 +26,7 @@ CREATE MACRO _neuron_moments(layer_name, ids) AS TABLE
         SELECT count(*) AS size,
                sum(COLUMNS('^n\d+$')) AS 'sum_\0',
                sum(COLUMNS('^n\d+$')::DOUBLE * COLUMNS('^n\d+$')::DOUBLE) AS 'sq_\0',
-               count_if(COLUMNS('^n\d+$') > 0) AS 'act_\0'
+               count_if(COLUMNS('^n\d+$') > 0 AND NOT isnan(COLUMNS('^n\d+$'))) AS 'act_\0'
         FROM query_table(_activations_view(layer_name))
         WHERE instance_id IN (SELECT unnest(ids))
     ), lists AS (
