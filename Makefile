@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
-	$(PY) -m pip install --quiet -e ".[test,dashboard]"
+	$(PY) -m pip install --quiet -e ".[test,dashboard,umap]"
 	touch $@
 
 demo: install

@@ -22,6 +22,7 @@ import torch
 from pipeline.datasets import ResolvedDataset, resolve_dataset
 from pipeline.errors import NetloupeError, RunError
 from pipeline.models import load_model
+from pipeline.projection import check_umap_available, projection_sources, run_projection_stage
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
 from storage.catalog import build_catalog
@@ -57,6 +58,7 @@ class RunResult:
 def validate(spec: JobSpec) -> Validated:
     """Check the spec against the data and the model on a few rows, on the driver."""
     started = time.perf_counter()
+    check_umap_available(spec)
     dataset = resolve_dataset(spec)
     model = load_model(spec.model)
     explainer = BatchExplainer(spec, dataset, model, torch.device("cpu"))
@@ -140,13 +142,19 @@ _COUNT_BY_INSTANCE = "SELECT count(*), count(DISTINCT instance_id) FROM read_par
 _COUNT_BY_TARGET = "SELECT count(*), count(DISTINCT (instance_id, target_rank)) FROM read_parquet(?)"
 
 
-def _check_exactly_once(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> None:
-    """Every table must hold each instance exactly once (attributions: once per target)."""
+def _explained_tables(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> list[tuple]:
+    """``(directory, rows expected, count query)`` of every table the explain pass writes."""
     tables = [(layout.instances_dir, expected, _COUNT_BY_INSTANCE)]
     tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in checked.facts.layer_neurons]
     tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET)
                for n in checked.facts.attribution_shapes]
+    return tables
+
+
+def _check_exactly_once(layout: RunLayout, tables: list[tuple]) -> None:
+    """Every table must hold each instance exactly once (attributions: once per target)."""
     with duckdb.connect() as con:
+        con.execute("SET memory_limit = '512MB'")  # the driver's memory stays bounded at any N
         counts = [(d, want, con.execute(sql, [str(d / "*.parquet")]).fetchall()[0]) for d, want, sql in tables]
     for directory, want, (rows, distinct) in counts:
         if rows != want or distinct != want:
@@ -219,8 +227,15 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         staging.remove_unlisted_parts(
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
-        _check_exactly_once(layout, dataset.num_rows, checked, spec.target.per_instance)
-        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings)
+        _check_exactly_once(layout, _explained_tables(layout, dataset.num_rows, checked, spec.target.per_instance))
+        # Projections read the checked parts, so they come after the check and get their own.
+        projection_started = time.perf_counter()
+        projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec))
+        projected = [layout.projections_dir(kind, name) for kind, name in projection_sources(spec)]
+        staging.remove_unlisted_parts(projected, keys)
+        _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected])
+        timings["projection_seconds"] = time.perf_counter() - projection_started
+        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections)
         # Part of the staged run, so a committed run always answers SQL.
         manifest["timings"]["catalog"] = build_catalog(layout, manifest)
         manifest["timings"]["total_seconds"] = time.perf_counter() - started
@@ -251,7 +266,8 @@ def _netloupe_cause(error: BaseException) -> NetloupeError | None:
     return None
 
 
-def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict) -> dict:
+def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict,
+                   projections: dict) -> dict:
     """The run's self-description, written last (its presence marks a committed run)."""
     facts = checked.facts
     return {
@@ -279,7 +295,10 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
             "instances": "instances",
             "activations": {name: f"activations/{name}" for name in facts.layer_neurons},
             "attributions": {name: f"attributions/{name}" for name in facts.attribution_shapes},
+            "projections": {f"{p['kind']}/{p['name']}": f"projections/{p['kind']}/{p['name']}"
+                            for p in projections["tables"]},
         },
+        "projections": projections,
         "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"], p["chunk_rows"]) for p in parts}),
         "timings": {**timings, "compute_seconds_sum": sum(p["compute_seconds"] for p in parts),
                     "write_seconds_sum": sum(p["write_seconds"] for p in parts)},

@@ -15,8 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SpecError, did_you_mean
+from storage.schema import PROJECTION_ALGORITHMS
 
-BUILTIN_DATASETS = ("mnist-5k", "digits", "breast-cancer")
+BUILTIN_DATASETS = ("mnist-5k", "mnist-variants", "digits", "breast-cancer")
+GENERATED_DATASETS = ("mnist-variants",)
+"""Built-ins generated at a chosen size (``dataset.rows``) rather than shipped."""
+
 
 
 class StrictModel(BaseModel):
@@ -85,9 +89,20 @@ class DatasetSpec(StrictModel):
     """Columns copied into the instances table for slicing (subgroups, provenance)."""
     limit: int | None = Field(default=None, gt=0)
     """Explain only the first N instances (for trying a spec out)."""
+    rows: int | None = Field(default=None, gt=0)
+    """Size of a generated built-in (``mnist-variants``: MNIST digits with random affine
+    jitter, stroke width and noise); generated once per size and seed and cached. Default
+    50,000."""
+    generator_seed: int = 0
+    """Seed of a generated built-in: the same seed and ``rows`` give the same instances."""
 
     @model_validator(mode="after")
     def _one_input(self) -> "DatasetSpec":
+        if self.rows is not None and self.source not in GENERATED_DATASETS:
+            raise ValueError(
+                f"'rows' sizes a generated built-in ({', '.join(GENERATED_DATASETS)}), but source is "
+                f"{self.source!r}; use 'limit' to explain only the first N rows of a dataset"
+            )
         if self.source in BUILTIN_DATASETS:
             return self
         if (self.input_column is None) == (self.feature_columns is None):
@@ -232,6 +247,35 @@ class ExecutionSpec(StrictModel):
     each worker measures the fastest on its first batch."""
 
 
+class ProjectionSpec(StrictModel):
+    """2-D maps of the instances (the analyst's first view): each projection is fitted on
+    a seeded sample on the driver, then applied to every instance inside the Ray workers."""
+
+    layers: list[str] | None = None
+    """Recorded layers to project (names from ``layers``); default every recorded layer,
+    ``[]`` for none."""
+    attributions: list[str] = Field(default_factory=list)
+    """Attribution tables to project as well (table names, maps stored ``full`` or
+    ``heatmap``); the first target's map of each instance is used."""
+    umap: bool = False
+    """Fit UMAP (umap-learn) too; PCA is always fitted. UMAP costs about a minute more on
+    the driver for 20,000 sampled rows, plus numba's start-up in every worker."""
+    sample_size: int = Field(default=20000, ge=2)
+    """Instances the projections are fitted on, drawn uniformly by a seeded hash of their
+    ids (so the sample does not depend on how the data was sharded)."""
+    seed: int = 0
+    """Seed of the sample and of UMAP: the same seed gives the same coordinates."""
+    umap_neighbors: int = Field(default=15, ge=2)
+    """UMAP's ``n_neighbors``, also the sample neighbours each instance is placed among."""
+    umap_min_dist: float = Field(default=0.1, ge=0)
+    """UMAP's ``min_dist``."""
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The projections fitted, in storage order."""
+        return PROJECTION_ALGORITHMS if self.umap else PROJECTION_ALGORITHMS[:1]
+
+
 class OutputSpec(StrictModel):
     """Where the run is written."""
 
@@ -267,6 +311,8 @@ class JobSpec(StrictModel):
     """How attributions are kept."""
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     """Resources and batching."""
+    projection: ProjectionSpec = Field(default_factory=ProjectionSpec)
+    """2-D projections of layer activations (and optionally attributions) per instance."""
     output: OutputSpec
     """Where the run goes."""
 
@@ -282,7 +328,33 @@ class JobSpec(StrictModel):
                     f"{kind} names must be unique, {dupes} repeat; give each method entry "
                     "its own 'name' to run it twice"
                 )
+        layer_names = [layer.name for layer in self.layers]
+        for name in self.projection.layers or []:
+            if name not in layer_names:
+                raise ValueError(
+                    f"projection.layers names {name!r}, which is not a recorded layer "
+                    f"({layer_names or 'none recorded'}); {did_you_mean(name, layer_names)}"
+                )
+        tables = [m.table_name for m in self.attributions]
+        for name in self.projection.attributions:
+            if name not in tables:
+                raise ValueError(
+                    f"projection.attributions names {name!r}, which is not an attribution table "
+                    f"({tables or 'none'}); {did_you_mean(name, tables)}"
+                )
+        if self.projection.attributions and self.storage.attributions == "summary":
+            raise ValueError(
+                "projection.attributions needs stored maps, but storage.attributions is 'summary'; "
+                "set it to 'full' or 'heatmap', or drop projection.attributions"
+            )
         return self
+
+    @property
+    def projected_layers(self) -> list[str]:
+        """The layers whose activations get 2-D projections."""
+        if self.projection.layers is None:
+            return [layer.name for layer in self.layers]
+        return list(self.projection.layers)
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:

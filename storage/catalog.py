@@ -8,6 +8,8 @@
   one FLOAT column per neuron, stored uncompressed. Measured (``benchmarks/bench_sql.py``):
   a subset's mean over every neuron scans this in a third of the time the same query takes
   over DuckDB's compressed columns, and many times faster than the Parquet vectors.
+* ``projections``: every instance's 2-D coordinates per projected table (``kind``,
+  ``source``, ``pca_x``, ``pca_y``, ``umap_x``, ``umap_y``), and ``projection_models``;
 * ``neuron_cells`` / ``attribution_cells``: sums per (label, prediction) cell, so class
   subsets (ActiVis' default rows) and per-class attribution maps need no scan at all;
 * views over the Parquet parts that stay Parquet (``attributions_<method>``,
@@ -43,7 +45,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import NetloupeError, RunError
 from storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
 from storage.layout import RunLayout
-from storage.schema import ID_TYPES, vectors_to_numpy
+from storage.schema import ID_TYPES, PROJECTION_ALGORITHMS, vectors_to_numpy
 
 
 class QueryError(NetloupeError):
@@ -118,6 +120,8 @@ def build_catalog(layout: RunLayout, manifest: dict) -> dict:
     timings = {}
     con = duckdb.connect(":memory:")
     try:
+        # The driver builds this; its memory must stay bounded whatever the run's size.
+        con.execute("SET memory_limit = '1GB'").fetchall()
         # An older storage format than this DuckDB's own, so that the duckdb CLIs users
         # already have can open the catalog (DuckDB 2.0 writes files 1.x cannot read).
         con.execute(f"ATTACH ? AS {BUILDING} (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')", [str(tmp)]).fetchall()
@@ -148,6 +152,9 @@ def build_catalog(layout: RunLayout, manifest: dict) -> dict:
         write_activation_index(layout.root, wide_layers,
                                con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
         timings["activation index"] = time.perf_counter() - index_started
+        projection_started = time.perf_counter()
+        _build_projections(con, layout, manifest.get("projections", {}).get("tables", []), id_type)
+        timings["projections"] = time.perf_counter() - projection_started
         for method, shape in model["attribution_shapes"].items():
             method_started = time.perf_counter()
             relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
@@ -187,6 +194,24 @@ def _build_wide_layer(con, layout: RunLayout, layer: str, neurons: int, id_type:
         wide = pa.Table.from_arrays([table["instance_id"].combine_chunks()] + [pa.array(c) for c in columns],
                                     schema=schema)
         con.from_arrow(wide).insert_into(name)
+
+
+def _build_projections(con, layout: RunLayout, tables: list[dict], id_type: pa.DataType) -> None:
+    """The native ``projections`` table (one row per instance and projected table) and
+    ``projection_models``; empty for a run without projections."""
+    schema = pa.schema([("kind", pa.string()), ("source", pa.string()), ("instance_id", id_type)]
+                       + [(f"{a}_{axis}", pa.float32()) for a in PROJECTION_ALGORITHMS for axis in "xy"])
+    con.from_arrow(schema.empty_table()).create("projections")
+    con.execute("COMMENT ON TABLE projections IS 'One row per instance and projected table: kind (activations "
+                "or attributions), source (the layer or method), 2-D coordinates pca_x/pca_y, and umap_x/umap_y "
+                "when UMAP was fitted (else NULL). NaN for an instance whose vector was not finite.'").fetchall()
+    for fitted in tables:
+        parts = str(layout.projections_dir(fitted["kind"], fitted["name"]) / "*.parquet")
+        con.execute("INSERT INTO projections BY NAME SELECT ?::VARCHAR AS kind, ?::VARCHAR AS source, * "
+                    "FROM read_parquet(?)", [fitted["kind"], fitted["name"], parts]).fetchall()
+        con.execute("INSERT INTO projection_models VALUES (?, ?, ?, ?, ?, ?)",
+                    [fitted["kind"], fitted["name"], fitted["algorithms"], fitted["dimensions"],
+                     fitted["sample_rows"], fitted["explained_variance_ratio"]]).fetchall()
 
 
 ATTRIBUTION_CELLS_SCHEMA = pa.schema([

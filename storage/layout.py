@@ -9,6 +9,8 @@
         instances/part-<key>.parquet
         activations/<layer>/part-<key>.parquet
         attributions/<method>/part-<key>.parquet
+        projections/sample.parquet            the instances the projections were fitted on
+        projections/<kind>/<name>/part-<key>.parquet   kind: activations | attributions
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
 A part's ``<key>`` is derived from the instance ids of the batch it holds, so a batch
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
-from storage.schema import ACTIVATIONS, ATTRIBUTIONS, INSTANCES
+from storage.schema import ACTIVATIONS, ATTRIBUTIONS, INSTANCES, PROJECTIONS
 
 MANIFEST = "manifest.json"
 CATALOG = "catalog.duckdb"
@@ -101,6 +103,25 @@ class RunLayout:
     def attributions_dir(self, method: str) -> Path:
         return self.root / ATTRIBUTIONS / table_dir_name(method)
 
+    def source_dir(self, kind: str, name: str) -> Path:
+        """The table a projection is computed from: ``activations`` of a layer or
+        ``attributions`` of a method."""
+        if kind == ACTIVATIONS:
+            return self.activations_dir(name)
+        if kind == ATTRIBUTIONS:
+            return self.attributions_dir(name)
+        raise ValueError(f"projection sources are {ACTIVATIONS!r} or {ATTRIBUTIONS!r}, got {kind!r}")
+
+    def projections_dir(self, kind: str, name: str) -> Path:
+        """2-D coordinates of every instance for the ``kind`` table of ``name``."""
+        self.source_dir(kind, name)  # the same kinds and names are valid
+        return self.root / PROJECTIONS / kind / table_dir_name(name)
+
+    @property
+    def projection_sample_path(self) -> Path:
+        """The sampled instance ids the projections were fitted on, in sample order."""
+        return self.root / PROJECTIONS / "sample.parquet"
+
     def table_dirs(self, layers, methods) -> list[Path]:
         return [self.instances_dir] + [self.activations_dir(l) for l in layers] + [
             self.attributions_dir(m) for m in methods
@@ -115,16 +136,20 @@ class RunLayout:
         return json.loads(self.manifest_path.read_text())
 
 
-def write_part(directory: Path, key: str, table: pa.Table) -> int:
-    """Write ``table`` as ``directory/part-<key>.parquet`` atomically; return its size in bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"part-{key}.parquet"
-    tmp = directory / f".tmp-{key}-{uuid.uuid4().hex}.parquet"
+def write_parquet(path: Path, table: pa.Table) -> int:
+    """Write ``table`` to ``path`` atomically (temporary name, then rename); return its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}.parquet"
     # Row groups sized to a batch keep readers' memory bounded; zstd is the best size/speed
     # trade for float vectors measured so far.
     pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows))
-    os.replace(tmp, final)
-    return final.stat().st_size
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def write_part(directory: Path, key: str, table: pa.Table) -> int:
+    """Write ``table`` as ``directory/part-<key>.parquet`` atomically; return its size in bytes."""
+    return write_parquet(directory / f"part-{key}.parquet", table)
 
 
 class RunStaging:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -59,3 +60,43 @@ class RunReader:
             raise RunError(f"attributions {method!r} were stored as summaries only; no maps to read")
         maps = vectors_to_numpy(table["attribution"]).reshape((table.num_rows, *shape))
         return table, maps
+
+
+def sample_instance_ids(instances_dir: Path, size: int, seed: int) -> pa.Array:
+    """Up to ``size`` instance ids drawn uniformly by a seeded hash of each id, in hash order.
+
+    The draw depends on the ids and the seed only, not on how the instances were sharded
+    into parts or in which order they were written, so a rerun samples the same instances.
+    DuckDB keeps only the ``size`` smallest hashes while it scans (memory stays bounded).
+    """
+    with duckdb.connect() as con:
+        con.execute("SET memory_limit = '512MB'")
+        return con.sql(
+            "SELECT instance_id FROM read_parquet(?) ORDER BY hash(instance_id, ?::BIGINT), instance_id LIMIT ?",
+            params=[str(instances_dir / "*.parquet"), seed, size],
+        ).to_arrow_table()["instance_id"].combine_chunks()
+
+
+def read_vectors(directory: Path, column: str, ids: pa.Array) -> np.ndarray:
+    """The ``(len(ids), d)`` float32 matrix of ``column`` for ``ids``, in their order.
+
+    ``directory`` is an activations or attributions table (of the latter, each instance's
+    first target: ``target_rank = 0``). Every id must be present.
+    """
+    if column not in ("activation", "attribution"):
+        raise ValueError(f"vectors are read from 'activation' or 'attribution' columns, got {column!r}")
+    wanted = pa.table({"instance_id": ids, "position": pa.array(np.arange(len(ids), dtype=np.int64))})
+    rank = "AND t.target_rank = 0" if column == "attribution" else ""
+    with duckdb.connect() as con:
+        con.execute("SET memory_limit = '512MB'")
+        con.register("wanted", wanted)
+        # The column name is one of two constants checked above, never user text.
+        rows = con.sql(
+            f"SELECT t.{column} AS vector FROM read_parquet(?) AS t JOIN wanted AS w "
+            f"ON t.instance_id = w.instance_id {rank} ORDER BY w.position",
+            params=[str(directory / "*.parquet")],
+        ).to_arrow_table()
+    if rows.num_rows != len(ids):
+        raise RunError(f"{directory} holds {rows.num_rows} of the {len(ids)} sampled instances; "
+                       "the run's tables disagree (rebuild the run)")
+    return vectors_to_numpy(rows["vector"])

@@ -1,11 +1,14 @@
 """The Arrow schemas of a run: the one place every writer and reader takes them from.
 
-A run holds three kinds of table, each a directory of Parquet parts:
+A run holds four kinds of table, each a directory of Parquet parts:
 
 * ``instances``: one row per input instance (label, prediction, probabilities, metadata).
 * ``activations/<layer>``: one row per instance, the layer's pooled activation vector.
 * ``attributions/<method>``: one row per instance and explained target (``target_rank``
   runs over the top-k targets), the attribution (full or as a heatmap) and its summary.
+* ``projections/<kind>/<name>``: one row per instance, its 2-D coordinates under each
+  fitted projection of a layer's activations (``kind`` ``activations``) or of a method's
+  attribution maps (``attributions``).
 
 Vectors are ``fixed_size_list<float32>`` so that a reader gets an ``(n, d)`` numpy matrix
 without a copy, and their length is part of the schema, so a wrong-sized write fails.
@@ -25,6 +28,9 @@ SCHEMA_VERSION = 1
 INSTANCES = "instances"
 ACTIVATIONS = "activations"
 ATTRIBUTIONS = "attributions"
+PROJECTIONS = "projections"
+PROJECTION_ALGORITHMS = ("pca", "umap")
+"""2-D projections a run can store, in column order (``pca_x, pca_y, umap_x, umap_y``)."""
 
 ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
 
@@ -133,6 +139,16 @@ def vectors_to_numpy(column: pa.ChunkedArray | pa.Array):
             raise ValueError(f"vectors of one column must have one length, got lengths {lengths[:5].tolist()}")
         width = int(lengths[0]) if len(lengths) else 0
     return np.asarray(values, dtype=np.float32).reshape(len(column), width)
+
+
+def projections_schema(algorithms: Sequence[str], id_type: str = "int64") -> pa.Schema:
+    """Schema of one ``projections/<kind>/<name>`` table: ``<algorithm>_x, <algorithm>_y``
+    per fitted projection (``pca``, ``umap``), NaN for an instance whose vector was not finite."""
+    fields = [pa.field("instance_id", ID_TYPES[id_type], nullable=False)]
+    for algorithm in algorithms:
+        fields += [pa.field(f"{algorithm}_x", pa.float32(), nullable=False),
+                   pa.field(f"{algorithm}_y", pa.float32(), nullable=False)]
+    return pa.schema(fields)
 
 
 def table_from_columns(schema: pa.Schema, columns: Mapping[str, object]) -> pa.Table:

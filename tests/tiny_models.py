@@ -87,3 +87,25 @@ def raising_factory() -> nn.Module:
 
 def not_a_module():
     return {"weights": [1, 2, 3]}
+
+
+class SeededMLP(nn.Module):
+    """Eight features → ``fc1`` (6) → ``relu`` → ``head`` (3 classes), weights from a fixed seed."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        self.fc1 = nn.Linear(8, 6)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():
+            for layer in (self.fc1, self.head):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc1(x)))
+
+
+def seeded_mlp() -> nn.Module:
+    return SeededMLP()

@@ -23,3 +23,6 @@ CREATE TABLE parquet_views (view VARCHAR, path VARCHAR);
 COMMENT ON TABLE parquet_views IS 'Views over Parquet parts, with paths relative to the run directory (set file_search_path to the run when not inside it).';
 
 COMMENT ON TABLE instances IS 'One row per instance: label, prediction, probabilities, confidence, correct, metadata columns.';
+
+CREATE TABLE projection_models (kind VARCHAR, source VARCHAR, algorithms VARCHAR[], dimensions BIGINT, sample_rows BIGINT, explained_variance_ratio DOUBLE[]);
+COMMENT ON TABLE projection_models IS 'Fitted 2-D projections: per projected table (kind activations|attributions, source layer or method) the algorithms, vector length, sample rows fitted on, and the PCA components'' explained variance ratios.';
