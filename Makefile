@@ -15,8 +15,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test,dashboard,umap]"
 	touch $@
 
+# `make demo ROWS=1000000`: the scale demo on generated MNIST variants of that size.
+ROWS ?=
+
 demo: install
+ifeq ($(ROWS),)
 	$(VENV)/bin/netloupe run examples/mnist.yaml --force
+else
+	$(VENV)/bin/netloupe run examples/mnist-scale.yaml --force --set dataset.rows=$(ROWS)
+endif
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -129,12 +129,36 @@ def cmd_sql(args) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from storage.catalog import build_catalog
+    from storage.catalog import DEFAULT_DRIVER_SQL_MEMORY_MIB, build_catalog
     from storage.layout import RunLayout
 
     layout = RunLayout(Path(args.run).resolve())
-    timings = build_catalog(layout, layout.read_manifest())
+    manifest = layout.read_manifest()
+    memory_mib = manifest["spec"]["execution"].get("driver_sql_memory_mib", DEFAULT_DRIVER_SQL_MEMORY_MIB)
+    timings = build_catalog(layout, manifest, memory_mib)
     print(f"built {layout.catalog_path} ({timings['bytes'] / 1e6:.1f} MB) in {timings['total']:.1f} s")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from dashboards.app import serve
+
+    print(f"serving the dashboard of {args.run} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    serve(args.run, host=args.host, port=args.port, show=False)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipeline.errors import DatasetError
+    from pipeline.mnist_variants import write_mnist_variants
+
+    try:
+        out = write_mnist_variants(args.out, args.rows, args.seed,
+                                   progress=lambda done, total: print(f"{done:,} of {total:,} rows", flush=True))
+    except (FileExistsError, ValueError) as error:
+        raise DatasetError(f"{error}") from None
+    print(f"wrote {args.rows:,} instances to {out}; use it as dataset.source with input_column: image, "
+          "metadata_columns: [jitter, stroke, noise], preprocess {shape: [1, 28, 28], scale: 1/255}")
     return 0
 
 
@@ -166,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="(re)build a run's catalog.duckdb (runs made before it existed)")
     catalog.add_argument("run", help="a run directory (runs/<name>)")
     catalog.set_defaults(func=cmd_catalog)
+    dashboard = sub.add_parser("dashboard", help="serve the analyst dashboard of a run (Panel)")
+    dashboard.add_argument("run", help="a run directory (runs/<name>)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to bind (default 127.0.0.1: this machine only)")
+    dashboard.add_argument("--port", type=int, default=5006)
+    dashboard.set_defaults(func=cmd_dashboard)
+    generate = sub.add_parser("generate", help="write an mnist-variants dataset of N instances as Parquet")
+    generate.add_argument("--rows", type=int, required=True, help="instances to generate")
+    generate.add_argument("--out", required=True, help="directory to create (must not exist)")
+    generate.add_argument("--seed", type=int, default=0, help="same seed and rows, same instances")
+    generate.set_defaults(func=cmd_generate)
     layers = sub.add_parser("layers", help="list the layer names of a spec's model")
     layers.add_argument("spec")
     layers.set_defaults(func=cmd_layers)

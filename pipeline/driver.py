@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import duckdb
 import torch
 
 from pipeline.datasets import ResolvedDataset, resolve_dataset
@@ -25,7 +24,7 @@ from pipeline.models import load_model
 from pipeline.projection import check_umap_available, projection_sources, run_projection_stage
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
-from storage.catalog import build_catalog
+from storage.catalog import build_catalog, driver_connection
 from storage.layout import RunExistsError, RunLayout, RunStaging
 from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
 
@@ -151,10 +150,9 @@ def _explained_tables(layout: RunLayout, expected: int, checked: "Validated", ta
     return tables
 
 
-def _check_exactly_once(layout: RunLayout, tables: list[tuple]) -> None:
+def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int) -> None:
     """Every table must hold each instance exactly once (attributions: once per target)."""
-    with duckdb.connect() as con:
-        con.execute("SET memory_limit = '512MB'")  # the driver's memory stays bounded at any N
+    with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
         counts = [(d, want, con.execute(sql, [str(d / "*.parquet")]).fetchall()[0]) for d, want, sql in tables]
     for directory, want, (rows, distinct) in counts:
         if rows != want or distinct != want:
@@ -227,17 +225,19 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         staging.remove_unlisted_parts(
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
-        _check_exactly_once(layout, _explained_tables(layout, dataset.num_rows, checked, spec.target.per_instance))
+        _check_exactly_once(layout, _explained_tables(layout, dataset.num_rows, checked, spec.target.per_instance),
+                            execution.driver_sql_memory_mib)
         # Projections read the checked parts, so they come after the check and get their own.
         projection_started = time.perf_counter()
         projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec))
         projected = [layout.projections_dir(kind, name) for kind, name in projection_sources(spec)]
         staging.remove_unlisted_parts(projected, keys)
-        _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected])
+        _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
+                            execution.driver_sql_memory_mib)
         timings["projection_seconds"] = time.perf_counter() - projection_started
         manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections)
         # Part of the staged run, so a committed run always answers SQL.
-        manifest["timings"]["catalog"] = build_catalog(layout, manifest)
+        manifest["timings"]["catalog"] = build_catalog(layout, manifest, execution.driver_sql_memory_mib)
         manifest["timings"]["total_seconds"] = time.perf_counter() - started
         final = staging.commit(manifest)
     except RunExistsError:
@@ -282,6 +282,9 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
             "id_type": checked.dataset.id_type,
             "metadata_columns": list(checked.dataset.metadata_columns),
             "label_column": checked.dataset.label_column,
+            "id_column": checked.dataset.id_column,
+            "input_column": checked.dataset.input_column,
+            "feature_columns": list(checked.dataset.feature_columns or []),
         },
         "counts": {
             "instances": count,

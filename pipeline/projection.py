@@ -24,6 +24,10 @@ from storage.layout import RunLayout, write_parquet
 from storage.reader import read_vectors, sample_instance_ids
 from workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
 
+SAMPLE_BYTES = 512 * 2**20
+"""Most float64 sample bytes fitted per table on the driver: wide vectors (an unpooled conv
+map, a full attribution map) are fitted on the first rows of the sample that fit in it."""
+
 
 def projection_sources(spec: JobSpec) -> list[tuple[str, str]]:
     """``(kind, name)`` of every table the spec projects."""
@@ -52,10 +56,20 @@ def fit_projections(spec: JobSpec, layout: RunLayout) -> tuple[pa.Array, list[Pr
         {"instance_id": ids, "position": pa.array(np.arange(len(ids), dtype=np.int64))}))
     projections = []
     for kind, name in projection_sources(spec):
-        vectors = read_vectors(layout.source_dir(kind, name), SOURCE_COLUMNS[kind], ids)
+        width = _vector_width(layout, kind, name)
+        # The sample is in hash order, so its first rows are a uniform sample as well.
+        rows = ids.slice(0, max(2, SAMPLE_BYTES // (8 * width)))
+        vectors = read_vectors(layout.source_dir(kind, name), SOURCE_COLUMNS[kind], rows)
         projections.append(fit_projection(kind, name, vectors, settings.algorithms, settings.seed,
                                           settings.umap_neighbors, settings.umap_min_dist))
     return ids, projections
+
+
+def _vector_width(layout: RunLayout, kind: str, name: str) -> int:
+    import pyarrow.dataset as pads
+
+    field = pads.dataset(layout.source_dir(kind, name), format="parquet").schema.field(SOURCE_COLUMNS[kind])
+    return field.type.list_size
 
 
 def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_type: str,

@@ -245,6 +245,10 @@ class ExecutionSpec(StrictModel):
     chunk_rows: int | None = Field(default=None, gt=0)
     """Rows per forward/backward pass inside a method (batches are cut to fit); default:
     each worker measures the fastest on its first batch."""
+    driver_sql_memory_mib: int = Field(default=512, ge=32)
+    """Memory limit of the DuckDB work on the driver (id check, exactly-once checks,
+    catalog build); beyond it DuckDB spills to disk, so the driver's memory stays bounded
+    whatever the number of instances."""
 
 
 class ProjectionSpec(StrictModel):

@@ -64,6 +64,13 @@ def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
     inputs, labels = torch.tensor(x), torch.tensor(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
+    # The first call may come from inside a caller's no_grad block; training needs grads.
+    with torch.enable_grad():
+        _train_epochs(model, optimizer, inputs, labels, generator, epochs)
+    return model.eval()
+
+
+def _train_epochs(model, optimizer, inputs, labels, generator, epochs: int) -> None:
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(order), 64):
@@ -71,7 +78,6 @@ def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: in
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(inputs[idx]), labels[idx]).backward()
             optimizer.step()
-    return model.eval()
 
 
 def _cached(name: str, build, train) -> nn.Module:

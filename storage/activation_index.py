@@ -79,18 +79,36 @@ def _write_index(directory: Path, layers: dict[str, list[Path]], instance_ids: p
     sorted_ids = ids[order]
     np.save(directory / IDS_FILE, sorted_ids)
     for layer, parts in layers.items():
-        matrix = None
-        for part in parts:
-            table = pq.read_table(part)
-            values = vectors_to_numpy(table["activation"])
-            if matrix is None:
-                matrix = np.lib.format.open_memmap(directory / layer_file(layer), mode="w+",
-                                                   dtype=np.float32, shape=(len(ids), values.shape[1]))
-            part_ids = table["instance_id"].to_numpy(zero_copy_only=False)
-            matrix[np.searchsorted(sorted_ids, part_ids.astype(sorted_ids.dtype))] = values
-        if matrix is not None:
-            matrix.flush()
-            del matrix
+        path = directory / layer_file(layer)
+        handle = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                values = vectors_to_numpy(table["activation"])
+                if handle is None:
+                    # The header (and a sparse file of the full size), then rows by pwrite: a
+                    # memory map would count every written page in the driver's resident memory.
+                    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                                       shape=(len(ids), values.shape[1]))
+                    del header
+                    row_bytes = values.shape[1] * 4
+                    data_offset = path.stat().st_size - len(ids) * row_bytes
+                    handle = os.open(path, os.O_WRONLY)
+                positions = np.searchsorted(sorted_ids, table["instance_id"].to_numpy(zero_copy_only=False)
+                                            .astype(sorted_ids.dtype))
+                _write_rows(handle, data_offset, row_bytes, positions, values)
+        finally:
+            if handle is not None:
+                os.close(handle)
+
+
+def _write_rows(handle: int, data_offset: int, row_bytes: int, positions: np.ndarray, values: np.ndarray) -> None:
+    """Write ``values[i]`` at row ``positions[i]``, one write per run of consecutive rows."""
+    order = np.argsort(positions, kind="stable")
+    positions, values = positions[order], np.ascontiguousarray(values[order], dtype=np.float32)
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(positions)]):
+        os.pwrite(handle, values[start:stop].tobytes(), data_offset + int(positions[start]) * row_bytes)
 
 
 class ActivationIndex:

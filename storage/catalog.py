@@ -29,12 +29,15 @@ SQL macro ``_activations_view`` share.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -104,7 +107,25 @@ def _parts(directory: Path) -> list[Path]:
 # -- building ------------------------------------------------------------------------------
 
 
-def build_catalog(layout: RunLayout, manifest: dict) -> dict:
+DEFAULT_DRIVER_SQL_MEMORY_MIB = 512
+"""DuckDB's memory limit for building a catalog when no spec gives one."""
+
+
+@contextlib.contextmanager
+def driver_connection(memory_mib: int, spill_dir: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB for the driver's own work: at most ``memory_mib`` of memory,
+    spilling into ``spill_dir`` (removed, with whatever spilled, when the block ends)."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"SET memory_limit = '{int(memory_mib)}MiB'").fetchall()
+        con.execute("SET temp_directory = ?", [str(spill_dir)]).fetchall()
+        yield con
+    finally:
+        con.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_DRIVER_SQL_MEMORY_MIB) -> dict:
     """Write ``catalog.duckdb`` for the run at ``layout`` (atomically); return timings.
 
     Called by the driver on the staged run before its commit, so a committed run always
@@ -118,64 +139,61 @@ def build_catalog(layout: RunLayout, manifest: dict) -> dict:
     model = manifest["model"]
     id_type = ID_TYPES[manifest["dataset"]["id_type"]]
     timings = {}
-    con = duckdb.connect(":memory:")
     try:
-        # The driver builds this; its memory must stay bounded whatever the run's size.
-        con.execute("SET memory_limit = '1GB'").fetchall()
-        # An older storage format than this DuckDB's own, so that the duckdb CLIs users
-        # already have can open the catalog (DuckDB 2.0 writes files 1.x cannot read).
-        con.execute(f"ATTACH ? AS {BUILDING} (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')", [str(tmp)]).fetchall()
-        con.execute(f"USE {BUILDING}").fetchall()  # everything below lands in the file, unqualified
-        # Relative paths in views are resolved against this, and stored relative.
-        con.execute("SET file_search_path = ?", [str(layout.root)]).fetchall()
-        # Uncompressed floats scan about twice as fast as DuckDB's compressed ones for
-        # whole-layer aggregates (benchmarks/RESULTS.md); activations dominate the file.
-        con.execute("PRAGMA force_compression = 'uncompressed'").fetchall()
-        con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances")
-        for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
-            _run_statements(con, sql)
-        parquet_views, layers, methods = [], [], []
-        for layer, neurons in model["layer_neurons"].items():
-            layer_started = time.perf_counter()
-            relative = f"{layout.activations_dir(layer).relative_to(layout.root)}/*.parquet"
-            parquet_views.append((activation_vectors_view(layer), relative))
-            wide = neurons <= WIDE_NEURON_LIMIT
-            if wide:
-                _build_wide_layer(con, layout, layer, neurons, id_type)
-                con.execute("INSERT INTO neuron_cells SELECT * FROM _neuron_cells_of(?)", [layer]).fetchall()
-            layers.append({"layer": layer, "view": activations_view(layer) if wide else None,
-                           "vectors_view": activation_vectors_view(layer), "neurons": neurons,
-                           "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
-            timings[f"layer {layer}"] = time.perf_counter() - layer_started
-        index_started = time.perf_counter()
-        wide_layers = {row["layer"]: _parts(layout.activations_dir(row["layer"])) for row in layers if row["view"]}
-        write_activation_index(layout.root, wide_layers,
-                               con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
-        timings["activation index"] = time.perf_counter() - index_started
-        projection_started = time.perf_counter()
-        _build_projections(con, layout, manifest.get("projections", {}).get("tables", []), id_type)
-        timings["projections"] = time.perf_counter() - projection_started
-        for method, shape in model["attribution_shapes"].items():
-            method_started = time.perf_counter()
-            relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
-            parquet_views.append((attributions_view(method), relative))
-            if shape is not None:
-                cells = _attribution_cells(con, layout, method)
-                con.from_arrow(cells).insert_into("attribution_cells")
-            methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
-            timings[f"method {method}"] = time.perf_counter() - method_started
-        for view, relative in parquet_views:
-            con.read_parquet(relative).create_view(view)
-        for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
-                            ("layers", layers), ("methods", methods)):
-            if rows:
-                con.from_arrow(pa.Table.from_pylist(rows)).insert_into(table)
-        con.execute("CHECKPOINT").fetchall()
+        with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
+            # An older storage format than this DuckDB's own, so that the duckdb CLIs users
+            # already have can open the catalog (DuckDB 2.0 writes files 1.x cannot read).
+            con.execute(f"ATTACH ? AS {BUILDING} (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')", [str(tmp)]).fetchall()
+            con.execute(f"USE {BUILDING}").fetchall()  # everything below lands in the file, unqualified
+            # Relative paths in views are resolved against this, and stored relative.
+            con.execute("SET file_search_path = ?", [str(layout.root)]).fetchall()
+            # Uncompressed floats scan about twice as fast as DuckDB's compressed ones for
+            # whole-layer aggregates (benchmarks/RESULTS.md); activations dominate the file.
+            con.execute("PRAGMA force_compression = 'uncompressed'").fetchall()
+            con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances")
+            for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
+                _run_statements(con, sql)
+            parquet_views, layers, methods = [], [], []
+            for layer, neurons in model["layer_neurons"].items():
+                layer_started = time.perf_counter()
+                relative = f"{layout.activations_dir(layer).relative_to(layout.root)}/*.parquet"
+                parquet_views.append((activation_vectors_view(layer), relative))
+                wide = neurons <= WIDE_NEURON_LIMIT
+                if wide:
+                    _build_wide_layer(con, layout, layer, neurons, id_type)
+                    con.execute("INSERT INTO neuron_cells SELECT * FROM _neuron_cells_of(?)", [layer]).fetchall()
+                layers.append({"layer": layer, "view": activations_view(layer) if wide else None,
+                               "vectors_view": activation_vectors_view(layer), "neurons": neurons,
+                               "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
+                timings[f"layer {layer}"] = time.perf_counter() - layer_started
+            index_started = time.perf_counter()
+            wide_layers = {row["layer"]: _parts(layout.activations_dir(row["layer"])) for row in layers if row["view"]}
+            write_activation_index(layout.root, wide_layers,
+                                   con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
+            timings["activation index"] = time.perf_counter() - index_started
+            projection_started = time.perf_counter()
+            _build_projections(con, layout, manifest.get("projections", {}).get("tables", []), id_type)
+            timings["projections"] = time.perf_counter() - projection_started
+            instance_keys = _instance_keys(con) if any(model["attribution_shapes"].values()) else None
+            for method, shape in model["attribution_shapes"].items():
+                method_started = time.perf_counter()
+                relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
+                parquet_views.append((attributions_view(method), relative))
+                if shape is not None:
+                    cells = _attribution_cells(layout, method, instance_keys)
+                    con.from_arrow(cells).insert_into("attribution_cells")
+                methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
+                timings[f"method {method}"] = time.perf_counter() - method_started
+            for view, relative in parquet_views:
+                con.read_parquet(relative).create_view(view)
+            for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
+                                ("layers", layers), ("methods", methods)):
+                if rows:
+                    con.from_arrow(pa.Table.from_pylist(rows)).insert_into(table)
+            con.execute("CHECKPOINT").fetchall()
     except BaseException:
-        con.close()
         tmp.unlink(missing_ok=True)
         raise
-    con.close()
     os.replace(tmp, final)
     timings["total"] = time.perf_counter() - started
     timings["bytes"] = final.stat().st_size
@@ -220,28 +238,48 @@ ATTRIBUTION_CELLS_SCHEMA = pa.schema([
 ])
 
 
-def _attribution_cells(con, layout: RunLayout, method: str) -> pa.Table:
-    """Sums of each stored map position per (target rank, label, prediction), streamed.
+def _instance_keys(con) -> tuple[np.ndarray, np.ndarray]:
+    """Instance ids sorted, and beside them ``(label is null, label, prediction)`` rows.
+
+    24 bytes an instance: what grouping attribution maps needs, without a join.
+    """
+    table = con.sql("SELECT instance_id, label IS NULL, coalesce(label, 0), prediction FROM instances "
+                    "ORDER BY instance_id").to_arrow_table()
+    ids = table.column(0).to_numpy()
+    if ids.dtype == object:
+        ids = ids.astype(str)
+    keys = np.stack([table.column(i).to_numpy().astype(np.int64) for i in (1, 2, 3)], axis=1)
+    return ids, keys
+
+
+def _attribution_cells(layout: RunLayout, method: str, instance_keys: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+    """Sums of each stored map position per (target rank, label, prediction), part by part.
 
     DuckDB has no element-wise aggregate over arrays (and unnesting a million maps costs
-    minutes), so the sums are accumulated here with one matrix product per batch.
+    minutes), so the sums are accumulated here. Each part's rows find their instance's
+    label and prediction by binary search in the sorted ids: DuckDB's streaming join of the
+    maps with the instances held 300 MB at 200k instances, a join per part rebuilt its hash
+    table each time (0.2 s per part at 1M).
     """
+    sorted_ids, instance_rows = instance_keys
     totals: dict[tuple, list] = {}
     for part in _parts(layout.attributions_dir(method)):
-        rows = con.sql(
-            "SELECT a.target_rank, i.label, i.prediction, a.attribution "
-            "FROM read_parquet(?) AS a JOIN instances AS i USING (instance_id)", params=[str(part)]
-        ).to_arrow_table()
-        if rows.num_rows == 0:
+        table = pq.read_table(part, columns=["instance_id", "target_rank", "attribution"])
+        if table.num_rows == 0:
             continue
-        maps = vectors_to_numpy(rows["attribution"]).astype(np.float64)
-        keys = list(zip(rows["target_rank"].to_pylist(), rows["label"].to_pylist(), rows["prediction"].to_pylist()))
-        unique = sorted(set(keys), key=lambda k: (k[0], -1 if k[1] is None else k[1], k[2]))
-        index = {key: i for i, key in enumerate(unique)}
-        member = np.zeros((len(unique), len(keys)))
-        member[[index[k] for k in keys], np.arange(len(keys))] = 1.0
-        sums, abs_sums, counts = member @ maps, member @ np.abs(maps), member.sum(axis=1)
-        for i, key in enumerate(unique):
+        maps = vectors_to_numpy(table["attribution"]).astype(np.float64)
+        ids = table["instance_id"].to_numpy()
+        positions = np.searchsorted(sorted_ids, ids.astype(str) if sorted_ids.dtype.kind == "U" else ids)
+        keys = np.column_stack([table["target_rank"].to_numpy().astype(np.int64), instance_rows[positions]])
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(len(unique)))
+        sums = np.add.reduceat(maps[order], starts, axis=0)
+        abs_sums = np.add.reduceat(np.abs(maps[order]), starts, axis=0)
+        counts = np.diff(np.append(starts, len(order)))
+        for i, (rank, label_is_null, label, prediction) in enumerate(unique.tolist()):
+            key = (rank, None if label_is_null else label, prediction)
             if key not in totals:
                 totals[key] = [0, np.zeros(maps.shape[1]), np.zeros(maps.shape[1])]
             entry = totals[key]
@@ -290,13 +328,37 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
     _register_fast_moments(con, layout, manifest["dataset"]["id_type"])
+    input_dirs, input_files = _create_inputs_view(con, manifest["dataset"])
     # No spill directory: DuckDB would add it to the allowed directories, writable.
     con.execute("SET temp_directory = ''").fetchall()
-    con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep]]).fetchall()
+    con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep] + input_dirs]).fetchall()
+    if input_files:
+        con.execute("SET allowed_paths = ?", [input_files]).fetchall()
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
         con.execute(f"SET {setting} = false").fetchall()  # constant names, no user input
     con.execute("SET lock_configuration = true").fetchall()
     return con
+
+
+def _create_inputs_view(con: duckdb.DuckDBPyConnection, dataset: dict) -> tuple[list[str], list[str]]:
+    """The view ``inputs`` (``instance_id`` and the model's input column or feature columns)
+    over the dataset the run was made from, when it is still where the run found it; returns
+    the directories and files the sandbox must then allow (read only: nothing in the sandbox
+    writes)."""
+    path = Path(dataset.get("path", ""))
+    columns = [dataset["input_column"]] if dataset.get("input_column") else dataset.get("feature_columns", [])
+    if not dataset.get("id_column") or not columns or not path.exists():
+        return [], []
+    pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)
+    relation = con.read_parquet(pattern)
+    missing = [c for c in [dataset["id_column"], *columns] if c not in relation.columns]
+    if missing:
+        return [], []  # the file there now is not the run's dataset
+    quoted = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+    id_column = '"' + dataset["id_column"].replace('"', '""') + '"'
+    relation.select(f"{id_column} AS instance_id, {quoted}").create_view("inputs")
+    con.execute("COMMENT ON VIEW inputs IS 'The model input of every instance, from the dataset the run read'").fetchall()
+    return ([str(path) + os.sep], []) if path.is_dir() else ([], [str(path)])
 
 
 _MOMENTS_TYPE = "STRUCT(size BIGINT, total DOUBLE[], total_sq DOUBLE[], active BIGINT[])"

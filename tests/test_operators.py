@@ -374,3 +374,25 @@ def test_both_paths_agree_far_from_zero_and_around_nan(tmp_path):
             np.testing.assert_allclose(got["mean"], chosen.mean(axis=0, dtype=np.float64), rtol=1e-9)
             np.testing.assert_allclose(got["std"], chosen.astype(np.float64).std(axis=0, ddof=1), rtol=1e-3)
             np.testing.assert_allclose(got["frac_active"], 1.0)
+
+
+def test_unlabeled_instances_count_for_predicted_classes_only(tmp_path):
+    """Instances without a label are in the 'prediction' subsets of attribution_map_by and
+    neuron_matrix_by, and in no 'label' subset."""
+    instances, activations, attributions = _data()
+    labels = instances["label"].to_pylist()
+    labels = [None if i % 4 == 0 else label for i, label in enumerate(labels)]
+    instances = instances.set_column(instances.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+    run = write_handmade_run(tmp_path, "unlabeled", instances, activations, attributions, rows_per_part=25).root
+    con = open_catalog(run)
+    maps = attributions["saliency"].reshape(N, -1)
+    prediction = instances["prediction"].to_numpy()
+    labelled = np.array([label is not None for label in labels])
+    for row in run_query(con, "SELECT * FROM attribution_map_by('saliency', 'prediction')").to_pylist():
+        rows = prediction == row["class"]
+        assert row["size"] == rows.sum()
+        np.testing.assert_allclose(row["mean"], maps[rows].mean(axis=0), rtol=1e-5, atol=1e-6)
+    by_label = run_query(con, "SELECT * FROM attribution_map_by('saliency', 'label')").to_pylist()
+    assert sum(row["size"] for row in by_label) == labelled.sum()
+    by_prediction = run_query(con, "SELECT subset, size FROM neuron_matrix_by('fc', 'prediction') WHERE neuron = 0")
+    assert sum(by_prediction["size"].to_pylist()) == N

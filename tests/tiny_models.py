@@ -109,3 +109,26 @@ class SeededMLP(nn.Module):
 
 def seeded_mlp() -> nn.Module:
     return SeededMLP()
+
+
+class WideMLP(nn.Module):
+    """256 features → ``fc1`` (64) → ``relu`` → ``head`` (4 classes), weights from a fixed seed
+    (the streaming test: rows heavy enough that holding them all on the driver would show)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(11)
+        self.fc1 = nn.Linear(256, 64)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(64, 4)
+        with torch.no_grad():
+            for layer in (self.fc1, self.head):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / layer.in_features ** 0.5)
+                layer.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc1(x)))
+
+
+def wide_mlp() -> nn.Module:
+    return WideMLP()

@@ -165,10 +165,10 @@ class ProjectWorker:
     row per part and table, as :class:`~workers.explain.ExplainWorker` does."""
 
     def __init__(self, projections: list[Projection], staging_dir: str, id_type: str, threads: int):
-        import torch
+        from threadpoolctl import threadpool_limits
 
         # BLAS threads as the explain workers' torch threads: the cores shared by the workers.
-        torch.set_num_threads(threads)
+        threadpool_limits(threads)
         self.projections = projections
         self.layout = RunLayout(Path(staging_dir))
         self.id_type = id_type

@@ -1,0 +1,150 @@
+"""Scale benchmark (issue 4): throughput and peak memory at 10k, 100k and 1M instances.
+
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--workers 1,2]
+
+Each run is ``netloupe run examples/mnist-scale.yaml`` (the trained MNIST CNN on generated
+``mnist-variants``: activations of relu2 and relu3, saliency stored in full, PCA of both
+layers) as a subprocess, while this script samples every 0.5 s the resident memory of the
+driver (the ``netloupe`` process) and of every Ray worker process (``ray::*``). Datasets are
+generated before the timed runs (and cached).
+
+Reported per run: wall time, instances/s end to end and in the steady state (after the
+first result), driver peak RSS, the largest worker's peak RSS and the peak of all Ray
+workers together; then the ratios the issue sets targets for (throughput at the largest
+size ÷ at the smallest, 2 workers ÷ 1). Not a test: prints the table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+NETLOUPE = [sys.executable, "-m", "pipeline.cli"]
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS of one process and of the Ray worker processes, sampled until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.driver = psutil.Process(pid)
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.driver_peak = 0
+        self.worker_peaks: dict[int, int] = {}
+        self.workers_total_peak = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.driver_peak = max(self.driver_peak, self.driver.memory_info().rss)
+            except psutil.Error:
+                pass  # the driver exited between samples
+            total = 0
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                cmdline = process.info["cmdline"] or []
+                if cmdline and cmdline[0].startswith("ray::"):
+                    try:
+                        rss = process.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    total += rss
+                    self.worker_peaks[process.pid] = max(self.worker_peaks.get(process.pid, 0), rss)
+            self.workers_total_peak = max(self.workers_total_peak, total)
+            self.stop_event.wait(self.interval)
+
+
+def ensure_dataset(rows: int) -> None:
+    from pipeline.datasets import builtin_path
+
+    started = time.perf_counter()
+    path = builtin_path("mnist-variants", rows, 0)
+    print(f"dataset {path} ready in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def run_once(rows: int, workers: int, out_root: Path) -> dict:
+    name = f"scale-{rows}-w{workers}"
+    command = NETLOUPE + ["run", str(ROOT / "examples/mnist-scale.yaml"), "--force", "--no-progress",
+                          "--set", f"dataset.rows={rows}", "--set", f"execution.num_workers={workers}",
+                          "--set", f"output.root={out_root}", "--set", f"output.run_name={name}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = MemorySampler(process.pid)
+    sampler.start()
+    _, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    sampler.stop_event.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"run {name} failed:\n{stderr.decode()[-3000:]}")
+    manifest = json.loads((out_root / name / "manifest.json").read_text())
+    timings = manifest["timings"]
+    result = {
+        "rows": rows, "workers": workers, "wall_s": wall,
+        "inst_per_s": rows / wall,
+        "steady_inst_per_s": timings["steady_instances_per_second"],
+        "explain_s": timings["explain_seconds"], "projection_s": timings["projection_seconds"],
+        "catalog_s": timings["catalog"]["total"],
+        "worker_compute_s": timings["compute_seconds_sum"], "worker_write_s": timings["write_seconds_sum"],
+        "catalog_parts_s": {k: round(v, 1) for k, v in timings["catalog"].items() if k not in ("total", "bytes")},
+        "driver_peak_gib": sampler.driver_peak / 2**30,
+        "worker_peak_gib": max(sampler.worker_peaks.values(), default=0) / 2**30,
+        "workers_total_peak_gib": sampler.workers_total_peak / 2**30,
+    }
+    subprocess.run(["rm", "-rf", str(out_root / name)], check=True)  # a 1M run is ~4 GB
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    for rows in sizes:
+        ensure_dataset(rows)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as tmp:
+        for rows in sizes:
+            for w in workers:
+                result = run_once(rows, w, Path(tmp))
+                results.append(result)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
+                      flush=True)
+    print("\n| instances | workers | wall (s) | inst/s end to end | inst/s steady | explain (s) | projection (s) "
+          "| catalog (s) | driver peak RSS (GiB) | largest worker peak (GiB) | all workers peak (GiB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['rows']:,} | {r['workers']} | {r['wall_s']:.0f} | {r['inst_per_s']:.0f} | "
+              f"{r['steady_inst_per_s']:.0f} | {r['explain_s']:.0f} | {r['projection_s']:.1f} | {r['catalog_s']:.1f} | "
+              f"{r['driver_peak_gib']:.2f} | {r['worker_peak_gib']:.2f} | {r['workers_total_peak_gib']:.2f} |")
+    by = {(r["rows"], r["workers"]): r for r in results}
+    small, large = min(sizes), max(sizes)
+    for w in workers:
+        if (small, w) in by and (large, w) in by and small != large:
+            a, b = by[(small, w)], by[(large, w)]
+            print(f"{w} worker(s): throughput at {large:,} ÷ at {small:,}: end to end "
+                  f"{b['inst_per_s'] / a['inst_per_s']:.2f}x, steady {b['steady_inst_per_s'] / a['steady_inst_per_s']:.2f}x")
+    if len(workers) > 1:
+        for rows in sizes:
+            one, two = by.get((rows, workers[0])), by.get((rows, workers[-1]))
+            if one and two:
+                print(f"{rows:,}: {workers[-1]} workers ÷ {workers[0]}: end to end {two['inst_per_s'] / one['inst_per_s']:.2f}x, "
+                      f"steady {two['steady_inst_per_s'] / one['steady_inst_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
