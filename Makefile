@@ -25,7 +25,14 @@ else
 	$(VENV)/bin/netloupe run examples/mnist-scale.yaml --force --set dataset.rows=$(ROWS)
 endif
 
-test: install
+# The dashboard's browser tests drive Debian's Chromium (Playwright's own download is
+# unreachable here and never used).
+CHROMIUM ?= /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: install $(CHROMIUM)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

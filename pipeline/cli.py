@@ -41,6 +41,7 @@ def cmd_run(args) -> int:
         print(f"  {netloupe} sql {run_dir} \"SELECT * FROM neuron_matrix_by('{layers[-1]}', 'label') "
               "WHERE neuron < 2\"")
     print(f"  {netloupe} sql {run_dir} --list")
+    print(f"  {netloupe} dashboard {run_dir}     # then open http://127.0.0.1:5006/")
     print(f"  cat {run_dir}/manifest.json")
     return 0
 

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.datasets import ResolvedDataset, resolve_dataset
 from pipeline.errors import NetloupeError, RunError
-from pipeline.models import load_model
+from pipeline.models import load_model, model_graph
 from pipeline.projection import check_umap_available, projection_sources, run_projection_stage
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
@@ -43,6 +43,8 @@ class Validated:
     class_names: list[str]
     bytes_per_row: int
     """Arrow bytes of one input row, to size Ray Data blocks."""
+    graph: dict
+    """The model's graph for the dashboard (:func:`pipeline.models.model_graph`)."""
     seconds: float
 
 
@@ -70,7 +72,7 @@ def validate(spec: JobSpec) -> Validated:
             f"{facts.num_classes} classes; give one name per output"
         )
     bytes_per_row = max(1, head.nbytes // max(1, head.num_rows))
-    return Validated(dataset, facts, class_names, bytes_per_row, time.perf_counter() - started)
+    return Validated(dataset, facts, class_names, bytes_per_row, model_graph(model), time.perf_counter() - started)
 
 
 def local_ray_environment() -> None:
@@ -294,6 +296,7 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
         },
         "class_names": checked.class_names,
         "model": facts.to_json(),
+        "model_graph": checked.graph,
         "tables": {
             "instances": "instances",
             "activations": {name: f"activations/{name}" for name in facts.layer_neurons},

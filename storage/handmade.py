@@ -25,6 +25,7 @@ def write_handmade_run(
     activations: Mapping[str, np.ndarray],
     attributions: Mapping[str, np.ndarray] | None = None,
     rows_per_part: int = 65536,
+    projections: Mapping[str, np.ndarray] | None = None,
 ) -> RunLayout:
     """Commit a run and return its layout.
 
@@ -34,9 +35,14 @@ def write_handmade_run(
     and ``device`` are derived when absent.
     ``activations`` maps a layer name to its ``(n, neurons)`` matrix and ``attributions``
     a method name to its ``(n, *map_shape)`` maps (one target per instance), rows in
-    the order of ``instances``.
+    the order of ``instances``. ``projections`` maps a recorded layer to given ``(n, 2)``
+    coordinates, stored as that layer's PCA projection (nothing is fitted).
     """
     attributions = attributions or {}
+    projections = projections or {}
+    unknown = sorted(set(projections) - set(activations))
+    if unknown:
+        raise ValueError(f"projections are of recorded layers {sorted(activations)}, got {unknown}")
     n = instances.num_rows
     probabilities = S.vectors_to_numpy(instances["probabilities"])
     num_classes = probabilities.shape[1]
@@ -86,6 +92,15 @@ def write_handmade_run(
                      "attr_l2": np.linalg.norm(flat, axis=1),
                      "convergence_delta": pa.nulls(stop - start, pa.float64()),
                      "finite": np.isfinite(flat).all(axis=1)}))
+            for layer, coordinates in projections.items():
+                write_part(layout.projections_dir(S.ACTIVATIONS, layer), key, S.table_from_columns(
+                    S.projections_schema(["pca"], id_type),
+                    {"instance_id": ids.slice(start, stop - start),
+                     "pca_x": coordinates[start:stop, 0].astype(np.float32),
+                     "pca_y": coordinates[start:stop, 1].astype(np.float32)}))
+        fitted = [{"kind": S.ACTIVATIONS, "name": layer, "algorithms": ["pca"],
+                   "dimensions": int(activations[layer].shape[1]), "sample_rows": n,
+                   "explained_variance_ratio": [0.0, 0.0]} for layer in projections]
         manifest = {
             "netloupe_manifest": 1,
             "schema_version": S.SCHEMA_VERSION,
@@ -105,7 +120,10 @@ def write_handmade_run(
                 "instances": "instances",
                 "activations": {layer: f"activations/{layer}" for layer in activations},
                 "attributions": {method: f"attributions/{method}" for method in attributions},
+                "projections": {f"{S.ACTIVATIONS}/{layer}": f"projections/{S.ACTIVATIONS}/{layer}"
+                                for layer in projections},
             },
+            "projections": {"sample_rows": n, "seed": None, "tables": fitted, "timings": {}},
         }
         manifest["timings"] = {"catalog": build_catalog(layout, manifest)}
         return staging.commit(manifest)

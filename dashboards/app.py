@@ -1,0 +1,632 @@
+"""The analyst dashboard: Panel views over one run, each drawing what :class:`RunSession` computes.
+
+``netloupe dashboard RUN`` serves :func:`build_dashboard` (one session per browser tab).
+The instance view is a Datashader raster of every projected instance, no sampling
+(:mod:`dashboards.scatter`); box and lasso selections become id subsets on the server.
+
+Views share one :class:`Dashboard` (the layer, the instance in detail, the subsets), so a
+choice made in one (a layer in the model graph, a point in the scatter, an exemplar in the
+matrix) shows in the others.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+
+from dashboards.scatter import InstanceScatter
+from dashboards.session import RunSession, SessionError, Subset, map_image
+from storage.catalog import QueryError
+
+COLOR_FIELDS = ("label_name", "prediction_name", "outcome", "confidence")
+"""What the scatter can be colored by, besides the metadata columns and kept subsets."""
+SUBSET_COLOR = "subset: "
+"""Prefix of the scatter's color choices that color by membership of a kept subset."""
+MATRIX_ROWS = {"classes (label)": "label", "predicted classes": "prediction", "correct / incorrect": "correct",
+               "my subsets only": None}
+"""The class rows the matrix can show beside the analyst's own subsets: the column they group by."""
+METRICS = ("accuracy", "fpr", "fnr", "precision", "recall")
+"""The subgroup metrics (FairVis), named as the SQL operators name them."""
+MATRIX_VALUES = ("mean", "neuron", "size", "frac_active")
+"""What each cell of the neuron matrix holds (colored by the first, the rest on hover)."""
+CURRENT_SELECTION = "(current selection)"
+"""The matrix row of the scatter's selection before it is kept (parentheses: a name no kept subset can take)."""
+
+
+class Dashboard(param.Parameterized):
+    """Shared state of one page: what is looked at, the instance in detail, the subsets."""
+
+    projection = param.Selector(doc="The projected table the scatter shows (kind/source)")
+    algorithm = param.Selector(default="pca", objects=["pca"], doc="The projection's algorithm")
+    color_by = param.Selector(default="label_name", doc="What colors the scatter's points")
+    layer = param.Selector(doc="The layer of the neuron matrix (and, when projected, of the scatter)")
+    matrix_rows = param.Selector(default="classes (label)", objects=list(MATRIX_ROWS),
+                                 doc="Which class subsets the matrix shows besides the analyst's own")
+    compare_a = param.Selector(default=None, allow_None=True, doc="Subset A of the neuron ordering")
+    compare_b = param.Selector(default=None, allow_None=True, doc="Subset B of the neuron ordering")
+    instance_id = param.String(default="", doc="The instance shown in detail (its id as text)")
+    subsets_version = param.Integer(default=0, doc="Bumped whenever a subset is added or removed")
+    selection = param.Array(default=None, allow_None=True,
+                            doc="Ids of the scatter's current box or lasso selection, not yet kept as a subset")
+    message = param.String(default="", doc="The last error or notice shown to the analyst")
+
+    def __init__(self, session: RunSession, **params):
+        super().__init__(**params)
+        self.session = session
+        sources = [f"{kind}/{source}" for kind, source in session.projections]
+        self.param.projection.objects = sources
+        self.param.color_by.objects = self._color_choices()
+        self.param.layer.objects = session.layers
+        self.layer = session.layers[-1] if session.layers else None
+        preferred = f"activations/{self.layer}"
+        self.projection = preferred if preferred in sources else (sources[0] if sources else None)
+        self._refresh_algorithms()
+        self._refresh_subset_choices()
+
+    @param.depends("layer", watch=True)
+    def _follow_layer(self) -> None:
+        """ActiVis: choosing a layer switches the projection to that layer's, when it has one."""
+        candidate = f"activations/{self.layer}"
+        if candidate in self.param.projection.objects and candidate != self.projection:
+            self.projection = candidate
+
+    @param.depends("projection", watch=True)
+    def _refresh_algorithms(self) -> None:
+        if self.projection is None:
+            return
+        algorithms = self.session.algorithms(*self.projection.split("/", 1)) or ["pca"]
+        self.param.algorithm.objects = algorithms
+        if self.algorithm not in algorithms:
+            self.algorithm = algorithms[0]
+
+    def subset_names(self) -> list[str]:
+        classes = [s.name for s in self.session.class_subsets("label")]
+        return list(self.session.subsets) + ["correct", "incorrect"] + classes
+
+    def _refresh_subset_choices(self) -> None:
+        names = self.subset_names()
+        self.param.compare_a.objects = [None] + names
+        self.param.compare_b.objects = [None] + names
+
+    def added_subset(self) -> None:
+        self._refresh_subset_choices()
+        self.param.color_by.objects = self._color_choices()
+        self.subsets_version += 1
+
+    def _color_choices(self) -> list[str]:
+        """What the scatter can be colored by: the instance's facts, metadata, kept subsets."""
+        return (list(COLOR_FIELDS) + list(self.session.metadata_columns)
+                + [SUBSET_COLOR + name for name in self.session.subsets])
+
+    def points(self) -> pd.DataFrame:
+        kind, source = self.projection.split("/", 1)
+        return self.session.points(kind, source, self.algorithm)
+
+    def colored_points(self) -> pd.DataFrame:
+        """The points, with a membership column when colored by a kept subset."""
+        points = self.points()
+        if self.color_by.startswith(SUBSET_COLOR):
+            name = self.color_by[len(SUBSET_COLOR):]
+            # A new frame sharing the cached one's columns: the cache is never written to.
+            return points.assign(**{self.color_by: self.session.membership(points, name)})
+        return points
+
+    def show_instance(self, instance_id) -> None:
+        self.instance_id = str(instance_id)
+
+    def report(self, text: str) -> None:
+        self.message = text
+
+
+class InstancesView(pn.viewable.Viewer):
+    """Every instance as a point of the 2-D projection (Datashader), colorable, selectable.
+
+    A box or lasso selection shows in the matrix at once and can be kept as a named subset;
+    a click opens the nearest instance; zoomed in far enough, hovering names the instance.
+    Subsets can also be made by a SQL predicate over ``instances``.
+    """
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        self.name_input = pn.widgets.TextInput(name="Subset name", value="selection 1", width=180)
+        self.keep = pn.widgets.Button(name="Keep selection as subset", button_type="primary", width=200)
+        self.keep.on_click(self._keep_selection)
+        self.predicate = pn.widgets.TextInput(name="SQL predicate over instances", width=340,
+                                              placeholder="noise = 'high' AND NOT correct")
+        self.predicate_name = pn.widgets.TextInput(name="Subset name", value="predicate 1", width=180)
+        self.add_predicate = pn.widgets.Button(name="Add predicate subset", width=200)
+        self.add_predicate.on_click(self._keep_predicate)
+        self.selected = pn.pane.Markdown("No selection yet: use the box or lasso tool.", css_classes=["selection-info"])
+        self._pending: np.ndarray = np.empty(0)
+
+    def _plot(self, projection, algorithm, color_by):
+        if projection is None:
+            return pn.pane.Markdown("This run has no projections (projection.layers was empty).")
+        try:
+            points = self.dashboard.colored_points()
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        scatter = InstanceScatter(points, color_by, f"{projection} ({algorithm}), colored by {color_by}",
+                                  on_select=self._selected, on_tap=self._tapped)
+        return pn.pane.Bokeh(scatter.figure, sizing_mode="stretch_width", min_height=520)
+
+    def _selected(self, ids: np.ndarray, tool: str) -> None:
+        self._pending = ids
+        self.selected.object = f"**{len(ids):,} instances selected** ({tool})"
+        # ActiVis: the matrix shows the selection at once, before it is kept under a name.
+        self.dashboard.selection = ids if len(ids) else None
+
+    def _tapped(self, instance_id) -> None:
+        self.dashboard.show_instance(instance_id)
+        self.dashboard.report(f"instance {instance_id} is in the Instance tab")
+
+    def _keep_selection(self, _event) -> None:
+        try:
+            subset = self.dashboard.session.add_ids_subset(self.name_input.value, self._pending)
+        except SessionError as error:
+            self.dashboard.report(str(error))
+            return
+        self.dashboard.report(f"subset {subset.name!r}: {subset.size:,} instances")
+        self.name_input.value = f"selection {len(self.dashboard.session.subsets) + 1}"
+        self._pending = np.empty(0)
+        self.dashboard.selection = None
+        self.dashboard.added_subset()
+
+    def _keep_predicate(self, _event) -> None:
+        try:
+            subset = self.dashboard.session.add_predicate_subset(self.predicate_name.value, self.predicate.value)
+        except SessionError as error:
+            self.dashboard.report(str(error))
+            return
+        self.dashboard.report(f"subset {subset.name!r}: {subset.size:,} instances")
+        self.predicate_name.value = f"predicate {len(self.dashboard.session.subsets) + 1}"
+        self.dashboard.added_subset()
+
+    def __panel__(self):
+        d = self.dashboard
+        plot = pn.bind(self._plot, d.param.projection, d.param.algorithm, d.param.color_by)
+        return pn.Column(
+            pn.Row(pn.widgets.Select.from_param(d.param.projection, name="Projection", width=220),
+                   pn.widgets.Select.from_param(d.param.algorithm, name="Algorithm", width=100),
+                   pn.widgets.Select.from_param(d.param.color_by, name="Color by", width=180)),
+            pn.panel(plot, sizing_mode="stretch_width", min_height=520, css_classes=["scatter"]),
+            self.selected,
+            pn.Row(self.name_input, self.keep),
+            pn.Row(self.predicate, self.predicate_name, self.add_predicate),
+            sizing_mode="stretch_width",
+        )
+
+
+class MatrixView(pn.viewable.Viewer):
+    """ActiVis' neuron activation matrix: subsets × neurons, colored by mean activation."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        self.exemplars = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, width=520, height=260,
+                                              css_classes=["exemplars"], show_index=False)
+        self.exemplars.on_click(self._on_exemplar)
+        self.rows_info = pn.pane.Markdown("", css_classes=["matrix-rows"])
+        self._matrix = pd.DataFrame()
+
+    def matrix_frame(self, layer, rows, a, b, selection=None) -> pd.DataFrame:
+        session = self.dashboard.session
+        own = [session.subset(name) for name in session.subsets]
+        if selection is not None and len(selection):
+            own.append(Subset(CURRENT_SELECTION, ids=selection, size=len(selection)))
+        frames = [session.neuron_matrix(layer, own)] if own else []
+        if MATRIX_ROWS[rows] is not None:
+            frames.append(session.class_matrix(layer, MATRIX_ROWS[rows]))
+        for name in (a, b):  # subsets being compared are always rows
+            if name is not None and not any((f["subset"] == name).any() for f in frames):
+                frames.append(session.neuron_matrix(layer, [session.subset(name)]))
+        matrix = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["subset", "neuron", "size", "mean", "std", "frac_active"])
+        order = session.neuron_order(matrix, a, b)
+        matrix["position"] = matrix["neuron"].map({neuron: i for i, neuron in enumerate(order)})
+        return matrix
+
+    def _heatmap(self, layer, rows, a, b, _version, selection) -> hv.HeatMap:
+        """The matrix as a heat map (its title in the label); an empty one when there is none."""
+        matrix, title = None, "no layer was recorded in this run"
+        if layer is not None:
+            try:
+                matrix = self.matrix_frame(layer, rows, a, b, selection)
+                order = "" if a is None or b is None else f", neurons ordered by mean({a}) - mean({b})"
+                title = f"{layer}: mean activation per subset{order}"
+            except SessionError as error:
+                self.dashboard.report(str(error))
+                title = str(error)
+        if matrix is None or matrix.empty:
+            matrix = pd.DataFrame({"subset": ["-"], "position": [0], "mean": [np.nan], "neuron": [0], "size": [0],
+                                   "frac_active": [np.nan]})
+        self._matrix = matrix
+        names = list(dict.fromkeys(matrix["subset"]))
+        self.rows_info.object = f"Rows ({len(names)}): " + ", ".join(f"`{n}`" for n in names)
+        positions = np.arange(int(matrix["position"].max()) + 1)
+        wide = matrix.pivot(index="subset", columns="position").reindex(index=names)
+        # Gridded, the heat map skips HoloViews' regridding of long rows (4x faster to draw).
+        return hv.HeatMap({"position": positions, "subset": np.array(names, dtype=object),
+                           **{v: wide[v].reindex(columns=positions).to_numpy() for v in MATRIX_VALUES}},
+                          kdims=["position", "subset"], vdims=list(MATRIX_VALUES), label=title)
+
+    def _on_tap(self, matrix: pd.DataFrame, x) -> None:
+        if x is None:
+            return
+        neuron = matrix.loc[matrix["position"] == int(round(x)), "neuron"]
+        if neuron.empty:
+            return
+        self.exemplars.value = self.dashboard.session.exemplars(self.dashboard.layer, int(neuron.iloc[0]))
+        self.dashboard.report(f"top exemplars of neuron {int(neuron.iloc[0])} of {self.dashboard.layer}")
+
+    def _on_exemplar(self, event) -> None:
+        frame = self.exemplars.value
+        if frame is not None and 0 <= event.row < len(frame):
+            self.dashboard.show_instance(frame["instance_id"].iloc[event.row])
+
+    def __panel__(self):
+        d = self.dashboard
+        # One plot whose data is swapped when anything changes (a new selection redraws
+        # cells, not a new figure).
+        heat = hv.DynamicMap(pn.bind(self._heatmap, d.param.layer, d.param.matrix_rows, d.param.compare_a,
+                                     d.param.compare_b, d.param.subsets_version, d.param.selection))
+        tap = hv.streams.Tap(source=heat)
+        tap.param.watch(lambda event: self._on_tap(self._matrix, event.new), "x")
+        heat = heat.opts(cmap="Blues", colorbar=True, tools=["hover", "tap"], responsive=True, min_height=320,
+                         framewise=True, xlabel="neuron (display order)", title="{label}")
+        return pn.Column(
+            pn.Row(pn.widgets.Select.from_param(d.param.layer, name="Layer", width=180),
+                   pn.widgets.Select.from_param(d.param.matrix_rows, name="Class rows", width=200)),
+            pn.Row(pn.widgets.Select.from_param(d.param.compare_a, name="Order neurons by A", width=200),
+                   pn.widgets.Select.from_param(d.param.compare_b, name="minus B", width=200)),
+            pn.pane.HoloViews(heat, sizing_mode="stretch_width", css_classes=["matrix"]),
+            self.rows_info,
+            pn.pane.Markdown("Click a neuron for its top exemplars; click an exemplar for its detail:"),
+            self.exemplars,
+            sizing_mode="stretch_width",
+        )
+
+
+class InstanceView(pn.viewable.Viewer):
+    """One instance: its input, label, prediction, probabilities, attribution maps, activations."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        self.id_input = pn.widgets.TextInput(name="Instance id", width=200)
+        self.id_input.param.watch(lambda e: self.dashboard.show_instance(e.new.strip()), "value")
+
+    def _detail(self, instance_id):
+        if not instance_id:
+            return pn.pane.Markdown("Click a point in the scatter, an exemplar, or type an id.")
+        session = self.dashboard.session
+        try:
+            detail = session.instance(_typed_id(instance_id, session))
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        row, names = detail["row"], session.class_names
+        label = "none" if row["label"] is None else names[row["label"]]
+        facts = pn.pane.Markdown(
+            f"### Instance {row['instance_id']}\n\nlabel **{label}**, prediction **{names[row['prediction']]}** "
+            f"(confidence {row['confidence']:.3f}), {'correct' if row['correct'] else 'incorrect'}"
+            + "".join(f"; {c} = {row[c]}" for c in session.metadata_columns),
+            css_classes=["instance-facts"])
+        probabilities = hv.Bars(pd.DataFrame({"class": names, "probability": row["probabilities"]}),
+                                "class", "probability").opts(height=220, width=360, title="probabilities",
+                                                             ylim=(0, 1))
+        panels = [facts]
+        inputs = detail["input"]
+        images = []
+        if isinstance(inputs, np.ndarray):
+            image = map_image(inputs)
+            images.append(hv.Image(image[::-1], bounds=(0, 0, image.shape[1], image.shape[0])).opts(
+                cmap="gray", title="input", width=240, height=240, xaxis=None, yaxis=None))
+        elif isinstance(inputs, dict):
+            panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
+                                               disabled=True, height=240, width=320, show_index=False))
+        for method, values in detail["maps"].items():
+            image = map_image(values)
+            if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
+                images.append(hv.Bars(pd.DataFrame({"feature": range(image.shape[1]), "attribution": image[0]}),
+                                      "feature", "attribution").opts(title=method, width=360, height=240))
+                continue
+            bound = float(np.nanmax(np.abs(image))) or 1.0
+            images.append(hv.Image(image[::-1], bounds=(0, 0, image.shape[1], image.shape[0])).opts(
+                cmap="RdBu_r", clim=(-bound, bound), title=method, width=240, height=240, xaxis=None, yaxis=None,
+                colorbar=True, tools=["hover"]))
+        profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
+                   .opts(title=f"{layer} activations", width=360, height=200)
+                   for layer, v in detail["activations"].items()]
+        panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
+        if profile:
+            panels.append(pn.pane.HoloViews(hv.Layout(profile).cols(3)))
+        return pn.Column(*panels)
+
+    def __panel__(self):
+        return pn.Column(self.id_input, pn.panel(pn.bind(self._detail, self.dashboard.param.instance_id)),
+                         sizing_mode="stretch_width")
+
+
+class SubgroupsView(pn.viewable.Viewer):
+    """FairVis: metadata distributions, subgroup metrics, two subgroups side by side, the worst."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        columns = dashboard.session.metadata_columns
+        self.columns = pn.widgets.MultiChoice(name="Subgroup columns (1-3)", options=columns + ["label"],
+                                              value=columns[:2] or ["label"], max_items=3, width=420)
+        self.metric = pn.widgets.Select(name="Metric", options=list(METRICS), value="accuracy", width=140)
+        self.positive = pn.widgets.Select(name="Positive class (FPR, FNR, precision, recall)",
+                                          options={n: i for i, n in enumerate(dashboard.session.class_names)},
+                                          width=200)
+        self.table = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, height=300, sizing_mode="stretch_width",
+                                          show_index=False, selectable="checkbox", css_classes=["subgroups"])
+        self.compare = pn.pane.DataFrame(pd.DataFrame(), css_classes=["subgroup-compare"])
+        self.table.param.watch(self._on_pick, "selection")
+        self.keep = pn.widgets.Button(name="Keep picked subgroups as subsets", width=260)
+        self.keep.on_click(self._keep)
+
+    def _subgroups(self, columns, metric, positive):
+        if not columns:
+            return pd.DataFrame()
+        try:
+            frame = self.dashboard.session.subgroups(list(columns), positive)
+        except (SessionError, QueryError) as error:
+            self.dashboard.report(str(error))
+            return pd.DataFrame()
+        return frame.sort_values(metric, ascending=metric in ("accuracy", "precision", "recall"), na_position="last")
+
+    def _overview(self, columns, metric, positive):
+        frame = self._subgroups(columns, metric, positive)
+        self.table.value = frame
+        if frame.empty:
+            return hv.Div("<p>Choose one to three columns.</p>")
+        shown = frame.head(40)
+        return hv.Bars(shown, "subgroup", [metric, "size"]).opts(
+            invert_axes=True, height=max(240, 18 * len(shown) + 60), responsive=True, tools=["hover"],
+            color=metric, cmap="RdYlGn" if metric in ("accuracy", "precision", "recall") else "RdYlGn_r",
+            title=f"{metric} per subgroup (worst first)")
+
+    def _distributions(self):
+        session, plots = self.dashboard.session, []
+        for column in session.metadata_columns[:6]:
+            frame = session.distribution(column)
+            frame["value"] = frame["value"].astype(str)
+            plots.append(hv.Bars(frame, "value", ["size", "accuracy"]).opts(
+                title=column, width=300, height=220, tools=["hover"], color="accuracy", cmap="RdYlGn",
+                clim=(0, 1), colorbar=False))
+        return hv.Layout(plots).cols(3) if plots else hv.Div("<p>This run has no metadata columns.</p>")
+
+    def _suggested(self, columns, metric, positive):
+        if not columns:
+            return pd.DataFrame()
+        try:
+            return self.dashboard.session.suggested_subgroups(list(columns), metric, positive)
+        except (SessionError, QueryError) as error:
+            self.dashboard.report(str(error))
+            return pd.DataFrame()
+
+    def _picked(self) -> dict[str, str]:
+        frame = self.table.value
+        rows = [frame.iloc[i].to_dict() for i in self.table.selection[:2] if 0 <= i < len(frame)]
+        return {row["subgroup"]: RunSession.subgroup_predicate(row, list(self.columns.value)) for row in rows}
+
+    def _on_pick(self, _event) -> None:
+        picked = self._picked()
+        if len(picked) == 2:
+            self.compare.object = self.dashboard.session.compare_subgroups(picked, self.positive.value)
+
+    def _keep(self, _event) -> None:
+        for name, predicate in self._picked().items():
+            try:
+                self.dashboard.session.add_predicate_subset(name[:60], predicate)
+            except SessionError as error:
+                self.dashboard.report(str(error))
+                return
+        self.dashboard.added_subset()
+        self.dashboard.report("subgroups kept as subsets: they are rows of the neuron matrix now")
+
+    def __panel__(self):
+        args = (self.columns, self.metric, self.positive)
+        return pn.Column(
+            pn.pane.Markdown("#### Distributions of the metadata columns (bars colored by accuracy)"),
+            pn.pane.HoloViews(self._distributions()),
+            pn.Row(*args),
+            pn.panel(pn.bind(self._overview, *args), sizing_mode="stretch_width"),
+            pn.pane.Markdown("Pick two subgroups to compare them side by side:"),
+            self.table,
+            pn.Row(self.keep),
+            self.compare,
+            pn.pane.Markdown("#### Suggested worst subgroups (at least 30 instances)"),
+            pn.widgets.Tabulator(pn.bind(self._suggested, *args), disabled=True, height=260, show_index=False,
+                                 sizing_mode="stretch_width", css_classes=["suggested"]),
+            sizing_mode="stretch_width",
+        )
+
+
+class ModelGraphView(pn.viewable.Viewer):
+    """The model's graph, recorded layers highlighted; clicking one makes it the current layer."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+
+    def _plot(self, layer):
+        try:
+            nodes, edges = self.dashboard.session.graph_layout()
+        except SessionError as error:
+            return hv.Div(f"<p>{error}</p>")
+        nodes = nodes.assign(state=np.where(nodes["module"] == (layer or ""), "current layer",
+                                            np.where(nodes["recorded"], "recorded", "other")))
+        colors = {"current layer": "#d62728", "recorded": "#ff7f0e", "other": "#9e9e9e"}
+        segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"]).opts(color="#bbbbbb", line_width=1.5)
+        dots = hv.Points(nodes, ["x", "y"], ["id", "type", "module", "state"]).opts(
+            color="state", cmap=colors, size=14, tools=["hover", "tap"], legend_position="top_right")
+        labels = hv.Labels(nodes, ["x", "y"], "id").opts(yoffset=-0.3, text_font_size="8pt")
+        tap = hv.streams.Tap(source=dots)
+        tap.param.watch(lambda event: self._on_tap(nodes, event.obj.x, event.obj.y), "x")
+        graph = self.dashboard.session.model_graph
+        title = "model graph (torch.fx)" if graph["kind"] == "fx" else f"module tree ({graph['reason']})"
+        return (segments * dots * labels).opts(responsive=True, min_height=360, xaxis=None, yaxis=None,
+                                               title=title + ": click a recorded layer")
+
+    def _on_tap(self, nodes: pd.DataFrame, x, y) -> None:
+        if x is None or y is None:
+            return
+        distance = np.hypot(nodes["x"] - x, nodes["y"] - y)
+        node = nodes.iloc[int(np.argmin(distance))]
+        if distance.min() > 0.5:
+            return
+        if node["recorded"]:
+            self.dashboard.layer = node["module"]
+            self.dashboard.report(f"layer {node['module']}: the matrix and the scatter show it now")
+        else:
+            self.dashboard.report(f"{node['id']} ({node['type']}) was not recorded; add it to the job's layers")
+
+    def __panel__(self):
+        return pn.Column(pn.panel(pn.bind(self._plot, self.dashboard.param.layer), sizing_mode="stretch_width"),
+                         css_classes=["model-graph"], sizing_mode="stretch_width")
+
+
+class SqlConsole(pn.viewable.Viewer):
+    """Read-only SQL over the run's catalog: a table of results and a CSV download."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        self.editor = pn.widgets.TextAreaInput(value="SELECT * FROM class_metrics()", height=100,
+                                               sizing_mode="stretch_width", name="SQL", css_classes=["sql-editor"])
+        self.run = pn.widgets.Button(name="Run", button_type="primary", width=100)
+        self.result = pn.widgets.Tabulator(pd.DataFrame(), pagination="remote", page_size=20,
+                                           sizing_mode="stretch_width", disabled=True, css_classes=["sql-result"])
+        self.status = pn.pane.Alert("Only SELECT queries run here.", alert_type="light", css_classes=["sql-status"])
+        self.download = pn.widgets.FileDownload(callback=self._csv, filename="netloupe-query.csv",
+                                                label="Download CSV", width=160)
+        self.run.on_click(self._run)
+
+    def _run(self, _event) -> None:
+        try:
+            table = self.dashboard.session.sql(self.editor.value)
+        except QueryError as error:
+            self.status.object, self.status.alert_type = f"Refused: {error}", "danger"
+            return
+        self.result.value = table.to_pandas()
+        self.status.object, self.status.alert_type = f"{table.num_rows:,} rows", "success"
+
+    def _csv(self):
+        buffer = io.StringIO()
+        self.result.value.to_csv(buffer, index=False)
+        buffer.seek(0)
+        return buffer
+
+    def __panel__(self):
+        return pn.Column(self.editor, pn.Row(self.run, self.download), self.status, self.result,
+                         sizing_mode="stretch_width")
+
+
+LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Model": ModelGraphView, "SQL": SqlConsole}
+"""The tabs after the first, in order, and the view each shows."""
+
+
+def _typed_id(text: str, session: RunSession):
+    """An id typed or clicked, as the run's id type."""
+    if session.manifest["dataset"]["id_type"] == "int64":
+        try:
+            return int(text)
+        except ValueError:
+            raise SessionError(f"instance ids of this run are integers, got {text!r}") from None
+    return text
+
+
+def build_dashboard(run_dir) -> pn.template.BaseTemplate:
+    """The page for one browser session over the run at ``run_dir``."""
+    session = RunSession(run_dir)
+    dashboard = Dashboard(session)
+    message = pn.pane.Alert(pn.bind(lambda m: m or "Ready.", dashboard.param.message), alert_type="info",
+                            css_classes=["message"])
+    # ActiVis' two linked views side by side: what is selected in one shows in the other.
+    instances_and_neurons = pn.Row(InstancesView(dashboard), pn.Column(MatrixView(dashboard), width=620),
+                                   sizing_mode="stretch_width")
+    tabs = pn.Tabs(
+        ("Instances and neurons", instances_and_neurons),
+        *[(name, pn.Column(sizing_mode="stretch_width")) for name in LATER_TABS],
+        dynamic=True,
+    )
+
+    def build_when_opened(event) -> None:
+        """A tab's view is built the first time the tab is shown: views compute their first
+        numbers when built (FairVis' subgroups over a million rows take seconds), and most
+        pages are opened for the instances."""
+        if event.new > 0 and not tabs[event.new].objects:
+            tabs[event.new].objects = [LATER_TABS[tabs._names[event.new]](dashboard)]
+
+    tabs.param.watch(build_when_opened, "active")
+    # A click on a point or an exemplar opens the instance.
+    dashboard.param.watch(lambda _e: setattr(tabs, "active", 1), "instance_id")
+    title = f"netloupe: {session.manifest['run_name']} ({session.manifest['counts']['instances']:,} instances)"
+    return pn.template.BootstrapTemplate(title=title, main=[message, tabs])
+
+
+def _keep_panel_stylesheets_local() -> None:
+    """Make Panel link its own stylesheets from this server, never from its CDN.
+
+    Panel 1.9 re-renders a pane whose model has left the page (a hidden dynamic tab) without a
+    document, and then points the pane's shared stylesheets (loading.css, markdown.css) at
+    cdn.holoviz.org, which a cluster without internet cannot reach: the page loses its styles
+    and logs errors. Every stylesheet Panel would send to the CDN goes to the local copy.
+    """
+    import panel.io.resources
+    import panel.reactive
+    from panel.io.resources import CDN_DIST, LOCAL_DIST
+
+    original = panel.io.resources.patch_stylesheet
+    if getattr(original, "keeps_local", False):
+        return
+
+    def patch_stylesheet(stylesheet, dist_url):
+        original(stylesheet, LOCAL_DIST if dist_url == CDN_DIST else dist_url)
+
+    patch_stylesheet.keeps_local = True
+    panel.io.resources.patch_stylesheet = panel.reactive.patch_stylesheet = patch_stylesheet
+
+
+def warm_up(run_dir) -> float:
+    """Render the first tab once, off any page, and return the seconds it took.
+
+    The first render in a process imports HoloViews' plotting modules and has numba compile
+    Datashader's aggregations for these columns' types (over ten seconds here); done before
+    the server listens, the first analyst's page is as fast as every later one. It also loads
+    the projected points into the process-wide cache the sessions share.
+    """
+    from bokeh.document import Document
+
+    started = time.perf_counter()
+    dashboard = Dashboard(RunSession(run_dir))
+    for view in (InstancesView(dashboard), MatrixView(dashboard)):
+        pn.panel(view).get_root(Document())
+    return time.perf_counter() - started
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False, **kwargs):
+    """Serve the dashboard (blocking); bound to ``host`` only."""
+    from bokeh.settings import settings
+
+    # Every script and stylesheet from this server: components made in callbacks would
+    # otherwise link Panel's CDN, which a cluster without internet cannot reach.
+    settings.resources = "server"
+    _keep_panel_stylesheets_local()
+    hv.extension("bokeh")
+    pn.extension("tabulator")
+    RunSession(run_dir)  # fail here, with the run's error, before the server starts
+    warm_up(run_dir)
+    origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
+    return pn.serve({"/": lambda: build_dashboard(run_dir)}, address=host, port=port, show=show,
+                    websocket_origin=origins, title="netloupe", **kwargs)

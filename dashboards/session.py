@@ -1,0 +1,448 @@
+"""What the dashboard shows, as plain data: one analyst's session over a committed run.
+
+No Panel here: every view of :mod:`dashboards.app` asks a :class:`RunSession` for numbers
+and draws them, so the numbers are tested headless (``tests/test_dashboard_session.py``).
+Everything is read through the run's catalog (:func:`storage.catalog.open_catalog`), with
+the explanation operators of ``storage/sql/operators.sql`` doing the work.
+
+Subsets are the dashboard's currency (ActiVis): a class, a predicted class, correct or
+not, a SQL predicate typed by the analyst, or the points selected in the scatter, each
+kept under a name for the session and usable in every view.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.errors import NetloupeError, did_you_mean
+from storage.catalog import QueryError, open_catalog, run_query
+
+_POINTS: dict[tuple, pd.DataFrame] = {}
+"""Projected points by (run, kind, source, algorithm), shared by every session of the process:
+they are read-only, and a million of them cost a second to load and ~100 MB to hold."""
+
+SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
+
+
+class SessionError(NetloupeError):
+    """An analyst's request the dashboard cannot serve (shown in the page, not raised to Panel)."""
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A named set of instances: by a SQL predicate over ``instances``, or by explicit ids."""
+
+    name: str
+    predicate: str | None = None
+    ids: tuple | np.ndarray | None = None
+    size: int = 0
+
+
+class RunSession:
+    """One analyst's view of a run: the catalog connection, the run's facts, named subsets."""
+
+    def __init__(self, run_dir):
+        self.con = open_catalog(run_dir)
+        # A run rebuilt in place (--force) gets a new catalog file, so cached points go stale.
+        catalog = Path(run_dir).resolve() / "catalog.duckdb"
+        self.run_key = (str(catalog.parent), catalog.stat().st_mtime_ns)
+        self.manifest = {row["key"]: json.loads(row["value"])
+                         for row in run_query(self.con, "SELECT key, value FROM run_metadata").to_pylist()}
+        self.subsets: dict[str, Subset] = {}
+
+    # -- the run's facts ---------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["model"]["layer_neurons"])
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest["model"]["attribution_shapes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return list(self.manifest["dataset"]["metadata_columns"])
+
+    @property
+    def projections(self) -> list[tuple[str, str]]:
+        """``(kind, source)`` of every projected table, layers first."""
+        rows = run_query(self.con, "SELECT kind, source FROM projection_models ORDER BY kind, source").to_pylist()
+        return [(r["kind"], r["source"]) for r in rows]
+
+    @property
+    def model_graph(self) -> dict | None:
+        """The model's graph recorded at run time (:func:`pipeline.models.model_graph`), or
+        None for a run made before it was recorded."""
+        return self.manifest.get("model_graph")
+
+    def graph_layout(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Nodes placed for drawing (``x`` = longest path from an input, ``y`` = order among
+        the nodes at that depth) and the edges between them, recorded layers flagged."""
+        graph = self.model_graph
+        if graph is None:
+            raise SessionError("this run has no model graph (it was made before netloupe recorded one); "
+                               "rerun the job to get it")
+        recorded = set(self.layers)
+        depth: dict[str, int] = {}
+        for node in graph["nodes"]:  # execution (topological) order
+            depth[node["id"]] = 1 + max((depth[i] for i in node["inputs"] if i in depth), default=-1)
+        rows, at_depth = [], {}
+        for node in graph["nodes"]:
+            x = depth[node["id"]]
+            y = at_depth.get(x, 0)
+            at_depth[x] = y + 1
+            rows.append({"id": node["id"], "x": float(x), "y": -float(y), "type": node["type"], "op": node["op"],
+                         "module": node["module"] or "", "recorded": node["module"] in recorded})
+        nodes = pd.DataFrame(rows)
+        where = {row["id"]: (row["x"], row["y"]) for row in rows}
+        edges = pd.DataFrame([{"x0": where[i][0], "y0": where[i][1], "x1": where[n["id"]][0], "y1": where[n["id"]][1]}
+                              for n in graph["nodes"] for i in n["inputs"] if i in where],
+                             columns=["x0", "y0", "x1", "y1"])
+        return nodes, edges
+
+    def algorithms(self, kind: str, source: str) -> list[str]:
+        rows = run_query(self.con, "SELECT algorithms FROM projection_models WHERE kind = ? AND source = ?",
+                         [kind, source]).to_pylist()
+        return rows[0]["algorithms"] if rows else []
+
+    # -- the instance view -------------------------------------------------------------------
+
+    def points(self, kind: str, source: str, algorithm: str = "pca") -> pd.DataFrame:
+        """Every instance of a projection: ``instance_id, x, y`` and what it can be colored by
+        (label, prediction, correct, confidence, metadata). Cached for the session."""
+        key = (self.run_key, kind, source, algorithm)
+        if key not in _POINTS:
+            if algorithm not in self.algorithms(kind, source):
+                raise SessionError(f"no {algorithm} projection of {kind} {source!r}; projected: "
+                                   f"{self.projections} with {self.algorithms(kind, source) or 'nothing'}")
+            # Column names come from the fixed list of algorithms above, never from input.
+            table = run_query(self.con, f"""
+                SELECT p.instance_id, p.{algorithm}_x AS x, p.{algorithm}_y AS y, i.* EXCLUDE (instance_id,
+                       probabilities, node_id, device)
+                FROM projections p JOIN instances i USING (instance_id)
+                WHERE p.kind = ? AND p.source = ? AND isfinite(p.{algorithm}_x) AND isfinite(p.{algorithm}_y)
+            """, [kind, source])
+            frame = table.to_pandas()
+            frame["label_name"] = _names(frame["label"], self.class_names)
+            frame["prediction_name"] = _names(frame["prediction"], self.class_names)
+            correct = frame["correct"].fillna(False).astype(bool).to_numpy()
+            frame["outcome"] = pd.Categorical(
+                np.where(frame["correct"].isna(), "unlabeled", np.where(correct, "correct", "incorrect")))
+            for column in self.metadata_columns:
+                if frame[column].dtype == object:
+                    frame[column] = frame[column].astype("category")
+            _POINTS[key] = frame
+        return _POINTS[key]
+
+    @staticmethod
+    def ids_in_box(points: pd.DataFrame, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Ids of the points inside a box (corners in any order)."""
+        xs, ys = sorted((x0, x1)), sorted((y0, y1))
+        inside = points["x"].between(*xs) & points["y"].between(*ys)
+        return points["instance_id"].to_numpy()[inside.to_numpy()]
+
+    @staticmethod
+    def points_in_view(points: pd.DataFrame, x_range, y_range, limit: int) -> pd.DataFrame | None:
+        """The points inside the visible ranges when there are at most ``limit`` of them
+        (zoomed in far enough to tell them apart), else None."""
+        x, y = points["x"].to_numpy(), points["y"].to_numpy()
+        inside = (x >= x_range[0]) & (x <= x_range[1]) & (y >= y_range[0]) & (y <= y_range[1])
+        if np.count_nonzero(inside) > limit:
+            return None
+        return points[inside]
+
+    @staticmethod
+    def ids_in_polygon(points: pd.DataFrame, xs, ys) -> np.ndarray:
+        """Ids of the points inside a lasso polygon (even-odd rule)."""
+        px, py = points["x"].to_numpy(), points["y"].to_numpy()
+        vx, vy = np.asarray(xs, float), np.asarray(ys, float)
+        inside = np.zeros(len(px), bool)
+        for i in range(len(vx)):
+            j = i - 1
+            crosses = (vy[i] > py) != (vy[j] > py)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x_cross = (vx[j] - vx[i]) * (py - vy[i]) / (vy[j] - vy[i]) + vx[i]
+            inside ^= crosses & (px < x_cross)
+        return points["instance_id"].to_numpy()[inside]
+
+    @staticmethod
+    def nearest(points: pd.DataFrame, x: float, y: float, within: float):
+        """The id of the point nearest ``(x, y)`` if it lies within ``within``, else None."""
+        if points.empty:
+            return None
+        distance = np.hypot(points["x"].to_numpy() - x, points["y"].to_numpy() - y)
+        best = int(np.argmin(distance))
+        return points["instance_id"].iloc[best] if distance[best] <= within else None
+
+    # -- subsets -----------------------------------------------------------------------------
+
+    def class_subsets(self, by: str = "label") -> list[Subset]:
+        """One subset per class (``label``/``prediction``), or ``correct``/``incorrect``."""
+        if by == "correct":
+            return [self._counted("correct", "correct"), self._counted("incorrect", "NOT correct")]
+        if by not in ("label", "prediction"):
+            raise SessionError(f"class subsets are by 'label', 'prediction' or 'correct', got {by!r}")
+        return [self._counted(f"{by}={name}", f"{by} = {i}") for i, name in enumerate(self.class_names)]
+
+    def _counted(self, name: str, predicate: str) -> Subset:
+        size = run_query(self.con, f"SELECT count(*) AS n FROM instances WHERE {predicate}")["n"][0].as_py()
+        return Subset(name, predicate=predicate, size=size)
+
+    def add_predicate_subset(self, name: str, predicate: str) -> Subset:
+        """Keep the instances where ``predicate`` (SQL over ``instances``) holds as ``name``."""
+        self._check_name(name)
+        try:
+            size = run_query(self.con, "SELECT size FROM subset_summary(?)", [predicate])["size"][0].as_py()
+        except QueryError as error:
+            columns = run_query(self.con, "SELECT * FROM instances LIMIT 0").column_names
+            raise SessionError(f"the predicate {predicate!r} is not valid SQL over instances ({error}); "
+                               f"columns: {columns}") from None
+        subset = Subset(name, predicate=predicate, size=size)
+        self.subsets[name] = subset
+        return subset
+
+    def membership(self, points: pd.DataFrame, name: str) -> pd.Categorical:
+        """Per point, whether it is in the subset ``name`` ("in <name>" or "other"): the
+        scatter colored by a subset."""
+        subset = self.subset(name)
+        if subset.ids is not None:
+            ids = np.asarray(subset.ids)
+        else:
+            ids = run_query(self.con, "SELECT unnest(subset_ids(?)) AS instance_id",
+                            [subset.predicate])["instance_id"].to_numpy()
+        inside = np.isin(points["instance_id"].to_numpy(), ids)
+        return pd.Categorical.from_codes(inside.astype(np.int8), categories=["other", f"in {name}"])
+
+    def add_ids_subset(self, name: str, ids) -> Subset:
+        """Keep explicit instance ids (a scatter selection) as ``name``."""
+        self._check_name(name)
+        ids = tuple(np.asarray(ids).tolist())
+        if not ids:
+            raise SessionError("the selection is empty: drag a box or lasso over some points first")
+        subset = Subset(name, ids=ids, size=len(ids))
+        self.subsets[name] = subset
+        return subset
+
+    def remove_subset(self, name: str) -> None:
+        self.subsets.pop(name, None)
+
+    def subset(self, name: str) -> Subset:
+        if name in self.subsets:
+            return self.subsets[name]
+        for by in ("label", "prediction", "correct"):
+            for subset in self.class_subsets(by):
+                if subset.name == name:
+                    return subset
+        raise SessionError(f"no subset named {name!r}; {did_you_mean(name, list(self.subsets))}")
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not SUBSET_NAME.match(name or ""):
+            raise SessionError(f"subset name {name!r}: use 1-60 letters, digits, spaces or . : = < > ! -")
+
+    # -- the neuron activation matrix (ActiVis) ----------------------------------------------
+
+    def neuron_matrix(self, layer: str, subsets: list[Subset]) -> pd.DataFrame:
+        """One row per (subset, neuron): ``size, mean, std, frac_active``."""
+        self._check_layer(layer)
+        frames = []
+        for subset in subsets:
+            if subset.ids is not None:
+                ids = np.asarray(subset.ids).tolist()
+                table = run_query(self.con, "SELECT * FROM neuron_matrix_ids(?, ?)", [layer, ids])
+            else:
+                table = run_query(self.con, "SELECT * FROM neuron_matrix(?, ?)", [layer, subset.predicate])
+            frame = table.to_pandas()
+            frame.insert(0, "subset", subset.name)
+            frames.append(frame)
+        if not frames:
+            return pd.DataFrame(columns=["subset", "neuron", "size", "mean", "std", "frac_active"])
+        return pd.concat(frames, ignore_index=True)
+
+    def class_matrix(self, layer: str, by: str) -> pd.DataFrame:
+        """The matrix rows of every class subset (``label``, ``prediction`` or ``correct``),
+        from the sums stored at catalog build (no scan); named as :meth:`class_subsets` names them."""
+        self._check_layer(layer)
+        if by not in ("label", "prediction", "correct"):
+            raise SessionError(f"class rows are by 'label', 'prediction' or 'correct', got {by!r}")
+        frame = run_query(self.con, "SELECT * FROM neuron_matrix_by(?, subsets := ?)", [layer, by]).to_pandas()
+        if by != "correct":
+            names = self.class_names
+            frame["subset"] = [f"{by}={names[int(c)]}" if 0 <= int(c) < len(names) else f"{by}={int(c)}"
+                               for c in frame["class"]]
+        return frame[["subset", "neuron", "size", "mean", "std", "frac_active"]]
+
+    @staticmethod
+    def neuron_order(matrix: pd.DataFrame, subset_a: str | None = None, subset_b: str | None = None) -> list[int]:
+        """Neurons in display order: by the difference of means A - B (largest first) when two
+        subsets are given, else by index."""
+        neurons = sorted(matrix["neuron"].unique().tolist())
+        if subset_a is None or subset_b is None or subset_a == subset_b:
+            return neurons
+        wide = matrix.pivot(index="neuron", columns="subset", values="mean")
+        if subset_a not in wide or subset_b not in wide:
+            return neurons
+        difference = (wide[subset_a] - wide[subset_b]).fillna(0)
+        return difference.sort_values(ascending=False, kind="stable").index.tolist()
+
+    def exemplars(self, layer: str, neuron: int, k: int = 8) -> pd.DataFrame:
+        """The ``k`` instances that activate ``neuron`` most, with their labels and predictions."""
+        self._check_layer(layer)
+        return run_query(self.con, """
+            SELECT t.rank, t.instance_id, t.activation, i.label, i.prediction
+            FROM top_instances(?, ?, k := ?) t JOIN instances i USING (instance_id) ORDER BY t.rank
+        """, [layer, int(neuron), int(k)]).to_pandas()
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.layers:
+            raise SessionError(f"no recorded layer {layer!r}; {did_you_mean(layer, self.layers)}")
+
+    # -- instance detail ---------------------------------------------------------------------
+
+    def instance(self, instance_id) -> dict:
+        """Everything about one instance: its row, probabilities, each method's map in its
+        stored shape, and its activation vector per layer."""
+        rows = run_query(self.con, "SELECT * EXCLUDE (node_id, device) FROM instances WHERE instance_id = ?",
+                         [instance_id]).to_pylist()
+        if not rows:
+            raise SessionError(f"no instance with id {instance_id!r} in this run")
+        detail = {"row": rows[0], "maps": {}, "activations": {}}
+        shapes = self.manifest["model"]["attribution_shapes"]
+        for method, shape in shapes.items():
+            if shape is None:
+                continue
+            view = run_query(self.con, "SELECT view FROM methods WHERE method = ?", [method])["view"][0].as_py()
+            found = run_query(self.con, f"SELECT attribution FROM {view} WHERE instance_id = ? AND target_rank = 0",
+                              [instance_id])
+            if found.num_rows:
+                detail["maps"][method] = np.asarray(found["attribution"][0].as_py(), np.float32).reshape(shape)
+        for layer in self.layers:
+            view = run_query(self.con, "SELECT vectors_view FROM layers WHERE layer = ?",
+                             [layer])["vectors_view"][0].as_py()
+            found = run_query(self.con, f"SELECT activation FROM {view} WHERE instance_id = ?", [instance_id])
+            if found.num_rows:
+                detail["activations"][layer] = np.asarray(found["activation"][0].as_py(), np.float32)
+        detail["input"] = self.input_of(instance_id)
+        return detail
+
+    def input_of(self, instance_id):
+        """The instance's model input as stored in the dataset (an image array or feature
+        values), or None when the catalog has no ``inputs`` view (the dataset moved)."""
+        has_inputs = run_query(self.con, "SELECT count(*) AS n FROM duckdb_views() WHERE view_name = 'inputs'")
+        if not has_inputs["n"][0].as_py():
+            return None
+        found = run_query(self.con, "SELECT * FROM inputs WHERE instance_id = ?", [instance_id]).to_pylist()
+        if not found:
+            return None
+        row = found[0]
+        row.pop("instance_id")
+        if len(row) == 1:
+            (values,) = row.values()
+            shape = self.manifest["preprocess"].get("shape")
+            array = np.asarray(values, np.float32)
+            return array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array
+        return row
+
+    # -- subgroups (FairVis) -----------------------------------------------------------------
+
+    def distribution(self, column: str) -> pd.DataFrame:
+        """Counts and accuracy per value of a metadata (or label/prediction) column."""
+        self._check_column(column)
+        return run_query(self.con, f'SELECT "{column}" AS value, count(*) AS size, avg(correct::INT) AS accuracy '
+                                   f'FROM instances GROUP BY 1 ORDER BY 1').to_pandas()
+
+    def subgroups(self, columns: list[str], positive: int = 0) -> pd.DataFrame:
+        for column in columns:
+            self._check_column(column)
+        return run_query(self.con, "SELECT * FROM subgroup_metrics(?, ?)", [columns, positive]).to_pandas()
+
+    def suggested_subgroups(self, columns: list[str], metric: str = "accuracy", positive: int = 0,
+                            min_size: int = 30, k: int = 10) -> pd.DataFrame:
+        for column in columns:
+            self._check_column(column)
+        return run_query(self.con, "SELECT * FROM suggested_subgroups(?, ?, positive := ?, min_size := ?, k := ?)",
+                         [columns, metric, positive, min_size, k]).to_pandas()
+
+    @staticmethod
+    def subgroup_predicate(row: dict, columns: list[str]) -> str:
+        """The SQL predicate of one row of :meth:`subgroups` (the columns it fixes)."""
+        terms = []
+        for column in columns:
+            value = row.get(column)
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                continue
+            quoted = '"' + column.replace('"', '""') + '"'
+            if isinstance(value, (bool, np.bool_)):
+                literal = "true" if value else "false"
+            elif isinstance(value, (int, np.integer)):
+                literal = str(int(value))
+            elif isinstance(value, (float, np.floating)):
+                # repr of the widened value: a FLOAT column compares equal once DuckDB widens it too.
+                literal = repr(float(value))
+            else:
+                literal = "'" + str(value).replace("'", "''") + "'"
+            terms.append(f"{quoted} = {literal}")
+        if not terms:
+            raise SessionError(f"the subgroup {row.get('subgroup')!r} fixes none of {columns}")
+        return " AND ".join(terms)
+
+    def compare_subgroups(self, predicates: dict[str, str], positive: int = 0) -> pd.DataFrame:
+        """FairVis' side-by-side view: one row per metric, one column per named predicate."""
+        columns = {}
+        for name, predicate in predicates.items():
+            try:
+                row = run_query(self.con, f"""
+                    SELECT count(*) AS size, avg(correct::INT) AS accuracy,
+                           count(*) FILTER (WHERE label = $p AND prediction = $p) AS tp,
+                           count(*) FILTER (WHERE label <> $p AND prediction = $p) AS fp,
+                           count(*) FILTER (WHERE label = $p AND prediction <> $p) AS fn,
+                           count(*) FILTER (WHERE label <> $p AND prediction <> $p) AS tn,
+                           fp / nullif(fp + tn, 0) AS fpr, fn / nullif(fn + tp, 0) AS fnr,
+                           tp / nullif(tp + fp, 0) AS precision, tp / nullif(tp + fn, 0) AS recall,
+                           avg(confidence) AS mean_confidence
+                    FROM instances WHERE label IS NOT NULL AND ({predicate})""", {"p": int(positive)}).to_pylist()[0]
+            except QueryError as error:
+                raise SessionError(f"subgroup {name!r}: {predicate!r} is not a valid predicate ({error})") from None
+            columns[name] = row
+        return pd.DataFrame(columns)
+
+    def _check_column(self, column: str) -> None:
+        valid = self.metadata_columns + ["label", "prediction"]
+        if column not in valid:
+            raise SessionError(f"no instances column {column!r} to group by; {did_you_mean(column, valid)}")
+
+    # -- the SQL console ---------------------------------------------------------------------
+
+    def sql(self, query: str) -> pa.Table:
+        """An analyst's read-only query (SELECT/EXPLAIN only; refused otherwise)."""
+        return run_query(self.con, query)
+
+
+def map_image(values: np.ndarray) -> np.ndarray:
+    """An attribution map (or input) in its stored shape as a 2-D image: channels summed
+    (a ``(C, H, W)`` map), a vector as one row."""
+    array = np.asarray(values, np.float32)
+    if array.ndim == 3:
+        return array.sum(axis=0)
+    if array.ndim == 2:
+        return array
+    return array.reshape(1, -1)
+
+
+def _names(codes: pd.Series, names: list[str]) -> pd.Categorical:
+    """Class indices as class names (NaN where unlabeled), vectorised for a million rows."""
+    values = codes.to_numpy(dtype=float, na_value=np.nan)
+    valid = np.isfinite(values) & (values >= 0) & (values < len(names))
+    return pd.Categorical.from_codes(np.where(valid, np.nan_to_num(values), -1).astype(int), categories=names)

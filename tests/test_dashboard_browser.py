@@ -1,0 +1,272 @@
+"""The dashboard in a real browser: ``netloupe dashboard`` served as its own process and
+driven by Playwright in Debian's headless Chromium (``make test`` installs it).
+
+Screenshots are kept in ``test-artifacts/dashboard/`` (or ``$NETLOUPE_TEST_ARTIFACTS``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.dashboard_run import make_dashboard_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("NETLOUPE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
+STARTUP_SECONDS = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    """The dashboard of a generated run, served by ``netloupe dashboard`` on loopback."""
+    run_dir = make_dashboard_run(tmp_path_factory.mktemp("browser"))
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server-log") / "server.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", str(run_dir), "--port", str(port)],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the dashboard server exited with {process.returncode}:\n{log.read()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the dashboard did not listen on 127.0.0.1:{port} within {STARTUP_SECONDS} s")
+    yield f"http://127.0.0.1:{port}/"
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, request):
+    """A fresh page on the dashboard (its own server session), console errors collected."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # Everything must come from the server on loopback (no CDN: there is no internet).
+    page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
+    page.goto(server, wait_until="networkidle")
+    page.errors = errors
+    page.locator(".scatter canvas").first.wait_for(timeout=60_000)
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def colored(png: bytes) -> int:
+    """Number of clearly colored (not gray) pixels."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())
+
+
+def wait_for_plot(page, selector: str, timeout: float = 30.0) -> bytes:
+    """A screenshot of the plot at ``selector`` once it has something drawn in it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shot = page.locator(selector).first.screenshot()
+        if colored(shot) > 400 or time.monotonic() > deadline:
+            return shot
+        time.sleep(0.5)
+
+
+def text_of(page, selector: str) -> str:
+    """The text a Panel pane shows (it lives in the pane's shadow root)."""
+    return page.locator(selector).first.evaluate("el => (el.shadowRoot || el).textContent")
+
+
+def wait_for_text(page, selector: str, text: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (shown := text_of(page, selector)):
+        assert time.monotonic() < deadline, f"{selector} shows {shown!r}, not {text!r}"
+        time.sleep(0.25)
+    return shown
+
+
+def open_tab(page, name: str) -> None:
+    page.locator(".bk-tab").filter(has_text=re.compile(f"^{re.escape(name)}$")).first.click()
+
+
+def test_page_loads_without_console_errors_and_the_scatter_is_drawn(page):
+    assert "netloupe" in page.title() or "netloupe" in page.content()
+    shot = wait_for_plot(page, ".scatter")
+    (ARTIFACTS / "scatter.png").parent.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "scatter.png").write_bytes(shot)
+    assert colored(shot) > 400, "the scatter has (almost) no colored points"
+    assert page.errors == [], page.errors
+
+
+def test_box_selection_shows_in_the_matrix_and_becomes_a_subset(page):
+    page.locator(".matrix canvas").first.wait_for(timeout=30_000)
+    before = wait_for_text(page, ".matrix-rows", "Rows (")
+    assert "selection" not in before and "label=left" in before
+    matrix_before = wait_for_plot(page, ".matrix")
+    wait_for_plot(page, ".scatter")
+    page.locator(".scatter .bk-tool-icon-box-select").first.click()
+    canvas = page.locator(".scatter canvas").first.bounding_box()
+    # From just inside the plot's top-left to its centre: a quarter of the points or so.
+    start = (canvas["x"] + canvas["width"] * 0.1, canvas["y"] + canvas["height"] * 0.1)
+    end = (canvas["x"] + canvas["width"] * 0.75, canvas["y"] + canvas["height"] * 0.8)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=12)
+    page.mouse.up()
+    selected = wait_for_text(page, ".selection-info", "instances selected")
+    count = int(selected.split()[0].replace(",", ""))
+    assert 0 < count < 240, selected
+    # The matrix shows the selection at once (ActiVis), as a row of its own.
+    wait_for_text(page, ".matrix-rows", "(current selection)")
+    time.sleep(1.0)  # the heat map redraws after its rows text
+    matrix_live = wait_for_plot(page, ".matrix")
+    assert matrix_live != matrix_before
+    page.get_by_role("button", name="Keep selection as subset").click()
+    page.get_by_text(f"subset 'selection 1': {count} instances").wait_for(timeout=15_000)
+    kept = wait_for_text(page, ".matrix-rows", "selection 1")
+    assert "(current selection)" not in kept
+    assert page.errors == [], page.errors
+
+
+RASTER_HOOK = """
+() => {
+  window.__rasters = 0;
+  Bokeh.documents[0].on_change((event) => {
+    const data = event.model && event.model.type === "ColumnDataSource" ? event.model.data : null;
+    if (data && data.image && data.image[0].dtype === "uint32") window.__rasters += 1;
+  });
+}
+"""
+
+
+def test_a_zoom_is_re_aggregated_by_the_server(page):
+    before = wait_for_plot(page, ".scatter")
+    page.evaluate(RASTER_HOOK)
+    box = page.locator(".scatter canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    page.mouse.wheel(0, -600)
+    # The server sends a new raster of the zoomed ranges (not the old image stretched).
+    page.wait_for_function("window.__rasters > 0", timeout=30_000)
+    time.sleep(0.5)
+    after = page.locator(".scatter").first.screenshot()
+    assert after != before and colored(after) > 100
+    assert page.errors == [], page.errors
+
+
+# Where the first hoverable point is on the screen, from Bokeh's own scales.
+FIRST_HOVERABLE = """
+() => {
+  const figures = [];
+  const walk = (view) => {
+    if (view.model && view.model.type === "Figure" && view.frame) figures.push(view);
+    for (const child of (view.child_views || [])) walk(child);
+  };
+  for (const root of Object.values(Bokeh.index)) walk(root);
+  for (const figure of figures) {
+    for (const [model, renderer] of figure.renderer_views) {
+      const data = model.data_source ? model.data_source.data : null;
+      if (data && data.instance_id && data.instance_id.length > 0) {
+        const rect = figure.canvas_view.el.getBoundingClientRect();
+        return {id: String(data.instance_id[0]), x: rect.left + renderer.coordinates.x_scale.compute(data.x[0]),
+                y: rect.top + renderer.coordinates.y_scale.compute(data.y[0])};
+      }
+    }
+  }
+  return null;
+}
+"""
+TOOLTIP_TEXT = """
+() => {
+  const texts = [];
+  const walk = (node) => {
+    if (node.shadowRoot) walk(node.shadowRoot);
+    for (const child of node.children || []) {
+      if (String(child.className || "").includes("tooltip")) texts.push(child.textContent);
+      walk(child);
+    }
+  };
+  walk(document.body);
+  return texts.join(" ");
+}
+"""
+
+
+def test_hovering_a_point_names_the_instance(page):
+    wait_for_plot(page, ".scatter")
+    point = None
+    deadline = time.monotonic() + 30
+    while point is None and time.monotonic() < deadline:  # 240 points: all hoverable at once
+        point = page.evaluate(FIRST_HOVERABLE)
+        time.sleep(0.25)
+    assert point is not None, "no hoverable points were sent"
+    page.mouse.move(point["x"], point["y"])
+    deadline = time.monotonic() + 10
+    while f"instance_id: {point['id']}" not in (shown := page.evaluate(TOOLTIP_TEXT)):
+        assert time.monotonic() < deadline, f"the tooltip shows {shown!r}"
+        time.sleep(0.2)
+    assert "label_name:" in shown and "prediction_name:" in shown
+
+
+def test_instance_detail_shows_heatmaps(page):
+    open_tab(page, "Instance")
+    box = page.get_by_label("Instance id")
+    box.fill("107")
+    box.press("Enter")
+    page.get_by_text("Instance 107").wait_for(timeout=30_000)
+    page.locator(".heatmaps canvas").first.wait_for(timeout=30_000)
+    shot = wait_for_plot(page, ".heatmaps")
+    # RdBu maps: red and blue cells, not only the gray input image.
+    assert colored(shot) > 2000
+    text = text_of(page, ".instance-facts")
+    assert "prediction" in text and "group = " in text
+    assert page.errors == [], page.errors
+
+
+def test_sql_console_runs_reads_and_refuses_writes(page):
+    open_tab(page, "SQL")
+    editor = page.locator(".sql-editor textarea")
+    editor.fill("SELECT count(*) AS n FROM instances")
+    page.get_by_role("button", name="Run", exact=True).click()
+    wait_for_text(page, ".sql-status", "1 rows")
+    editor.fill("DROP TABLE instances")
+    page.get_by_role("button", name="Run", exact=True).click()
+    wait_for_text(page, ".sql-status", "Refused")
+    editor.fill("SELECT count(*) AS n FROM instances")
+    page.get_by_role("button", name="Run", exact=True).click()
+    wait_for_text(page, ".sql-status", "1 rows")  # the table is still there

@@ -1,0 +1,281 @@
+"""The dashboard's numbers, without Panel: :class:`dashboards.session.RunSession` over a run
+whose answers are known (``tests/dashboard_run.py``) or over frames written by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dashboards.session import RunSession, SessionError, map_image
+from storage.catalog import QueryError
+from tests.dashboard_run import ROWS, dashboard_images, make_dashboard_run
+from tests.tiny_models import tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory):
+    return make_dashboard_run(tmp_path_factory.mktemp("dashboard"))
+
+
+@pytest.fixture(scope="module")
+def session(run_dir):
+    return RunSession(run_dir)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    """Ids, images, and the model's conv means computed directly."""
+    table, predictions = dashboard_images()
+    images = table["pixels"].combine_chunks().flatten().to_numpy().reshape(ROWS, 1, 4, 4)
+    with torch.no_grad():
+        conv_means = tiny_cnn().eval().conv(torch.from_numpy(images)).mean(dim=(2, 3)).numpy()
+    return {"ids": table["id"].to_numpy(), "images": images, "conv": conv_means,
+            "group": np.asarray(table["group"].to_pylist()), "predictions": predictions}
+
+
+def test_points_are_every_instance_with_its_coordinates(session, run_dir):
+    points = session.points("activations", "relu")
+    assert len(points) == ROWS
+    stored = pq.read_table(run_dir / "projections" / "activations" / "relu").to_pandas()
+    merged = points.merge(stored, on="instance_id")
+    np.testing.assert_allclose(merged["x"], merged["pca_x"])
+    np.testing.assert_allclose(merged["y"], merged["pca_y"])
+    assert list(points["label_name"].cat.categories) == ["left", "right"]
+    assert set(points["outcome"]) == {"correct", "incorrect"}
+    with pytest.raises(SessionError, match="no umap projection"):
+        session.points("activations", "relu", "umap")
+
+
+def test_box_lasso_and_nearest_by_hand():
+    points = pd.DataFrame({"instance_id": [1, 2, 3, 4], "x": [0.0, 1.0, 2.0, 0.5], "y": [0.0, 1.0, 0.0, 3.0]})
+    assert RunSession.ids_in_box(points, 1.5, -1, -0.5, 1.5).tolist() == [1, 2]  # corners in any order
+    # A triangle around (1, 1) and (0.5, 3) but not the bottom corners.
+    assert sorted(RunSession.ids_in_polygon(points, [0.2, 1.8, 0.5], [0.5, 0.5, 3.5]).tolist()) == [2, 4]
+    assert RunSession.nearest(points, 1.9, 0.1, within=0.2) == 3
+    assert RunSession.nearest(points, 5, 5, within=0.2) is None
+
+
+def test_a_selection_subset_gives_the_mean_activations_of_its_instances(session, truth):
+    chosen = truth["ids"][:30]
+    subset = session.add_ids_subset("first 30", chosen)
+    assert subset.size == 30
+    matrix = session.neuron_matrix("conv", [subset])
+    np.testing.assert_allclose(matrix.sort_values("neuron")["mean"], truth["conv"][:30].mean(axis=0), rtol=1e-5)
+    assert (matrix["subset"] == "first 30").all()
+    with pytest.raises(SessionError, match="selection is empty"):
+        session.add_ids_subset("empty", [])
+    with pytest.raises(SessionError, match="subset name"):
+        session.add_ids_subset("bad;name", chosen)
+
+
+def test_a_predicate_subset_and_its_errors(session, truth):
+    subset = session.add_predicate_subset("group b", "\"group\" = 'b'")
+    assert subset.size == ROWS // 2
+    matrix = session.neuron_matrix("conv", [subset])
+    np.testing.assert_allclose(matrix["mean"], truth["conv"][truth["group"] == "b"].mean(axis=0), rtol=1e-5)
+    with pytest.raises(SessionError, match="not valid SQL over instances"):
+        session.add_predicate_subset("broken", "no_such_column = 1")
+
+
+def test_class_rows_from_the_stored_sums(session, truth):
+    by_correct = session.class_matrix("conv", "correct").set_index(["subset", "neuron"])
+    # Group a is all correct, group b all wrong, by construction.
+    correct = truth["group"] == "a"
+    for neuron in (0, 1):
+        assert by_correct.loc[("correct", neuron), "size"] == correct.sum()
+        np.testing.assert_allclose(by_correct.loc[("correct", neuron), "mean"],
+                                   truth["conv"][correct, neuron].mean(), rtol=1e-5)
+    by_prediction = session.class_matrix("conv", "prediction")
+    assert set(by_prediction["subset"]) <= {"prediction=left", "prediction=right"}
+    with pytest.raises(SessionError, match="no recorded layer 'convv'.*did you mean 'conv'"):
+        session.class_matrix("convv", "label")
+
+
+def test_neuron_order_by_difference_by_hand():
+    matrix = pd.DataFrame({"subset": ["A"] * 3 + ["B"] * 3, "neuron": [0, 1, 2] * 2,
+                           "mean": [1.0, 5.0, 2.0, 1.0, 1.0, 3.0]})
+    assert RunSession.neuron_order(matrix, "A", "B") == [1, 0, 2]  # differences 0, 4, -1
+    assert RunSession.neuron_order(matrix, "B", "A") == [2, 0, 1]
+    assert RunSession.neuron_order(matrix) == [0, 1, 2]
+
+
+def test_exemplars_are_the_most_activating_instances(session, truth):
+    exemplars = session.exemplars("conv", 1, k=3)
+    expected = truth["ids"][np.argsort(-truth["conv"][:, 1], kind="stable")[:3]]
+    assert exemplars["instance_id"].tolist() == expected.tolist()
+
+
+def test_instance_detail(session, truth):
+    instance_id = int(truth["ids"][7])
+    detail = session.instance(instance_id)
+    assert detail["row"]["prediction"] == truth["predictions"][7]
+    assert set(detail["maps"]) == {"saliency", "integrated_gradients"}
+    assert detail["maps"]["saliency"].shape == (1, 4, 4)
+    np.testing.assert_allclose(detail["input"], truth["images"][7])
+    np.testing.assert_allclose(detail["activations"]["conv"], truth["conv"][7], rtol=1e-5)
+    assert map_image(detail["maps"]["saliency"]).shape == (4, 4)
+    with pytest.raises(SessionError, match="no instance with id 99999"):
+        session.instance(99999)
+
+
+def test_subgroups_find_the_group_the_model_gets_wrong(session):
+    overview = session.subgroups(["group", "noise"]).set_index("subgroup")
+    assert overview.loc["group=a", "accuracy"] == 1.0
+    assert overview.loc["group=b", "accuracy"] == 0.0
+    worst = session.suggested_subgroups(["group", "noise"], "accuracy", min_size=30)
+    assert worst["subgroup"].iloc[0] == "group=b"  # accuracy 0, and the largest such subgroup
+    distribution = session.distribution("noise").set_index("value")
+    assert distribution.loc["high", "size"] == len(range(0, ROWS, 3))
+    with pytest.raises(SessionError, match="did you mean 'noise'"):
+        session.distribution("nosie")
+
+
+def test_two_subgroups_side_by_side(session):
+    rows = session.subgroups(["group"]).to_dict("records")
+    predicates = {row["subgroup"]: RunSession.subgroup_predicate(row, ["group"]) for row in rows}
+    assert predicates["group=a"] == "\"group\" = 'a'"
+    table = session.compare_subgroups(predicates)
+    assert table.loc["accuracy", "group=a"] == 1.0 and table.loc["accuracy", "group=b"] == 0.0
+    assert table.loc["size", "group=a"] == ROWS // 2
+    assert RunSession.subgroup_predicate({"x": 0.5, "y": None, "n": 3}, ["x", "y", "n"]) == '"x" = 0.5 AND "n" = 3'
+
+
+def test_model_graph_highlights_the_recorded_layers(session):
+    nodes, edges = session.graph_layout()
+    chain = ["x", "conv", "relu", "pool", "flatten", "head", "output"]
+    assert nodes["id"].tolist() == chain
+    assert nodes["x"].tolist() == list(range(len(chain)))  # a chain: each node one step further
+    assert nodes.loc[nodes["recorded"], "module"].tolist() == ["conv", "relu", "head"]
+    assert len(edges) == len(chain) - 1
+
+
+def test_the_sql_console_reads_and_refuses_writes(session):
+    assert session.sql("SELECT count(*) AS n FROM instances")["n"][0].as_py() == ROWS
+    with pytest.raises(QueryError):
+        session.sql("DROP TABLE instances")
+    with pytest.raises(QueryError):
+        session.sql("COPY instances TO '/tmp/out.csv'")
+
+
+def test_a_handmade_run_shows_the_coordinates_it_was_given(tmp_path):
+    from storage import schema as S
+    from storage.handmade import write_handmade_run
+
+    ids = np.array([5, 3, 9, 1])
+    instances = pa.table({"instance_id": ids, "label": [0, 1, 1, 0], "prediction": [0, 1, 0, 0],
+                          "probabilities": S.fixed_vectors(np.full((4, 2), 0.5, np.float32), 2),
+                          "site": ["n", "s", "s", "n"]})
+    coordinates = np.array([[0, 1], [2, 3], [4, 5], [6, 7]], np.float32)
+    layout = write_handmade_run(tmp_path, "given", instances, {"l": np.eye(4, 3, dtype=np.float32)},
+                                projections={"l": coordinates})
+    session = RunSession(layout.root)
+    assert session.projections == [("activations", "l")]
+    points = session.points("activations", "l").set_index("instance_id").loc[ids]
+    np.testing.assert_array_equal(points[["x", "y"]].to_numpy(), coordinates)
+    assert points["site"].tolist() == ["n", "s", "s", "n"]
+    with pytest.raises(ValueError, match="recorded layers"):
+        write_handmade_run(tmp_path, "wrong", instances, {"l": np.eye(4, 3, dtype=np.float32)},
+                           projections={"m": coordinates})
+
+
+# -- the scatter's raster, without a browser ------------------------------------------------
+
+def _scatter_points() -> pd.DataFrame:
+    """Three instances: two of class a at the left and bottom-left, one of b at the right."""
+    return pd.DataFrame({"instance_id": [1, 2, 3], "x": [0.0, 0.0, 10.0], "y": [0.0, 10.0, 5.0],
+                         "label_name": pd.Categorical(["a", "a", "b"]), "confidence": [0.2, 0.4, 0.9]})
+
+
+def test_the_scatter_raster_puts_each_point_in_its_pixel_with_its_class_color():
+    from dashboards.scatter import RASTER_SIZE, InstanceScatter
+
+    points = _scatter_points()
+    scatter = InstanceScatter(points, "label_name", "t", on_select=lambda *a: None, on_tap=lambda *a: None)
+    data = scatter.render((-1.0, 11.0), (-1.0, 11.0))
+    image = data["image"][0]
+    assert image.shape == (RASTER_SIZE[1], RASTER_SIZE[0]) and image.dtype == np.uint32
+    assert (data["x"][0], data["y"][0], data["dw"][0], data["dh"][0]) == (-1.0, -1.0, 12.0, 12.0)
+    rgba = image.view(np.uint8).reshape(*image.shape, 4)
+    drawn = rgba[..., 3] > 0
+    rows, columns = np.nonzero(drawn)
+    # Row 0 is the lowest y (as Bokeh draws images): the point at y=0 is near the bottom row.
+    def near(x, y):
+        column = (x + 1) / 12 * RASTER_SIZE[0]
+        row = (y + 1) / 12 * RASTER_SIZE[1]
+        close = (np.abs(columns - column) <= 4) & (np.abs(rows - row) <= 4)
+        return rgba[rows[close], columns[close], :3]
+    a_color = tuple(int(scatter.colors["a"][i:i + 2], 16) for i in (1, 3, 5))
+    b_color = tuple(int(scatter.colors["b"][i:i + 2], 16) for i in (1, 3, 5))
+    for x, y, color in [(0, 0, a_color), (0, 10, a_color), (10, 5, b_color)]:
+        found = near(x, y)
+        assert len(found) > 0 and (found == color).all(axis=1).any(), (x, y)
+    assert drawn.sum() < 3 * 7 * 7  # three (spread) points, nothing else
+    # Zoomed on the right-hand point only: the a points leave the picture.
+    zoomed = scatter.render((9.0, 11.0), (4.0, 6.0))["image"][0].view(np.uint8).reshape(*image.shape, 4)
+    colors = {tuple(c) for c in zoomed[zoomed[..., 3] > 0][:, :3]}
+    assert colors == {b_color}
+
+
+def test_the_scatter_colors_a_number_on_one_scale_and_hovers_only_when_few():
+    from dashboards.scatter import InstanceScatter
+
+    points = _scatter_points()
+    scatter = InstanceScatter(points, "confidence", "t", on_select=lambda *a: None, on_tap=lambda *a: None)
+    assert scatter.span == (0.2, 0.9)
+    assert sorted(scatter._hoverable((-1, 11), (-1, 11))["instance_id"].tolist()) == [1, 2, 3]
+    assert scatter._hoverable((9, 11), (4, 6))["label_name"].tolist() == ["b"]
+    assert RunSession.points_in_view(points, (-1, 11), (-1, 11), limit=2) is None
+
+
+def test_scatter_selections_and_taps_come_back_as_ids():
+    from bokeh.events import SelectionGeometry, Tap
+
+    from dashboards.scatter import InstanceScatter
+
+    picked, tapped = [], []
+    scatter = InstanceScatter(_scatter_points(), "label_name", "t", on_select=lambda ids, tool: picked.append(
+        (sorted(ids.tolist()), tool)), on_tap=tapped.append)
+    figure = scatter.figure
+    scatter._on_selection(SelectionGeometry(figure, geometry={"type": "rect", "x0": -1, "x1": 1, "y0": -1, "y1": 11},
+                                            final=False))
+    assert picked == []  # only a finished drag counts
+    scatter._on_selection(SelectionGeometry(figure, geometry={"type": "rect", "x0": -1, "x1": 1, "y0": -1, "y1": 11},
+                                            final=True))
+    scatter._on_selection(SelectionGeometry(figure, geometry={"type": "poly", "x": [5, 12, 12], "y": [5, 0, 10]},
+                                            final=True))
+    assert picked == [([1, 2], "box"), ([3], "lasso")]
+    scatter._on_tap(Tap(figure, x=9.9, y=5.1))
+    scatter._on_tap(Tap(figure, x=5.0, y=5.0))  # nothing within 2% of the view's width
+    assert tapped == [3]
+
+
+def test_the_scatter_can_be_colored_by_a_kept_subset(session):
+    from dashboards.app import Dashboard
+
+    dashboard = Dashboard(session)
+    session.add_predicate_subset("wrong ones", "\"group\" = 'b'")
+    session.add_ids_subset("three", [100, 101, 102])
+    dashboard.added_subset()
+    assert {"subset: wrong ones", "subset: three"} <= set(dashboard.param.color_by.objects)
+    dashboard.color_by = "subset: three"
+    points = dashboard.colored_points()
+    inside = points.loc[points["subset: three"] == "in three", "instance_id"]
+    assert sorted(inside.tolist()) == [100, 101, 102]
+    assert "subset: three" not in dashboard.points()  # the shared cache is left alone
+    wrong = session.membership(points, "wrong ones")
+    assert (np.asarray(wrong == "in wrong ones") == (points["group"] == "b").to_numpy()).all()
+    session.remove_subset("wrong ones")
+    session.remove_subset("three")
+
+
+def test_choosing_a_layer_switches_the_projection(session):
+    from dashboards.app import Dashboard
+
+    dashboard = Dashboard(session)
+    for layer in session.layers:
+        dashboard.layer = layer
+        assert dashboard.projection == f"activations/{layer}"
