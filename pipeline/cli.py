@@ -149,6 +149,55 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipeline.submit import follow_logs, job_client, submit
+
+    submission_id = submit(args.spec, args.address, args.set, args.id)
+    print(f"submitted {submission_id}; follow it with: netloupe jobs logs {submission_id} --follow", flush=True)
+    if not args.wait:
+        return 0
+    client = job_client(args.address)
+    for text in follow_logs(client, submission_id):
+        print(text, end="", flush=True)
+    return _report_end(client, submission_id)
+
+
+def _report_end(client, submission_id: str) -> int:
+    info = client.get_job_info(submission_id)
+    status = str(info.status.value)
+    print(f"\njob {submission_id}: {status}" + (f" ({info.message})" if info.message else ""), flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from pipeline.submit import SubmitError, follow_logs, job_client, job_rows
+
+    client = job_client(args.address)
+    if args.action == "list":
+        for row in job_rows(client):
+            print(f"{row['submission_id']}  {row['status']:<9}  {row['entrypoint']}")
+        return 0
+    if not args.id:
+        raise SubmitError(f"`netloupe jobs {args.action}` needs a submission id (see `netloupe jobs list`)")
+    try:
+        if args.action == "status":
+            info = client.get_job_info(args.id)
+            print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+            return 0
+        if args.action == "logs":
+            if not args.follow:
+                print(client.get_job_logs(args.id), end="")
+                return 0
+            for text in follow_logs(client, args.id):
+                print(text, end="", flush=True)
+            return _report_end(client, args.id)
+        stopped = client.stop_job(args.id)
+        print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
+        return 0
+    except RuntimeError as error:  # Ray's client: an unknown id is a 404 RuntimeError
+        raise SubmitError(f"job {args.id!r}: {error}") from None
+
+
 def cmd_generate(args) -> int:
     from pipeline.errors import DatasetError
     from pipeline.mnist_variants import write_mnist_variants
@@ -202,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="directory to create (must not exist)")
     generate.add_argument("--seed", type=int, default=0, help="same seed and rows, same instances")
     generate.set_defaults(func=cmd_generate)
+    submit = sub.add_parser("submit", help="run a spec on a Ray cluster as a Ray job (Job Submission API)")
+    submit.add_argument("spec", help="job spec YAML; its directory is uploaded as the job's working directory")
+    submit.add_argument("--address", help="the job server, http://HOST:8265 (else RAY_API_SERVER_ADDRESS or "
+                                          "RAY_ADDRESS, as for `ray job submit`)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
+    submit.add_argument("--id", help="the submission id to use (default: one Ray makes up)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs; exit 1 unless it succeeds")
+    submit.set_defaults(func=cmd_submit)
+    jobs = sub.add_parser("jobs", help="follow Ray jobs: list, status ID, logs ID [--follow], stop ID")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("id", nargs="?", help="a submission id (from `netloupe submit` or `jobs list`)")
+    jobs.add_argument("--address", help="the job server, http://HOST:8265 (else RAY_API_SERVER_ADDRESS or "
+                                        "RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="with logs: keep printing until the job ends")
+    jobs.set_defaults(func=cmd_jobs)
     layers = sub.add_parser("layers", help="list the layer names of a spec's model")
     layers.add_argument("spec")
     layers.set_defaults(func=cmd_layers)

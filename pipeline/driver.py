@@ -81,6 +81,10 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+WORKER_START_TIMEOUT_S = 600
+"""How long the explain pass waits for all its workers to start before failing."""
+
+
 def ensure_ray(address: str | None) -> float:
     """Connect to the spec's cluster, or start a local one on 127.0.0.1; return seconds."""
     # Ray reads these when it is first imported; the CLI sets them before that too.
@@ -93,7 +97,9 @@ def ensure_ray(address: str | None) -> float:
     if address is None:
         # One logical CPU more than the cores: Ray Data's read tasks need a CPU slot, and
         # actors holding every slot would leave them (and the run) waiting forever.
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=(os.cpu_count() or 1) + 1,
+        # address="local": without a ray_address the run is local, even when a cluster
+        # started by `ray start` runs on this machine (a bare ray.init() would join it).
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=(os.cpu_count() or 1) + 1,
                  include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
@@ -188,6 +194,10 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         # one actor would process alone while the others idle.
         context = ray.data.DataContext.get_current()
         context.target_max_block_size = max(2**16, checked.bytes_per_row * execution.batch_size)
+        # Start work once every worker is up: by default the first actor ready takes blocks
+        # while the rest start, and a small run (or a cluster's far node) can end up with
+        # one worker doing everything. _check_cluster_fits made sure they all fit.
+        context.wait_for_min_actors_s = WORKER_START_TIMEOUT_S
         if dataset.limit is not None:
             # "The first N rows" must mean the same rows in every run.
             context.execution_options.preserve_order = True

@@ -30,7 +30,8 @@ def ray_local():
     import ray
 
     # 2 cores plus the read slot, as pipeline.driver.ensure_ray starts a local cluster.
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=3, include_dashboard=False,
+    # address="local": a cluster of its own even when `ray start` runs on this machine.
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=3, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,217 @@
+"""Cluster submission with real processes on loopback: a head started by ``ray start --head``
+declaring two logical GPUs, a second node joined by ``ray start --address …`` with two more,
+token authentication on, and jobs submitted over HTTP by ``netloupe submit`` / ``jobs``.
+
+The job's working directory is a fresh directory holding the spec and a model module; the
+data (eight Parquet files: eight blocks, so that every worker gets some) and the run are in
+directories both nodes share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.errors import SpecError
+from pipeline.submit import SubmitError, cluster_address, submit
+from tests.conftest import tabular_spec_data, tabular_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PARTS, ROWS_PER_PART = 8, 2000  # ~12 blocks of 64 KiB: work for every worker
+
+# `ray start --address` refuses to join a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+# and with it =1 the new node's services listen on every interface and it rewrites
+# 127.0.0.1 to the machine's address. The joining `ray start` runs with those two checks
+# lifted in its own process only; the node it starts keeps =0, so every listener stays on
+# 127.0.0.1 (checked below).
+JOIN = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv = ["ray"] + sys.argv[1:]
+main()
+"""
+
+MODEL = """
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [-1.0, 0.5, 2.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def linear():
+    return Linear()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two Ray nodes on 127.0.0.1 (2 logical GPUs each), token auth on; the job server's URL."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    ray = [str(BIN / "ray")]
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=2"]
+    subprocess.run(ray + ["start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                          f"--dashboard-port={dashboard}", "--num-cpus=3", *common],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        subprocess.run([sys.executable, "-c", JOIN, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        deadline = time.monotonic() + 60
+        while True:
+            status = subprocess.run(ray + ["status", f"--address=127.0.0.1:{gcs}"], env=env,
+                                    capture_output=True, text=True, timeout=60).stdout
+            if status.count(" node_") >= 2:
+                break
+            assert time.monotonic() < deadline, f"the second node did not join:\n{status}"
+            time.sleep(1)
+        yield {"url": f"http://127.0.0.1:{dashboard}", "env": env, "gcs": gcs}
+    finally:
+        subprocess.run(ray + ["stop"], env=env, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    """A job's working directory (spec, model module) and the shared storage: the data in
+    eight files, and where runs go."""
+    directory = tmp_path_factory.mktemp("job")
+    (directory / "cluster_model.py").write_text(MODEL)
+    data = tmp_path_factory.mktemp("shared-data")
+    table = tabular_table(PARTS * ROWS_PER_PART, seed=3)
+    for i in range(PARTS):
+        pq.write_table(table.slice(i * ROWS_PER_PART, ROWS_PER_PART), data / f"part-{i}.parquet")
+    shared = tmp_path_factory.mktemp("shared-runs")
+    spec = tabular_spec_data(str(data), shared, model={"factory": "cluster_model:linear"},
+                             execution__num_workers=4, execution__gpus_per_worker=1,
+                             execution__cpus_per_worker=0.5, execution__threads_per_worker=1,
+                             execution__batch_size=500, output__run_name="on-cluster")
+    (directory / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec["layers"] = [{"name": "fc_typo"}]
+    spec["output"]["run_name"] = "never"
+    (directory / "wrong-layer.yaml").write_text(yaml.safe_dump(spec))
+    return directory, shared
+
+
+def netloupe(cluster, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "netloupe"), *args], env=cluster["env"], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def submission_id(out: str) -> str:
+    return out.split("submitted ", 1)[1].split(";", 1)[0]
+
+
+def test_a_job_spreads_over_both_nodes_and_every_instance_lands_once(cluster, job_dir):
+    directory, shared = job_dir
+    done = netloupe(cluster, "submit", str(directory / "job.yaml"), "--address", cluster["url"], "--wait")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = submission_id(done.stdout)
+    assert "run committed" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
+
+    listed = netloupe(cluster, "jobs", "list", "--address", cluster["url"])
+    assert any(line.startswith(job) and "SUCCEEDED" in line for line in listed.stdout.splitlines()), listed.stdout
+    status = netloupe(cluster, "jobs", "status", job, "--address", cluster["url"])
+    assert status.stdout.startswith(f"{job}: SUCCEEDED")
+    logs = netloupe(cluster, "jobs", "logs", job, "--address", cluster["url"])
+    assert "run committed" in logs.stdout
+
+    run = shared / "on-cluster"
+    instances = pads.dataset(run / "instances").to_table(columns=["instance_id", "node_id", "device"])
+    ids = instances["instance_id"].to_pylist()
+    assert sorted(ids) == list(range(1000, 1000 + PARTS * ROWS_PER_PART))  # every instance, once
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(set(instances["node_id"].to_pylist())) == 2, manifest["workers"]  # both nodes produced rows
+    manifest = json.loads((run / "manifest.json").read_text())
+    workers = [(node, gpus) for node, _device, gpus, _chunk in manifest["workers"]]
+    assert {node for node, _ in workers} == set(instances["node_id"].to_pylist())
+    # Each GPU-requesting worker got a GPU of its own: no (node, GPU id) pair twice.
+    assert all(gpus != "" for _, gpus in workers) and len(set(workers)) == len(workers)
+
+
+def test_a_job_with_a_wrong_layer_fails_with_the_clear_error_in_its_logs(cluster, job_dir):
+    directory, shared = job_dir
+    done = netloupe(cluster, "submit", str(directory / "wrong-layer.yaml"), "--address", cluster["url"], "--wait")
+    assert done.returncode == 1
+    job = submission_id(done.stdout)
+    status = netloupe(cluster, "jobs", "status", job, "--address", cluster["url"])
+    assert status.stdout.startswith(f"{job}: FAILED")
+    logs = netloupe(cluster, "jobs", "logs", job, "--address", cluster["url"]).stdout
+    assert "fc_typo" in logs and "'fc'" in logs, logs[-2000:]
+    assert not (shared / "never").exists()
+
+
+def test_a_job_can_be_stopped(cluster, job_dir):
+    directory, _shared = job_dir
+    started = netloupe(cluster, "submit", str(directory / "job.yaml"), "--address", cluster["url"],
+                       "--set", "output.run_name=stopped")
+    job = submission_id(started.stdout)
+    stopped = netloupe(cluster, "jobs", "stop", job, "--address", cluster["url"])
+    assert stopped.returncode == 0 and job in stopped.stdout
+    deadline = time.monotonic() + 120
+    while "STOPPED" not in (status := netloupe(cluster, "jobs", "status", job, "--address", cluster["url"]).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+
+
+def test_every_ray_listener_is_on_loopback(cluster):
+    import psutil
+
+    exposed = []
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status != psutil.CONN_LISTEN or connection.pid is None:
+            continue
+        try:
+            process = psutil.Process(connection.pid)
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "ray" in process.name() or "ray" in command or "gcs_server" in command:
+            if connection.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+                exposed.append((process.name(), connection.laddr))
+    assert exposed == [], exposed
+
+
+def test_submit_refuses_a_relative_output_root_and_needs_an_address(tmp_path, monkeypatch):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(tabular_spec_data("data.parquet", "runs")))
+    with pytest.raises(SpecError, match="relative path"):
+        submit(spec, "http://127.0.0.1:1", [])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(SubmitError, match="--address"):
+        cluster_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cluster_address(None) == "http://127.0.0.1:8265"
