@@ -117,6 +117,16 @@ def default_threads(spec: JobSpec) -> int:
     return max(1, round(execution.cpus_per_worker))
 
 
+def worker_pool(execution):
+    """Ray Data's pool of explain workers: ``num_workers`` of them, or an autoscaling pool
+    from ``num_workers`` up to ``max_workers``."""
+    import ray
+
+    if execution.max_workers is None or execution.max_workers == execution.num_workers:
+        return ray.data.ActorPoolStrategy(size=execution.num_workers)
+    return ray.data.ActorPoolStrategy(min_size=execution.num_workers, max_size=execution.max_workers)
+
+
 def _check_cluster_fits(spec: JobSpec) -> None:
     """Fail with a fix instead of waiting forever when the workers cannot all be placed."""
     import ray
@@ -216,7 +226,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
             batch_size=execution.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=execution.num_workers),
+            compute=worker_pool(execution),
             num_cpus=execution.cpus_per_worker,
             num_gpus=execution.gpus_per_worker or None,
         )

@@ -230,7 +230,10 @@ class ExecutionSpec(StrictModel):
     batch_size: int = Field(default=1024, gt=0)
     """Instances per batch handed to a worker."""
     num_workers: int = Field(default=1, gt=0)
-    """Worker actors (each holds one model)."""
+    """Worker actors (each holds one model); with ``max_workers``, the fewest."""
+    max_workers: int | None = Field(default=None, gt=0)
+    """When set, the pool grows from ``num_workers`` up to this many workers while there
+    is work and the cluster (or its autoscaler) finds room; default: exactly ``num_workers``."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """Logical CPUs Ray reserves for each worker."""
     threads_per_worker: int | None = Field(default=None, gt=0)
@@ -249,6 +252,13 @@ class ExecutionSpec(StrictModel):
     """Memory limit of the DuckDB work on the driver (id check, exactly-once checks,
     catalog build); beyond it DuckDB spills to disk, so the driver's memory stays bounded
     whatever the number of instances."""
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "ExecutionSpec":
+        if self.max_workers is not None and self.max_workers < self.num_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below num_workers ({self.num_workers}): "
+                             "num_workers is the pool's minimum, max_workers its maximum")
+        return self
 
 
 class ProjectionSpec(StrictModel):

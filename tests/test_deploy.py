@@ -61,7 +61,7 @@ def test_kuberay_clusters_run_the_image_with_token_auth_and_shared_storage(name,
 @pytest.mark.parametrize("name, cluster", cluster_specs())
 def test_kuberay_worker_groups_fit_the_spec(name, cluster, spec):
     execution = spec.execution
-    placed = 0
+    placed = started = 0
     for group in cluster["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
@@ -73,7 +73,10 @@ def test_kuberay_worker_groups_fit_the_spec(name, cluster, spec):
         per_pod = min(gpus // execution.gpus_per_worker, quantity(limits["cpu"]) // execution.cpus_per_worker)
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         placed += per_pod * group["maxReplicas"]
-    assert placed >= execution.num_workers, f"{name}: room for {placed} workers, the spec asks {execution.num_workers}"
+        started += per_pod * group["minReplicas"]
+    # The driver checks that num_workers fit the cluster as it is; the pool grows to max_workers.
+    assert started >= execution.num_workers, f"{name}: room for {started} workers at start"
+    assert placed >= (execution.max_workers or execution.num_workers), f"{name}: room for {placed} at most"
 
 
 def test_the_rayjob_runs_netloupe_on_the_spec_it_mounts():
@@ -98,7 +101,8 @@ def test_the_cluster_launcher_config_fits_the_spec(spec):
     gpus, cpus = worker["resources"]["GPU"], worker["resources"]["CPU"]
     execution = spec.execution
     per_node = min(gpus // execution.gpus_per_worker, cpus // execution.cpus_per_worker)
-    assert per_node >= 1 and per_node * worker["max_workers"] >= execution.num_workers
+    assert per_node >= 1 and per_node * worker["min_workers"] >= execution.num_workers
+    assert per_node * worker["max_workers"] >= (execution.max_workers or execution.num_workers)
     assert worker["max_workers"] <= config["max_workers"]
     assert all("RAY_AUTH_MODE=token" in command for command in
                config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:])

@@ -63,6 +63,15 @@ def test_every_instance_exactly_once_with_two_workers(linear_run):
     assert reader.manifest["counts"]["parts"] == 4  # 50 rows in batches of 16
 
 
+def test_an_autoscaling_pool_also_gives_every_instance_exactly_once(ray_local, tmp_path):
+    pq.write_table(tabular_table(50), tmp_path / "data.parquet")
+    spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs",
+                        execution={"batch_size": 16, "num_workers": 1, "max_workers": 2, "threads_per_worker": 1})
+    reader = RunReader(run_job(spec, progress=False).layout.root)
+    assert sorted(reader.instances()["instance_id"].to_pylist()) == tabular_table(50)["row_id"].to_pylist()
+    assert reader.manifest["spec"]["execution"]["max_workers"] == 2
+
+
 def test_predictions_and_activations_by_hand(linear_run):
     reader, source = linear_run
     x = _features(source)

@@ -48,6 +48,7 @@ def test_spec_is_frozen():
     ({**MINIMAL, "layers": [{"name": "fc1", "pooling": "median"}]}, ["layers.0.pooling", "'mean', 'max' or 'none'"]),
     ({**MINIMAL, "attributions": [{"method": "saliency"}, {"method": "saliency"}]}, ["['saliency'] repeat"]),
     ({**MINIMAL, "dataset": {"source": "data.parquet"}}, ["exactly one of 'input_column'"]),
+    ({**MINIMAL, "execution": {"num_workers": 3, "max_workers": 2}}, ["max_workers (2) is below num_workers (3)"]),
 ])
 def test_bad_specs_name_the_problem(data, words):
     with pytest.raises(SpecError) as error:
@@ -76,3 +77,14 @@ def test_load_spec_reports_yaml_errors(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+def test_the_worker_pool_is_fixed_or_autoscaling():
+    from pipeline.driver import worker_pool
+
+    fixed = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 3}}).execution)
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    same = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 2, "max_workers": 2}}).execution)
+    assert (same.min_size, same.max_size) == (2, 2)
+    growing = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 1, "max_workers": 4}}).execution)
+    assert (growing.min_size, growing.max_size) == (1, 4)
