@@ -615,8 +615,13 @@ def warm_up(run_dir) -> float:
     return time.perf_counter() - started
 
 
-def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False, **kwargs):
-    """Serve the dashboard (blocking); bound to ``host`` only."""
+def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False,
+          users: dict[str, str] | None = None, **kwargs):
+    """Serve the dashboard (blocking); bound to ``host`` only. With ``users`` (name →
+    password), every page asks to sign in first (Panel's basic authentication)."""
+    import secrets
+    from pathlib import Path
+
     from bokeh.settings import settings
 
     # Every script and stylesheet from this server: components made in callbacks would
@@ -628,5 +633,8 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False
     RunSession(run_dir)  # fail here, with the run's error, before the server starts
     warm_up(run_dir)
     origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
+    if users:
+        kwargs.update(basic_auth=dict(users), cookie_secret=secrets.token_hex(32),
+                      basic_login_template=str(Path(__file__).with_name("login.html")))
     return pn.serve({"/": lambda: build_dashboard(run_dir)}, address=host, port=port, show=show,
                     websocket_origin=origins, title="netloupe", **kwargs)

@@ -142,10 +142,27 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    import os
+
     from dashboards.app import serve
 
-    print(f"serving the dashboard of {args.run} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
-    serve(args.run, host=args.host, port=args.port, show=False)
+    password = os.environ.get("NETLOUPE_DASHBOARD_PASSWORD")
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as error:
+            raise SpecError(f"--password-file {args.password_file}: cannot read a password from it ({error}); "
+                            "put the password on its first line") from None
+    if password == "":
+        raise SpecError("the dashboard password is empty: give a non-empty one (--password-file or "
+                        "NETLOUPE_DASHBOARD_PASSWORD)")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and password is None:
+        print(f"warning: {args.host} is reachable from other machines and no password is set "
+              "(--password-file or NETLOUPE_DASHBOARD_PASSWORD)", file=sys.stderr, flush=True)
+    users = None if password is None else {args.user: password}
+    print(f"serving the dashboard of {args.run} at http://{args.host}:{args.port}/"
+          + (f" (sign in as {args.user})" if users else "") + " (Ctrl-C stops it)", flush=True)
+    serve(args.run, host=args.host, port=args.port, show=False, users=users)
     return 0
 
 
@@ -245,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to bind (default 127.0.0.1: this machine only)")
     dashboard.add_argument("--port", type=int, default=5006)
+    dashboard.add_argument("--password-file", help="require signing in with the password on this file's first "
+                                                   "line (or set NETLOUPE_DASHBOARD_PASSWORD)")
+    dashboard.add_argument("--user", default="analyst", help="the user name to sign in with (default analyst)")
     dashboard.set_defaults(func=cmd_dashboard)
     generate = sub.add_parser("generate", help="write an mnist-variants dataset of N instances as Parquet")
     generate.add_argument("--rows", type=int, required=True, help="instances to generate")

@@ -33,14 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
-    """The dashboard of a generated run, served by ``netloupe dashboard`` on loopback."""
-    run_dir = make_dashboard_run(tmp_path_factory.mktemp("browser"))
+def start_dashboard(run_dir, log_dir, *extra):
+    """``netloupe dashboard RUN`` as its own process on a free loopback port; (process, url)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server-log") / "server.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", str(run_dir), "--port", str(port)],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log = open(log_dir / f"server-{port}.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", str(run_dir), "--port", str(port),
+                                *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -48,16 +46,25 @@ def server(ray_local, tmp_path_factory):
             pytest.fail(f"the dashboard server exited with {process.returncode}:\n{log.read()[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return process, f"http://127.0.0.1:{port}/"
         except OSError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the dashboard did not listen on 127.0.0.1:{port} within {STARTUP_SECONDS} s")
-    yield f"http://127.0.0.1:{port}/"
+    process.kill()
+    pytest.fail(f"the dashboard did not listen on 127.0.0.1:{port} within {STARTUP_SECONDS} s")
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory):
+    return make_dashboard_run(tmp_path_factory.mktemp("browser"))
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """The dashboard of a generated run, served by ``netloupe dashboard`` on loopback."""
+    process, url = start_dashboard(run_dir, tmp_path_factory.mktemp("server-log"))
+    yield url
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +277,30 @@ def test_sql_console_runs_reads_and_refuses_writes(page):
     editor.fill("SELECT count(*) AS n FROM instances")
     page.get_by_role("button", name="Run", exact=True).click()
     wait_for_text(page, ".sql-status", "1 rows")  # the table is still there
+
+
+def test_with_a_password_the_dashboard_asks_to_sign_in_first(browser, run_dir, tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("open sesame\n")
+    process, url = start_dashboard(run_dir, tmp_path, "--password-file", str(secret), "--user", "ana")
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        failed = []
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.goto(url, wait_until="networkidle")
+        assert page.locator(".scatter").count() == 0  # nothing of the run before signing in
+        page.get_by_label("user").fill("ana")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("Invalid username or password").wait_for(timeout=15_000)
+        page.get_by_label("user").fill("ana")
+        page.get_by_label("password").fill("open sesame")
+        page.get_by_role("button", name="Sign in").click()
+        page.locator(".scatter canvas").first.wait_for(timeout=60_000)
+        assert colored(wait_for_plot(page, ".scatter")) > 400
+        assert failed == [], failed
+        context.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
