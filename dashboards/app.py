@@ -345,6 +345,7 @@ class InstanceView(pn.viewable.Viewer):
                    .opts(title=f"{layer} activations", width=360, height=200)
                    for layer, v in detail["activations"].items()]
         panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
+        panels += fidelity_panels(detail["fidelity"])
         if profile:
             panels.append(pn.pane.HoloViews(hv.Layout(profile).cols(3)))
         return pn.Column(*panels)
@@ -352,6 +353,53 @@ class InstanceView(pn.viewable.Viewer):
     def __panel__(self):
         return pn.Column(self.id_input, pn.panel(pn.bind(self._detail, self.dashboard.param.instance_id)),
                          sizing_mode="stretch_width")
+
+
+def fidelity_panels(checks: dict[str, dict]) -> list:
+    """The instance's fidelity per method: a table of the numbers, and its deletion and
+    insertion curves when the run stored them."""
+    if not any(checks.values()):
+        return []
+    numbers = pd.DataFrame([{"method": method, **{k: v for k, v in values.items() if not k.endswith("_curve")}}
+                            for method, values in checks.items()])
+    panels = [pn.pane.Markdown("#### Fidelity of each explanation"),
+              pn.widgets.Tabulator(numbers, disabled=True, show_index=False, sizing_mode="stretch_width",
+                                   css_classes=["instance-fidelity"])]
+    overlays = []
+    for method, values in checks.items():
+        curves = [hv.Curve((np.linspace(0, 1, len(values[f"{kind}_curve"])), values[f"{kind}_curve"]),
+                           "fraction of features", "target probability", label=kind)
+                  for kind in ("deletion", "insertion") if values.get(f"{kind}_curve") is not None]
+        if curves:
+            overlays.append(hv.Overlay(curves).opts(title=method, width=320, height=220, legend_position="top_right"))
+    if overlays:
+        panels.append(pn.pane.HoloViews(hv.Layout(overlays).cols(4), css_classes=["fidelity-curves"]))
+    return panels
+
+
+class FidelityView(pn.viewable.Viewer):
+    """How faithful each method's explanations are, over the whole run."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+
+    def __panel__(self):
+        summary = self.dashboard.session.fidelity_summary()
+        if summary.empty:
+            return pn.pane.Markdown("This run has no fidelity table (it was made by an older netloupe).")
+        return pn.Column(
+            pn.pane.Markdown(
+                "### Fidelity of each method\n\nConvergence delta: Integrated Gradients' and DeepLift's "
+                "completeness error (0 is exact). Deletion AUC: the target's probability as the most attributed "
+                "features are removed (lower is better); insertion AUC: as they are put back (higher is better). "
+                "On the sampled instances: infidelity and sensitivity-max (lower is better), and the rank "
+                "correlation with the maps of a randomly re-initialised model (near 0 passes the "
+                "model-randomization check; near 1 means the map does not depend on what the model learned). "
+                "Per instance: `SELECT * FROM fidelity_<method>` and the attributions views."),
+            pn.widgets.Tabulator(summary, disabled=True, show_index=False, sizing_mode="stretch_width",
+                                 css_classes=["fidelity-summary"]),
+            sizing_mode="stretch_width")
 
 
 class SubgroupsView(pn.viewable.Viewer):
@@ -532,7 +580,8 @@ class SqlConsole(pn.viewable.Viewer):
                          sizing_mode="stretch_width")
 
 
-LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Model": ModelGraphView, "SQL": SqlConsole}
+LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Fidelity": FidelityView,
+              "Model": ModelGraphView, "SQL": SqlConsole}
 """The tabs after the first, in order, and the view each shows."""
 
 

@@ -22,7 +22,10 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.errors import NetloupeError, did_you_mean
-from storage.catalog import QueryError, open_catalog, run_query
+from storage.catalog import QueryError, fidelity_view, open_catalog, run_query
+
+FIDELITY_COLUMNS = ("convergence_delta", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
+"""Per-instance fidelity columns of an attributions view shown with the instance."""
 
 _POINTS: dict[tuple, pd.DataFrame] = {}
 """Projected points by (run, kind, source, algorithm), shared by every session of the process:
@@ -309,6 +312,16 @@ class RunSession:
         if layer not in self.layers:
             raise SessionError(f"no recorded layer {layer!r}; {did_you_mean(layer, self.layers)}")
 
+    # -- fidelity ------------------------------------------------------------------------------
+
+    def fidelity_summary(self) -> pd.DataFrame:
+        """Per method, its fidelity checks averaged over the run (the catalog's
+        ``fidelity_summary``); empty for a run made before the table existed."""
+        exists = run_query(self.con, "SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'fidelity_summary'")
+        if not exists["n"][0].as_py():
+            return pd.DataFrame()
+        return run_query(self.con, "SELECT * FROM fidelity_summary ORDER BY method").to_pandas()
+
     # -- instance detail ---------------------------------------------------------------------
 
     def instance(self, instance_id) -> dict:
@@ -318,16 +331,23 @@ class RunSession:
                          [instance_id]).to_pylist()
         if not rows:
             raise SessionError(f"no instance with id {instance_id!r} in this run")
-        detail = {"row": rows[0], "maps": {}, "activations": {}}
+        detail = {"row": rows[0], "maps": {}, "activations": {}, "fidelity": {}}
         shapes = self.manifest["model"]["attribution_shapes"]
+        sampled = self.manifest["tables"].get("fidelity", {})
         for method, shape in shapes.items():
-            if shape is None:
-                continue
             view = run_query(self.con, "SELECT view FROM methods WHERE method = ?", [method])["view"][0].as_py()
-            found = run_query(self.con, f"SELECT attribution FROM {view} WHERE instance_id = ? AND target_rank = 0",
-                              [instance_id])
-            if found.num_rows:
-                detail["maps"][method] = np.asarray(found["attribution"][0].as_py(), np.float32).reshape(shape)
+            found = run_query(self.con, f"SELECT * FROM {view} WHERE instance_id = ? AND target_rank = 0",
+                              [instance_id]).to_pylist()
+            if not found:
+                continue
+            if shape is not None:
+                detail["maps"][method] = np.asarray(found[0]["attribution"], np.float32).reshape(shape)
+            checks = {key: found[0].get(key) for key in FIDELITY_COLUMNS if key in found[0]}
+            if method in sampled:
+                rows = run_query(self.con, f"SELECT * EXCLUDE (instance_id, target) FROM {fidelity_view(method)} "
+                                           "WHERE instance_id = ?", [instance_id]).to_pylist()
+                checks.update(rows[0] if rows else {})
+            detail["fidelity"][method] = checks
         for layer in self.layers:
             view = run_query(self.con, "SELECT vectors_view FROM layers WHERE layer = ?",
                              [layer])["vectors_view"][0].as_py()

@@ -25,13 +25,27 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pipeline.driver import manifest_summary, run_job
-    from pipeline.spec import load_spec
+    from pipeline.spec import load_spec, parse_spec
 
-    spec = load_spec(args.spec, _overrides(args.set))
-    result = run_job(spec, force=args.force, progress=not args.no_progress)
-    run_dir = result.layout.root
+    if (args.spec is None) == (args.resume is None):
+        raise SpecError("give a job spec to run, or --resume RUN to finish an interrupted run (not both)")
+    resume = None
+    if args.resume is not None:
+        from storage.layout import RunStaging
+
+        if args.set:
+            raise SpecError("--resume continues the interrupted run with its own spec; --set cannot change it")
+        resume, spec_data = RunStaging.resume(args.resume, force=args.force)
+        spec = parse_spec(spec_data, origin=f"(the interrupted run's spec, {resume.layout.root})")
+        print(f"resuming {args.resume} from {resume.layout.root}", flush=True)
+    else:
+        spec = load_spec(args.spec, _overrides(args.set))
+    result = run_job(spec, force=args.force, progress=not args.no_progress, resume=resume)
+    run_dir = result.location
     print(manifest_summary(result.manifest))
     print(f"\nrun committed: {run_dir}")
+    if run_dir != str(result.layout.root):
+        print(f"(a local copy, which sql and dashboard read from: {result.layout.root})")
     netloupe = shutil.which("netloupe") or f"{sys.executable} -m pipeline.cli"
     print("next:")
     print(f"  {netloupe} sql {run_dir} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
@@ -42,7 +56,7 @@ def cmd_run(args) -> int:
               "WHERE neuron < 2\"")
     print(f"  {netloupe} sql {run_dir} --list")
     print(f"  {netloupe} dashboard {run_dir}     # then open http://127.0.0.1:5006/")
-    print(f"  cat {run_dir}/manifest.json")
+    print(f"  cat {result.layout.root}/manifest.json")
     return 0
 
 
@@ -89,6 +103,9 @@ def _show(table, max_rows: int) -> None:
 
 def cmd_sql(args) -> int:
     from storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
+    from storage.location import local_run_dir
+
+    args.run = local_run_dir(args.run)
 
     if args.list:
         con = open_catalog(args.run)
@@ -132,6 +149,11 @@ def cmd_sql(args) -> int:
 def cmd_catalog(args) -> int:
     from storage.catalog import DEFAULT_DRIVER_SQL_MEMORY_MIB, build_catalog
     from storage.layout import RunLayout
+    from storage.location import is_uri
+
+    if is_uri(args.run):
+        raise SpecError(f"{args.run} is in an object store, where a run's catalog is built before the run is "
+                        "published; to rebuild one, copy the run to a local directory and pass that directory")
 
     layout = RunLayout(Path(args.run).resolve())
     manifest = layout.read_manifest()
@@ -145,6 +167,7 @@ def cmd_dashboard(args) -> int:
     import os
 
     from dashboards.app import serve
+    from storage.location import local_run_dir
 
     password = os.environ.get("NETLOUPE_DASHBOARD_PASSWORD")
     if args.password_file:
@@ -162,7 +185,7 @@ def cmd_dashboard(args) -> int:
     users = None if password is None else {args.user: password}
     print(f"serving the dashboard of {args.run} at http://{args.host}:{args.port}/"
           + (f" (sign in as {args.user})" if users else "") + " (Ctrl-C stops it)", flush=True)
-    serve(args.run, host=args.host, port=args.port, show=False, users=users)
+    serve(local_run_dir(args.run), host=args.host, port=args.port, show=False, users=users)
     return 0
 
 
@@ -233,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloupe", description="Explain neural networks at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="explain every instance of a dataset into a run directory")
-    run.add_argument("spec", help="job spec YAML (see examples/mnist.yaml)")
+    run.add_argument("spec", nargs="?", help="job spec YAML (see examples/mnist.yaml)")
+    run.add_argument("--resume", metavar="RUN", help="finish the interrupted run that was to be RUN "
+                     "(<output.root>/<run_name>), explaining only the instances it had not finished")
     run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set execution.num_workers=2")
@@ -245,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
     sql = sub.add_parser("sql", help="query a run with SQL (read-only DuckDB views)")
-    sql.add_argument("run", help="a run directory (runs/<name>)")
+    sql.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")
     sql.add_argument("query", nargs="?", help="SQL over the run's views and operators (--list shows them)")
     sql.add_argument("--file", help="run the statements of this .sql file; the last one's result is shown")
     sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
@@ -258,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_argument("run", help="a run directory (runs/<name>)")
     catalog.set_defaults(func=cmd_catalog)
     dashboard = sub.add_parser("dashboard", help="serve the analyst dashboard of a run (Panel)")
-    dashboard.add_argument("run", help="a run directory (runs/<name>)")
+    dashboard.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to bind (default 127.0.0.1: this machine only)")
     dashboard.add_argument("--port", type=int, default=5006)

@@ -24,12 +24,8 @@ from pipeline.errors import DatasetError, did_you_mean
 from pipeline import mnist_variants
 from pipeline.spec import BUILTIN_DATASETS, JobSpec, PreprocessSpec
 from storage.catalog import driver_connection
+from storage.location import cache_root
 from storage.schema import instances_schema
-
-
-def cache_dir() -> Path:
-    """Where built-in datasets and demo weights are cached (``NETLOUPE_CACHE`` overrides)."""
-    return Path(os.environ.get("NETLOUPE_CACHE", Path.home() / ".cache" / "netloupe"))
 
 
 @dataclass(frozen=True)
@@ -151,14 +147,14 @@ def builtin_path(name: str, rows: int | None = None, seed: int = 0) -> Path:
     on first use. ``rows`` and ``seed`` size and seed a generated set."""
     if name == "mnist-variants":
         rows = rows or mnist_variants.DEFAULT_ROWS
-        path = cache_dir() / "datasets" / f"{name}-{rows}-seed{seed}"
+        path = cache_root() / "datasets" / f"{name}-{rows}-seed{seed}"
         if not path.exists():
             try:
                 mnist_variants.write_mnist_variants(path, rows, seed, progress=_print_progress)
             except FileExistsError:
                 pass  # another process generated it meanwhile (it appears whole)
         return path
-    path = cache_dir() / "datasets" / f"{name}.parquet"
+    path = cache_root() / "datasets" / f"{name}.parquet"
     if not path.exists():
         _write_atomically(_build_builtin(name), path)
     return path

@@ -53,7 +53,10 @@ class RunResult:
     """A committed run."""
 
     layout: RunLayout
+    """The run on local disk: where it was committed, or for a store its local cache."""
     manifest: dict
+    location: str
+    """Where the run was committed: its directory, or its URI in an object store."""
 
 
 def validate(spec: JobSpec) -> Validated:
@@ -180,12 +183,16 @@ def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int)
             )
 
 
-def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunResult:
-    """Validate, explain every instance on Ray, and commit the run atomically."""
+def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: RunStaging | None = None) -> RunResult:
+    """Validate, explain every instance on Ray, and commit the run atomically.
+
+    ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
+    the batches it logged as finished are kept, only the other instances are explained.
+    """
     timings = {}
     started = time.perf_counter()
     # Checked first: a taken name should not cost a model load.
-    staging = RunStaging(spec.output.root, spec.output.run_name, force=force)
+    staging = resume or RunStaging(spec.output.root, spec.output.run_name, force=force)
     checked = validate(spec)
     timings["validate_seconds"] = checked.seconds
     timings["ray_init_seconds"] = ensure_ray(spec.execution.ray_address)
@@ -196,7 +203,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
     # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     _check_cluster_fits(spec)
-    layout = staging.create()
+    layout = staging.create(spec_to_dict(spec))
     try:
         dataset = checked.dataset
         execution = spec.execution
@@ -214,13 +221,18 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
         ds = ray.data.read_parquet(dataset.path).select_columns(dataset.columns)
         if dataset.limit is not None:
             ds = ds.limit(dataset.limit)
+        parts = _kept_parts(staging, checked, timings)
+        if parts:
+            ds = ds.map_batches(_drop_explained, fn_kwargs={"id_column": dataset.id_column,
+                                                            "done": _explained_ids(layout, parts)},
+                                batch_format="pyarrow", zero_copy_batch=True)
         results = ds.map_batches(
             ExplainWorker,
             fn_constructor_kwargs={
                 "spec_data": spec_to_dict(spec),
                 "dataset": dataset,
                 "facts_data": checked.facts.to_json(),
-                "staging_dir": str(layout.root.resolve()),
+                "worker_root": staging.worker_root,
                 "threads": default_threads(spec),
             },
             batch_size=execution.batch_size,
@@ -231,46 +243,81 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> RunRes
             num_gpus=execution.gpus_per_worker or None,
         )
         explain_started = time.perf_counter()
-        parts = []
-        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-            if not parts:
-                # Until the first result: actor start-up, model load, first batch.
-                timings["first_result_seconds"] = time.perf_counter() - explain_started
-                first_rows = batch["rows"].to_pylist()
-            parts.extend(batch.to_pylist())
+        kept, first_rows = len(parts), []
+        if timings.get("resumed_rows") != dataset.num_rows:
+            for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+                if len(parts) == kept:
+                    # Until the first result: actor start-up, model load, first batch.
+                    timings["first_result_seconds"] = time.perf_counter() - explain_started
+                    first_rows = batch["rows"].to_pylist()
+                parts.extend(batch.to_pylist())
         timings["explain_seconds"] = time.perf_counter() - explain_started
-        steady = timings["explain_seconds"] - timings["first_result_seconds"]
-        timings["steady_instances_per_second"] = (
-            (dataset.num_rows - sum(first_rows)) / steady if steady > 0 else None
-        )
+        steady = timings["explain_seconds"] - timings.get("first_result_seconds", timings["explain_seconds"])
+        computed = dataset.num_rows - timings.get("resumed_rows", 0)
+        timings["steady_instances_per_second"] = (computed - sum(first_rows)) / steady if steady > 0 else None
         keys = {part["part"] for part in parts}
+        timings["pull_bytes"] = staging.pull(S.INSTANCES, S.ACTIVATIONS, S.ATTRIBUTIONS, S.FIDELITY)
         staging.remove_unlisted_parts(
             layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
         )
         _check_exactly_once(layout, _explained_tables(layout, dataset.num_rows, checked, spec.target.per_instance),
                             execution.driver_sql_memory_mib)
+        sampled = _check_fidelity_samples(layout, checked, execution.driver_sql_memory_mib)
         # Projections read the checked parts, so they come after the check and get their own.
         projection_started = time.perf_counter()
-        projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec))
+        projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec),
+                                           staging.worker_root)
         projected = [layout.projections_dir(kind, name) for kind, name in projection_sources(spec)]
+        timings["pull_bytes"] += staging.pull(*(str(d.relative_to(layout.root)) for d in projected))
         staging.remove_unlisted_parts(projected, keys)
         _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
                             execution.driver_sql_memory_mib)
         timings["projection_seconds"] = time.perf_counter() - projection_started
-        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections)
+        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections, sampled)
         # Part of the staged run, so a committed run always answers SQL.
         manifest["timings"]["catalog"] = build_catalog(layout, manifest, execution.driver_sql_memory_mib)
         manifest["timings"]["total_seconds"] = time.perf_counter() - started
         final = staging.commit(manifest)
     except RunExistsError:
         raise  # lost a race for the name: the staged results stay where the message says
+    except KeyboardInterrupt:
+        raise  # interrupted, not failed: the staging stays for `netloupe run --resume`
     except BaseException as error:
         staging.abort()
         user_error = _netloupe_cause(error)
         if user_error is not None and user_error is not error:
             raise user_error from None
         raise
-    return RunResult(final, manifest)
+    return RunResult(final, manifest, staging.location)
+
+
+def _kept_parts(staging: RunStaging, checked: "Validated", timings: dict) -> list[dict]:
+    """The batches a resumed run keeps (those its interrupted run finished); every other
+    part file in the staging is removed, so that its batch is redone whole."""
+    if not staging.resumed:
+        return []
+    table_dirs = staging.layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes)
+    parts = staging.finished_parts(table_dirs)
+    staging.remove_unlisted_parts(table_dirs, {part["part"] for part in parts})
+    timings["resumed_parts"] = len(parts)
+    timings["resumed_rows"] = sum(part["rows"] for part in parts)
+    return parts
+
+
+def _explained_ids(layout: RunLayout, parts: list[dict]):
+    """The instance ids of the kept parts (read from their instances files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_arrays([pq.read_table(layout.instances_dir / f"part-{p['part']}.parquet",
+                                           columns=["instance_id"])["instance_id"].combine_chunks() for p in parts])
+
+
+def _drop_explained(batch, id_column: str, done):
+    """The rows of ``batch`` whose ids are not in ``done`` (a resumed run's kept instances)."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=done.cast(batch[id_column].type))))
 
 
 def _netloupe_cause(error: BaseException) -> NetloupeError | None:
@@ -288,8 +335,23 @@ def _netloupe_cause(error: BaseException) -> NetloupeError | None:
     return None
 
 
+def _check_fidelity_samples(layout: RunLayout, checked: "Validated", memory_mib: int) -> dict[str, int]:
+    """Each sampled instance once per method's fidelity table; return the rows per method."""
+    directories = {m: layout.fidelity_dir(m) for m in checked.facts.attribution_shapes}
+    directories = {m: d for m, d in directories.items() if d.exists() and any(d.glob("part-*.parquet"))}
+    if not directories:
+        return {}
+    with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
+        counts = {m: con.execute(_COUNT_BY_INSTANCE, [str(d / "*.parquet")]).fetchall()[0] for m, d in directories.items()}
+    for method, (rows, distinct) in counts.items():
+        if rows != distinct:
+            raise RunError(f"fidelity/{method} has {rows} rows for {distinct} instances; each sampled instance "
+                           "must appear once. Nothing was committed")
+    return {m: rows for m, (rows, _) in counts.items()}
+
+
 def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict,
-                   projections: dict) -> dict:
+                   projections: dict, sampled: dict[str, int] | None = None) -> dict:
     """The run's self-description, written last (its presence marks a committed run)."""
     facts = checked.facts
     return {
@@ -323,7 +385,9 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
             "attributions": {name: f"attributions/{name}" for name in facts.attribution_shapes},
             "projections": {f"{p['kind']}/{p['name']}": f"projections/{p['kind']}/{p['name']}"
                             for p in projections["tables"]},
+            "fidelity": {name: f"fidelity/{name}" for name in (sampled or {})},
         },
+        "fidelity": {**spec.fidelity.model_dump(mode="json"), "sampled_rows": dict(sampled or {})},
         "projections": projections,
         "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"], p["chunk_rows"]) for p in parts}),
         "timings": {**timings, "compute_seconds_sum": sum(p["compute_seconds"] for p in parts),

@@ -1,6 +1,7 @@
 """Model resolution: an entry point (plus optional weights) or a TorchScript file → ``nn.Module``.
 
-Weights are read without executing code: safetensors, or ``torch.load(weights_only=True)``.
+Weights are read without executing code: safetensors, or ``torch.load(weights_only=True)``;
+full pickle only when the spec opts in by name (``model.allow_unsafe_pickle``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def _is_safetensors(file: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, executing no code."""
+def load_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file, executing no code
+    unless ``allow_unsafe_pickle`` (then a pickled module gives its state dict)."""
     file = Path(path)
     if not file.is_file():
         raise ModelError(f"weights file {path} does not exist; check model.weights")
@@ -61,12 +63,17 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(file), device="cpu")
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except Exception as error:  # noqa: BLE001 - any failure to parse is the same user problem
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelError(
-            f"cannot read weights file {path}: {type(error).__name__}: {error}. It must be a "
-            ".safetensors file or a state dict saved with torch.save (no pickled classes)"
+            f"cannot read weights file {path}: {type(error).__name__}: {first_line}. It must be a "
+            ".safetensors file or a state dict saved with torch.save (no pickled classes); a checkpoint "
+            "that pickles classes loads only with model.allow_unsafe_pickle: true, which runs code from "
+            "the file: set it only for files you trust"
         ) from None
+    if allow_unsafe_pickle and isinstance(state, nn.Module):
+        state = state.state_dict()
     if not isinstance(state, dict):
         raise ModelError(f"weights file {path} holds a {type(state).__name__}, expected a state dict")
     return state
@@ -98,7 +105,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
                 "return a torch.nn.Module"
             )
         if spec.weights is not None:
-            state = load_state_dict(spec.weights)
+            state = load_state_dict(spec.weights, spec.allow_unsafe_pickle)
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as error:

@@ -73,8 +73,12 @@ def _vector_width(layout: RunLayout, kind: str, name: str) -> int:
 
 
 def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_type: str,
-                         threads: int) -> dict:
-    """Fit and apply every projection of the spec; return the manifest's ``projections``."""
+                         threads: int, worker_root: str | None = None) -> dict:
+    """Fit and apply every projection of the spec; return the manifest's ``projections``.
+
+    The driver fits on ``layout`` (local); the workers read and write the staged run at
+    ``worker_root`` (:attr:`storage.layout.RunStaging.worker_root`; default ``layout``).
+    """
     import ray
 
     sources = projection_sources(spec)
@@ -86,7 +90,7 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_ty
     execution = spec.execution
     results = ray.data.from_items([{"part": key} for key in sorted(keys)]).map_batches(
         ProjectWorker,
-        fn_constructor_kwargs={"projections": projections, "staging_dir": str(layout.root.resolve()),
+        fn_constructor_kwargs={"projections": projections, "worker_root": worker_root or str(layout.root.resolve()),
                                "id_type": id_type, "threads": threads},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=execution.num_workers),

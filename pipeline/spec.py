@@ -49,6 +49,10 @@ class ModelSpec(StrictModel):
     weights: str | None = None
     """Optional state-dict file loaded into the factory's module: ``.safetensors``, or a
     ``torch.save`` file read with ``weights_only=True`` (no code is executed)."""
+    allow_unsafe_pickle: bool = False
+    """Read ``weights`` with full pickle (``torch.load(weights_only=False)``), for checkpoints
+    that pickle classes (a whole module, an optimizer). Unpickling can run any code the file
+    holds: set this only for files you trust."""
     torchscript: str | None = None
     """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
     class_names: list[str] | None = None
@@ -62,6 +66,8 @@ class ModelSpec(StrictModel):
                 "'pipeline.zoo:mnist_cnn') or 'torchscript' (a .pt file); "
                 f"got factory={self.factory!r}, torchscript={self.torchscript!r}"
             )
+        if self.allow_unsafe_pickle and self.weights is None:
+            raise ValueError("allow_unsafe_pickle applies to a 'weights' file, and none is given")
         if self.torchscript is not None and self.weights is not None:
             raise ValueError("'weights' applies to a factory model; a TorchScript file carries its own")
         if self.factory is not None and ":" not in self.factory:
@@ -261,6 +267,36 @@ class ExecutionSpec(StrictModel):
         return self
 
 
+class FidelitySpec(StrictModel):
+    """Checks of how faithful each method's explanations are, computed by the workers.
+
+    Per instance (when ``curve_steps`` > 0): deletion and insertion curves (Petsiuk et al.
+    2018) with their areas. Per sampled instance (when ``sample_size`` > 0): Captum's
+    infidelity and sensitivity-max, and the model-randomization check (Adebayo et al.
+    2018): the rank correlation between the method's map for the trained model and for a
+    copy with re-initialised weights. Integrated Gradients' convergence delta is stored
+    for every instance always.
+    """
+
+    curve_steps: int = Field(default=0, ge=0, le=100)
+    """Points (beyond the first) of each deletion/insertion curve: the features are removed
+    (or inserted) most-attributed first, ``1/curve_steps`` of them per point; 0 turns the
+    curves off. Costs ``2 * (curve_steps + 1)`` forward passes per batch and method."""
+    curve_baseline: float = 0.0
+    """The value a deleted feature takes, and every feature starts from for insertion."""
+    sample_size: int = Field(default=0, ge=0)
+    """About how many instances get the sampled checks (chosen by a seeded hash of their
+    ids, so the same ones in every run and whatever the sharding); 0 turns them off."""
+    perturbations: int = Field(default=10, gt=0)
+    """Perturbed copies per sampled instance, for infidelity and for sensitivity-max."""
+    infidelity_std: float = Field(default=0.1, gt=0)
+    """Standard deviation of infidelity's Gaussian perturbations, in model-input units."""
+    sensitivity_radius: float = Field(default=0.02, gt=0)
+    """Radius of sensitivity-max's uniform perturbations (L-infinity ball)."""
+    seed: int = 0
+    """Seed of the sample, the perturbations and the randomized model's weights."""
+
+
 class ProjectionSpec(StrictModel):
     """2-D maps of the instances (the analyst's first view): each projection is fitted on
     a seeded sample on the driver, then applied to every instance inside the Ray workers."""
@@ -294,7 +330,9 @@ class OutputSpec(StrictModel):
     """Where the run is written."""
 
     root: str = "runs"
-    """Directory that holds runs (relative paths are taken from the working directory)."""
+    """Directory that holds runs (relative paths are taken from the working directory), or a
+    pyarrow filesystem URI such as ``s3://bucket/runs`` or ``gs://bucket/runs`` (settings in its
+    query, e.g. ``?endpoint_override=host:port&scheme=http``; credentials from the environment)."""
     run_name: str
     """The run's directory name under ``root``."""
 
@@ -327,6 +365,9 @@ class JobSpec(StrictModel):
     """Resources and batching."""
     projection: ProjectionSpec = Field(default_factory=ProjectionSpec)
     """2-D projections of layer activations (and optionally attributions) per instance."""
+    fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
+    """Faithfulness checks of the explanations (deletion/insertion, infidelity, sensitivity,
+    model randomization)."""
     output: OutputSpec
     """Where the run goes."""
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.datasets import builtin_defaults, builtin_path, cache_dir
+from pipeline.datasets import builtin_defaults, builtin_path
+from storage.location import cache_root
 
 ZOO_VERSION = 1
 """Bumped when an architecture or its training changes, so stale caches are not reused."""
@@ -87,7 +88,7 @@ def _cached(name: str, build, train) -> nn.Module:
     """
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"
+    path = cache_root() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build()
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -134,4 +135,4 @@ def trained_breast_cancer_mlp() -> TabularMLP:
 
 def model_weights_path(name: str) -> Path:
     """Where a zoo model's cached weights are (for specs that load them by file)."""
-    return cache_dir() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"
+    return cache_root() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"

@@ -95,6 +95,10 @@ def attributions_view(method: str) -> str:
     return f"attributions_{sql_identifier(method)}"
 
 
+def fidelity_view(method: str) -> str:
+    return f"fidelity_{sql_identifier(method)}"
+
+
 def _run_statements(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     for statement in duckdb.extract_statements(path.read_text()):
         con.execute(statement.query).fetchall()
@@ -184,6 +188,10 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
                     con.from_arrow(cells).insert_into("attribution_cells")
                 methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
                 timings[f"method {method}"] = time.perf_counter() - method_started
+            for method in manifest["tables"].get("fidelity", {}):
+                parquet_views.append((fidelity_view(method),
+                                      f"{layout.fidelity_dir(method).relative_to(layout.root)}/*.parquet"))
+            _build_fidelity_summary(con, layout, manifest)
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
@@ -212,6 +220,57 @@ def _build_wide_layer(con, layout: RunLayout, layer: str, neurons: int, id_type:
         wide = pa.Table.from_arrays([table["instance_id"].combine_chunks()] + [pa.array(c) for c in columns],
                                     schema=schema)
         con.from_arrow(wide).insert_into(name)
+
+
+_FIDELITY_SUMMARY_SQL = """
+SELECT ?::VARCHAR AS method, count(*) AS instances,
+       avg(abs(convergence_delta)) AS mean_abs_convergence_delta,
+       max(abs(convergence_delta)) AS max_abs_convergence_delta,
+       {curves}
+FROM read_parquet(?) WHERE target_rank = 0
+"""
+_SAMPLED_SQL = """
+SELECT count(*) AS sampled, avg(infidelity) AS mean_infidelity, avg(sensitivity_max) AS mean_sensitivity_max,
+       avg(randomization_spearman) AS mean_randomization_spearman,
+       avg(randomization_spearman_abs) AS mean_randomization_spearman_abs
+FROM read_parquet(?)
+"""
+
+
+def _one_row(con, sql: str, parameters: list) -> dict:
+    cursor = con.execute(sql, parameters)
+    names = [column[0] for column in cursor.description]
+    (row,) = cursor.fetchall()  # fetched to the end: DuckDB 2 refuses other work until then
+    return dict(zip(names, row))
+
+
+def _build_fidelity_summary(con, layout: RunLayout, manifest: dict) -> None:
+    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run."""
+    curves = manifest.get("fidelity", {}).get("curve_steps", 0)
+    curve_sql = ("avg(deletion_auc) AS mean_deletion_auc, avg(insertion_auc) AS mean_insertion_auc" if curves else
+                 "NULL::DOUBLE AS mean_deletion_auc, NULL::DOUBLE AS mean_insertion_auc")
+    sampled = manifest["tables"].get("fidelity", {})
+    rows = []
+    for method in manifest["model"]["attribution_shapes"]:
+        row = _one_row(con, _FIDELITY_SUMMARY_SQL.format(curves=curve_sql),
+                       [method, str(layout.attributions_dir(method) / "*.parquet")])
+        if method in sampled:
+            row.update(_one_row(con, _SAMPLED_SQL, [str(layout.fidelity_dir(method) / "*.parquet")]))
+        rows.append(row)
+    schema = pa.schema([("method", pa.string()), ("instances", pa.int64())]
+                       + [(name, pa.float64()) for name in ("mean_abs_convergence_delta", "max_abs_convergence_delta",
+                                                            "mean_deletion_auc", "mean_insertion_auc")]
+                       + [("sampled", pa.int64())]
+                       + [(name, pa.float64()) for name in ("mean_infidelity", "mean_sensitivity_max",
+                                                            "mean_randomization_spearman",
+                                                            "mean_randomization_spearman_abs")])
+    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    con.from_arrow(pa.table(columns, schema=schema)).create("fidelity_summary")
+    con.execute("COMMENT ON TABLE fidelity_summary IS 'Per method, how faithful its explanations are: Integrated "
+                "Gradients/DeepLift convergence delta, mean deletion AUC (lower is better) and insertion AUC "
+                "(higher is better) over every instance; on the sampled instances (fidelity_<method> views) mean "
+                "infidelity and sensitivity-max (lower is better) and the rank correlation of each map with the map "
+                "of a randomly re-initialised model (near 0 passes the model-randomization check)'").fetchall()
 
 
 def _build_projections(con, layout: RunLayout, tables: list[dict], id_type: pa.DataType) -> None:

@@ -11,12 +11,17 @@
         attributions/<method>/part-<key>.parquet
         projections/sample.parquet            the instances the projections were fitted on
         projections/<kind>/<name>/part-<key>.parquet   kind: activations | attributions
+        fidelity/<method>/part-<key>.parquet    sampled instances' fidelity checks
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
 A part's ``<key>`` is derived from the instance ids of the batch it holds, so a batch
 that Ray retries after a worker died overwrites its own part instead of adding a
 second copy. Files are written under a temporary name and renamed, so a reader never
 sees half a Parquet file.
+
+The output root may also be an object store URI (``s3://``, ``gs://``): the same layout,
+staged in the store, finished on the driver's disk and published manifest last
+(:mod:`storage.location`).
 """
 
 from __future__ import annotations
@@ -31,14 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
-from storage.schema import ACTIVATIONS, ATTRIBUTIONS, INSTANCES, PROJECTIONS
+from storage.location import (MANIFEST, StoreRoot, cached_run_dir, download_tree, is_uri, join_uri,
+                              open_filesystem, publish_run, work_dir)
+from storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
 
-MANIFEST = "manifest.json"
 CATALOG = "catalog.duckdb"
 STAGING_DIR = ".staging"
+JOB_FILE = "job.json"
+"""The staged run's spec, written first: what ``netloupe run --resume`` continues."""
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TABLE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -103,6 +112,10 @@ class RunLayout:
     def attributions_dir(self, method: str) -> Path:
         return self.root / ATTRIBUTIONS / table_dir_name(method)
 
+    def fidelity_dir(self, method: str) -> Path:
+        """The sampled fidelity checks of ``method`` (:mod:`workers.fidelity`)."""
+        return self.root / FIDELITY / table_dir_name(method)
+
     def source_dir(self, kind: str, name: str) -> Path:
         """The table a projection is computed from: ``activations`` of a layer or
         ``attributions`` of a method."""
@@ -123,9 +136,10 @@ class RunLayout:
         return self.root / PROJECTIONS / "sample.parquet"
 
     def table_dirs(self, layers, methods) -> list[Path]:
+        """Every table the explain pass writes (a method's fidelity table only when sampled)."""
         return [self.instances_dir] + [self.activations_dir(l) for l in layers] + [
             self.attributions_dir(m) for m in methods
-        ]
+        ] + [self.fidelity_dir(m) for m in methods]
 
     def read_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -136,39 +150,119 @@ class RunLayout:
         return json.loads(self.manifest_path.read_text())
 
 
-def write_parquet(path: Path, table: pa.Table) -> int:
-    """Write ``table`` to ``path`` atomically (temporary name, then rename); return its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}.parquet"
+def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | None = None) -> int:
+    """Write ``table`` to ``path`` whole; return its size. Locally under a temporary name,
+    then renamed; in an object store directly (an object appears only once uploaded)."""
     # Row groups sized to a batch keep readers' memory bounded; zstd is the best size/speed
     # trade for float vectors measured so far.
-    pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows))
+    options = dict(compression="zstd", row_group_size=max(1, table.num_rows))
+    if filesystem is not None and not isinstance(filesystem, pafs.LocalFileSystem):
+        pq.write_table(table, str(path), filesystem=filesystem, **options)
+        return filesystem.get_file_info(str(path)).size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}.parquet"
+    pq.write_table(table, tmp, **options)
     os.replace(tmp, path)
     return path.stat().st_size
 
 
-def write_part(directory: Path, key: str, table: pa.Table) -> int:
-    """Write ``table`` as ``directory/part-<key>.parquet`` atomically; return its size in bytes."""
-    return write_parquet(directory / f"part-{key}.parquet", table)
+def write_part(directory: Path, key: str, table: pa.Table, filesystem: pafs.FileSystem | None = None) -> int:
+    """Write ``table`` as ``directory/part-<key>.parquet`` whole; return its size in bytes."""
+    return write_parquet(directory / f"part-{key}.parquet", table, filesystem)
+
+
+def worker_layout(worker_root: str) -> tuple[RunLayout, pafs.FileSystem]:
+    """The staged run a worker writes to, and the filesystem it is on, from
+    :attr:`RunStaging.worker_root` (an absolute directory or a store URI)."""
+    if is_uri(worker_root):
+        filesystem, path = open_filesystem(worker_root)
+        return RunLayout(Path(path)), filesystem
+    return RunLayout(Path(worker_root)), pafs.LocalFileSystem()
 
 
 class RunStaging:
-    """A run being written: a private directory that becomes the run in one rename."""
+    """A run being written: a private directory that becomes the run in one rename, or for
+    an output root in an object store, a staged prefix published manifest last
+    (:mod:`storage.location`)."""
 
     def __init__(self, output_root: str | os.PathLike, run_name: str, force: bool = False):
-        self.final = RunLayout.committed(output_root, run_name)
+        self.run_name = check_run_name(run_name)
         self.force = force
+        self.store = StoreRoot.open(str(output_root)) if is_uri(output_root) else None
+        staged_name = f"{run_name}-{uuid.uuid4().hex[:12]}"
+        if self.store is not None:
+            self.location = join_uri(self.store.uri, run_name)
+            if self.store.exists(self.store.child(run_name, MANIFEST)) and not force:
+                raise RunExistsError(
+                    f"run {run_name!r} already exists at {self.location}; "
+                    "choose another run name, or pass --force to replace it"
+                )
+            self.final = None
+            self.layout = RunLayout(work_dir(run_name) / run_name)
+            self.store_staging = self.store.child(STAGING_DIR, staged_name)
+            self.worker_root = join_uri(self.store.uri, STAGING_DIR, staged_name)
+            return
+        self.final = RunLayout.committed(output_root, run_name)
+        self.location = str(self.final.root)
         if self.final.root.exists() and not force:
             raise RunExistsError(
                 f"run {run_name!r} already exists at {self.final.root}; "
                 "choose another run name, or pass --force to replace it"
             )
-        staging_root = Path(output_root) / STAGING_DIR
-        self.layout = RunLayout(staging_root / f"{run_name}-{uuid.uuid4().hex[:12]}")
+        self.layout = RunLayout(Path(output_root) / STAGING_DIR / staged_name)
+        self.worker_root = str(self.layout.root.resolve())
+        """Where the workers write their parts: an absolute directory or a store URI."""
 
-    def create(self) -> RunLayout:
-        self.layout.root.mkdir(parents=True, exist_ok=False)
+    def create(self, spec_data: dict | None = None) -> RunLayout:
+        self.layout.root.mkdir(parents=True, exist_ok=self.resumed)
+        if spec_data is not None and not self.resumed:
+            (self.layout.root / JOB_FILE).write_text(json.dumps(spec_data, sort_keys=True, default=str))
         return self.layout
+
+    resumed = False
+    """True for a staging taken over from an interrupted run (:meth:`resume`)."""
+
+    @classmethod
+    def resume(cls, run: str | os.PathLike, force: bool = False) -> tuple["RunStaging", dict]:
+        """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``), and
+        its spec; the newest one when several were left. Local roots only."""
+        run = Path(run)
+        staging_root = run.parent / STAGING_DIR
+        candidates = sorted((d for d in staging_root.glob(f"{run.name}-*") if (d / JOB_FILE).is_file()),
+                            key=lambda d: (d / JOB_FILE).stat().st_mtime)
+        if not candidates:
+            raise RunError(f"nothing to resume for {run}: no interrupted run of that name under {staging_root}. "
+                           "Pass the run directory an interrupted `netloupe run` was writing (<output.root>/<run_name>)")
+        staged = candidates[-1]
+        spec_data = json.loads((staged / JOB_FILE).read_text())
+        staging = cls(run.parent, run.name, force=force)
+        staging.layout = RunLayout(staged)
+        staging.worker_root = str(staged.resolve())
+        staging.resumed = True
+        return staging, spec_data
+
+    def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
+        """The batches an interrupted run finished: those with an instances part, which a
+        worker writes after all of the batch's other parts (:class:`workers.explain.ExplainWorker`)."""
+        parts = []
+        for path in sorted(self.layout.instances_dir.glob("part-*.parquet")):
+            key = path.name[len("part-"):-len(".parquet")]
+            head = pq.ParquetFile(path)
+            first = head.read_row_group(0, columns=["node_id", "device"]).slice(0, 1).to_pylist()
+            parts.append({"part": key, "rows": head.metadata.num_rows,
+                          "bytes": sum((d / path.name).stat().st_size for d in table_dirs if (d / path.name).exists()),
+                          "compute_seconds": 0.0, "write_seconds": 0.0, "gpu_ids": "", "chunk_rows": 0,
+                          "node_id": first[0]["node_id"] if first else "", "device": first[0]["device"] if first else ""})
+        return parts
+
+    def pull(self, *relative_dirs: str) -> int:
+        """Bring the workers' parts under ``relative_dirs`` from the store into the local
+        staged run (nothing to do for a local root); return the bytes copied."""
+        if self.store is None:
+            return 0
+        return sum(download_tree(self.store.filesystem, f"{self.store_staging}/{d}", self.layout.root / d)
+                   for d in relative_dirs)
 
     def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
         """Delete parts (and temporaries) that no successful batch reported, e.g. from a
@@ -185,10 +279,14 @@ class RunStaging:
         return removed
 
     def commit(self, manifest: dict) -> RunLayout:
-        """Write the manifest, then move the staged run into place in one rename."""
+        """Write the manifest, then make the run visible: one rename for a local root; for a
+        store, publish it manifest last and keep the local copy as the read cache."""
+        (self.layout.root / JOB_FILE).unlink(missing_ok=True)  # only a resume needed it
         tmp = self.layout.root / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         os.replace(tmp, self.layout.manifest_path)
+        if self.store is not None:
+            return self._publish()
         target = self.final.root
         if target.exists():
             if not self.force:
@@ -211,9 +309,31 @@ class RunStaging:
         self._cleanup_staging_root()
         return self.final
 
+    def _publish(self) -> RunLayout:
+        try:
+            publish_run(self.layout.root, self.store, self.run_name, self.force)
+        except RunError as error:
+            raise RunExistsError(str(error)) from None
+        self.store.delete_tree(self.store_staging)
+        # What was just uploaded is what a reader would download: keep it as the cache.
+        cached = cached_run_dir(self.location)
+        if cached.exists():
+            shutil.rmtree(cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.layout.root, cached)
+        shutil.rmtree(self.layout.root.parent, ignore_errors=True)
+        return RunLayout(cached)
+
     def abort(self) -> None:
         """Remove everything this run staged; committed runs are never touched."""
         shutil.rmtree(self.layout.root, ignore_errors=True)
+        if self.store is not None:
+            shutil.rmtree(self.layout.root.parent, ignore_errors=True)
+            try:
+                self.store.delete_tree(self.store_staging)
+            except OSError:
+                pass  # the store is unreachable: the error that aborted the run says more
+            return
         self._cleanup_staging_root()
 
     def _cleanup_staging_root(self) -> None:

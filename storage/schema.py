@@ -6,6 +6,8 @@ A run holds four kinds of table, each a directory of Parquet parts:
 * ``activations/<layer>``: one row per instance, the layer's pooled activation vector.
 * ``attributions/<method>``: one row per instance and explained target (``target_rank``
   runs over the top-k targets), the attribution (full or as a heatmap) and its summary.
+* ``fidelity/<method>``: one row per *sampled* instance (workers/fidelity.py): infidelity,
+  sensitivity-max and the model-randomization rank correlation of its map.
 * ``projections/<kind>/<name>``: one row per instance, its 2-D coordinates under each
   fitted projection of a layer's activations (``kind`` ``activations``) or of a method's
   attribution maps (``attributions``).
@@ -29,6 +31,7 @@ INSTANCES = "instances"
 ACTIVATIONS = "activations"
 ATTRIBUTIONS = "attributions"
 PROJECTIONS = "projections"
+FIDELITY = "fidelity"
 PROJECTION_ALGORITHMS = ("pca", "umap")
 """2-D projections a run can store, in column order (``pca_x, pca_y, umap_x, umap_y``)."""
 
@@ -56,7 +59,7 @@ def instances_schema(
     ``label`` and ``correct`` are null when the dataset has no label column (or the row
     has no label).
     ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
-    are still explained, and their attributions are flagged ``finite = false``.
+    are still explained, and every map the NaN reaches is flagged ``finite = false``.
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
@@ -90,8 +93,12 @@ def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:
     )
 
 
-def attributions_schema(stored_size: int | None, id_type: str = "int64") -> pa.Schema:
+def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_points: int | None = None) -> pa.Schema:
     """Schema of one method's ``attributions/<method>`` table.
+
+    With ``curve_points`` (``fidelity.curve_steps + 1``), each row also holds its deletion
+    and insertion curves (the target's probability as the most attributed features are
+    removed / put back) and their areas; null where the map cannot be laid over the input.
 
     ``stored_size`` is the flattened length of the stored map (the input's for ``full``,
     H*W for ``heatmap``), or None in ``summary`` mode, where no map is kept.
@@ -113,7 +120,26 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64") -> pa.S
         pa.field("convergence_delta", pa.float64(), nullable=True),
         pa.field("finite", pa.bool_(), nullable=False),
     ]
+    if curve_points is not None:
+        fields += [pa.field("deletion_curve", vector_type(curve_points), nullable=True),
+                   pa.field("insertion_curve", vector_type(curve_points), nullable=True),
+                   pa.field("deletion_auc", pa.float32(), nullable=True),
+                   pa.field("insertion_auc", pa.float32(), nullable=True)]
     return pa.schema(fields)
+
+
+FIDELITY_SAMPLE_COLUMNS = ("infidelity", "sensitivity_max", "randomization_spearman", "randomization_spearman_abs")
+
+
+def fidelity_schema(id_type: str = "int64") -> pa.Schema:
+    """Schema of one method's ``fidelity/<method>`` table: one row per sampled instance (its
+    first target). ``infidelity`` is null for layer maps (Grad-CAM), which input perturbations
+    do not compare to; the rank correlations compare the map for the trained model with the
+    map for a randomly re-initialised copy (signed values, and absolute values), null where a
+    map is constant."""
+    return pa.schema([pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+                      pa.field("target", pa.int64(), nullable=False)]
+                     + [pa.field(name, pa.float64(), nullable=True) for name in FIDELITY_SAMPLE_COLUMNS])
 
 
 def fixed_vectors(matrix, length: int) -> pa.FixedSizeListArray:

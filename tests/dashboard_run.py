@@ -52,6 +52,7 @@ def make_dashboard_run(root: Path) -> Path:
         "layers": [{"name": "conv", "pooling": "mean"}, {"name": "relu", "pooling": "max"}, {"name": "head"}],
         "attributions": [{"method": "saliency"}, {"method": "integrated_gradients"}],
         "projection": {"sample_size": 100},
+        "fidelity": {"curve_steps": 4, "sample_size": 24, "perturbations": 4},
         "execution": {"batch_size": 64, "num_workers": 1, "threads_per_worker": 1},
         "output": {"root": str(root / "runs"), "run_name": "look"},
     })

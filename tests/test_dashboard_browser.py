@@ -262,6 +262,16 @@ def test_instance_detail_shows_heatmaps(page):
     assert colored(shot) > 2000
     text = text_of(page, ".instance-facts")
     assert "prediction" in text and "group = " in text
+    # The instance's deletion/insertion curves and its fidelity numbers per method.
+    page.locator(".fidelity-curves canvas").first.wait_for(timeout=30_000)
+    assert "integrated_gradients" in text_of(page, ".instance-fidelity")
+    assert page.errors == [], page.errors
+
+
+def test_the_fidelity_tab_shows_every_method(page):
+    open_tab(page, "Fidelity")
+    shown = wait_for_text(page, ".fidelity-summary", "integrated_gradients")
+    assert "saliency" in shown
     assert page.errors == [], page.errors
 
 

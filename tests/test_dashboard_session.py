@@ -122,6 +122,29 @@ def test_instance_detail(session, truth):
         session.instance(99999)
 
 
+def test_fidelity_of_an_instance_and_of_the_run(session, truth):
+    from workers.fidelity import in_sample
+
+    ids = [int(i) for i in truth["ids"]]
+    sampled = [i for i, chosen in zip(ids, in_sample(ids, 0, 24 / len(ids))) if chosen]
+    outside = next(i for i in ids if i not in sampled)
+    for instance_id, has_sample in ((sampled[0], True), (outside, False)):
+        checks = session.instance(instance_id)["fidelity"]
+        assert set(checks) == {"saliency", "integrated_gradients"}
+        ig = checks["integrated_gradients"]
+        assert len(ig["deletion_curve"]) == 5 and 0 <= ig["deletion_auc"] <= 1
+        # The deletion curve starts at the model's own probability of the explained class.
+        row = session.instance(instance_id)["row"]
+        assert ig["deletion_curve"][0] == pytest.approx(row["confidence"], rel=1e-5)
+        assert ("randomization_spearman" in ig) is has_sample
+    summary = session.fidelity_summary().set_index("method")
+    assert list(summary.index) == ["integrated_gradients", "saliency"]
+    assert (summary["sampled"] == len(sampled)).all()
+    assert summary.loc["saliency", "mean_abs_convergence_delta"] is None or np.isnan(
+        summary.loc["saliency", "mean_abs_convergence_delta"])
+    assert summary.loc["integrated_gradients", "mean_abs_convergence_delta"] < 0.05
+
+
 def test_subgroups_find_the_group_the_model_gets_wrong(session):
     overview = session.subgroups(["group", "noise"]).set_index("subgroup")
     assert overview.loc["group=a", "accuracy"] == 1.0

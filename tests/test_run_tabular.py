@@ -199,3 +199,28 @@ def test_error_in_a_later_batch_reaches_the_user_clearly(ray_local, tmp_path, ca
     assert len(message) == 1 and "null label" in message[0], err[-2000:]
     assert "Failed to apply UDF" not in err.split("netloupe: error: ")[1]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_nan_inputs_and_infinite_attributions_are_flagged_and_the_run_goes_on(ray_local, tmp_path):
+    table = tabular_table(20)
+    x0, x1 = table["x0"].to_numpy().copy(), table["x1"].to_numpy().copy()
+    x1[3] = np.nan   # a NaN input: the row is flagged, and so is every map it makes NaN
+    x1[4] = np.inf
+    x0[7] = 0.0      # sqrt(|x0|)'s gradient is infinite here: a finite input, an infinite map
+    table = table.set_column(1, "x0", pa.array(x0)).set_column(2, "x1", pa.array(x1))
+    pq.write_table(table, tmp_path / "data.parquet")
+    spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs",
+                        model={"factory": "tests.tiny_models:sqrt_linear"},
+                        attributions=[{"method": "saliency"}, {"method": "input_x_gradient"}])
+    reader = RunReader(run_job(spec, progress=False).layout.root)
+    instances = reader.instances()
+    assert instances.num_rows == 20  # every row explained, none dropped
+    ids = instances["instance_id"].to_pylist()
+    flagged_inputs = {ids[i] for i, ok in enumerate(instances["input_finite"].to_pylist()) if not ok}
+    assert flagged_inputs == {1003, 1004}
+    flagged = {}
+    for method in ("saliency", "input_x_gradient"):
+        rows = reader.attributions(method)
+        flagged[method] = {i for i, ok in zip(rows["instance_id"].to_pylist(), rows["finite"].to_pylist()) if not ok}
+    # A linear model's gradient does not see the NaN; input x gradient carries it.
+    assert flagged == {"saliency": {1007}, "input_x_gradient": {1003, 1004, 1007}}

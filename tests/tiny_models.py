@@ -132,3 +132,118 @@ class WideMLP(nn.Module):
 
 def wide_mlp() -> nn.Module:
     return WideMLP()
+
+
+#: The pixels :func:`region_cnn` looks at: rows 0-1, columns 0-1 of its 1×4×4 input.
+REGION = (slice(0, 2), slice(0, 2))
+
+
+class RegionCNN(nn.Module):
+    """A 1×4×4 image model that sees only :data:`REGION`: the input is multiplied by a fixed
+    mask (a buffer, not a weight), then a 2×2 conv, ReLU, pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.zeros(1, 1, 4, 4)
+        mask[(0, 0) + REGION] = 1.0
+        self.register_buffer("mask", mask)
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[[1.0, 0.5], [0.25, 2.0]], [[-1.0, 1.0], [0.5, 0.5]]]).reshape(2, 1, 2, 2))
+            self.conv.bias.copy_(torch.tensor([0.1, 0.2]))
+            self.head.weight.copy_(torch.tensor([[3.0, -1.0], [-2.0, 2.5]]))
+            self.head.bias.copy_(torch.tensor([0.0, 0.1]))
+
+    def forward(self, x):
+        return self.head(self.flatten(self.pool(self.relu(self.conv(x * self.mask)))))
+
+
+def region_cnn() -> nn.Module:
+    return RegionCNN()
+
+
+#: Weight of :func:`ramp_linear`'s class 0 on feature j: a smooth ramp a random
+#: re-initialisation cannot reproduce.
+def ramp_weights() -> torch.Tensor:
+    return torch.stack([torch.linspace(-1.0, 1.0, 64), torch.linspace(1.0, -1.0, 64)])
+
+
+class RampLinear(nn.Module):
+    """64 features → 2 logits with ramp weights: saliency maps are the ramps themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(ramp_weights())
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def ramp_linear() -> nn.Module:
+    return RampLinear()
+
+
+class SqrtLinear(Linear3):
+    """:func:`linear` plus ``sqrt(|x0|)`` on every logit: its gradient is infinite at x0 = 0."""
+
+    def forward(self, x):
+        return self.fc(x) + torch.sqrt(x[:, :1].abs())
+
+
+def sqrt_linear() -> nn.Module:
+    return SqrtLinear()
+
+
+class CrashingLinear(Linear3):
+    """:func:`linear` whose process dies (SIGKILL, as the OOM killer does) on its
+    ``crash_on_call``-th forward pass, once per ``marker`` file, in any process but the
+    driver's (``driver_pid``): a worker lost in the middle of a run."""
+
+    def __init__(self, marker: str, driver_pid: int, crash_on_call: int):
+        super().__init__()
+        self.marker, self.driver_pid, self.crash_on_call = marker, driver_pid, crash_on_call
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+        from pathlib import Path
+
+        self.calls += 1
+        if os.getpid() != self.driver_pid and self.calls >= self.crash_on_call:
+            try:
+                Path(self.marker).touch(exist_ok=False)  # one crash per marker, over all workers
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def crashing_linear(marker: str, driver_pid: int, crash_on_call: int = 3) -> nn.Module:
+    return CrashingLinear(marker, driver_pid, crash_on_call)
+
+
+class SlowLinear(Linear3):
+    """:func:`linear`, ``delay`` seconds per forward pass: a run long enough to interrupt."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def slow_linear(delay: float = 0.2) -> nn.Module:
+    return SlowLinear(delay)

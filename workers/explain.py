@@ -25,7 +25,8 @@ from pipeline.datasets import ResolvedDataset
 from pipeline.errors import DatasetError, MethodError, ModelError, NetloupeError
 from pipeline.spec import JobSpec
 from storage import schema as S
-from storage.layout import RunLayout, part_key, write_part
+from storage.layout import RunLayout, part_key, worker_layout, write_part
+from workers import fidelity as fid
 from workers.capture import LayerCapture
 from workers.inputs import InputDecoder
 from workers.methods import (BoundMethod, bind_method, default_chunk_rows, reused_nonlinearities,
@@ -123,6 +124,10 @@ class BatchExplainer:
         """Bytes of all module outputs for one instance (measured on the first batch)."""
         self.chunk_rows: int | None = None
         self.node_id = os.environ.get("NETLOUPE_NODE_ID", "driver")
+        self.randomized_methods: dict[str, BoundMethod] | None = None
+        """The methods bound to a re-initialised copy of the model (the randomization check)."""
+        sampled = spec.fidelity.sample_size
+        self.sample_rate = min(1.0, sampled / max(1, dataset.num_rows)) if sampled else 0.0
 
     # -- the model's answers -------------------------------------------------------------
 
@@ -265,19 +270,20 @@ class BatchExplainer:
         if self.spec.attributions:
             targets = self.targets(probabilities, labels)
             for method in self.bind_methods(x):
-                out.tables[run.attributions_dir(method.table_name)] = self._attribute(
-                    method, x, targets, instance_columns["instance_id"], key
-                )
+                table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key)
+                out.tables[run.attributions_dir(method.table_name)] = table
+                if sampled is not None:
+                    out.tables[run.fidelity_dir(method.table_name)] = sampled
         return out
 
-    def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str) -> pa.Table:
-        pieces = []
+    def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str) -> tuple[pa.Table, pa.Table | None]:
+        """The method's rows for every target, and its sampled fidelity rows (or None)."""
+        pieces, sampled = [], None
+        steps = self.spec.fidelity.curve_steps
         for rank in range(targets.shape[1]):
             target = targets[:, rank]
             if method.stochastic:
-                seed = batch_seed(self.spec.execution.seed, key, method.table_name)
-                torch.manual_seed(seed)
-                np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
+                self._seed(key, method.table_name)
             with torch.enable_grad(), warnings.catch_warnings():
                 # Captum warns on every call that it set requires_grad or hooks; expected here.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
@@ -293,12 +299,73 @@ class BatchExplainer:
                 "convergence_delta": pa.array(delta.detach().double().cpu().numpy()) if delta is not None else pa.nulls(len(ids), pa.float64()),
                 "finite": pa.array(torch.isfinite(attributions.reshape(len(ids), -1)).all(dim=1).cpu().numpy()),
             }
+            if steps:
+                columns.update(self._curves(x, attributions, target, steps))
             width = None
             if stored is not None:
                 width = stored.shape[1]
                 columns["attribution"] = S.fixed_vectors(stored.cpu().numpy(), width)
-            pieces.append(S.table_from_columns(S.attributions_schema(width, self.dataset.id_type), columns))
-        return pa.concat_tables(pieces)
+            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None)
+            pieces.append(S.table_from_columns(schema, columns))
+            if rank == 0 and self.sample_rate:
+                sampled = self._sampled_checks(method, x, attributions, target, ids, key)
+        return pa.concat_tables(pieces), sampled
+
+    def _seed(self, key: str, name: str) -> None:
+        seed = batch_seed(self.spec.execution.seed, key, name)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
+
+    def _curves(self, x, attributions, target, steps: int) -> dict:
+        """Deletion and insertion curves and areas (:mod:`workers.fidelity`), null for a map
+        that cannot be laid over the input."""
+        n = x.shape[0]
+        scores = fid.feature_scores(attributions, tuple(x.shape[1:]))
+        if scores is None:
+            empty = pa.nulls(n, S.vector_type(steps + 1))
+            return {"deletion_curve": empty, "insertion_curve": empty,
+                    "deletion_auc": pa.nulls(n, pa.float32()), "insertion_auc": pa.nulls(n, pa.float32())}
+        deletion, insertion = fid.deletion_insertion(self.model, x, scores, target, steps,
+                                                     self.spec.fidelity.curve_baseline)
+        return {"deletion_curve": S.fixed_vectors(deletion, steps + 1),
+                "insertion_curve": S.fixed_vectors(insertion, steps + 1),
+                "deletion_auc": pa.array(fid.curve_area(deletion)),
+                "insertion_auc": pa.array(fid.curve_area(insertion))}
+
+    def _sampled_checks(self, method: BoundMethod, x, attributions, target, ids: pa.Array, key: str) -> pa.Table | None:
+        """Infidelity, sensitivity-max and the randomization check for the batch's sampled rows."""
+        settings = self.spec.fidelity
+        mask = fid.in_sample(ids.to_pylist(), settings.seed, self.sample_rate)
+        if not mask.any():
+            return None
+        chosen = torch.from_numpy(mask).to(x.device)
+        xs, ts, maps = x[chosen], target[chosen], attributions[chosen]
+        self._seed(key, f"{method.table_name}/fidelity")
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+            infidelity = fid.infidelity(self.model, xs, maps, ts, settings.perturbations, settings.infidelity_std)
+            sensitivity = fid.sensitivity_max(method, xs, ts, settings.perturbations, settings.sensitivity_radius)
+            randomized, _ = self.randomized(method)(xs, ts)
+        trained = maps.reshape(len(xs), -1).double().cpu().numpy()
+        random_maps = randomized.detach().reshape(len(xs), -1).double().cpu().numpy()
+        return S.table_from_columns(S.fidelity_schema(self.dataset.id_type), {
+            "instance_id": ids.filter(pa.array(mask)),
+            "target": pa.array(ts.cpu().numpy().astype(np.int64)),
+            # NaN (not defined: a layer map's infidelity, a constant map's rank correlation) as null.
+            "infidelity": pa.array(infidelity, from_pandas=True),
+            "sensitivity_max": pa.array(sensitivity, from_pandas=True),
+            "randomization_spearman": pa.array(fid.spearman(trained, random_maps), from_pandas=True),
+            "randomization_spearman_abs": pa.array(fid.spearman(np.abs(trained), np.abs(random_maps)),
+                                                   from_pandas=True),
+        })
+
+    def randomized(self, method: BoundMethod) -> BoundMethod:
+        """``method`` bound to a copy of the model with re-initialised weights."""
+        if self.randomized_methods is None:
+            model = fid.randomized_copy(self.model, self.spec.fidelity.seed)
+            self.randomized_methods = {m.table_name: bind_method(m, model, method.input_shape, self.chunk_rows)
+                                       for m in self.spec.attributions}
+        return self.randomized_methods[method.table_name]
 
     def describe(self, table: pa.Table) -> ModelFacts:
         """Run one small batch and report the shapes every table will have.
@@ -368,7 +435,7 @@ class ExplainWorker:
     """
 
     def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict,
-                 staging_dir: str, threads: int):
+                 worker_root: str, threads: int):
         import ray
 
         from pipeline.models import load_model
@@ -382,7 +449,8 @@ class ExplainWorker:
                                         ModelFacts.from_json(facts_data), tune_chunks=True)
         if ray.is_initialized():
             self.explainer.node_id = ray.get_runtime_context().get_node_id()
-        self.layout = RunLayout(Path(staging_dir))
+        # The staged run: a directory every node sees, or a prefix in an object store.
+        self.layout, self.filesystem = worker_layout(worker_root)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -398,7 +466,9 @@ class ExplainWorker:
                 f"on {self.device}: {type(error).__name__}: {error}"
             ) from error
         computed = time.perf_counter()
-        size = sum(write_part(self.layout.root / rel, key, table) for rel, table in explained.tables.items())
+        # The instances part last: its presence tells a resumed run that the batch is whole.
+        ordered = sorted(explained.tables.items(), key=lambda item: item[0] == Path(S.INSTANCES))
+        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem) for rel, table in ordered)
         return pa.table({
             "part": [key],
             "rows": [len(ids)],

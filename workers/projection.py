@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage import schema as S
-from storage.layout import RunLayout, write_part
+from storage.layout import worker_layout, write_part
 
 SOURCE_COLUMNS = {S.ACTIVATIONS: "activation", S.ATTRIBUTIONS: "attribution"}
 """The vector column a projection reads from each kind of source table."""
@@ -164,20 +163,20 @@ class ProjectWorker:
     every projected table, transforms it, and writes the coordinates; it returns one small
     row per part and table, as :class:`~workers.explain.ExplainWorker` does."""
 
-    def __init__(self, projections: list[Projection], staging_dir: str, id_type: str, threads: int):
+    def __init__(self, projections: list[Projection], worker_root: str, id_type: str, threads: int):
         from threadpoolctl import threadpool_limits
 
         # BLAS threads as the explain workers' torch threads: the cores shared by the workers.
         threadpool_limits(threads)
         self.projections = projections
-        self.layout = RunLayout(Path(staging_dir))
+        self.layout, self.filesystem = worker_layout(worker_root)
         self.id_type = id_type
 
     def project(self, projection: Projection, key: str) -> tuple[pa.Table, int]:
         """The coordinates of one part of ``projection``'s source table, and its row count."""
         source = self.layout.source_dir(projection.kind, projection.name) / f"part-{key}.parquet"
         columns = ["instance_id", projection.column] + (["target_rank"] if projection.kind == S.ATTRIBUTIONS else [])
-        table = pq.read_table(source, columns=columns)
+        table = pq.read_table(str(source), columns=columns, filesystem=self.filesystem)
         if projection.kind == S.ATTRIBUTIONS:
             table = table.filter(pc.equal(table["target_rank"], 0))
         coords = projection.transform(S.vectors_to_numpy(table[projection.column]))
@@ -190,7 +189,8 @@ class ProjectWorker:
             for projection in self.projections:
                 started = time.perf_counter()
                 table, rows = self.project(projection, key)
-                write_part(self.layout.projections_dir(projection.kind, projection.name), key, table)
+                write_part(self.layout.projections_dir(projection.kind, projection.name), key, table,
+                           self.filesystem)
                 out["part"].append(key)
                 out["table"].append(f"{projection.kind}/{projection.name}")
                 out["rows"].append(rows)

@@ -1,0 +1,181 @@
+"""Runs written to an object store through a pyarrow filesystem URI.
+
+The store is a real S3 server (moto's, speaking the S3 HTTP API) on 127.0.0.1, reached by
+pyarrow's own S3 client exactly as a bucket in the cloud would be; ``gs://`` goes through
+the same code (pyarrow's GcsFileSystem behind the same interface).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.driver import run_job
+from storage.catalog import open_catalog, run_query
+from storage.layout import RunExistsError, RunStaging, worker_layout, write_part
+from storage.location import MANIFEST, cached_run_dir, local_run_dir
+from storage.reader import RunReader
+from tests.conftest import tabular_spec, tabular_table
+
+BUCKET = "netloupe-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_root(tmp_path_factory):
+    """``s3://netloupe-test/runs?...`` on a moto S3 server on loopback, credentials in the
+    environment before Ray starts (so the workers have them, as on a cluster)."""
+    port = _free_port()
+    env = {"AWS_ACCESS_KEY_ID": "netloupe", "AWS_SECRET_ACCESS_KEY": "netloupe-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start")
+                time.sleep(0.2)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        filesystem, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?{query}&allow_bucket_creation=true")
+        filesystem.create_dir(BUCKET)
+        yield f"s3://{BUCKET}/runs?{query}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def store_env(s3_root, tmp_path_factory):
+    """A local cache of this module's own, so each test sees what it downloaded."""
+    saved = os.environ.get("NETLOUPE_CACHE")
+    os.environ["NETLOUPE_CACHE"] = str(tmp_path_factory.mktemp("store-cache"))
+    yield s3_root
+    os.environ["NETLOUPE_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def ray_store(store_env, ray_local):
+    return store_env
+
+
+def _objects(root_uri: str) -> list[str]:
+    filesystem, path = pafs.FileSystem.from_uri(root_uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _uri(root: str, *parts: str) -> str:
+    base, _, query = root.partition("?")
+    return "/".join([base, *parts]) + "?" + query
+
+
+def test_run_to_s3_is_published_whole_and_equals_a_local_run(ray_store, tmp_path):
+    pq.write_table(tabular_table(60), tmp_path / "data.parquet")
+    changes = dict(attributions=[{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 8}}],
+                   execution={"batch_size": 16, "num_workers": 2, "threads_per_worker": 1})
+    stored = run_job(tabular_spec(tmp_path / "data.parquet", ray_store, output__run_name="s3run", **changes),
+                     progress=False)
+    local = run_job(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs", output__run_name="s3run", **changes),
+                    progress=False)
+
+    assert stored.location == _uri(ray_store, "s3run")
+    objects = _objects(ray_store)
+    # Everything is under the run (no staging prefix left), the manifest and catalog included,
+    # and the run holds the same files as the local run of the same spec.
+    assert all(o.startswith("s3run/") for o in objects), objects
+    local_files = sorted(p.relative_to(local.layout.root).as_posix() for p in local.layout.root.rglob("*")
+                         if p.is_file())
+    assert [o[len("s3run/"):] for o in objects] == local_files
+    assert {MANIFEST, "catalog.duckdb"} <= set(local_files)
+    # The driver's work directory is gone: the finished run became the read cache.
+    assert not any((stored.layout.root.parents[2] / "work").iterdir())
+    assert stored.layout.root == cached_run_dir(stored.location)
+
+    # Read back from the store into a fresh cache: the same rows as the local run.
+    os.environ["NETLOUPE_CACHE"] = str(tmp_path / "reader-cache")
+    fetched = local_run_dir(stored.location)
+    assert fetched.is_relative_to(tmp_path / "reader-cache")
+    remote, here = RunReader(fetched), RunReader(local.layout.root)
+    assert remote.instances().drop_columns(["node_id"]).equals(here.instances().drop_columns(["node_id"]))
+    for method in ("saliency", "integrated_gradients"):
+        assert remote.attributions(method).equals(here.attributions(method))
+    assert remote._read(remote.layout.projections_dir("activations", "fc"), ["instance_id"]).equals(
+        here._read(here.layout.projections_dir("activations", "fc"), ["instance_id"]))
+    query = "SELECT label, count(*) AS n, avg(confidence) AS c FROM instances GROUP BY 1 ORDER BY 1"
+    assert run_query(open_catalog(fetched), query).equals(run_query(open_catalog(local.layout.root), query))
+    # A second open reuses the cache (same manifest): nothing is downloaded again.
+    before = (fetched / "catalog.duckdb").stat().st_mtime_ns
+    assert local_run_dir(stored.location) == fetched
+    assert (fetched / "catalog.duckdb").stat().st_mtime_ns == before
+
+
+def test_existing_run_in_the_store_needs_force_and_is_replaced_whole(ray_store, tmp_path, capsys):
+    pq.write_table(tabular_table(20), tmp_path / "a.parquet")
+    pq.write_table(tabular_table(30, seed=1), tmp_path / "b.parquet")
+    spec = tabular_spec(tmp_path / "a.parquet", ray_store, output__run_name="again")
+    run_job(spec, progress=False)
+    with pytest.raises(RunExistsError, match="already exists.*--force"):
+        run_job(spec, progress=False)
+    os.environ["NETLOUPE_CACHE"] = str(tmp_path / "cache")
+    first = local_run_dir(_uri(ray_store, "again"))
+    assert RunReader(first).instances().num_rows == 20
+
+    run_job(tabular_spec(tmp_path / "b.parquet", ray_store, output__run_name="again"), force=True, progress=False)
+    assert [o for o in _objects(ray_store) if o.startswith(".staging")] == []
+    # The CLI reads the replaced run: the cache notices the new manifest and downloads again.
+    assert main(["sql", _uri(ray_store, "again"), "SELECT count(*) AS n FROM instances", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "30"
+    # Only the new run's parts are in the store (the old run's were removed, not mixed in).
+    filesystem, path = pafs.FileSystem.from_uri(_uri(ray_store, "again", "instances"))
+    rows = sum(pq.read_metadata(f"{path}/{name}", filesystem=filesystem).num_rows
+               for name in (o.rsplit("/", 1)[-1] for o in _objects(ray_store) if o.startswith("again/instances/")))
+    assert rows == 30
+
+
+def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
+    staging = RunStaging(store_env, "aborted")
+    layout = staging.create()
+    worker, filesystem = worker_layout(staging.worker_root)
+    write_part(worker.instances_dir, "k1", pa.table({"instance_id": [1, 2]}), filesystem)
+    assert staging.pull("instances") > 0
+    assert pq.read_table(layout.instances_dir / "part-k1.parquet")["instance_id"].to_pylist() == [1, 2]
+    assert [o for o in _objects(store_env) if o.startswith(".staging/aborted-")] != []
+    staging.abort()
+    assert [o for o in _objects(store_env) if "aborted" in o] == []
+    assert not layout.root.exists()
+
+
+def test_reading_something_that_is_not_a_run_says_so(store_env):
+    from pipeline.errors import RunError
+
+    with pytest.raises(RunError, match="is not a committed netloupe run"):
+        local_run_dir(_uri(store_env, "no-such-run"))
+    with pytest.raises(RunError, match="cannot open the filesystem of 'nosuch://x/runs'.*s3://bucket/path"):
+        RunStaging("nosuch://x/runs", "r")
