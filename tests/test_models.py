@@ -80,3 +80,17 @@ def test_digits_builtin_validates_with_its_own_preprocessing(tmp_path):
     assert checked.facts.layer_neurons == {"conv": 2 * 7 * 7}
     assert checked.facts.attribution_shapes == {"grad_cam": (1, 7, 7)}
     assert checked.dataset.preprocess.scale == pytest.approx(1 / 16)
+
+
+def test_a_pickled_checkpoint_loads_only_with_the_named_opt_in(tmp_path):
+    whole = Linear3()
+    with torch.no_grad():
+        whole.fc.weight.mul_(-1)
+    torch.save(whole, tmp_path / "whole.pt")  # the module itself: unpickling runs its class
+    with pytest.raises(ModelError, match="allow_unsafe_pickle: true"):
+        load_model(ModelSpec(factory="tests.tiny_models:linear", weights=str(tmp_path / "whole.pt")))
+    model = load_model(ModelSpec(factory="tests.tiny_models:linear", weights=str(tmp_path / "whole.pt"),
+                                 allow_unsafe_pickle=True))
+    assert torch.equal(model.fc.weight, -torch.tensor(LINEAR_W))
+    with pytest.raises(ValueError, match="applies to a 'weights' file"):
+        ModelSpec(factory="tests.tiny_models:linear", allow_unsafe_pickle=True)
