@@ -187,7 +187,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
     """Validate, explain every instance on Ray, and commit the run atomically.
 
     ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
-    the batches it logged as finished are kept, only the other instances are explained.
+    the batches it finished are kept, only the other instances are explained.
     """
     timings = {}
     started = time.perf_counter()

@@ -189,6 +189,8 @@ class RunStaging:
     def __init__(self, output_root: str | os.PathLike, run_name: str, force: bool = False):
         self.run_name = check_run_name(run_name)
         self.force = force
+        self.resumed = False
+        """True for a staging taken over from an interrupted run (:meth:`resume`)."""
         self.store = StoreRoot.open(str(output_root)) if is_uri(output_root) else None
         staged_name = f"{run_name}-{uuid.uuid4().hex[:12]}"
         if self.store is not None:
@@ -220,13 +222,13 @@ class RunStaging:
             (self.layout.root / JOB_FILE).write_text(json.dumps(spec_data, sort_keys=True, default=str))
         return self.layout
 
-    resumed = False
-    """True for a staging taken over from an interrupted run (:meth:`resume`)."""
-
     @classmethod
     def resume(cls, run: str | os.PathLike, force: bool = False) -> tuple["RunStaging", dict]:
         """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``), and
         its spec; the newest one when several were left. Local roots only."""
+        if is_uri(run):
+            raise RunError(f"--resume continues runs staged in a local or shared directory; {run} is in an "
+                           "object store, whose interrupted runs are not resumed: run the job again")
         run = Path(run)
         staging_root = run.parent / STAGING_DIR
         candidates = sorted((d for d in staging_root.glob(f"{run.name}-*") if (d / JOB_FILE).is_file()),

@@ -106,3 +106,5 @@ def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
 
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert cli_main(["run", "--resume", "s3://bucket/runs/r"]) == 2
+    assert "not resumed: run the job again" in capsys.readouterr().err

@@ -269,15 +269,19 @@ class BatchExplainer:
             )
         if self.spec.attributions:
             targets = self.targets(probabilities, labels)
+            # Which rows get the sampled fidelity checks: hashed once, used by every method.
+            chosen = fid.in_sample(out.instance_ids, self.spec.fidelity.seed, self.sample_rate)
             for method in self.bind_methods(x):
-                table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key)
+                table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen)
                 out.tables[run.attributions_dir(method.table_name)] = table
                 if sampled is not None:
                     out.tables[run.fidelity_dir(method.table_name)] = sampled
         return out
 
-    def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str) -> tuple[pa.Table, pa.Table | None]:
-        """The method's rows for every target, and its sampled fidelity rows (or None)."""
+    def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str,
+                   chosen: np.ndarray) -> tuple[pa.Table, pa.Table | None]:
+        """The method's rows for every target, and the fidelity rows of the ``chosen`` (sampled)
+        rows, or None when none is."""
         pieces, sampled = [], None
         steps = self.spec.fidelity.curve_steps
         for rank in range(targets.shape[1]):
@@ -307,8 +311,8 @@ class BatchExplainer:
                 columns["attribution"] = S.fixed_vectors(stored.cpu().numpy(), width)
             schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None)
             pieces.append(S.table_from_columns(schema, columns))
-            if rank == 0 and self.sample_rate:
-                sampled = self._sampled_checks(method, x, attributions, target, ids, key)
+            if rank == 0 and chosen.any():
+                sampled = self._sampled_checks(method, x, attributions, target, ids, key, chosen)
         return pa.concat_tables(pieces), sampled
 
     def _seed(self, key: str, name: str) -> None:
@@ -332,12 +336,10 @@ class BatchExplainer:
                 "deletion_auc": pa.array(fid.curve_area(deletion)),
                 "insertion_auc": pa.array(fid.curve_area(insertion))}
 
-    def _sampled_checks(self, method: BoundMethod, x, attributions, target, ids: pa.Array, key: str) -> pa.Table | None:
+    def _sampled_checks(self, method: BoundMethod, x, attributions, target, ids: pa.Array, key: str,
+                        mask: np.ndarray) -> pa.Table:
         """Infidelity, sensitivity-max and the randomization check for the batch's sampled rows."""
         settings = self.spec.fidelity
-        mask = fid.in_sample(ids.to_pylist(), settings.seed, self.sample_rate)
-        if not mask.any():
-            return None
         chosen = torch.from_numpy(mask).to(x.device)
         xs, ts, maps = x[chosen], target[chosen], attributions[chosen]
         self._seed(key, f"{method.table_name}/fidelity")
