@@ -36,8 +36,8 @@ def cmd_run(args) -> int:
         if args.set:
             raise SpecError("--resume continues the interrupted run with its own spec; --set cannot change it")
         resume, spec_data = RunStaging.resume(args.resume, force=args.force)
-        spec = parse_spec(spec_data, origin=f"(the interrupted run's spec, {resume.layout.root})")
-        print(f"resuming {args.resume} from {resume.layout.root}", flush=True)
+        spec = parse_spec(spec_data, origin=f"(the interrupted run's spec, {resume.worker_root})")
+        print(f"resuming {args.resume} from {resume.worker_root}", flush=True)
     else:
         spec = load_spec(args.spec, _overrides(args.set))
     result = run_job(spec, force=args.force, progress=not args.no_progress, resume=resume)

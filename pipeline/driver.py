@@ -179,7 +179,7 @@ def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int)
         if rows != want or distinct != want:
             raise RunError(
                 f"table {directory.relative_to(layout.root)} has {rows} rows with {distinct} distinct "
-                f"keys, expected {want} of each; nothing was committed (the staged files are removed)"
+                f"keys, expected {want} of each; nothing was committed"
             )
 
 
@@ -281,9 +281,16 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
     except RunExistsError:
         raise  # lost a race for the name: the staged results stay where the message says
     except KeyboardInterrupt:
-        raise  # interrupted, not failed: the staging stays for `netloupe run --resume`
+        staging.interrupt()  # interrupted, not failed: the staging stays for `netloupe run --resume`
+        raise
     except BaseException as error:
-        staging.abort()
+        if staging.resumed:
+            # The finished batches it was given are not this attempt's to throw away.
+            staging.interrupt()
+            print(f"netloupe: the interrupted run stays staged at {staging.worker_root}; fix the cause and "
+                  "resume again, or delete it to start over", file=sys.stderr)
+        else:
+            staging.abort()
         user_error = _netloupe_cause(error)
         if user_error is not None and user_error is not error:
             raise user_error from None

@@ -191,7 +191,9 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
             for method in manifest["tables"].get("fidelity", {}):
                 parquet_views.append((fidelity_view(method),
                                       f"{layout.fidelity_dir(method).relative_to(layout.root)}/*.parquet"))
+            summary_started = time.perf_counter()
             _build_fidelity_summary(con, layout, manifest)
+            timings["fidelity summary"] = time.perf_counter() - summary_started
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),

@@ -150,9 +150,16 @@ class RunLayout:
         return json.loads(self.manifest_path.read_text())
 
 
-def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | None = None) -> int:
+def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | None = None,
+                  run_root: Path | None = None) -> int:
     """Write ``table`` to ``path`` whole; return its size. Locally under a temporary name,
-    then renamed; in an object store directly (an object appears only once uploaded)."""
+    then renamed; in an object store directly (an object appears only once uploaded).
+
+    A worker names the staged run it writes into as ``run_root``: the directories below it
+    are made one level at a time, so that a staged run that is gone (committed, aborted,
+    or taken over by ``netloupe run --resume`` while a killed driver's worker still held a
+    batch) is not made again by a late write, which fails instead.
+    """
     # Row groups sized to a batch keep readers' memory bounded; zstd is the best size/speed
     # trade for float vectors measured so far.
     options = dict(compression="zstd", row_group_size=max(1, table.num_rows))
@@ -160,16 +167,26 @@ def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | Non
         pq.write_table(table, str(path), filesystem=filesystem, **options)
         return filesystem.get_file_info(str(path)).size
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if run_root is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        try:
+            below = path.parent.relative_to(run_root).parts
+            for depth in range(1, len(below) + 1):
+                run_root.joinpath(*below[:depth]).mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise RunError(f"the staged run {run_root} is gone (committed, aborted or resumed elsewhere); "
+                           "this worker's batch is not written") from None
     tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}.parquet"
     pq.write_table(table, tmp, **options)
     os.replace(tmp, path)
     return path.stat().st_size
 
 
-def write_part(directory: Path, key: str, table: pa.Table, filesystem: pafs.FileSystem | None = None) -> int:
+def write_part(directory: Path, key: str, table: pa.Table, filesystem: pafs.FileSystem | None = None,
+               run_root: Path | None = None) -> int:
     """Write ``table`` as ``directory/part-<key>.parquet`` whole; return its size in bytes."""
-    return write_parquet(directory / f"part-{key}.parquet", table, filesystem)
+    return write_parquet(directory / f"part-{key}.parquet", table, filesystem, run_root)
 
 
 def worker_layout(worker_root: str) -> tuple[RunLayout, pafs.FileSystem]:
@@ -179,6 +196,11 @@ def worker_layout(worker_root: str) -> tuple[RunLayout, pafs.FileSystem]:
         filesystem, path = open_filesystem(worker_root)
         return RunLayout(Path(path)), filesystem
     return RunLayout(Path(worker_root)), pafs.LocalFileSystem()
+
+
+def _nothing_to_resume(run, staging_root) -> RunError:
+    return RunError(f"nothing to resume for {run}: no interrupted run of that name under {staging_root}. "
+                    "Pass the run an interrupted `netloupe run` was writing (<output.root>/<run_name>)")
 
 
 class RunStaging:
@@ -219,44 +241,93 @@ class RunStaging:
     def create(self, spec_data: dict | None = None) -> RunLayout:
         self.layout.root.mkdir(parents=True, exist_ok=self.resumed)
         if spec_data is not None and not self.resumed:
-            (self.layout.root / JOB_FILE).write_text(json.dumps(spec_data, sort_keys=True, default=str))
+            job = self.layout.root / JOB_FILE
+            job.write_text(json.dumps(spec_data, sort_keys=True, default=str))
+            if self.store is not None:
+                pafs.copy_files(str(job), f"{self.store_staging}/{JOB_FILE}",
+                                source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.store.filesystem)
         return self.layout
 
     @classmethod
     def resume(cls, run: str | os.PathLike, force: bool = False) -> tuple["RunStaging", dict]:
-        """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``), and
-        its spec; the newest one when several were left. Local roots only."""
+        """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``, a
+        directory or a store URI), and its spec; the newest one when several were left.
+
+        A local staging is first renamed to a name of its own: the interrupted driver's Ray
+        workers can outlive it by a batch, and a write of theirs then fails instead of
+        landing in the run being finished (:func:`write_parquet`). In a store, where
+        nothing renames, their late parts are dropped with every other part no batch of
+        the resumed run reported (:meth:`remove_unlisted_parts`).
+        """
         if is_uri(run):
-            raise RunError(f"--resume continues runs staged in a local or shared directory; {run} is in an "
-                           "object store, whose interrupted runs are not resumed: run the job again")
+            return cls._resume_in_store(str(run), force)
         run = Path(run)
         staging_root = run.parent / STAGING_DIR
         candidates = sorted((d for d in staging_root.glob(f"{run.name}-*") if (d / JOB_FILE).is_file()),
                             key=lambda d: (d / JOB_FILE).stat().st_mtime)
         if not candidates:
-            raise RunError(f"nothing to resume for {run}: no interrupted run of that name under {staging_root}. "
-                           "Pass the run directory an interrupted `netloupe run` was writing (<output.root>/<run_name>)")
-        staged = candidates[-1]
-        spec_data = json.loads((staged / JOB_FILE).read_text())
+            raise _nothing_to_resume(run, staging_root)
         staging = cls(run.parent, run.name, force=force)
-        staging.layout = RunLayout(staged)
-        staging.worker_root = str(staged.resolve())
+        try:
+            os.rename(candidates[-1], staging.layout.root)
+        except FileNotFoundError:
+            raise RunError(f"the interrupted run {candidates[-1]} was taken by another `netloupe run --resume` "
+                           "while this one started; let that one finish") from None
+        staging.resumed = True
+        return staging, json.loads((staging.layout.root / JOB_FILE).read_text())
+
+    @classmethod
+    def _resume_in_store(cls, run: str, force: bool) -> tuple["RunStaging", dict]:
+        base, query = run.partition("?")[0].rstrip("/"), run.partition("?")[2]
+        root_uri, _, name = base.rpartition("/")
+        root_uri += f"?{query}" if query else ""
+        check_run_name(name)
+        store = StoreRoot.open(root_uri)
+        selector = pafs.FileSelector(store.child(STAGING_DIR), allow_not_found=True)
+        jobs = [store.filesystem.get_file_info(f"{info.path}/{JOB_FILE}")
+                for info in store.filesystem.get_file_info(selector)
+                if info.type == pafs.FileType.Directory and info.base_name.startswith(f"{name}-")]
+        jobs = sorted((job for job in jobs if job.type == pafs.FileType.File), key=lambda job: job.mtime_ns or 0)
+        if not jobs:
+            raise _nothing_to_resume(run, join_uri(root_uri, STAGING_DIR))
+        with store.filesystem.open_input_stream(jobs[-1].path) as stream:
+            spec_data = json.loads(stream.read())
+        staging = cls(root_uri, name, force=force)
+        staging.store_staging = jobs[-1].path.rsplit("/", 1)[0]
+        staging.worker_root = join_uri(store.uri, STAGING_DIR, staging.store_staging.rsplit("/", 1)[-1])
         staging.resumed = True
         return staging, spec_data
 
     def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
         """The batches an interrupted run finished: those with an instances part, which a
         worker writes after all of the batch's other parts (:class:`workers.explain.ExplainWorker`)."""
+        self.pull(INSTANCES)
+        sizes = self._part_sizes(table_dirs)
         parts = []
         for path in sorted(self.layout.instances_dir.glob("part-*.parquet")):
             key = path.name[len("part-"):-len(".parquet")]
             head = pq.ParquetFile(path)
             first = head.read_row_group(0, columns=["node_id", "device"]).slice(0, 1).to_pylist()
-            parts.append({"part": key, "rows": head.metadata.num_rows,
-                          "bytes": sum((d / path.name).stat().st_size for d in table_dirs if (d / path.name).exists()),
+            parts.append({"part": key, "rows": head.metadata.num_rows, "bytes": sizes.get(path.name, 0),
                           "compute_seconds": 0.0, "write_seconds": 0.0, "gpu_ids": "", "chunk_rows": 0,
                           "node_id": first[0]["node_id"] if first else "", "device": first[0]["device"] if first else ""})
         return parts
+
+    def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
+        """The bytes of each part file name summed over ``table_dirs``, where the workers wrote them."""
+        sizes = {}
+        for directory in table_dirs:
+            if self.store is None:
+                files = [(p.name, p.stat().st_size) for p in directory.glob("part-*.parquet")] if directory.exists() else []
+            else:
+                relative = directory.relative_to(self.layout.root).as_posix()
+                files = [(info.base_name, info.size or 0)
+                         for info in self.store.filesystem.get_file_info(
+                             pafs.FileSelector(f"{self.store_staging}/{relative}", allow_not_found=True))]
+            for name, size in files:
+                sizes[name] = sizes.get(name, 0) + size
+        return sizes
 
     def pull(self, *relative_dirs: str) -> int:
         """Bring the workers' parts under ``relative_dirs`` from the store into the local
@@ -325,6 +396,12 @@ class RunStaging:
         os.replace(self.layout.root, cached)
         shutil.rmtree(self.layout.root.parent, ignore_errors=True)
         return RunLayout(cached)
+
+    def interrupt(self) -> None:
+        """Leave the staging for ``netloupe run --resume``; for a store, what the driver had
+        downloaded goes (the staged prefix keeps the parts, and a resume downloads them again)."""
+        if self.store is not None:
+            shutil.rmtree(self.layout.root.parent, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove everything this run staged; committed runs are never touched."""

@@ -96,3 +96,39 @@ def tabular_spec_data(data_path, out_root, **changes) -> dict:
 
 def tabular_spec(data_path, out_root, **changes):
     return parse_spec(tabular_spec_data(data_path, out_root, **changes))
+
+
+def slow_run_spec(data_path, out_root, tmp_path) -> "Path":
+    """A spec file for a run of 160 rows in 10 batches slow enough (0.3 s each) to kill mid-way."""
+    import yaml
+
+    pq.write_table(tabular_table(160), data_path)
+    data = tabular_spec_data(data_path, out_root,
+                             model={"factory": "tests.tiny_models:slow_linear", "kwargs": {"delay": 0.3}},
+                             execution={"batch_size": 16, "num_workers": 1, "threads_per_worker": 1,
+                                        "chunk_rows": 64})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    return spec_path
+
+
+def kill_driver_mid_run(spec_path, finished_batches, at_least: int = 3, timeout: float = 240) -> None:
+    """Run ``netloupe run spec_path`` in a process and SIGKILL it, with its local Ray, once
+    ``finished_batches()`` counts ``at_least`` batches."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # The driver in a session of its own, so that killing its group takes its local Ray too.
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--no-progress"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while finished_batches() < at_least:
+            assert driver.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no batch finished in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)

@@ -6,8 +6,10 @@ Every one ends with each instance exactly once or with nothing visible, never ha
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.driver import run_job
 from storage.reader import RunReader
@@ -37,53 +39,18 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
 
 
 def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
     from pipeline.cli import main as cli_main
-    from tests.conftest import tabular_spec_data
+    from tests.conftest import kill_driver_mid_run, slow_run_spec
 
-    pq.write_table(tabular_table(160), tmp_path / "data.parquet")
-    data = tabular_spec_data(tmp_path / "data.parquet", tmp_path / "runs",
-                             model={"factory": "tests.tiny_models:slow_linear", "kwargs": {"delay": 0.3}},
-                             execution={"batch_size": 16, "num_workers": 1, "threads_per_worker": 1,
-                                        "chunk_rows": 64})
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(data))
-    # The driver in a session of its own, so that killing its group takes its local Ray too.
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--no-progress"],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec_path = slow_run_spec(tmp_path / "data.parquet", tmp_path / "runs", tmp_path)
     staging_root = tmp_path / "runs" / ".staging"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            # A batch is finished once its instances part is written (the last of its parts).
-            finished = list(staging_root.glob("t-*/instances/part-*.parquet"))
-            if len(finished) >= 3:
-                break
-            assert driver.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no batch finished in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    staged = finished[0].parent.parent
-    # The killed driver's Ray workers may finish the batch they hold before they notice it
-    # is gone: wait until the staging stops changing.
-    count, quiet_since = -1, time.monotonic()
-    while time.monotonic() - quiet_since < 3:
-        now = len(list(staged.glob("instances/part-*.parquet")))
-        if now != count:
-            count, quiet_since = now, time.monotonic()
-        time.sleep(0.3)
+    # A batch is finished once its instances part is written (the last of its parts).
+    kill_driver_mid_run(spec_path, lambda: len(list(staging_root.glob("t-*/instances/part-*.parquet"))))
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
-    finished = sorted(staged.glob("instances/part-*.parquet"))
-    kept = {p.name: p.stat().st_mtime_ns for p in finished}
+    kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
 
+    # Resumed at once: the killed driver's Ray workers may still finish the batch they hold,
+    # and their late parts must not end up in the run (or stop it).
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
     run = tmp_path / "runs" / "t"
@@ -92,13 +59,78 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     assert reader.instances()["instance_id"].to_pylist() == ids
     assert reader.attributions("saliency")["instance_id"].to_pylist() == ids
     manifest = reader.manifest
-    assert manifest["timings"]["resumed_parts"] == len(kept)
+    # At least the batches seen finished were kept (one more may have finished before the
+    # resume took the staging over), and not all of them.
+    assert len(kept) <= manifest["timings"]["resumed_parts"] < 10
     assert 0 < manifest["timings"]["resumed_rows"] < 160
     # The finished batches were kept as they were, not computed again.
     for name, mtime in kept.items():
         assert (run / "instances" / name).stat().st_mtime_ns == mtime
+    # The kept batches' sizes count: the run's bytes are all its explained parts'.
+    explained = [p for d in ("instances", "activations", "attributions") for p in (run / d).rglob("part-*.parquet")]
+    assert manifest["counts"]["bytes"] == sum(p.stat().st_size for p in explained)
     assert not (run / "job.json").exists()
+    time.sleep(2)  # the orphaned workers' last write, if any, has failed by now
     assert not staging_root.exists()
+
+
+def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.cli import main as cli_main
+    from pipeline.spec import spec_to_dict
+    from storage.layout import JOB_FILE, RunStaging
+
+    # A batch of instances the dataset does not have (ids 5000..), as a wrong kept part.
+    stray = tabular_table(8)
+    stray = stray.set_column(stray.schema.get_field_index("row_id"), "row_id", pa.array(range(5000, 5008)))
+    pq.write_table(stray, tmp_path / "stray.parquet")
+    other = run_job(tabular_spec(tmp_path / "stray.parquet", tmp_path / "other"), progress=False)
+    pq.write_table(tabular_table(20), tmp_path / "data.parquet")
+    staging = RunStaging(tmp_path / "runs", "t")
+    staging.create(spec_to_dict(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")))
+    staging.layout.instances_dir.mkdir()
+    [wrong] = (other.layout.root / "instances").glob("part-*.parquet")
+    shutil.copy(wrong, staging.layout.instances_dir / wrong.name)
+
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has 28 rows" in err and "stays staged" in err
+    assert not (tmp_path / "runs" / "t").exists()
+    [kept] = (tmp_path / "runs" / ".staging").glob("t-*")
+    assert (kept / JOB_FILE).is_file() and (kept / "instances" / wrong.name).is_file()
+
+    # With the wrong part gone, resuming again finishes the run.
+    (kept / "instances" / wrong.name).unlink()
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 0
+    assert RunReader(tmp_path / "runs" / "t").instances()["instance_id"].to_pylist() == list(range(1000, 1020))
+
+
+def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.errors import RunError
+    from storage.layout import RunStaging, worker_layout, write_part
+
+    interrupted = RunStaging(tmp_path / "runs", "t")
+    interrupted.create({"spec": "of the interrupted run"})
+    late, filesystem = worker_layout(interrupted.worker_root)
+    write_part(late.instances_dir, "k1", pa.table({"instance_id": [1]}), filesystem, late.root)
+
+    resumed, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
+    assert spec_data == {"spec": "of the interrupted run"}
+    assert resumed.layout.root != interrupted.layout.root
+    assert (resumed.layout.instances_dir / "part-k1.parquet").exists()
+    # A worker of the killed driver, writing where it was told to, is refused and makes nothing.
+    with pytest.raises(RunError, match="is gone"):
+        write_part(late.activations_dir("fc"), "k2", pa.table({"instance_id": [2]}), filesystem, late.root)
+    assert not interrupted.layout.root.exists()
+    # The resumed run's own workers write, making the directories they need.
+    current, _ = worker_layout(resumed.worker_root)
+    write_part(current.activations_dir("fc"), "k2", pa.table({"instance_id": [2]}), filesystem, current.root)
+    assert (resumed.layout.activations_dir("fc") / "part-k2.parquet").exists()
 
 
 def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
@@ -106,5 +138,3 @@ def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
 
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
-    assert cli_main(["run", "--resume", "s3://bucket/runs/r"]) == 2
-    assert "not resumed: run the job again" in capsys.readouterr().err

@@ -172,6 +172,55 @@ def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
     assert not layout.root.exists()
 
 
+def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys):
+    from tests.conftest import kill_driver_mid_run, slow_run_spec
+
+    spec_path = slow_run_spec(tmp_path / "data.parquet", ray_store, tmp_path)
+    finished = lambda: sum(o.startswith(".staging/t-") and "/instances/part-" in o for o in _objects(ray_store))
+    kill_driver_mid_run(spec_path, finished)
+    assert not any(o.startswith("t/") for o in _objects(ray_store))  # nothing published
+    seen = finished()
+
+    # Resumed at once, from another machine's point of view: only the store holds the staging.
+    assert main(["run", "--resume", _uri(ray_store, "t"), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    reader = RunReader(local_run_dir(_uri(ray_store, "t")))
+    ids = list(range(1000, 1160))
+    assert reader.instances()["instance_id"].to_pylist() == ids
+    assert reader.attributions("saliency")["instance_id"].to_pylist() == ids
+    timings = reader.manifest["timings"]
+    assert seen <= timings["resumed_parts"] < 10
+    assert 0 < timings["resumed_rows"] < 160
+    # The kept batches' sizes were read from the store: the run's bytes are all its parts'.
+    explained = [p for d in ("instances", "activations", "attributions", "fidelity")
+                 for p in (reader.layout.root / d).rglob("part-*.parquet")]
+    assert reader.manifest["counts"]["bytes"] == sum(p.stat().st_size for p in explained)
+    time.sleep(2)  # a late part of the killed driver's workers, if any, has landed by now
+    objects = _objects(ray_store)
+    assert "t/job.json" not in objects and f"t/{MANIFEST}" in objects
+    assert [o for o in objects if o.startswith(".staging/t-") and "/instances/" in o] == []
+
+
+def test_an_interrupted_store_run_keeps_only_its_staging_in_the_store(store_env):
+    staging = RunStaging(store_env, "stopped")
+    layout = staging.create({"spec": "of the stopped run"})
+    assert staging.pull("instances") == 0
+    staging.interrupt()  # what Ctrl-C does
+    assert not layout.root.parent.exists()  # the local work directory went
+    assert [o.rsplit("/", 1)[-1] for o in _objects(store_env) if o.startswith(".staging/stopped-")] == ["job.json"]
+
+    resumed, spec_data = RunStaging.resume(_uri(store_env, "stopped"))
+    assert spec_data == {"spec": "of the stopped run"}
+    assert resumed.worker_root == staging.worker_root and resumed.resumed
+    resumed.abort()
+    assert [o for o in _objects(store_env) if "stopped" in o] == []
+
+
+def test_resume_of_a_store_run_without_one_says_so(store_env, capsys):
+    assert main(["run", "--resume", _uri(store_env, "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
 def test_reading_something_that_is_not_a_run_says_so(store_env):
     from pipeline.errors import RunError
 

@@ -470,7 +470,7 @@ class ExplainWorker:
         computed = time.perf_counter()
         # The instances part last: its presence tells a resumed run that the batch is whole.
         ordered = sorted(explained.tables.items(), key=lambda item: item[0] == Path(S.INSTANCES))
-        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem) for rel, table in ordered)
+        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem, self.layout.root) for rel, table in ordered)
         return pa.table({
             "part": [key],
             "rows": [len(ids)],

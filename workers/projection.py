@@ -190,7 +190,7 @@ class ProjectWorker:
                 started = time.perf_counter()
                 table, rows = self.project(projection, key)
                 write_part(self.layout.projections_dir(projection.kind, projection.name), key, table,
-                           self.filesystem)
+                           self.filesystem, self.layout.root)
                 out["part"].append(key)
                 out["table"].append(f"{projection.kind}/{projection.name}")
                 out["rows"].append(rows)
