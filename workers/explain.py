@@ -271,17 +271,20 @@ class BatchExplainer:
             targets = self.targets(probabilities, labels)
             # Which rows get the sampled fidelity checks: hashed once, used by every method.
             chosen = fid.in_sample(out.instance_ids, self.spec.fidelity.seed, self.sample_rate)
+            ends = (fid.curve_ends(self.model, x, self.spec.fidelity.curve_baseline)
+                    if self.spec.fidelity.curve_steps else None)
             for method in self.bind_methods(x):
-                table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen)
+                table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen,
+                                                 ends)
                 out.tables[run.attributions_dir(method.table_name)] = table
                 if sampled is not None:
                     out.tables[run.fidelity_dir(method.table_name)] = sampled
         return out
 
     def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str,
-                   chosen: np.ndarray) -> tuple[pa.Table, pa.Table | None]:
+                   chosen: np.ndarray, ends=None) -> tuple[pa.Table, pa.Table | None]:
         """The method's rows for every target, and the fidelity rows of the ``chosen`` (sampled)
-        rows, or None when none is."""
+        rows, or None when none is; ``ends``: the batch's :func:`workers.fidelity.curve_ends`."""
         pieces, sampled = [], None
         steps = self.spec.fidelity.curve_steps
         for rank in range(targets.shape[1]):
@@ -304,7 +307,7 @@ class BatchExplainer:
                 "finite": pa.array(torch.isfinite(attributions.reshape(len(ids), -1)).all(dim=1).cpu().numpy()),
             }
             if steps:
-                columns.update(self._curves(x, attributions, target, steps))
+                columns.update(self._curves(x, attributions, target, steps, ends))
             width = None
             if stored is not None:
                 width = stored.shape[1]
@@ -320,7 +323,7 @@ class BatchExplainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
 
-    def _curves(self, x, attributions, target, steps: int) -> dict:
+    def _curves(self, x, attributions, target, steps: int, ends) -> dict:
         """Deletion and insertion curves and areas (:mod:`workers.fidelity`), null for a map
         that cannot be laid over the input."""
         n = x.shape[0]
@@ -330,7 +333,7 @@ class BatchExplainer:
             return {"deletion_curve": empty, "insertion_curve": empty,
                     "deletion_auc": pa.nulls(n, pa.float32()), "insertion_auc": pa.nulls(n, pa.float32())}
         deletion, insertion = fid.deletion_insertion(self.model, x, scores, target, steps,
-                                                     self.spec.fidelity.curve_baseline)
+                                                     self.spec.fidelity.curve_baseline, ends)
         return {"deletion_curve": S.fixed_vectors(deletion, steps + 1),
                 "insertion_curve": S.fixed_vectors(insertion, steps + 1),
                 "deletion_auc": pa.array(fid.curve_area(deletion)),

@@ -67,21 +67,37 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, baseline: float) -> torch.Tenso
 
 
 @torch.inference_mode()
+def curve_ends(model: nn.Module, x: torch.Tensor, baseline: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, classes)`` probabilities of the whole input and of the all-baseline input: both
+    ends of every deletion and insertion curve, whatever the map, so a batch computes them once."""
+    return (torch.softmax(model(x).float(), dim=1),
+            torch.softmax(model(torch.full_like(x, baseline)).float(), dim=1))
+
+
+@torch.inference_mode()
 def deletion_insertion(model: nn.Module, x: torch.Tensor, scores: torch.Tensor, target: torch.Tensor,
-                       steps: int, baseline: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, steps + 1)`` deletion and insertion curves of the target's probability."""
+                       steps: int, baseline: float,
+                       ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, steps + 1)`` deletion and insertion curves of the target's probability.
+
+    ``ends`` is :func:`curve_ends` of ``x`` when the caller has it (computed here otherwise):
+    only the ``steps - 1`` inner points of each curve depend on the map.
+    """
     n, features = scores.shape
+    whole, empty = ends if ends is not None else curve_ends(model, x, baseline)
     # Rank of each feature, 0 = most attributed; ties broken by position (stable sort).
     order = torch.argsort(-scores, dim=1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(features, device=order.device).expand(n, -1))
     rows = torch.arange(n, device=x.device)
-    deletion, insertion = [], []
-    for step in range(steps + 1):
+    deletion, insertion = [whole[rows, target]], [empty[rows, target]]
+    for step in range(1, steps):
         top = rank < round(step * features / steps)
         for curve, keep in ((deletion, ~top), (insertion, top)):
             probabilities = torch.softmax(model(_masked(x, keep, baseline)).float(), dim=1)
             curve.append(probabilities[rows, target])
+    deletion.append(empty[rows, target])
+    insertion.append(whole[rows, target])
     return (torch.stack(deletion, 1).cpu().numpy().astype(np.float32),
             torch.stack(insertion, 1).cpu().numpy().astype(np.float32))
 
