@@ -281,17 +281,20 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
     except RunExistsError:
         raise  # lost a race for the name: the staged results stay where the message says
     except KeyboardInterrupt:
-        staging.interrupt()  # interrupted, not failed: the staging stays for `netloupe run --resume`
+        staging.keep_for_resume()  # interrupted, not failed: `netloupe run --resume` continues it
         raise
     except BaseException as error:
+        user_error = _netloupe_cause(error)
         if staging.resumed:
             # The finished batches it was given are not this attempt's to throw away.
-            staging.interrupt()
-            print(f"netloupe: the interrupted run stays staged at {staging.worker_root}; fix the cause and "
-                  "resume again, or delete it to start over", file=sys.stderr)
-        else:
-            staging.abort()
-        user_error = _netloupe_cause(error)
+            staging.keep_for_resume()
+            hint = (f"the interrupted run stays staged at {staging.worker_root}: fix the cause and run "
+                    f"`netloupe run --resume {staging.location}` again, or delete that staging to start over")
+            if user_error is not None:
+                raise RunError(f"{user_error}\n{hint}") from None
+            error.add_note(hint)
+            raise
+        staging.abort()
         if user_error is not None and user_error is not error:
             raise user_error from None
         raise

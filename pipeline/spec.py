@@ -281,7 +281,8 @@ class FidelitySpec(StrictModel):
     curve_steps: int = Field(default=0, ge=0, le=100)
     """Points (beyond the first) of each deletion/insertion curve: the features are removed
     (or inserted) most-attributed first, ``1/curve_steps`` of them per point; 0 turns the
-    curves off. Costs ``2 * (curve_steps + 1)`` forward passes per batch and method."""
+    curves off. Costs ``2 * (curve_steps - 1)`` forward passes per batch and method, plus
+    one per batch (the all-baseline input; the curves' other end is the batch's own forward)."""
     curve_baseline: float = 0.0
     """The value a deleted feature takes, and every feature starts from for insertion."""
     sample_size: int = Field(default=0, ge=0)

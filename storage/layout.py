@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
 from storage.location import (MANIFEST, StoreRoot, cached_run_dir, download_tree, is_uri, join_uri,
-                              open_filesystem, publish_run, work_dir)
+                              open_filesystem, publish_run, strip_query, work_dir)
 from storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
 
 CATALOG = "catalog.duckdb"
@@ -200,7 +200,22 @@ def worker_layout(worker_root: str) -> tuple[RunLayout, pafs.FileSystem]:
 
 def _nothing_to_resume(run, staging_root) -> RunError:
     return RunError(f"nothing to resume for {run}: no interrupted run of that name under {staging_root}. "
-                    "Pass the run an interrupted `netloupe run` was writing (<output.root>/<run_name>)")
+                    "Pass <output.root>/<run_name> of the run that was interrupted")
+
+
+def _is_staging_of(staged_name: str, run_name: str) -> bool:
+    """True for ``<run_name>-<12 hex digits>`` (:class:`RunStaging`'s names), so that the
+    stagings of run ``exp`` are not confused with those of ``exp-2``."""
+    return re.fullmatch(rf"{re.escape(run_name)}-[0-9a-f]{{12}}", staged_name) is not None
+
+
+def _job_of(spec_data: dict, run_name: str) -> dict:
+    """The staged spec, checked to be the named run's."""
+    staged_name = (spec_data.get("output") or {}).get("run_name")
+    if staged_name != run_name:
+        raise RunError(f"the staged spec is for run {staged_name!r}, not {run_name!r}; "
+                       f"resume <output.root>/{staged_name} instead")
+    return spec_data
 
 
 class RunStaging:
@@ -264,7 +279,8 @@ class RunStaging:
             return cls._resume_in_store(str(run), force)
         run = Path(run)
         staging_root = run.parent / STAGING_DIR
-        candidates = sorted((d for d in staging_root.glob(f"{run.name}-*") if (d / JOB_FILE).is_file()),
+        candidates = sorted((d for d in staging_root.glob(f"{run.name}-*")
+                             if _is_staging_of(d.name, run.name) and (d / JOB_FILE).is_file()),
                             key=lambda d: (d / JOB_FILE).stat().st_mtime)
         if not candidates:
             raise _nothing_to_resume(run, staging_root)
@@ -275,19 +291,31 @@ class RunStaging:
             raise RunError(f"the interrupted run {candidates[-1]} was taken by another `netloupe run --resume` "
                            "while this one started; let that one finish") from None
         staging.resumed = True
-        return staging, json.loads((staging.layout.root / JOB_FILE).read_text())
+        return staging, _job_of(json.loads((staging.layout.root / JOB_FILE).read_text()), run.name)
 
     @classmethod
     def _resume_in_store(cls, run: str, force: bool) -> tuple["RunStaging", dict]:
-        base, query = run.partition("?")[0].rstrip("/"), run.partition("?")[2]
+        """:meth:`resume` for ``run`` in an object store: the staged prefix is continued in
+        place (a store cannot rename it), its ``job.json`` read from the store."""
+        base, query = strip_query(run)
         root_uri, _, name = base.rpartition("/")
-        root_uri += f"?{query}" if query else ""
-        check_run_name(name)
+        if not name or root_uri.endswith(":/"):
+            raise RunError(f"--resume needs <output.root>/<run_name>, got {run!r} "
+                           "(for example s3://bucket/runs/mnist-demo?endpoint_override=...)")
+        root_uri += query
+        try:
+            check_run_name(name)
+        except ValueError as error:
+            raise RunError(str(error)) from None
         store = StoreRoot.open(root_uri)
         selector = pafs.FileSelector(store.child(STAGING_DIR), allow_not_found=True)
-        jobs = [store.filesystem.get_file_info(f"{info.path}/{JOB_FILE}")
-                for info in store.filesystem.get_file_info(selector)
-                if info.type == pafs.FileType.Directory and info.base_name.startswith(f"{name}-")]
+        try:
+            listed = store.filesystem.get_file_info(selector)
+        except OSError as error:
+            raise RunError(f"cannot list {join_uri(root_uri, STAGING_DIR)}: {error}. Give the URI with the same "
+                           "?endpoint_override... settings as the run's output.root") from None
+        jobs = [store.filesystem.get_file_info(f"{info.path}/{JOB_FILE}") for info in listed
+                if info.type == pafs.FileType.Directory and _is_staging_of(info.base_name, name)]
         jobs = sorted((job for job in jobs if job.type == pafs.FileType.File), key=lambda job: job.mtime_ns or 0)
         if not jobs:
             raise _nothing_to_resume(run, join_uri(root_uri, STAGING_DIR))
@@ -297,11 +325,12 @@ class RunStaging:
         staging.store_staging = jobs[-1].path.rsplit("/", 1)[0]
         staging.worker_root = join_uri(store.uri, STAGING_DIR, staging.store_staging.rsplit("/", 1)[-1])
         staging.resumed = True
-        return staging, spec_data
+        return staging, _job_of(spec_data, name)
 
     def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
         """The batches an interrupted run finished: those with an instances part, which a
-        worker writes after all of the batch's other parts (:class:`workers.explain.ExplainWorker`)."""
+        worker writes after all of the batch's other parts (:class:`workers.explain.ExplainWorker`).
+        For a store, the instances parts are downloaded first."""
         self.pull(INSTANCES)
         sizes = self._part_sizes(table_dirs)
         parts = []
@@ -319,7 +348,7 @@ class RunStaging:
         sizes = {}
         for directory in table_dirs:
             if self.store is None:
-                files = [(p.name, p.stat().st_size) for p in directory.glob("part-*.parquet")] if directory.exists() else []
+                files = [(p.name, p.stat().st_size) for p in directory.glob("part-*.parquet")]
             else:
                 relative = directory.relative_to(self.layout.root).as_posix()
                 files = [(info.base_name, info.size or 0)
@@ -397,7 +426,7 @@ class RunStaging:
         shutil.rmtree(self.layout.root.parent, ignore_errors=True)
         return RunLayout(cached)
 
-    def interrupt(self) -> None:
+    def keep_for_resume(self) -> None:
         """Leave the staging for ``netloupe run --resume``; for a store, what the driver had
         downloaded goes (the staged prefix keeps the parts, and a resume downloads them again)."""
         if self.store is not None:

@@ -62,14 +62,15 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         ) from None
 
 
-def _strip_query(uri: str) -> tuple[str, str]:
+def strip_query(uri: str) -> tuple[str, str]:
+    """``uri`` without its query and trailing slash, and the query (``"?..."`` or ``""``)."""
     base, sep, query = uri.partition("?")
     return base.rstrip("/"), (sep + query)
 
 
 def join_uri(uri: str, *parts: str) -> str:
     """``uri`` with path parts appended, keeping its ``?query`` at the end."""
-    base, query = _strip_query(uri)
+    base, query = strip_query(uri)
     return "/".join([base, *parts]) + query
 
 
@@ -159,7 +160,7 @@ def work_dir(run_name: str) -> Path:
 
 def cached_run_dir(run_uri: str) -> Path:
     """Where the run at ``run_uri`` is cached locally (the URI's query does not count)."""
-    base = _strip_query(run_uri)[0]
+    base = strip_query(run_uri)[0]
     digest = hashlib.blake2b(base.encode(), digest_size=8).hexdigest()
     return cache_root() / "runs" / digest / base.rsplit("/", 1)[-1]
 

@@ -49,8 +49,8 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
     kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
 
-    # Resumed at once: the killed driver's Ray workers may still finish the batch they hold,
-    # and their late parts must not end up in the run (or stop it).
+    # Resumed at once: any of the killed driver's Ray workers still finishing a batch must not
+    # stop the run (test_a_staging_taken_over_by_resume_refuses_late_writes shows their writes fail).
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().out
     run = tmp_path / "runs" / "t"
@@ -70,7 +70,7 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     explained = [p for d in ("instances", "activations", "attributions") for p in (run / d).rglob("part-*.parquet")]
     assert manifest["counts"]["bytes"] == sum(p.stat().st_size for p in explained)
     assert not (run / "job.json").exists()
-    time.sleep(2)  # the orphaned workers' last write, if any, has failed by now
+    time.sleep(2)  # a late write of the killed driver's workers, if any, has failed by now
     assert not staging_root.exists()
 
 
@@ -114,13 +114,14 @@ def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
     from pipeline.errors import RunError
     from storage.layout import RunStaging, worker_layout, write_part
 
+    job = {"output": {"root": str(tmp_path / "runs"), "run_name": "t"}}
     interrupted = RunStaging(tmp_path / "runs", "t")
-    interrupted.create({"spec": "of the interrupted run"})
+    interrupted.create(job)
     late, filesystem = worker_layout(interrupted.worker_root)
     write_part(late.instances_dir, "k1", pa.table({"instance_id": [1]}), filesystem, late.root)
 
     resumed, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
-    assert spec_data == {"spec": "of the interrupted run"}
+    assert spec_data == job
     assert resumed.layout.root != interrupted.layout.root
     assert (resumed.layout.instances_dir / "part-k1.parquet").exists()
     # A worker of the killed driver, writing where it was told to, is refused and makes nothing.
@@ -138,3 +139,44 @@ def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
 
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, capsys):
+    from pipeline.cli import main as cli_main
+    from storage.layout import RunStaging
+
+    other = RunStaging(tmp_path / "runs", "t-2")
+    other.create({"output": {"root": str(tmp_path / "runs"), "run_name": "t-2"}})
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert other.layout.root.is_dir()  # t-2's staging was not taken
+    # A staging whose spec names another run is refused, not committed under the wrong name.
+    stray = tmp_path / "runs" / ".staging" / "t-0123456789ab"
+    other.layout.root.rename(stray)
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t")]) == 2
+    assert "is for run 't-2'" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, monkeypatch):
+    import pipeline.driver as driver
+    from pipeline.spec import parse_spec
+    from storage.layout import JOB_FILE, RunStaging
+
+    pq.write_table(tabular_table(40), tmp_path / "data.parquet")
+    spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "build_catalog", interrupted)  # Ctrl-C after every batch is done
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec, progress=False)
+    [staged] = (tmp_path / "runs" / ".staging").glob("t-*")
+    assert (staged / JOB_FILE).is_file() and len(list(staged.glob("instances/part-*.parquet"))) == 3
+    assert not (tmp_path / "runs" / "t").exists()
+
+    monkeypatch.undo()
+    staging, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
+    result = run_job(parse_spec(spec_data), progress=False, resume=staging)
+    assert result.manifest["timings"]["resumed_rows"] == 40  # nothing computed again
+    assert RunReader(result.layout.root).instances()["instance_id"].to_pylist() == list(range(1000, 1040))

@@ -271,7 +271,7 @@ class BatchExplainer:
             targets = self.targets(probabilities, labels)
             # Which rows get the sampled fidelity checks: hashed once, used by every method.
             chosen = fid.in_sample(out.instance_ids, self.spec.fidelity.seed, self.sample_rate)
-            ends = (fid.curve_ends(self.model, x, self.spec.fidelity.curve_baseline)
+            ends = (fid.curve_ends(self.model, x, self.spec.fidelity.curve_baseline, probabilities)
                     if self.spec.fidelity.curve_steps else None)
             for method in self.bind_methods(x):
                 table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen,
@@ -282,7 +282,8 @@ class BatchExplainer:
         return out
 
     def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str,
-                   chosen: np.ndarray, ends=None) -> tuple[pa.Table, pa.Table | None]:
+                   chosen: np.ndarray, ends: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[pa.Table, pa.Table | None]:
         """The method's rows for every target, and the fidelity rows of the ``chosen`` (sampled)
         rows, or None when none is; ``ends``: the batch's :func:`workers.fidelity.curve_ends`."""
         pieces, sampled = [], None
@@ -323,7 +324,7 @@ class BatchExplainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
 
-    def _curves(self, x, attributions, target, steps: int, ends) -> dict:
+    def _curves(self, x, attributions, target, steps: int, ends: tuple[torch.Tensor, torch.Tensor]) -> dict:
         """Deletion and insertion curves and areas (:mod:`workers.fidelity`), null for a map
         that cannot be laid over the input."""
         n = x.shape[0]
@@ -473,7 +474,8 @@ class ExplainWorker:
         computed = time.perf_counter()
         # The instances part last: its presence tells a resumed run that the batch is whole.
         ordered = sorted(explained.tables.items(), key=lambda item: item[0] == Path(S.INSTANCES))
-        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem, self.layout.root) for rel, table in ordered)
+        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem, self.layout.root)
+                   for rel, table in ordered)
         return pa.table({
             "part": [key],
             "rows": [len(ids)],

@@ -67,11 +67,14 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, baseline: float) -> torch.Tenso
 
 
 @torch.inference_mode()
-def curve_ends(model: nn.Module, x: torch.Tensor, baseline: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n, classes)`` probabilities of the whole input and of the all-baseline input: both
-    ends of every deletion and insertion curve, whatever the map, so a batch computes them once."""
-    return (torch.softmax(model(x).float(), dim=1),
-            torch.softmax(model(torch.full_like(x, baseline)).float(), dim=1))
+def curve_ends(model: nn.Module, x: torch.Tensor, baseline: float,
+               whole: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, classes)`` probabilities of the whole input (``whole`` when the caller has them)
+    and of the all-baseline input: both ends of every deletion and insertion curve, whatever
+    the map, so a batch computes them once."""
+    if whole is None:
+        whole = torch.softmax(model(x).float(), dim=1)
+    return whole, torch.softmax(model(torch.full_like(x, baseline)).float(), dim=1)
 
 
 @torch.inference_mode()
