@@ -284,6 +284,8 @@ class RunStaging:
                             key=lambda d: (d / JOB_FILE).stat().st_mtime)
         if not candidates:
             raise _nothing_to_resume(run, staging_root)
+        # Checked before the takeover: a staging that is not this run's keeps its name.
+        spec_data = _job_of(json.loads((candidates[-1] / JOB_FILE).read_text()), run.name)
         staging = cls(run.parent, run.name, force=force)
         try:
             os.rename(candidates[-1], staging.layout.root)
@@ -291,7 +293,7 @@ class RunStaging:
             raise RunError(f"the interrupted run {candidates[-1]} was taken by another `netloupe run --resume` "
                            "while this one started; let that one finish") from None
         staging.resumed = True
-        return staging, _job_of(json.loads((staging.layout.root / JOB_FILE).read_text()), run.name)
+        return staging, spec_data
 
     @classmethod
     def _resume_in_store(cls, run: str, force: bool) -> tuple["RunStaging", dict]:

@@ -155,6 +155,7 @@ def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, 
     other.layout.root.rename(stray)
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t")]) == 2
     assert "is for run 't-2'" in capsys.readouterr().err
+    assert stray.is_dir()  # refused before it was taken over: still where it was
 
 
 def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, monkeypatch):
