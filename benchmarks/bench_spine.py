@@ -140,7 +140,7 @@ def bench_pipeline(n: int, work: Path) -> None:
     from pipeline.driver import ensure_ray, run_job
 
     ray_init = ensure_ray(None)
-    result = run_job(spec, force=True, progress=False)
+    result = run_job(spec, force=True)
     timings = result.manifest["timings"]
     steady = timings["steady_instances_per_second"]
     wall = n / timings["explain_seconds"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -23,8 +24,38 @@ def _overrides(pairs: list[str]) -> dict:
     return result
 
 
+def netloupe_command() -> str:
+    """The command that runs netloupe, spelled as a user types it: ``netloupe`` when that is
+    what the shell finds, else the script's path (``.venv/bin/netloupe`` after ``make demo``)."""
+    on_path = shutil.which("netloupe")
+    script = Path(sys.argv[0]) if Path(sys.argv[0]).name == "netloupe" else Path(sys.executable).parent / "netloupe"
+    if on_path and (not script.exists() or Path(on_path).resolve() == script.resolve()):
+        return "netloupe"
+    if script.exists():
+        try:
+            return shlex.quote(str(script.resolve().relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(script.resolve()))
+    return f"{shlex.quote(sys.executable)} -m pipeline.cli"
+
+
+def next_steps(result) -> list[str]:
+    """Commands to try on a run just committed."""
+    netloupe, run = netloupe_command(), shlex.quote(result.location)
+    lines = [f"{netloupe} sql {run} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
+             "FROM instances GROUP BY 1 ORDER BY 1\""]
+    layers = list(result.manifest["model"]["layer_neurons"])
+    if layers:
+        lines.append(f"{netloupe} sql {run} \"SELECT * FROM neuron_matrix_by('{layers[-1]}', 'label') "
+                     "WHERE neuron < 2\"")
+    lines.append(f"{netloupe} sql {run} --list")
+    lines.append(f"{netloupe} dashboard {run}     # then open http://127.0.0.1:5006/")
+    return lines
+
+
 def cmd_run(args) -> int:
-    from pipeline.driver import manifest_summary, run_job
+    from pipeline.driver import run_job, run_summary
+    from pipeline.progress import RunProgress, progress_for
     from pipeline.spec import load_spec, parse_spec
 
     if (args.spec is None) == (args.resume is None):
@@ -40,23 +71,13 @@ def cmd_run(args) -> int:
         print(f"resuming {args.resume} from {resume.worker_root}", flush=True)
     else:
         spec = load_spec(args.spec, _overrides(args.set))
-    result = run_job(spec, force=args.force, progress=not args.no_progress, resume=resume)
-    run_dir = result.location
-    print(manifest_summary(result.manifest))
-    print(f"\nrun committed: {run_dir}")
-    if run_dir != str(result.layout.root):
-        print(f"(a local copy, which sql and dashboard read from: {result.layout.root})")
-    netloupe = shutil.which("netloupe") or f"{sys.executable} -m pipeline.cli"
+    progress = RunProgress() if args.no_progress else progress_for(sys.stdout)
+    result = run_job(spec, force=args.force, progress=progress, resume=resume)
+    print(run_summary(result))
+    print(f"  manifest: {shlex.quote(str(result.layout.manifest_path))}")
     print("next:")
-    print(f"  {netloupe} sql {run_dir} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
-          "FROM instances GROUP BY 1 ORDER BY 1\"")
-    layers = list(result.manifest["model"]["layer_neurons"])
-    if layers:
-        print(f"  {netloupe} sql {run_dir} \"SELECT * FROM neuron_matrix_by('{layers[-1]}', 'label') "
-              "WHERE neuron < 2\"")
-    print(f"  {netloupe} sql {run_dir} --list")
-    print(f"  {netloupe} dashboard {run_dir}     # then open http://127.0.0.1:5006/")
-    print(f"  cat {result.layout.root}/manifest.json")
+    for line in next_steps(result):
+        print(f"  {line}")
     return 0
 
 
@@ -66,7 +87,8 @@ def cmd_validate(args) -> int:
 
     checked = validate(load_spec(args.spec, _overrides(args.set)))
     print(json.dumps({"rows": checked.dataset.num_rows, "classes": checked.class_names,
-                      "model": checked.facts.to_json()}, indent=2))
+                      "model": checked.facts.to_json(), "model_fingerprint": checked.fingerprint.digest,
+                      "weights_unset": checked.weights_unset}, indent=2))
     return 0
 
 
@@ -76,10 +98,35 @@ def cmd_methods(_args) -> int:
     for method in METHODS.values():
         flags = [name for name in ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
                                    "needs_unique_nonlinearities") if getattr(method, name)]
-        print(f"{method.name:22s} captum.attr.{method.captum_class.__name__:20s} {', '.join(flags)}")
-        print(f"{'':22s} params: {', '.join(method.attribute_parameters())}")
-    print("any method can be wrapped with 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
+        print(f"{method.name}  (captum.attr.{method.captum_class.__name__})" + (f"  [{', '.join(flags)}]" if flags else ""))
+        if method.takes_baselines:
+            print(f"    {'baseline':24s} 0.0, the method's own 'baseline' field (a constant input)")
+        for parameter in method.parameter_defaults():
+            print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
+    print("any method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
+    for parameter in noise_tunnel_defaults():
+        print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
     return 0
+
+
+def _captum_note(parameter) -> str:
+    if not parameter.differs:
+        return ""
+    return "   <- Captum requires it" if parameter.captum == "(required)" else f"   <- Captum's default: {parameter.captum}"
+
+
+def noise_tunnel_defaults() -> list:
+    """The noise tunnel's settings: the spec's defaults beside Captum's ``NoiseTunnel``'s."""
+    import inspect
+
+    from captum.attr import NoiseTunnel
+
+    from pipeline.spec import NoiseTunnelSpec
+    from workers.methods import ParameterDefault
+
+    captum = inspect.signature(NoiseTunnel.attribute).parameters
+    return [ParameterDefault(name, repr(field.default), repr(captum[name].default))
+            for name, field in NoiseTunnelSpec.model_fields.items()]
 
 
 def cmd_layers(args) -> int:
@@ -262,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set execution.num_workers=2")
-    run.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="report no progress (default: Ray Data's bars in a terminal, a line every "
+                          "30 s in a log)")
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a spec on a few rows without running it")
     val.add_argument("spec")

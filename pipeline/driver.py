@@ -7,7 +7,6 @@ written; once workers run, results are staged and become visible only at the com
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -19,14 +18,16 @@ from pathlib import Path
 import torch
 
 from pipeline.datasets import ResolvedDataset, resolve_dataset
-from pipeline.errors import NetloupeError, RunError
-from pipeline.models import load_model, model_graph
+from pipeline.errors import RunError, netloupe_cause
+from pipeline.models import load_model_reporting, model_graph, weights_report
+from pipeline.progress import RunProgress, count, duration, size
 from pipeline.projection import check_umap_available, projection_sources, run_projection_stage
 from pipeline.spec import JobSpec, spec_to_dict
 from storage import schema as S
 from storage.catalog import build_catalog, driver_connection
-from storage.layout import RunExistsError, RunLayout, RunStaging
+from storage.layout import RunExistsError, RunLayout, RunStaging, staged_job
 from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
+from workers.model_identity import ModelFingerprint, model_fingerprint
 
 VALIDATION_ROWS = 4
 """Rows the driver explains itself before starting workers (fail fast, learn shapes)."""
@@ -45,6 +46,10 @@ class Validated:
     """Arrow bytes of one input row, to size Ray Data blocks."""
     graph: dict
     """The model's graph for the dashboard (:func:`pipeline.models.model_graph`)."""
+    fingerprint: ModelFingerprint
+    """The validated model's parameters and buffers: every worker must build the same."""
+    weights_unset: list[str]
+    """Parameters and buffers ``model.weights`` did not set (the factory's values stand)."""
     seconds: float
 
 
@@ -64,7 +69,8 @@ def validate(spec: JobSpec) -> Validated:
     started = time.perf_counter()
     check_umap_available(spec)
     dataset = resolve_dataset(spec)
-    model = load_model(spec.model)
+    model, weights_unset = load_model_reporting(spec.model)
+    fingerprint = model_fingerprint(model)  # before any method touches the model
     explainer = BatchExplainer(spec, dataset, model, torch.device("cpu"))
     head = dataset.head(VALIDATION_ROWS)
     facts = explainer.describe(head)
@@ -75,7 +81,8 @@ def validate(spec: JobSpec) -> Validated:
             f"{facts.num_classes} classes; give one name per output"
         )
     bytes_per_row = max(1, head.nbytes // max(1, head.num_rows))
-    return Validated(dataset, facts, class_names, bytes_per_row, model_graph(model), time.perf_counter() - started)
+    return Validated(dataset, facts, class_names, bytes_per_row, model_graph(model), fingerprint, weights_unset,
+                     time.perf_counter() - started)
 
 
 def local_ray_environment() -> None:
@@ -183,27 +190,54 @@ def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int)
             )
 
 
-def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: RunStaging | None = None) -> RunResult:
+def _check_resumed_model(staging: RunStaging, checked: Validated) -> None:
+    """A resumed run keeps batches explained by the interrupted run's model: refuse to add
+    batches from any other."""
+    if not staging.resumed:
+        return
+    staged = ModelFingerprint.from_json(staging.staged_fingerprint)
+    if staged.digest != checked.fingerprint.digest:
+        differing = checked.fingerprint.differing(staged)
+        raise RunError(
+            f"the interrupted run's finished batches were explained by another model: {len(differing)} of its "
+            f"parameters and buffers differ from the model as it loads now ({', '.join(differing[:8])}"
+            f"{' ...' if len(differing) > 8 else ''}); its weights file or factory changed since. Restore that "
+            f"model and resume again, or start over: delete {staging.worker_root} and run the spec again"
+        )
+
+
+def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = None,
+            resume: RunStaging | None = None) -> RunResult:
     """Validate, explain every instance on Ray, and commit the run atomically.
 
     ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
-    the batches it finished are kept, only the other instances are explained.
+    the batches it finished are kept, only the other instances are explained. ``progress``
+    reports as the run goes (:mod:`pipeline.progress`); by default nothing is reported.
     """
+    progress = progress or RunProgress()
     timings = {}
     started = time.perf_counter()
     # Checked first: a taken name should not cost a model load.
     staging = resume or RunStaging(spec.output.root, spec.output.run_name, force=force)
     checked = validate(spec)
+    _check_resumed_model(staging, checked)
     timings["validate_seconds"] = checked.seconds
+    progress.stage(f"validated on {VALIDATION_ROWS} rows in {duration(checked.seconds)}: "
+                   f"{count(checked.dataset.num_rows, 'instance')}, {count(checked.facts.num_classes, 'class')}, "
+                   f"{count(len(checked.facts.layer_neurons), 'layer')}, "
+                   f"{count(len(checked.facts.attribution_shapes), 'method')}")
+    note = weights_report(checked.weights_unset, spec.model)
+    if note:
+        progress.stage(note)
     timings["ray_init_seconds"] = ensure_ray(spec.execution.ray_address)
 
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    progress.configure_ray_data(ray.data.DataContext.get_current())
     # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     _check_cluster_fits(spec)
-    layout = staging.create(spec_to_dict(spec))
+    layout = staging.create(staged_job(spec_to_dict(spec), checked.fingerprint.to_json()))
     try:
         dataset = checked.dataset
         execution = spec.execution
@@ -232,6 +266,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
                 "spec_data": spec_to_dict(spec),
                 "dataset": dataset,
                 "facts_data": checked.facts.to_json(),
+                "fingerprint_data": checked.fingerprint.to_json(),
                 "worker_root": staging.worker_root,
                 "threads": default_threads(spec),
             },
@@ -244,16 +279,24 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
         )
         explain_started = time.perf_counter()
         kept, first_rows = len(parts), []
-        if timings.get("resumed_rows") != dataset.num_rows:
-            for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-                if len(parts) == kept:
-                    # Until the first result: actor start-up, model load, first batch.
-                    timings["first_result_seconds"] = time.perf_counter() - explain_started
-                    first_rows = batch["rows"].to_pylist()
-                parts.extend(batch.to_pylist())
-        timings["explain_seconds"] = time.perf_counter() - explain_started
-        steady = timings["explain_seconds"] - timings.get("first_result_seconds", timings["explain_seconds"])
         computed = dataset.num_rows - timings.get("resumed_rows", 0)
+        progress.stage(f"explaining {count(computed, 'instance')} with {_workers_text(execution)}"
+                       + (f" ({timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
+        progress.explaining(computed)
+        try:
+            if computed:
+                for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+                    if len(parts) == kept:
+                        # Until the first result: actor start-up, model load, first batch.
+                        timings["first_result_seconds"] = time.perf_counter() - explain_started
+                        first_rows = batch["rows"].to_pylist()
+                    parts.extend(batch.to_pylist())
+                    progress.explained(sum(batch["rows"].to_pylist()))
+        finally:
+            progress.explaining_done()
+        timings["explain_seconds"] = time.perf_counter() - explain_started
+        progress.stage(f"explained {count(computed, 'instance')} in {duration(timings['explain_seconds'])}")
+        steady = timings["explain_seconds"] - timings.get("first_result_seconds", timings["explain_seconds"])
         timings["steady_instances_per_second"] = (computed - sum(first_rows)) / steady if steady > 0 else None
         keys = {part["part"] for part in parts}
         timings["pull_bytes"] = staging.pull(S.INSTANCES, S.ACTIVATIONS, S.ATTRIBUTIONS, S.FIDELITY)
@@ -265,6 +308,8 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
         sampled = _check_fidelity_samples(layout, checked, execution.driver_sql_memory_mib)
         # Projections read the checked parts, so they come after the check and get their own.
         projection_started = time.perf_counter()
+        if projection_sources(spec):
+            progress.stage(f"projecting {count(len(projection_sources(spec)), 'table')} to 2-D")
         projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec),
                                            staging.worker_root)
         projected = [layout.projections_dir(kind, name) for kind, name in projection_sources(spec)]
@@ -273,9 +318,13 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
         _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
                             execution.driver_sql_memory_mib)
         timings["projection_seconds"] = time.perf_counter() - projection_started
+        if projection_sources(spec):
+            progress.stage(f"projected in {duration(timings['projection_seconds'])}")
         manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections, sampled)
+        progress.stage("building the SQL catalog")
         # Part of the staged run, so a committed run always answers SQL.
         manifest["timings"]["catalog"] = build_catalog(layout, manifest, execution.driver_sql_memory_mib)
+        progress.stage(f"built the SQL catalog in {duration(manifest['timings']['catalog']['total'])}")
         manifest["timings"]["total_seconds"] = time.perf_counter() - started
         final = staging.commit(manifest)
     except RunExistsError:
@@ -284,7 +333,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
         staging.keep_for_resume()  # interrupted, not failed: `netloupe run --resume` continues it
         raise
     except BaseException as error:
-        user_error = _netloupe_cause(error)
+        user_error = netloupe_cause(error)
         if staging.resumed:
             # The finished batches it was given are not this attempt's to throw away.
             staging.keep_for_resume()
@@ -299,6 +348,12 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True, resume: R
             raise user_error from None
         raise
     return RunResult(final, manifest, staging.location)
+
+
+def _workers_text(execution) -> str:
+    if execution.max_workers is not None and execution.max_workers != execution.num_workers:
+        return f"{execution.num_workers} to {execution.max_workers} workers"
+    return count(execution.num_workers, "worker")
 
 
 def _kept_parts(staging: RunStaging, checked: "Validated", timings: dict) -> list[dict]:
@@ -328,21 +383,6 @@ def _drop_explained(batch, id_column: str, done):
     import pyarrow.compute as pc
 
     return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=done.cast(batch[id_column].type))))
-
-
-def _netloupe_cause(error: BaseException) -> NetloupeError | None:
-    """The user-facing error inside Ray's wrappers (a worker's DatasetError arrives as a
-    UserCodeException caused by a RayTaskError caused by it)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, NetloupeError):
-            # Ray re-raises a worker's error as a subclass of both RayTaskError and the
-            # error's own class, with a traceback in its text; hand on the original.
-            original = getattr(error, "cause", None)
-            return original if isinstance(original, NetloupeError) else error
-        seen.add(id(error))
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
 
 
 def _check_fidelity_samples(layout: RunLayout, checked: "Validated", memory_mib: int) -> dict[str, int]:
@@ -388,6 +428,10 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
         },
         "class_names": checked.class_names,
         "model": facts.to_json(),
+        "model_fingerprint": checked.fingerprint.digest,
+        "model_tensor_fingerprints": checked.fingerprint.tensors,
+        "model_weights_unset": checked.weights_unset,
+        "model_output": spec.model.output,
         "model_graph": checked.graph,
         "tables": {
             "instances": "instances",
@@ -407,8 +451,20 @@ def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: 
     }
 
 
-def manifest_summary(manifest: dict) -> str:
-    """A few lines for the terminal at the end of a run."""
-    return json.dumps(
-        {k: manifest[k] for k in ("run_name", "counts", "timings")}, indent=2, default=str
-    )
+def run_summary(result: RunResult) -> str:
+    """What a person wants to see when a run ends: what was explained, how long it took and
+    where the run is (the manifest stays in its file)."""
+    manifest = result.manifest
+    counts = manifest["counts"]
+    methods = list(manifest["tables"]["attributions"])
+    layers = list(manifest["model"]["layer_neurons"])
+    lines = [
+        f"run {manifest['run_name']!r} committed: {counts['instances']:,} instances explained in "
+        f"{duration(manifest['timings']['total_seconds'])}",
+        f"  layers:  {', '.join(layers) or 'none recorded'}",
+        f"  methods: {', '.join(methods) or 'none'}",
+        f"  stored:  {size(counts['bytes'])} in {count(counts['parts'], 'batch')}, at {result.location}",
+    ]
+    if result.location != str(result.layout.root):
+        lines.append(f"  (a local copy, which sql and dashboard read: {result.layout.root})")
+    return "\n".join(lines)

@@ -48,6 +48,21 @@ class RunError(NetloupeError):
     """The run cannot start or commit (existing run name, failed workers, lost rows)."""
 
 
+def netloupe_cause(error: BaseException) -> NetloupeError | None:
+    """The user-facing error inside Ray's wrappers (a worker's DatasetError arrives as a
+    UserCodeException caused by a RayTaskError caused by it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, NetloupeError):
+            # Ray re-raises a worker's error as a subclass of both RayTaskError and the
+            # error's own class, with a traceback in its text; hand on the original.
+            original = getattr(error, "cause", None)
+            return original if isinstance(original, NetloupeError) else error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
 def did_you_mean(name: str, valid: Iterable[str], n: int = 3) -> str:
     """A hint naming the valid choices closest to ``name``, for error messages."""
     valid = sorted(set(valid))

@@ -79,8 +79,51 @@ def load_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, t
     return state
 
 
+def _names(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, spec: ModelSpec) -> list[str]:
+    """Load ``spec.weights`` into the factory's ``model``; return the names of the parameters
+    and buffers the file did not set (they keep the factory's values: fine when the factory
+    fixes them, as with computed position ids; a fresh random head otherwise, which every
+    worker's fingerprint check then refuses). A tensor the model lacks, or of another shape,
+    means another architecture and is refused."""
+    state = load_state_dict(spec.weights, spec.allow_unsafe_pickle)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not match
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise ModelError(
+            f"weights {spec.weights} do not fit the model from {spec.factory!r}: {' '.join(lines)[:600]}. "
+            "Check that the file was saved from this architecture"
+        ) from None
+    if result.unexpected_keys:
+        raise ModelError(
+            f"weights {spec.weights} do not fit the model from {spec.factory!r}: the file holds tensors "
+            f"the model does not have ({_names(result.unexpected_keys)}). "
+            "Check that the file was saved from this architecture"
+        )
+    return sorted(result.missing_keys)
+
+
+def weights_report(unset: list[str], spec: ModelSpec) -> str | None:
+    """A line saying which parameters ``model.weights`` left to the factory, or None."""
+    if not unset:
+        return None
+    return (f"note: model.weights {spec.weights} did not set {_names(unset)}; they keep the values "
+            f"{spec.factory} gives them (every worker is checked to build the same)")
+
+
 def load_model(spec: ModelSpec) -> nn.Module:
     """Build the model the spec names, load its weights, and put it in eval mode."""
+    return load_model_reporting(spec)[0]
+
+
+def load_model_reporting(spec: ModelSpec) -> tuple[nn.Module, list[str]]:
+    """:func:`load_model`, and the names of the parameters and buffers ``model.weights``
+    did not set (:func:`load_weights`)."""
+    unset: list[str] = []
     if spec.torchscript is not None:
         path = Path(spec.torchscript)
         if not path.is_file():
@@ -105,20 +148,13 @@ def load_model(spec: ModelSpec) -> nn.Module:
                 "return a torch.nn.Module"
             )
         if spec.weights is not None:
-            state = load_state_dict(spec.weights, spec.allow_unsafe_pickle)
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as error:
-                raise ModelError(
-                    f"weights {spec.weights} do not fit the model from {spec.factory!r}: "
-                    f"{error}. Check that the file was saved from this architecture"
-                ) from None
+            unset = load_weights(model, spec)
     model.eval()
     for parameter in model.parameters():
         # Attribution methods need gradients of the input only; parameter gradients
         # would double the backward work.
         parameter.requires_grad_(False)
-    return model
+    return model, unset
 
 
 MODEL_GRAPH_NODE_LIMIT = 2000

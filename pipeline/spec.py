@@ -48,7 +48,9 @@ class ModelSpec(StrictModel):
     """Keyword arguments passed to the factory."""
     weights: str | None = None
     """Optional state-dict file loaded into the factory's module: ``.safetensors``, or a
-    ``torch.save`` file read with ``weights_only=True`` (no code is executed)."""
+    ``torch.save`` file read with ``weights_only=True`` (no code is executed). Parameters
+    and buffers it does not set keep the factory's values and are named at validation;
+    every worker must still build the same model (its fingerprint is checked)."""
     allow_unsafe_pickle: bool = False
     """Read ``weights`` with full pickle (``torch.load(weights_only=False)``), for checkpoints
     that pickle classes (a whole module, an optimizer). Unpickling can run any code the file
@@ -56,7 +58,12 @@ class ModelSpec(StrictModel):
     torchscript: str | None = None
     """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
     class_names: list[str] | None = None
-    """Names of the output classes, in logit order; default ``"0"``, ``"1"``, ..."""
+    """Names of the output classes, in output order; default ``"0"``, ``"1"``, ..."""
+    output: Literal["logits", "probabilities", "log_probabilities"] = "logits"
+    """What the model's forward returns per class: ``logits`` (softmaxed into the stored
+    probabilities), ``probabilities`` (a model ending in a softmax: stored as they are) or
+    ``log_probabilities`` (ending in a log-softmax: exponentiated). Checked on the validation
+    rows. Attributions explain the model's own output, whichever it is, as Captum does."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":

@@ -68,7 +68,8 @@ def submit(spec_path: str | os.PathLike, address: str | None, overrides: list[st
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path, _overrides(overrides))  # a bad spec fails here, not on the cluster
     _shared_root(spec.output.root)
-    command = ["netloupe", "run", spec_path.name, "--no-progress"]
+    # No --no-progress: a job's log is not a terminal, so the run writes a line every interval.
+    command = ["netloupe", "run", spec_path.name]
     for pair in [*overrides, "execution.ray_address=auto"]:
         command += ["--set", pair]
     client = job_client(address)

@@ -110,6 +110,8 @@ def write_handmade_run(
                         "label_column": "label"},
             "counts": {"instances": n},
             "class_names": [str(c) for c in range(num_classes)],
+            "model_fingerprint": None,  # no model: the numbers were given
+            "model_output": "probabilities",
             "model": {
                 "num_classes": num_classes,
                 "layer_neurons": {layer: int(m.shape[1]) for layer, m in activations.items()},

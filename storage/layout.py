@@ -47,7 +47,9 @@ from storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJE
 CATALOG = "catalog.duckdb"
 STAGING_DIR = ".staging"
 JOB_FILE = "job.json"
-"""The staged run's spec, written first: what ``netloupe run --resume`` continues."""
+"""The staged run's spec and model fingerprint, written first: what ``netloupe run --resume`` continues."""
+JOB_FORMAT = 1
+"""Version of ``job.json``'s layout (:func:`staged_job`)."""
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TABLE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -209,13 +211,27 @@ def _is_staging_of(staged_name: str, run_name: str) -> bool:
     return re.fullmatch(rf"{re.escape(run_name)}-[0-9a-f]{{12}}", staged_name) is not None
 
 
-def _job_of(spec_data: dict, run_name: str) -> dict:
-    """The staged spec, checked to be the named run's."""
+def staged_job(spec_data: dict, model_fingerprint: dict) -> dict:
+    """What a staging keeps for ``--resume`` (its ``job.json``): the spec, and the fingerprint
+    (``ModelFingerprint.to_json()``) of the model its finished batches were explained with."""
+    return {"netloupe_job": JOB_FORMAT, "spec": spec_data, "model_fingerprint": model_fingerprint}
+
+
+def _job_of(job: dict, run_name: str) -> tuple[dict, dict]:
+    """The staged spec and model fingerprint, checked to be the named run's."""
+    if "netloupe_job" not in job:
+        raise RunError(f"the interrupted run {run_name!r} was staged by an older netloupe, before model "
+                       "fingerprints were recorded, so nothing shows its finished batches came from today's "
+                       "model; delete its staging and run its spec again")
+    if job["netloupe_job"] != JOB_FORMAT:
+        raise RunError(f"the interrupted run {run_name!r} was staged by another version of netloupe (job format "
+                       f"{job['netloupe_job']!r}, this one reads {JOB_FORMAT}); resume it with that version")
+    spec_data = job["spec"]
     staged_name = (spec_data.get("output") or {}).get("run_name")
     if staged_name != run_name:
         raise RunError(f"the staged spec is for run {staged_name!r}, not {run_name!r}; "
                        f"resume <output.root>/{staged_name} instead")
-    return spec_data
+    return spec_data, job["model_fingerprint"]
 
 
 class RunStaging:
@@ -228,6 +244,9 @@ class RunStaging:
         self.force = force
         self.resumed = False
         """True for a staging taken over from an interrupted run (:meth:`resume`)."""
+        self.staged_fingerprint: dict | None = None
+        """For a resumed staging, the fingerprint (``ModelFingerprint.to_json()``) of the model
+        its finished batches came from."""
         self.store = StoreRoot.open(str(output_root)) if is_uri(output_root) else None
         staged_name = f"{run_name}-{uuid.uuid4().hex[:12]}"
         if self.store is not None:
@@ -253,13 +272,14 @@ class RunStaging:
         self.worker_root = str(self.layout.root.resolve())
         """Where the workers write their parts: an absolute directory or a store URI."""
 
-    def create(self, spec_data: dict | None = None) -> RunLayout:
+    def create(self, job: dict | None = None) -> RunLayout:
+        """Make the staged run; ``job`` (:func:`staged_job`) is kept for ``--resume``."""
         self.layout.root.mkdir(parents=True, exist_ok=self.resumed)
-        if spec_data is not None and not self.resumed:
-            job = self.layout.root / JOB_FILE
-            job.write_text(json.dumps(spec_data, sort_keys=True, default=str))
+        if job is not None and not self.resumed:
+            job_file = self.layout.root / JOB_FILE
+            job_file.write_text(json.dumps(job, sort_keys=True, default=str))
             if self.store is not None:
-                pafs.copy_files(str(job), f"{self.store_staging}/{JOB_FILE}",
+                pafs.copy_files(str(job_file), f"{self.store_staging}/{JOB_FILE}",
                                 source_filesystem=pafs.LocalFileSystem(),
                                 destination_filesystem=self.store.filesystem)
         return self.layout
@@ -285,14 +305,14 @@ class RunStaging:
         if not candidates:
             raise _nothing_to_resume(run, staging_root)
         # Checked before the takeover: a staging that is not this run's keeps its name.
-        spec_data = _job_of(json.loads((candidates[-1] / JOB_FILE).read_text()), run.name)
+        spec_data, fingerprint = _job_of(json.loads((candidates[-1] / JOB_FILE).read_text()), run.name)
         staging = cls(run.parent, run.name, force=force)
         try:
             os.rename(candidates[-1], staging.layout.root)
         except FileNotFoundError:
             raise RunError(f"the interrupted run {candidates[-1]} was taken by another `netloupe run --resume` "
                            "while this one started; let that one finish") from None
-        staging.resumed = True
+        staging.resumed, staging.staged_fingerprint = True, fingerprint
         return staging, spec_data
 
     @classmethod
@@ -322,12 +342,12 @@ class RunStaging:
         if not jobs:
             raise _nothing_to_resume(run, join_uri(root_uri, STAGING_DIR))
         with store.filesystem.open_input_stream(jobs[-1].path) as stream:
-            spec_data = json.loads(stream.read())
+            spec_data, fingerprint = _job_of(json.loads(stream.read()), name)
         staging = cls(root_uri, name, force=force)
         staging.store_staging = jobs[-1].path.rsplit("/", 1)[0]
         staging.worker_root = join_uri(store.uri, STAGING_DIR, staging.store_staging.rsplit("/", 1)[-1])
-        staging.resumed = True
-        return staging, _job_of(spec_data, name)
+        staging.resumed, staging.staged_fingerprint = True, fingerprint
+        return staging, spec_data
 
     def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
         """The batches an interrupted run finished: those with an instances part, which a

@@ -56,4 +56,4 @@ def make_dashboard_run(root: Path) -> Path:
         "execution": {"batch_size": 64, "num_workers": 1, "threads_per_worker": 1},
         "output": {"root": str(root / "runs"), "run_name": "look"},
     })
-    return run_job(spec, progress=False).layout.root
+    return run_job(spec).layout.root

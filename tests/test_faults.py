@@ -10,10 +10,13 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import save_file
 
 from pipeline.driver import run_job
 from storage.reader import RunReader
 from tests.conftest import tabular_spec, tabular_table
+from tests.tiny_models import Linear3, linear
+from workers.model_identity import model_fingerprint
 
 
 def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_local, tmp_path):
@@ -26,7 +29,7 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
         attributions=[{"method": "integrated_gradients", "params": {"n_steps": 4}}],
         execution={"batch_size": 16, "num_workers": 2, "threads_per_worker": 1},
     )
-    result = run_job(spec, progress=False)
+    result = run_job(spec)
     assert marker.exists()  # a worker process really died (SIGKILL) during the run
     reader = RunReader(result.layout.root)
     ids = list(range(1000, 1200))
@@ -81,16 +84,17 @@ def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local
 
     from pipeline.cli import main as cli_main
     from pipeline.spec import spec_to_dict
-    from storage.layout import JOB_FILE, RunStaging
+    from storage.layout import JOB_FILE, RunStaging, staged_job
 
     # A batch of instances the dataset does not have (ids 5000..), as a wrong kept part.
     stray = tabular_table(8)
     stray = stray.set_column(stray.schema.get_field_index("row_id"), "row_id", pa.array(range(5000, 5008)))
     pq.write_table(stray, tmp_path / "stray.parquet")
-    other = run_job(tabular_spec(tmp_path / "stray.parquet", tmp_path / "other"), progress=False)
+    other = run_job(tabular_spec(tmp_path / "stray.parquet", tmp_path / "other"))
     pq.write_table(tabular_table(20), tmp_path / "data.parquet")
     staging = RunStaging(tmp_path / "runs", "t")
-    staging.create(spec_to_dict(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")))
+    staging.create(staged_job(spec_to_dict(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")),
+                              model_fingerprint(linear()).to_json()))
     staging.layout.instances_dir.mkdir()
     [wrong] = (other.layout.root / "instances").glob("part-*.parquet")
     shutil.copy(wrong, staging.layout.instances_dir / wrong.name)
@@ -112,16 +116,16 @@ def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
     import pyarrow as pa
 
     from pipeline.errors import RunError
-    from storage.layout import RunStaging, worker_layout, write_part
+    from storage.layout import RunStaging, staged_job, worker_layout, write_part
 
-    job = {"output": {"root": str(tmp_path / "runs"), "run_name": "t"}}
+    spec_data = {"output": {"root": str(tmp_path / "runs"), "run_name": "t"}}
     interrupted = RunStaging(tmp_path / "runs", "t")
-    interrupted.create(job)
+    interrupted.create(staged_job(spec_data, {"digest": "blake2b-128:00", "tensors": {}}))
     late, filesystem = worker_layout(interrupted.worker_root)
     write_part(late.instances_dir, "k1", pa.table({"instance_id": [1]}), filesystem, late.root)
 
-    resumed, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
-    assert spec_data == job
+    resumed, staged_spec = RunStaging.resume(tmp_path / "runs" / "t")
+    assert staged_spec == spec_data and resumed.staged_fingerprint["digest"] == "blake2b-128:00"
     assert resumed.layout.root != interrupted.layout.root
     assert (resumed.layout.instances_dir / "part-k1.parquet").exists()
     # A worker of the killed driver, writing where it was told to, is refused and makes nothing.
@@ -143,10 +147,11 @@ def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
 
 def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, capsys):
     from pipeline.cli import main as cli_main
-    from storage.layout import RunStaging
+    from storage.layout import RunStaging, staged_job
 
     other = RunStaging(tmp_path / "runs", "t-2")
-    other.create({"output": {"root": str(tmp_path / "runs"), "run_name": "t-2"}})
+    other.create(staged_job({"output": {"root": str(tmp_path / "runs"), "run_name": "t-2"}},
+                            {"digest": "blake2b-128:00", "tensors": {}}))
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert other.layout.root.is_dir()  # t-2's staging was not taken
@@ -171,13 +176,49 @@ def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, mo
 
     monkeypatch.setattr(driver, "build_catalog", interrupted)  # Ctrl-C after every batch is done
     with pytest.raises(KeyboardInterrupt):
-        run_job(spec, progress=False)
+        run_job(spec)
     [staged] = (tmp_path / "runs" / ".staging").glob("t-*")
     assert (staged / JOB_FILE).is_file() and len(list(staged.glob("instances/part-*.parquet"))) == 3
     assert not (tmp_path / "runs" / "t").exists()
 
     monkeypatch.undo()
     staging, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
-    result = run_job(parse_spec(spec_data), progress=False, resume=staging)
+    result = run_job(parse_spec(spec_data), resume=staging)
     assert result.manifest["timings"]["resumed_rows"] == 40  # nothing computed again
     assert RunReader(result.layout.root).instances()["instance_id"].to_pylist() == list(range(1000, 1040))
+    # The same model before and after the interruption, recognisably.
+    fingerprint = model_fingerprint(linear())
+    assert staging.staged_fingerprint == fingerprint.to_json()
+    assert result.manifest["model_fingerprint"] == fingerprint.digest
+    assert result.manifest["model_tensor_fingerprints"] == fingerprint.tensors
+
+
+def test_resume_refuses_a_model_that_changed_since_the_interruption(ray_local, tmp_path, monkeypatch, capsys):
+    """Kept batches came from the interrupted run's model; new ones from another model would
+    mix two models in one run."""
+    import pipeline.driver as driver
+    from pipeline.cli import main as cli_main
+
+    pq.write_table(tabular_table(40), tmp_path / "data.parquet")
+    weights = tmp_path / "w.safetensors"
+    save_file(Linear3().state_dict(), str(weights))
+    spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs", model={"factory": "tests.tiny_models:linear",
+                                                                            "weights": str(weights)})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "build_catalog", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec)
+    monkeypatch.undo()
+    save_file({k: v * 2 for k, v in Linear3().state_dict().items()}, str(weights))  # retrained meanwhile
+
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "finished batches were explained by another model: 2 of its parameters and buffers differ" in err
+    assert "(fc.bias, fc.weight)" in err and "changed since" in err
+    assert len(list((tmp_path / "runs" / ".staging").glob("t-*/instances/part-*.parquet"))) == 3  # kept
+    save_file(Linear3().state_dict(), str(weights))  # the model restored, the resume goes on
+    assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 0
+    assert RunReader(tmp_path / "runs" / "t").instances().num_rows == 40

@@ -201,7 +201,7 @@ def fidelity_run(ray_local, tmp_path_factory):
         "execution": {"batch_size": 8, "num_workers": 2, "threads_per_worker": 1},
         "output": {"root": str(root / "runs"), "run_name": "fid"},
     })
-    return run_job(spec, progress=False), spec
+    return run_job(spec), spec
 
 
 def test_a_run_stores_fidelity_and_answers_it_in_sql(fidelity_run):

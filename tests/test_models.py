@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 
 from pipeline.driver import validate
 from pipeline.errors import MethodError, ModelError
-from pipeline.models import load_model
+from pipeline.models import load_model, load_model_reporting
 from pipeline.spec import ModelSpec, parse_spec
 from tests.conftest import tabular_spec
-from tests.tiny_models import LINEAR_W, Linear3
+from tests.tiny_models import LINEAR_B, LINEAR_W, Linear3
 
 
 def _scaled_state(factor: float) -> dict[str, torch.Tensor]:
@@ -49,6 +49,21 @@ def test_weights_that_do_not_fit(tmp_path):
     save_file({"fc.weight": torch.zeros(5, 3), "fc.bias": torch.zeros(5)}, str(path))
     with pytest.raises(ModelError, match="do not fit the model"):
         load_model(ModelSpec(factory="tests.tiny_models:linear", weights=str(path)))
+
+
+def test_a_checkpoint_that_leaves_parameters_unset_names_them(tmp_path):
+    """What the file does not set keeps the factory's value and is named (the workers'
+    fingerprint check refuses it if the factory's values are not fixed); a tensor the model
+    lacks means another architecture and is refused."""
+    path = tmp_path / "backbone.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 3)}, str(path))
+    model, unset = load_model_reporting(ModelSpec(factory="tests.tiny_models:linear", weights=str(path)))
+    assert unset == ["fc.bias"] and torch.equal(model.fc.weight, torch.zeros(2, 3))
+    assert torch.equal(model.fc.bias, torch.tensor(LINEAR_B))
+    extra = tmp_path / "extra.safetensors"
+    save_file({**Linear3().state_dict(), "head.weight": torch.zeros(1)}, str(extra))
+    with pytest.raises(ModelError, match=r"the file holds tensors the model does not have \(head\.weight\)"):
+        load_model(ModelSpec(factory="tests.tiny_models:linear", weights=str(extra)))
 
 
 def test_torchscript_model_validates(tmp_path, tabular_parquet):

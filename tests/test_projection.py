@@ -70,7 +70,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pca_run(ray_local, data_dir):
     spec = mlp_spec(data_dir / "data.parquet", data_dir / "runs", "pca", attributions=["saliency"])
-    return run_job(spec, progress=False).layout.root
+    return run_job(spec).layout.root
 
 
 def test_pca_fitted_on_the_sample_matches_scikit_learn(pca_run):
@@ -121,11 +121,10 @@ def test_same_seed_same_coordinates_whatever_the_sharding(ray_local, data_dir, p
     """A rerun with other batch sizes (other parts, other workers per row) stores the same
     coordinates; another seed draws another sample."""
     again = run_job(mlp_spec(data_dir / "data.parquet", data_dir / "runs", "pca-again",
-                             attributions=["saliency"], batch_size=37), progress=False).layout.root
+                             attributions=["saliency"], batch_size=37)).layout.root
     first, second = (stored_projection(r, "activations", "fc1") for r in (pca_run, again))
     assert first.equals(second)
-    other = run_job(mlp_spec(data_dir / "data.parquet", data_dir / "runs", "pca-seed1", seed=1),
-                    progress=False).layout.root
+    other = run_job(mlp_spec(data_dir / "data.parquet", data_dir / "runs", "pca-seed1", seed=1)).layout.root
     samples = [set(pq.read_table(RunLayout(r).projection_sample_path)["instance_id"].to_pylist())
                for r in (pca_run, again, other)]
     assert samples[0] == samples[1] != samples[2]
@@ -150,7 +149,7 @@ def test_projections_in_the_catalog(pca_run):
 def test_umap_fitted_on_the_sample_and_placed_in_the_workers(ray_local, data_dir):
     spec = mlp_spec(data_dir / "data.parquet", data_dir / "runs", "umap", layers=["fc1"], umap=True,
                     umap_neighbors=10)
-    run = run_job(spec, progress=False).layout.root
+    run = run_job(spec).layout.root
     reader = RunReader(run)
     stored = stored_projection(run, "activations", "fc1")
     assert stored.column_names == ["instance_id", "pca_x", "pca_y", "umap_x", "umap_y"]

@@ -86,7 +86,7 @@ def cnn_run(ray_local, tmp_path_factory):
                       "chunk_rows": 10_000},
         "output": {"root": str(root / "runs"), "run_name": "cnn"},
     })
-    return RunReader(run_job(spec, progress=False).layout.root), image_table(40)
+    return RunReader(run_job(spec).layout.root), image_table(40)
 
 
 def _inputs(table) -> np.ndarray:
@@ -167,7 +167,7 @@ def test_heatmap_storage_is_channel_sum_pooled(ray_local, tmp_path):
         "storage": {"attributions": "heatmap", "heatmap_size": [2, 2]},
         "output": {"root": str(tmp_path / "runs"), "run_name": "hm"},
     })
-    reader = RunReader(run_job(spec, progress=False).layout.root)
+    reader = RunReader(run_job(spec).layout.root)
     rows, maps = reader.attribution_maps("input_x_gradient")
     assert maps.shape == (10, 2, 2)
     model = tiny_cnn().eval()
@@ -185,7 +185,11 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
                      "--set", f"output.root={tmp_path}"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "run committed" in out and "next:" in out
+    # A short summary, not the manifest: what ran, how long, where; then commands as typed.
+    assert "run 'mnist-demo' committed: 600 instances explained in" in out
+    assert "methods: integrated_gradients, saliency, input_x_gradient" in out and "next:" in out
+    assert not any(line.startswith(("{", "}", '"')) for line in out.splitlines()) and len(out.splitlines()) < 15
+    assert "-m pipeline.cli" not in out
     # The first "next" command must work as printed.
     import subprocess
 

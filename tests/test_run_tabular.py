@@ -47,7 +47,7 @@ def linear_run(ray_local, tmp_path_factory):
         attributions=ALL_METHODS,
         execution={"batch_size": 16, "num_workers": 2, "threads_per_worker": 1},
     )
-    result = run_job(spec, progress=False)
+    result = run_job(spec)
     return RunReader(result.layout.root), tabular_table(50)
 
 
@@ -67,7 +67,7 @@ def test_an_autoscaling_pool_also_gives_every_instance_exactly_once(ray_local, t
     pq.write_table(tabular_table(50), tmp_path / "data.parquet")
     spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs",
                         execution={"batch_size": 16, "num_workers": 1, "max_workers": 2, "threads_per_worker": 1})
-    reader = RunReader(run_job(spec, progress=False).layout.root)
+    reader = RunReader(run_job(spec).layout.root)
     assert sorted(reader.instances()["instance_id"].to_pylist()) == tabular_table(50)["row_id"].to_pylist()
     assert reader.manifest["spec"]["execution"]["max_workers"] == 2
 
@@ -122,7 +122,7 @@ def test_top_k_targets_and_summary_storage(ray_local, tmp_path):
                         target={"kind": "top_k", "k": 2},
                         storage={"attributions": "summary"},
                         attributions=[{"method": "input_x_gradient"}])
-    reader = RunReader(run_job(spec, progress=False).layout.root)
+    reader = RunReader(run_job(spec).layout.root)
     rows = reader.attributions("input_x_gradient")
     assert rows.num_rows == 40 and "attribution" not in rows.column_names
     x = _features(tabular_table(20))
@@ -139,12 +139,12 @@ def test_top_k_targets_and_summary_storage(ray_local, tmp_path):
 def test_label_target_and_force_replaces_run(ray_local, tmp_path):
     pq.write_table(tabular_table(20), tmp_path / "data.parquet")
     data = tabular_spec_data(tmp_path / "data.parquet", tmp_path / "runs", target={"kind": "label"})
-    first = run_job(parse_spec(data), progress=False)
+    first = run_job(parse_spec(data))
     labels = tabular_table(20)["label"].to_numpy()
     rows = RunReader(first.layout.root).attributions("saliency")
     np.testing.assert_array_equal(rows["target"].to_numpy(), labels)
     created = first.manifest["created_unix"]
-    second = run_job(parse_spec(data), force=True, progress=False)
+    second = run_job(parse_spec(data), force=True)
     assert second.manifest["created_unix"] > created
     assert RunReader(second.layout.root).manifest["created_unix"] == second.manifest["created_unix"]
     leftovers = [p.name for p in (tmp_path / "runs").iterdir()]
@@ -161,7 +161,7 @@ def test_breast_cancer_mlp_builtin(ray_local, tmp_path):
         "execution": {"batch_size": 128, "num_workers": 2, "threads_per_worker": 1},
         "output": {"root": str(tmp_path), "run_name": "bc"},
     })
-    reader = RunReader(run_job(spec, progress=False).layout.root)
+    reader = RunReader(run_job(spec).layout.root)
     instances = reader.instances()
     assert instances.num_rows == 569
     assert np.mean(instances["correct"].to_numpy(zero_copy_only=False)) > 0.9
@@ -212,7 +212,7 @@ def test_nan_inputs_and_infinite_attributions_are_flagged_and_the_run_goes_on(ra
     spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs",
                         model={"factory": "tests.tiny_models:sqrt_linear"},
                         attributions=[{"method": "saliency"}, {"method": "input_x_gradient"}])
-    reader = RunReader(run_job(spec, progress=False).layout.root)
+    reader = RunReader(run_job(spec).layout.root)
     instances = reader.instances()
     assert instances.num_rows == 20  # every row explained, none dropped
     ids = instances["instance_id"].to_pylist()

@@ -26,7 +26,7 @@ def run_dir(ray_local, tmp_path_factory):
     pq.write_table(tabular_table(30), root / "data.parquet")
     spec = tabular_spec(root / "data.parquet", root / "runs",
                         attributions=[{"method": "input_x_gradient"}, {"method": "saliency", "name": "sal.abs"}])
-    return run_job(spec, progress=False).layout.root
+    return run_job(spec).layout.root
 
 
 def _expected():

@@ -100,10 +100,8 @@ def test_run_to_s3_is_published_whole_and_equals_a_local_run(ray_store, tmp_path
     pq.write_table(tabular_table(60), tmp_path / "data.parquet")
     changes = dict(attributions=[{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 8}}],
                    execution={"batch_size": 16, "num_workers": 2, "threads_per_worker": 1})
-    stored = run_job(tabular_spec(tmp_path / "data.parquet", ray_store, output__run_name="s3run", **changes),
-                     progress=False)
-    local = run_job(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs", output__run_name="s3run", **changes),
-                    progress=False)
+    stored = run_job(tabular_spec(tmp_path / "data.parquet", ray_store, output__run_name="s3run", **changes))
+    local = run_job(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs", output__run_name="s3run", **changes))
 
     assert stored.location == _uri(ray_store, "s3run")
     objects = _objects(ray_store)
@@ -140,14 +138,14 @@ def test_existing_run_in_the_store_needs_force_and_is_replaced_whole(ray_store, 
     pq.write_table(tabular_table(20), tmp_path / "a.parquet")
     pq.write_table(tabular_table(30, seed=1), tmp_path / "b.parquet")
     spec = tabular_spec(tmp_path / "a.parquet", ray_store, output__run_name="again")
-    run_job(spec, progress=False)
+    run_job(spec)
     with pytest.raises(RunExistsError, match="already exists.*--force"):
-        run_job(spec, progress=False)
+        run_job(spec)
     os.environ["NETLOUPE_CACHE"] = str(tmp_path / "cache")
     first = local_run_dir(_uri(ray_store, "again"))
     assert RunReader(first).instances().num_rows == 20
 
-    run_job(tabular_spec(tmp_path / "b.parquet", ray_store, output__run_name="again"), force=True, progress=False)
+    run_job(tabular_spec(tmp_path / "b.parquet", ray_store, output__run_name="again"), force=True)
     assert [o for o in _objects(ray_store) if o.startswith(".staging")] == []
     # The CLI reads the replaced run: the cache notices the new manifest and downloads again.
     assert main(["sql", _uri(ray_store, "again"), "SELECT count(*) AS n FROM instances", "--format", "csv"]) == 0
@@ -217,7 +215,7 @@ def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tm
 
     monkeypatch.setattr(driver, "build_catalog", interrupted)  # Ctrl-C after every batch is done
     with pytest.raises(KeyboardInterrupt):
-        run_job(spec, progress=False)
+        run_job(spec)
     assert not list((cache_root() / "work").glob("stopped-*"))  # the local work directory went
     staged = [o for o in _objects(ray_store) if o.startswith(".staging/stopped-")]
     assert sum(o.endswith("/job.json") for o in staged) == 1
@@ -226,7 +224,7 @@ def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tm
 
     monkeypatch.undo()
     resumed, spec_data = RunStaging.resume(_uri(ray_store, "stopped"))
-    result = run_job(parse_spec(spec_data), progress=False, resume=resumed)
+    result = run_job(parse_spec(spec_data), resume=resumed)
     assert result.manifest["timings"]["resumed_rows"] == 40
     assert RunReader(local_run_dir(_uri(ray_store, "stopped"))).instances().num_rows == 40
     assert [o for o in _objects(ray_store) if o.startswith(".staging/")] == []

@@ -247,3 +247,35 @@ class SlowLinear(Linear3):
 
 def slow_linear(delay: float = 0.2) -> nn.Module:
     return SlowLinear(delay)
+
+
+class LinearSoftmax(Linear3):
+    """:class:`Linear3` ending in a softmax, as exported and Keras-style models do."""
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x), dim=1)
+
+
+def linear_softmax() -> nn.Module:
+    return LinearSoftmax()
+
+
+class LinearLogSoftmax(Linear3):
+    """:class:`Linear3` ending in a log-softmax (an ``NLLLoss``-trained model)."""
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc(x), dim=1)
+
+
+def linear_log_softmax() -> nn.Module:
+    return LinearLogSoftmax()
+
+
+def seeded_captum_softmax(seed: int = 0) -> nn.Module:
+    """Captum's own test model ``SoftmaxModel(3, 8, 2)`` (random initialisation, softmax
+    output), built under a fixed seed so that every process builds the same one."""
+    from captum.testing.helpers.classification_models import SoftmaxModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SoftmaxModel(3, 8, 2)

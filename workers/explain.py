@@ -31,6 +31,8 @@ from workers.capture import LayerCapture
 from workers.inputs import InputDecoder
 from workers.methods import (BoundMethod, bind_method, default_chunk_rows, reused_nonlinearities,
                              tune_chunk_rows)
+from workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
+from workers.model_output import check_output_kind, output_probabilities
 
 
 @dataclass(frozen=True)
@@ -132,17 +134,18 @@ class BatchExplainer:
     # -- the model's answers -------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and pooled activations of the recorded layers, in one forward pass."""
+        """The model's outputs (``model.output``: logits, probabilities or log-probabilities)
+        and pooled activations of the recorded layers, in one forward pass."""
         with torch.inference_mode(), self.capture:
-            logits = self.model(x)
+            outputs = self.model(x)
             activations = dict(self.capture.activations)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != x.shape[0]:
+            got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ModelError(
-                f"the model must return logits of shape (batch, classes); for an input of shape "
+                f"the model must return one score per class, shape (batch, classes); for an input of shape "
                 f"{tuple(x.shape)} it returned {got}"
             )
-        return logits.float(), activations
+        return outputs.float(), activations
 
     def targets(self, probabilities: torch.Tensor, labels: np.ndarray | None) -> torch.Tensor:
         """``(n, k)`` class indices to explain, per the spec's target."""
@@ -229,8 +232,8 @@ class BatchExplainer:
         x_np = self.decoder(table)
         x = torch.from_numpy(x_np).to(self.device)
         finite_inputs = torch.isfinite(x.reshape(n, -1)).all(dim=1)
-        logits, activations = self.forward(x)
-        probabilities = torch.softmax(logits, dim=1)
+        outputs, activations = self.forward(x)
+        probabilities = output_probabilities(outputs, self.spec.model.output)
         confidence, prediction = probabilities.max(dim=1)
         labels = None
         if ds.label_column:
@@ -271,7 +274,8 @@ class BatchExplainer:
             targets = self.targets(probabilities, labels)
             # Which rows get the sampled fidelity checks: hashed once, used by every method.
             chosen = fid.in_sample(out.instance_ids, self.spec.fidelity.seed, self.sample_rate)
-            ends = (fid.curve_ends(self.model, x, self.spec.fidelity.curve_baseline, probabilities)
+            ends = (fid.curve_ends(self.model, x, self.spec.fidelity.curve_baseline, self.spec.model.output,
+                                   probabilities)
                     if self.spec.fidelity.curve_steps else None)
             for method in self.bind_methods(x):
                 table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen,
@@ -334,7 +338,7 @@ class BatchExplainer:
             return {"deletion_curve": empty, "insertion_curve": empty,
                     "deletion_auc": pa.nulls(n, pa.float32()), "insertion_auc": pa.nulls(n, pa.float32())}
         deletion, insertion = fid.deletion_insertion(self.model, x, scores, target, steps,
-                                                     self.spec.fidelity.curve_baseline, ends)
+                                                     self.spec.fidelity.curve_baseline, self.spec.model.output, ends)
         return {"deletion_curve": S.fixed_vectors(deletion, steps + 1),
                 "insertion_curve": S.fixed_vectors(insertion, steps + 1),
                 "deletion_auc": pa.array(fid.curve_area(deletion)),
@@ -381,6 +385,7 @@ class BatchExplainer:
         """
         x = torch.from_numpy(self.decoder(table)).to(self.device)
         try:
+            check_output_kind(self.forward(x)[0], self.spec.model.output)
             deeplifts = [b.table_name for b in self.bind_methods(x) if b.method.needs_unique_nonlinearities]
             reused = reused_nonlinearities(self.model, x) if deeplifts else []
             if reused:
@@ -440,7 +445,7 @@ class ExplainWorker:
     driver to commit; the results themselves never travel through the driver.
     """
 
-    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict,
+    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict, fingerprint_data: dict,
                  worker_root: str, threads: int):
         import ray
 
@@ -450,8 +455,10 @@ class ExplainWorker:
         self.spec = JobSpec.model_validate(spec_data)
         self.device = pick_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
-        model = load_model(self.spec.model).to(self.device)
-        self.explainer = BatchExplainer(self.spec, dataset, model, self.device,
+        model = load_model(self.spec.model)
+        self.validated_model = ModelFingerprint.from_json(fingerprint_data)
+        self.own_model = model_fingerprint(model)
+        self.explainer = BatchExplainer(self.spec, dataset, model.to(self.device), self.device,
                                         ModelFacts.from_json(facts_data), tune_chunks=True)
         if ray.is_initialized():
             self.explainer.node_id = ray.get_runtime_context().get_node_id()
@@ -459,6 +466,10 @@ class ExplainWorker:
         self.layout, self.filesystem = worker_layout(worker_root)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # Checked here, not in __init__: Ray reports an error raised there as a dead actor,
+        # without its message. Before any batch is explained, so a differing model writes nothing.
+        check_same_model(self.validated_model, self.own_model,
+                         f"by the worker on node {self.explainer.node_id} ({self.device})")
         started = time.perf_counter()
         ids = batch[self.explainer.dataset.id_column].to_pylist()
         key = part_key(ids)

@@ -9,8 +9,8 @@
   input first), tabular features are the input's values.
 * **Infidelity** and **sensitivity-max** (Yeh et al. 2019, Captum's ``captum.metrics``),
   per sampled instance: how well ``perturbation · attribution`` predicts the change of the
-  target logit under Gaussian perturbations, and how much the map moves under small
-  uniform ones.
+  target output (the model's own: a logit, probability or log-probability) under Gaussian
+  perturbations, and how much the map moves under small uniform ones.
 * **Model randomization** (Adebayo et al. 2018), per sampled instance: Spearman's rank
   correlation between the map for the trained model and for a copy whose weights were
   re-initialised. A method whose maps barely change is explaining the input, not the model.
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers.model_output import output_probabilities
 
 
 def in_sample(ids: list, seed: int, rate: float) -> np.ndarray:
@@ -67,19 +69,19 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, baseline: float) -> torch.Tenso
 
 
 @torch.inference_mode()
-def curve_ends(model: nn.Module, x: torch.Tensor, baseline: float,
+def curve_ends(model: nn.Module, x: torch.Tensor, baseline: float, output: str,
                whole: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n, classes)`` probabilities of the whole input (``whole`` when the caller has them)
     and of the all-baseline input: both ends of every deletion and insertion curve, whatever
-    the map, so a batch computes them once."""
+    the map, so a batch computes them once. ``output``: what the model returns (``model.output``)."""
     if whole is None:
-        whole = torch.softmax(model(x).float(), dim=1)
-    return whole, torch.softmax(model(torch.full_like(x, baseline)).float(), dim=1)
+        whole = output_probabilities(model(x), output)
+    return whole, output_probabilities(model(torch.full_like(x, baseline)), output)
 
 
 @torch.inference_mode()
 def deletion_insertion(model: nn.Module, x: torch.Tensor, scores: torch.Tensor, target: torch.Tensor,
-                       steps: int, baseline: float,
+                       steps: int, baseline: float, output: str,
                        ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(n, steps + 1)`` deletion and insertion curves of the target's probability.
 
@@ -87,7 +89,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, scores: torch.Tensor, 
     only the ``steps - 1`` inner points of each curve depend on the map.
     """
     n, features = scores.shape
-    whole, empty = ends if ends is not None else curve_ends(model, x, baseline)
+    whole, empty = ends if ends is not None else curve_ends(model, x, baseline, output)
     # Rank of each feature, 0 = most attributed; ties broken by position (stable sort).
     order = torch.argsort(-scores, dim=1, stable=True)
     rank = torch.empty_like(order)
@@ -97,7 +99,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, scores: torch.Tensor, 
     for step in range(1, steps):
         top = rank < round(step * features / steps)
         for curve, keep in ((deletion, ~top), (insertion, top)):
-            probabilities = torch.softmax(model(_masked(x, keep, baseline)).float(), dim=1)
+            probabilities = output_probabilities(model(_masked(x, keep, baseline)), output)
             curve.append(probabilities[rows, target])
     deletion.append(empty[rows, target])
     insertion.append(whole[rows, target])

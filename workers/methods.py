@@ -116,6 +116,40 @@ class AttributionMethod:
         names = inspect.signature(self.captum_class.attribute).parameters
         return [n for n in names if n not in reserved]
 
+    def parameter_defaults(self) -> list["ParameterDefault"]:
+        """Each ``params`` name with the value netloupe uses when the spec does not set it,
+        beside Captum's own default."""
+        signature = inspect.signature(self.captum_class.attribute).parameters
+        chosen = {
+            self.internal_batch_parameter: "the worker's chunk size (measured on its first batch)",
+            self.perturbations_parameter: "as many windows as fit the worker's chunk",
+        }
+        if self.sliding_window:
+            chosen["sliding_window_shapes"] = "all channels x about 1/7 of each side"
+            chosen["strides"] = "the window (windows do not overlap)"
+        rows = []
+        for name in self.attribute_parameters():
+            default = signature[name].default
+            captum = "(required)" if default is inspect.Parameter.empty else repr(default)
+            ours = repr(self.defaults[name]) if name in self.defaults else chosen.get(name, captum)
+            rows.append(ParameterDefault(name, ours, captum))
+        return rows
+
+
+@dataclass(frozen=True)
+class ParameterDefault:
+    """One ``attribute`` parameter's default here and in Captum (``netloupe methods``)."""
+
+    name: str
+    netloupe: str
+    """What netloupe passes when the spec leaves it out."""
+    captum: str
+    """Captum's own default (``(required)`` when it has none)."""
+
+    @property
+    def differs(self) -> bool:
+        return self.netloupe != self.captum
+
 
 METHODS: dict[str, AttributionMethod] = {
     m.name: m
