@@ -90,7 +90,7 @@ def drawn_fraction(png: bytes) -> float:
 
 def start_server(run_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", str(run_dir), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "dashboard", str(run_dir), "--port", str(port)],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -161,7 +161,7 @@ def datashader_alone(run_dir: Path, ranges: list[tuple], width: int, height: int
     import datashader as ds
     import datashader.transfer_functions as tf
 
-    from dashboards.session import RunSession
+    from netloupe.dashboards.session import RunSession
 
     session = RunSession(run_dir)
     kind, source = session.projections[-1]
@@ -215,9 +215,9 @@ def ten_million_run(source_run: Path, root: Path, rows: int = 10_000_000) -> Pat
     """A run of ``rows`` instances made by hand from the source run's points, with jitter."""
     import pyarrow as pa
 
-    from dashboards.session import RunSession
-    from storage import schema as S
-    from storage.handmade import write_handmade_run
+    from netloupe.dashboards.session import RunSession
+    from netloupe.storage import schema as S
+    from netloupe.storage.handmade import write_handmade_run
 
     session = RunSession(source_run)
     kind, source = session.projections[-1]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NETLOUPE = [sys.executable, "-m", "pipeline.cli"]
+NETLOUPE = [sys.executable, "-m", "netloupe.pipeline.cli"]
 VARIANTS = {"fidelity on (as shipped)": [], "fidelity off": ["--set", "fidelity.curve_steps=0",
                                                             "--set", "fidelity.sample_size=0"]}
 
@@ -54,8 +54,8 @@ def summary_at(rows: int) -> None:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(ROOT))
-    from storage.catalog import _build_fidelity_summary
-    from storage.layout import RunLayout
+    from netloupe.storage.catalog import _build_fidelity_summary
+    from netloupe.storage.layout import RunLayout
 
     methods = [f"m{i}" for i in range(8)]
     rng = np.random.default_rng(0)

@@ -30,7 +30,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-NETLOUPE = [sys.executable, "-m", "pipeline.cli"]
+NETLOUPE = [sys.executable, "-m", "netloupe.pipeline.cli"]
 
 
 class MemorySampler(threading.Thread):
@@ -66,7 +66,7 @@ class MemorySampler(threading.Thread):
 
 
 def ensure_dataset(rows: int) -> None:
-    from pipeline.datasets import builtin_path
+    from netloupe.pipeline.datasets import builtin_path
 
     started = time.perf_counter()
     path = builtin_path("mnist-variants", rows, 0)

@@ -37,13 +37,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.datasets import builtin_path  # noqa: E402
-from pipeline.spec import parse_spec  # noqa: E402
-from pipeline.zoo import MnistCNN  # noqa: E402
-from storage.layout import part_key, write_part  # noqa: E402
-from workers.capture import LayerCapture  # noqa: E402
-from workers.explain import BatchExplainer, module_output_bytes  # noqa: E402
-from workers.methods import bind_method, tune_chunk_rows  # noqa: E402
+from netloupe.contract.spec import parse_spec  # noqa: E402
+from netloupe.pipeline.datasets import builtin_path  # noqa: E402
+from netloupe.pipeline.zoo import MnistCNN  # noqa: E402
+from netloupe.storage.layout import part_key, write_part  # noqa: E402
+from netloupe.workers.capture import LayerCapture  # noqa: E402
+from netloupe.workers.explain import BatchExplainer, module_output_bytes  # noqa: E402
+from netloupe.workers.methods import bind_method, tune_chunk_rows  # noqa: E402
 
 THREADS = 2
 BATCH = 1024
@@ -103,7 +103,7 @@ def bench_pipeline(n: int, work: Path) -> None:
     print(f"(a) activations (conv1, conv2, fc1) + saliency, {n} MNIST-sized instances, batch {BATCH}, {THREADS} threads")
     data = tiled_mnist(n, work / "tiled.parquet")
     spec_data = {
-        "model": {"factory": "pipeline.zoo:MnistCNN"},
+        "model": {"factory": "netloupe.pipeline.zoo:MnistCNN"},
         "dataset": {"source": str(data), "input_column": "image", "metadata_columns": ["stroke"]},
         "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255},
         "layers": [{"name": "conv1"}, {"name": "conv2"}, {"name": "fc1"}],
@@ -114,8 +114,8 @@ def bench_pipeline(n: int, work: Path) -> None:
     spec = parse_spec(spec_data)
 
     # Baseline: the same work in one process, no Ray.
-    from pipeline.datasets import resolve_dataset
-    from pipeline.models import load_model
+    from netloupe.pipeline.datasets import resolve_dataset
+    from netloupe.workers.model_loading import load_model
 
     torch.set_num_threads(THREADS)
     dataset = resolve_dataset(spec)
@@ -137,7 +137,7 @@ def bench_pipeline(n: int, work: Path) -> None:
     # Ours: the whole pipeline.
     import ray
 
-    from pipeline.driver import ensure_ray, run_job
+    from netloupe.pipeline.driver import ensure_ray, run_job
 
     ray_init = ensure_ray(None)
     result = run_job(spec, force=True)

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage import schema as S  # noqa: E402
-from storage.catalog import open_catalog, run_query  # noqa: E402
-from storage.handmade import write_handmade_run  # noqa: E402
+from netloupe.storage import schema as S  # noqa: E402
+from netloupe.storage.catalog import open_catalog, run_query  # noqa: E402
+from netloupe.storage.handmade import write_handmade_run  # noqa: E402
 
 CLASSES = 10
 LAYER = "fc1"

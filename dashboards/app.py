@@ -2,7 +2,7 @@
 
 ``netloupe dashboard RUN`` serves :func:`build_dashboard` (one session per browser tab).
 The instance view is a Datashader raster of every projected instance, no sampling
-(:mod:`dashboards.scatter`); box and lasso selections become id subsets on the server.
+(:mod:`netloupe.dashboards.scatter`); box and lasso selections become id subsets on the server.
 
 Views share one :class:`Dashboard` (the layer, the instance in detail, the subsets), so a
 choice made in one (a layer in the model graph, a point in the scatter, an exemplar in the
@@ -20,9 +20,9 @@ import pandas as pd
 import panel as pn
 import param
 
-from dashboards.scatter import InstanceScatter
-from dashboards.session import RunSession, SessionError, Subset, map_image
-from storage.catalog import QueryError
+from netloupe.dashboards.scatter import InstanceScatter
+from netloupe.dashboards.session import RunSession, SessionError, Subset, map_image
+from netloupe.storage.catalog import QueryError
 
 COLOR_FIELDS = ("label_name", "prediction_name", "outcome", "confidence")
 """What the scatter can be colored by, besides the metadata columns and kept subsets."""

@@ -18,12 +18,11 @@ import datashader.transfer_functions as tf
 import numpy as np
 import pandas as pd
 from bokeh.events import RangesUpdate, SelectionGeometry, Tap
-from bokeh.models import (ColorBar, ColumnDataSource, HoverTool, Legend, LegendItem, LinearColorMapper,
-                          Range1d)
+from bokeh.models import ColorBar, ColumnDataSource, HoverTool, Legend, LegendItem, LinearColorMapper, Range1d
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 
-from dashboards.session import RunSession
+from netloupe.dashboards.session import RunSession
 
 CATEGORY_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]

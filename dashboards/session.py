@@ -1,8 +1,8 @@
 """What the dashboard shows, as plain data: one analyst's session over a committed run.
 
-No Panel here: every view of :mod:`dashboards.app` asks a :class:`RunSession` for numbers
+No Panel here: every view of :mod:`netloupe.dashboards.app` asks a :class:`RunSession` for numbers
 and draws them, so the numbers are tested headless (``tests/test_dashboard_session.py``).
-Everything is read through the run's catalog (:func:`storage.catalog.open_catalog`), with
+Everything is read through the run's catalog (:func:`netloupe.storage.catalog.open_catalog`), with
 the explanation operators of ``storage/sql/operators.sql`` doing the work.
 
 Subsets are the dashboard's currency (ActiVis): a class, a predicted class, correct or
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.errors import NetloupeError, did_you_mean
-from storage.catalog import QueryError, fidelity_view, open_catalog, run_query
+from netloupe.contract.errors import NetloupeError, did_you_mean
+from netloupe.storage.catalog import QueryError, fidelity_view, open_catalog, run_query
 
 FIDELITY_COLUMNS = ("convergence_delta", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
 """Per-instance fidelity columns of an attributions view shown with the instance."""
@@ -86,7 +86,7 @@ class RunSession:
 
     @property
     def model_graph(self) -> dict | None:
-        """The model's graph recorded at run time (:func:`pipeline.models.model_graph`), or
+        """The model's graph recorded at run time (:func:`netloupe.pipeline.model_graph.model_graph`), or
         None for a run made before it was recorded."""
         return self.manifest.get("model_graph")
 

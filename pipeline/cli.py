@@ -9,19 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from pipeline.errors import NetloupeError, SpecError
-
-
-def _overrides(pairs: list[str]) -> dict:
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--set takes KEY=VALUE (e.g. execution.num_workers=2), got {pair!r}")
-        result[key] = yaml.safe_load(value)
-    return result
+from netloupe.contract.errors import NetloupeError, SpecError
 
 
 def netloupe_command() -> str:
@@ -36,7 +24,7 @@ def netloupe_command() -> str:
             return shlex.quote(str(script.resolve().relative_to(Path.cwd())))
         except ValueError:
             return shlex.quote(str(script.resolve()))
-    return f"{shlex.quote(sys.executable)} -m pipeline.cli"
+    return f"{shlex.quote(sys.executable)} -m netloupe.pipeline.cli"
 
 
 def next_steps(result) -> list[str]:
@@ -54,15 +42,15 @@ def next_steps(result) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from pipeline.driver import run_job, run_summary
-    from pipeline.progress import RunProgress, progress_for
-    from pipeline.spec import load_spec, parse_spec
+    from netloupe.contract.spec import load_spec, parse_overrides, parse_spec
+    from netloupe.pipeline.driver import run_job, run_summary
+    from netloupe.pipeline.progress import RunProgress, progress_for
 
     if (args.spec is None) == (args.resume is None):
         raise SpecError("give a job spec to run, or --resume RUN to finish an interrupted run (not both)")
     resume = None
     if args.resume is not None:
-        from storage.layout import RunStaging
+        from netloupe.storage.layout import RunStaging
 
         if args.set:
             raise SpecError("--resume continues the interrupted run with its own spec; --set cannot change it")
@@ -70,7 +58,7 @@ def cmd_run(args) -> int:
         spec = parse_spec(spec_data, origin=f"(the interrupted run's spec, {resume.worker_root})")
         print(f"resuming {args.resume} from {resume.worker_root}", flush=True)
     else:
-        spec = load_spec(args.spec, _overrides(args.set))
+        spec = load_spec(args.spec, parse_overrides(args.set))
     progress = RunProgress() if args.no_progress else progress_for(sys.stdout)
     result = run_job(spec, force=args.force, progress=progress, resume=resume)
     print(run_summary(result))
@@ -82,10 +70,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.driver import validate
-    from pipeline.spec import load_spec
+    from netloupe.contract.spec import load_spec, parse_overrides
+    from netloupe.pipeline.driver import validate
 
-    checked = validate(load_spec(args.spec, _overrides(args.set)))
+    checked = validate(load_spec(args.spec, parse_overrides(args.set)))
     print(json.dumps({"rows": checked.dataset.num_rows, "classes": checked.class_names,
                       "model": checked.facts.to_json(), "model_fingerprint": checked.fingerprint.digest,
                       "weights_unset": checked.weights_unset}, indent=2))
@@ -93,7 +81,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_methods(_args) -> int:
-    from workers.methods import METHODS
+    from netloupe.workers.methods import METHODS
 
     for method in METHODS.values():
         flags = [name for name in ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
@@ -121,8 +109,8 @@ def noise_tunnel_defaults() -> list:
 
     from captum.attr import NoiseTunnel
 
-    from pipeline.spec import NoiseTunnelSpec
-    from workers.methods import ParameterDefault
+    from netloupe.contract.spec import NoiseTunnelSpec
+    from netloupe.workers.methods import ParameterDefault
 
     captum = inspect.signature(NoiseTunnel.attribute).parameters
     return [ParameterDefault(name, repr(field.default), repr(captum[name].default))
@@ -130,8 +118,8 @@ def noise_tunnel_defaults() -> list:
 
 
 def cmd_layers(args) -> int:
-    from pipeline.models import load_model
-    from pipeline.spec import load_spec
+    from netloupe.contract.spec import load_spec
+    from netloupe.workers.model_loading import load_model
 
     model = load_model(load_spec(args.spec).model)
     for name, module in model.named_modules():
@@ -149,8 +137,8 @@ def _show(table, max_rows: int) -> None:
 
 
 def cmd_sql(args) -> int:
-    from storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
-    from storage.location import local_run_dir
+    from netloupe.storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
+    from netloupe.storage.location import local_run_dir
 
     args.run = local_run_dir(args.run)
 
@@ -194,9 +182,9 @@ def cmd_sql(args) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from storage.catalog import DEFAULT_DRIVER_SQL_MEMORY_MIB, build_catalog
-    from storage.layout import RunLayout
-    from storage.location import is_uri
+    from netloupe.storage.catalog import DEFAULT_DRIVER_SQL_MEMORY_MIB, build_catalog
+    from netloupe.storage.layout import RunLayout
+    from netloupe.storage.location import is_uri
 
     if is_uri(args.run):
         raise SpecError(f"{args.run} is in an object store, where a run's catalog is built before the run is "
@@ -213,8 +201,8 @@ def cmd_catalog(args) -> int:
 def cmd_dashboard(args) -> int:
     import os
 
-    from dashboards.app import serve
-    from storage.location import local_run_dir
+    from netloupe.dashboards.app import serve
+    from netloupe.storage.location import local_run_dir
 
     password = os.environ.get("NETLOUPE_DASHBOARD_PASSWORD")
     if args.password_file:
@@ -237,7 +225,7 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipeline.submit import follow_logs, job_client, submit
+    from netloupe.pipeline.submit import follow_logs, job_client, submit
 
     submission_id = submit(args.spec, args.address, args.set, args.id)
     print(f"submitted {submission_id}; follow it with: netloupe jobs logs {submission_id} --follow", flush=True)
@@ -257,7 +245,7 @@ def _report_end(client, submission_id: str) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from pipeline.submit import SubmitError, follow_logs, job_client, job_rows
+    from netloupe.pipeline.submit import SubmitError, follow_logs, job_client, job_rows
 
     client = job_client(args.address)
     if args.action == "list":
@@ -286,8 +274,8 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.errors import DatasetError
-    from pipeline.mnist_variants import write_mnist_variants
+    from netloupe.contract.errors import DatasetError
+    from netloupe.pipeline.mnist_variants import write_mnist_variants
 
     try:
         out = write_mnist_variants(args.out, args.rows, args.seed,
@@ -367,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.driver import local_ray_environment
+    from netloupe.pipeline.driver import local_ray_environment
 
     local_ray_environment()
     args = build_parser().parse_args(argv)

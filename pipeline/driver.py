@@ -17,17 +17,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline.datasets import ResolvedDataset, resolve_dataset
-from pipeline.errors import RunError, netloupe_cause
-from pipeline.models import load_model_reporting, model_graph, weights_report
-from pipeline.progress import RunProgress, count, duration, size
-from pipeline.projection import check_umap_available, projection_sources, run_projection_stage
-from pipeline.spec import JobSpec, spec_to_dict
-from storage import schema as S
-from storage.catalog import build_catalog, driver_connection
-from storage.layout import RunExistsError, RunLayout, RunStaging, staged_job
-from workers.explain import BatchExplainer, ExplainWorker, ModelFacts
-from workers.model_identity import ModelFingerprint, model_fingerprint
+from netloupe.contract.errors import RunError, netloupe_cause
+from netloupe.contract.spec import JobSpec, spec_to_dict
+from netloupe.pipeline.datasets import resolve_dataset
+from netloupe.pipeline.model_graph import model_graph
+from netloupe.pipeline.progress import RunProgress, count, duration, size
+from netloupe.pipeline.projection import check_umap_available, projection_sources, run_projection_stage
+from netloupe.storage import schema as S
+from netloupe.storage.catalog import build_catalog, driver_connection
+from netloupe.storage.layout import RunExistsError, RunLayout, RunStaging, staged_job
+from netloupe.workers.explain import BatchExplainer, ExplainWorker, ModelFacts
+from netloupe.workers.inputs import ResolvedDataset
+from netloupe.workers.model_identity import ModelFingerprint, model_fingerprint
+from netloupe.workers.model_loading import load_model_reporting, weights_report
 
 VALIDATION_ROWS = 4
 """Rows the driver explains itself before starting workers (fail fast, learn shapes)."""
@@ -45,7 +47,7 @@ class Validated:
     bytes_per_row: int
     """Arrow bytes of one input row, to size Ray Data blocks."""
     graph: dict
-    """The model's graph for the dashboard (:func:`pipeline.models.model_graph`)."""
+    """The model's graph for the dashboard (:func:`netloupe.pipeline.model_graph.model_graph`)."""
     fingerprint: ModelFingerprint
     """The validated model's parameters and buffers: every worker must build the same."""
     weights_unset: list[str]
@@ -212,7 +214,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
 
     ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
     the batches it finished are kept, only the other instances are explained. ``progress``
-    reports as the run goes (:mod:`pipeline.progress`); by default nothing is reported.
+    reports as the run goes (:mod:`netloupe.pipeline.progress`); by default nothing is reported.
     """
     progress = progress or RunProgress()
     timings = {}

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pipeline.errors import netloupe_cause
+from netloupe.contract.errors import netloupe_cause
 
 PROGRESS_INTERVAL_S = 30.0
 """Seconds between two progress lines of the explain pass in a log."""

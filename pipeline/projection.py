@@ -3,10 +3,10 @@
 Runs after every explained part is staged and checked, before the catalog is built:
 
 1. draw the sample: ``projection.sample_size`` instance ids by a seeded hash of the ids
-   (:func:`storage.reader.sample_instance_ids`), kept as ``projections/sample.parquet``;
-2. per projected table, read the sample's vectors and fit (:func:`workers.projection.fit_projection`);
+   (:func:`netloupe.storage.reader.sample_instance_ids`), kept as ``projections/sample.parquet``;
+2. per projected table, read the sample's vectors and fit (:func:`netloupe.workers.projection.fit_projection`);
    the driver holds the sample only, never the whole table;
-3. a Ray Data pass over the run's part keys: :class:`workers.projection.ProjectWorker`
+3. a Ray Data pass over the run's part keys: :class:`netloupe.workers.projection.ProjectWorker`
    actors read each part, transform it and write its coordinates beside it.
 """
 
@@ -17,12 +17,12 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import RunError
-from pipeline.spec import JobSpec
-from storage import schema as S
-from storage.layout import RunLayout, write_parquet
-from storage.reader import read_vectors, sample_instance_ids
-from workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
+from netloupe.contract.errors import RunError
+from netloupe.contract.spec import JobSpec
+from netloupe.storage import schema as S
+from netloupe.storage.layout import RunLayout, write_parquet
+from netloupe.storage.reader import read_vectors, sample_instance_ids
+from netloupe.workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
 
 SAMPLE_BYTES = 512 * 2**20
 """Most float64 sample bytes fitted per table on the driver: wide vectors (an unpooled conv
@@ -77,7 +77,7 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_ty
     """Fit and apply every projection of the spec; return the manifest's ``projections``.
 
     The driver fits on ``layout`` (local); the workers read and write the staged run at
-    ``worker_root`` (:attr:`storage.layout.RunStaging.worker_root`; default ``layout``).
+    ``worker_root`` (:attr:`netloupe.storage.layout.RunStaging.worker_root`; default ``layout``).
     """
     import ray
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import NetloupeError, SpecError
-from pipeline.spec import load_spec
+from netloupe.contract.errors import NetloupeError, SpecError
+from netloupe.contract.spec import load_spec, parse_overrides
 
 WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", "__pycache__", "*.egg-info", "test-artifacts"]
 """What is never uploaded with a spec's directory (Ray caps a working directory at 500 MB)."""
@@ -63,10 +63,8 @@ def _shared_root(root: str) -> None:
 def submit(spec_path: str | os.PathLike, address: str | None, overrides: list[str],
            submission_id: str | None = None) -> str:
     """Submit the spec as a Ray job; return its submission id."""
-    from pipeline.cli import _overrides
-
     spec_path = Path(spec_path).resolve()
-    spec = load_spec(spec_path, _overrides(overrides))  # a bad spec fails here, not on the cluster
+    spec = load_spec(spec_path, parse_overrides(overrides))  # a bad spec fails here, not on the cluster
     _shared_root(spec.output.root)
     # No --no-progress: a job's log is not a terminal, so the run writes a line every interval.
     command = ["netloupe", "run", spec_path.name]

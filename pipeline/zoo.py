@@ -1,7 +1,7 @@
 """The demo models: small networks trained once on the built-in sets and cached.
 
 ``trained_mnist_cnn`` and ``trained_breast_cancer_mlp`` are ordinary model factories
-(``model.factory: pipeline.zoo:trained_mnist_cnn``): the first call trains with a fixed
+(``model.factory: netloupe.pipeline.zoo:trained_mnist_cnn``): the first call trains with a fixed
 seed and caches the weights as safetensors; later calls, in any process, load them.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.datasets import builtin_defaults, builtin_path
-from storage.location import cache_root
+from netloupe.pipeline.datasets import builtin_defaults, builtin_path
+from netloupe.storage.location import cache_root
 
 ZOO_VERSION = 1
 """Bumped when an architecture or its training changes, so stale caches are not reused."""
@@ -103,9 +103,10 @@ def _cached(name: str, build, train) -> nn.Module:
 
 
 def _dataset_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
-    from workers.inputs import InputDecoder
-    from pipeline.spec import PreprocessSpec
     import pyarrow.parquet as pq
+
+    from netloupe.contract.spec import PreprocessSpec
+    from netloupe.workers.inputs import InputDecoder
 
     defaults = builtin_defaults(name)
     table = pq.read_table(builtin_path(name))

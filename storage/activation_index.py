@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import RunError, did_you_mean
-from storage.schema import vectors_to_numpy
+from netloupe.contract.errors import RunError, did_you_mean
+from netloupe.storage.schema import vectors_to_numpy
 
 WIDE_NEURON_LIMIT = 4096
 """Widest layer given one column per neuron in the catalog and a matrix here; wider ones

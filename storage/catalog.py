@@ -45,10 +45,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import NetloupeError, RunError
-from storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
-from storage.layout import RunLayout
-from storage.schema import ID_TYPES, PROJECTION_ALGORITHMS, vectors_to_numpy
+from netloupe.contract.errors import NetloupeError, RunError
+from netloupe.contract.names import PROJECTION_ALGORITHMS
+from netloupe.storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.schema import ID_TYPES, vectors_to_numpy
 
 
 class QueryError(NetloupeError):

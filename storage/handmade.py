@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-from storage import schema as S
-from storage.catalog import build_catalog
-from storage.layout import RunLayout, RunStaging, write_part
+from netloupe.storage import schema as S
+from netloupe.storage.catalog import build_catalog
+from netloupe.storage.layout import RunLayout, RunStaging, write_part
 
 
 def write_handmade_run(
@@ -30,7 +30,7 @@ def write_handmade_run(
     """Commit a run and return its layout.
 
     ``instances`` has ``instance_id`` (int64 or string), ``label`` (nullable),
-    ``prediction``, ``probabilities`` (a vector column, :func:`storage.schema.fixed_vectors`)
+    ``prediction``, ``probabilities`` (a vector column, :func:`netloupe.storage.schema.fixed_vectors`)
     and any metadata columns; ``confidence``, ``correct``, ``input_finite``, ``node_id``
     and ``device`` are derived when absent.
     ``activations`` maps a layer name to its ``(n, neurons)`` matrix and ``attributions``

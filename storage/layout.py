@@ -21,7 +21,7 @@ sees half a Parquet file.
 
 The output root may also be an object store URI (``s3://``, ``gs://``): the same layout,
 staged in the store, finished on the driver's disk and published manifest last
-(:mod:`storage.location`).
+(:mod:`netloupe.storage.location`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import RunError
-from storage.location import (MANIFEST, StoreRoot, cached_run_dir, download_tree, is_uri, join_uri,
-                              open_filesystem, publish_run, strip_query, work_dir)
-from storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
+from netloupe.contract.errors import RunError
+from netloupe.contract.names import check_run_name, table_dir_name
+from netloupe.storage.location import (
+    MANIFEST,
+    StoreRoot,
+    cached_run_dir,
+    download_tree,
+    is_uri,
+    join_uri,
+    open_filesystem,
+    publish_run,
+    strip_query,
+    work_dir,
+)
+from netloupe.storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
 
 CATALOG = "catalog.duckdb"
 STAGING_DIR = ".staging"
@@ -50,29 +61,10 @@ JOB_FILE = "job.json"
 """The staged run's spec and model fingerprint, written first: what ``netloupe run --resume`` continues."""
 JOB_FORMAT = 1
 """Version of ``job.json``'s layout (:func:`staged_job`)."""
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_TABLE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class RunExistsError(RunError):
     """A committed run of that name is already there and ``force`` was not given."""
-
-
-def check_run_name(name: str) -> str:
-    """Return ``name`` if it is usable as a directory name, else raise a clear error."""
-    if not _RUN_NAME.match(name):
-        raise ValueError(
-            f"run name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (for example 'mnist-2026-11-22')"
-        )
-    return name
-
-
-def table_dir_name(name: str) -> str:
-    """A layer or method name as a directory name (module paths like ``features.0`` stay)."""
-    if not _TABLE_PART.match(name):
-        raise ValueError(f"{name!r} cannot name a table directory: use letters, digits, '.', '_', '-'")
-    return name
 
 
 def part_key(instance_ids) -> str:
@@ -115,7 +107,7 @@ class RunLayout:
         return self.root / ATTRIBUTIONS / table_dir_name(method)
 
     def fidelity_dir(self, method: str) -> Path:
-        """The sampled fidelity checks of ``method`` (:mod:`workers.fidelity`)."""
+        """The sampled fidelity checks of ``method`` (:mod:`netloupe.workers.fidelity`)."""
         return self.root / FIDELITY / table_dir_name(method)
 
     def source_dir(self, kind: str, name: str) -> Path:
@@ -237,7 +229,7 @@ def _job_of(job: dict, run_name: str) -> tuple[dict, dict]:
 class RunStaging:
     """A run being written: a private directory that becomes the run in one rename, or for
     an output root in an object store, a staged prefix published manifest last
-    (:mod:`storage.location`)."""
+    (:mod:`netloupe.storage.location`)."""
 
     def __init__(self, output_root: str | os.PathLike, run_name: str, force: bool = False):
         self.run_name = check_run_name(run_name)
@@ -351,7 +343,7 @@ class RunStaging:
 
     def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
         """The batches an interrupted run finished: those with an instances part, which a
-        worker writes after all of the batch's other parts (:class:`workers.explain.ExplainWorker`).
+        worker writes after all of the batch's other parts (:class:`netloupe.workers.explain.ExplainWorker`).
         For a store, the instances parts are downloaded first."""
         self.pull(INSTANCES)
         sizes = self._part_sizes(table_dirs)

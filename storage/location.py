@@ -1,7 +1,7 @@
 """Where runs are kept: a local (or shared, mounted) directory, or any pyarrow filesystem
 URI such as ``s3://bucket/runs`` or ``gs://bucket/runs``.
 
-A local root is used in place (:class:`storage.layout.RunStaging` stages and renames). An
+A local root is used in place (:class:`netloupe.storage.layout.RunStaging` stages and renames). An
 object store has no rename, so a run there is made in four steps, and the rule that makes
 it safe is the one local runs follow too: **a run exists when its ``manifest.json`` does,
 and the manifest is written last**.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import RunError
+from netloupe.contract.errors import RunError
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "NETLOUPE_CACHE"

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.errors import RunError, did_you_mean
-from storage.layout import RunLayout
-from storage.schema import vectors_to_numpy
+from netloupe.contract.errors import RunError, did_you_mean
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.schema import vectors_to_numpy
 
 
 class RunReader:

@@ -32,8 +32,6 @@ ACTIVATIONS = "activations"
 ATTRIBUTIONS = "attributions"
 PROJECTIONS = "projections"
 FIDELITY = "fidelity"
-PROJECTION_ALGORITHMS = ("pca", "umap")
-"""2-D projections a run can store, in column order (``pca_x, pca_y, umap_x, umap_y``)."""
 
 ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
 

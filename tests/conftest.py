@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.spec import parse_spec
+from netloupe.contract.spec import parse_spec
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -121,7 +121,7 @@ def kill_driver_mid_run(spec_path, finished_batches, at_least: int = 3, timeout:
     import time
 
     # The driver in a session of its own, so that killing its group takes its local Ray too.
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--no-progress"],
+    driver = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "run", str(spec_path), "--no-progress"],
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:

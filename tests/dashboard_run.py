@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.driver import run_job
-from pipeline.spec import parse_spec
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.driver import run_job
 from tests.tiny_models import tiny_cnn
 
 ROWS = 240

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main as cli_main
+from netloupe.pipeline.cli import main as cli_main
 from tests.conftest import tabular_spec_data, tabular_table
 
 CASES = {

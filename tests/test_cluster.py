@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.errors import SpecError
-from pipeline.submit import SubmitError, cluster_address, submit
+from netloupe.contract.errors import SpecError
+from netloupe.pipeline.submit import SubmitError, cluster_address, submit
 from tests.conftest import tabular_spec_data, tabular_table
 
 ROOT = Path(__file__).resolve().parents[1]

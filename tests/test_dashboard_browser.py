@@ -37,7 +37,7 @@ def start_dashboard(run_dir, log_dir, *extra):
     """``netloupe dashboard RUN`` as its own process on a free loopback port; (process, url)."""
     port = free_port()
     log = open(log_dir / f"server-{port}.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", str(run_dir), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "dashboard", str(run_dir), "--port", str(port),
                                 *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""The dashboard's numbers, without Panel: :class:`dashboards.session.RunSession` over a run
+"""The dashboard's numbers, without Panel: :class:`netloupe.dashboards.session.RunSession` over a run
 whose answers are known (``tests/dashboard_run.py``) or over frames written by hand."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dashboards.session import RunSession, SessionError, map_image
-from storage.catalog import QueryError
+from netloupe.dashboards.session import RunSession, SessionError, map_image
+from netloupe.storage.catalog import QueryError
 from tests.dashboard_run import ROWS, dashboard_images, make_dashboard_run
 from tests.tiny_models import tiny_cnn
 
@@ -123,7 +123,7 @@ def test_instance_detail(session, truth):
 
 
 def test_fidelity_of_an_instance_and_of_the_run(session, truth):
-    from workers.fidelity import in_sample
+    from netloupe.workers.fidelity import in_sample
 
     ids = [int(i) for i in truth["ids"]]
     sampled = [i for i, chosen in zip(ids, in_sample(ids, 0, 24 / len(ids))) if chosen]
@@ -185,8 +185,8 @@ def test_the_sql_console_reads_and_refuses_writes(session):
 
 
 def test_a_handmade_run_shows_the_coordinates_it_was_given(tmp_path):
-    from storage import schema as S
-    from storage.handmade import write_handmade_run
+    from netloupe.storage import schema as S
+    from netloupe.storage.handmade import write_handmade_run
 
     ids = np.array([5, 3, 9, 1])
     instances = pa.table({"instance_id": ids, "label": [0, 1, 1, 0], "prediction": [0, 1, 0, 0],
@@ -214,7 +214,7 @@ def _scatter_points() -> pd.DataFrame:
 
 
 def test_the_scatter_raster_puts_each_point_in_its_pixel_with_its_class_color():
-    from dashboards.scatter import RASTER_SIZE, InstanceScatter
+    from netloupe.dashboards.scatter import RASTER_SIZE, InstanceScatter
 
     points = _scatter_points()
     scatter = InstanceScatter(points, "label_name", "t", on_select=lambda *a: None, on_tap=lambda *a: None)
@@ -244,7 +244,7 @@ def test_the_scatter_raster_puts_each_point_in_its_pixel_with_its_class_color():
 
 
 def test_the_scatter_colors_a_number_on_one_scale_and_hovers_only_when_few():
-    from dashboards.scatter import InstanceScatter
+    from netloupe.dashboards.scatter import InstanceScatter
 
     points = _scatter_points()
     scatter = InstanceScatter(points, "confidence", "t", on_select=lambda *a: None, on_tap=lambda *a: None)
@@ -257,7 +257,7 @@ def test_the_scatter_colors_a_number_on_one_scale_and_hovers_only_when_few():
 def test_scatter_selections_and_taps_come_back_as_ids():
     from bokeh.events import SelectionGeometry, Tap
 
-    from dashboards.scatter import InstanceScatter
+    from netloupe.dashboards.scatter import InstanceScatter
 
     picked, tapped = [], []
     scatter = InstanceScatter(_scatter_points(), "label_name", "t", on_select=lambda ids, tool: picked.append(
@@ -277,7 +277,7 @@ def test_scatter_selections_and_taps_come_back_as_ids():
 
 
 def test_the_scatter_can_be_colored_by_a_kept_subset(session):
-    from dashboards.app import Dashboard
+    from netloupe.dashboards.app import Dashboard
 
     dashboard = Dashboard(session)
     session.add_predicate_subset("wrong ones", "\"group\" = 'b'")
@@ -296,7 +296,7 @@ def test_the_scatter_can_be_colored_by_a_kept_subset(session):
 
 
 def test_choosing_a_layer_switches_the_projection(session):
-    from dashboards.app import Dashboard
+    from netloupe.dashboards.app import Dashboard
 
     dashboard = Dashboard(session)
     for layer in session.layers:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.spec import load_spec, parse_spec
+from netloupe.contract.spec import load_spec, parse_spec
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROOT = DEPLOY.parent
@@ -117,7 +117,7 @@ def test_the_dockerfile_builds_both_variants_with_the_pinned_torch():
     # Every package the project installs is copied into the image.
     import tomllib
 
-    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    for package in (pattern.rstrip("*") for pattern in found["include"]):
-        assert f"COPY {package} ./{package}" in text, package
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for folder in folders:
+        assert f"COPY {folder} ./{folder}" in text, folder
     assert "ENV RAY_AUTH_MODE=token" in text

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import save_file
 
-from pipeline.driver import run_job
-from storage.reader import RunReader
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.reader import RunReader
+from netloupe.workers.model_identity import model_fingerprint
 from tests.conftest import tabular_spec, tabular_table
 from tests.tiny_models import Linear3, linear
-from workers.model_identity import model_fingerprint
 
 
 def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_local, tmp_path):
@@ -42,7 +42,7 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
 
 
 def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys):
-    from pipeline.cli import main as cli_main
+    from netloupe.pipeline.cli import main as cli_main
     from tests.conftest import kill_driver_mid_run, slow_run_spec
 
     spec_path = slow_run_spec(tmp_path / "data.parquet", tmp_path / "runs", tmp_path)
@@ -82,9 +82,9 @@ def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local
 
     import pyarrow as pa
 
-    from pipeline.cli import main as cli_main
-    from pipeline.spec import spec_to_dict
-    from storage.layout import JOB_FILE, RunStaging, staged_job
+    from netloupe.contract.spec import spec_to_dict
+    from netloupe.pipeline.cli import main as cli_main
+    from netloupe.storage.layout import JOB_FILE, RunStaging, staged_job
 
     # A batch of instances the dataset does not have (ids 5000..), as a wrong kept part.
     stray = tabular_table(8)
@@ -115,8 +115,8 @@ def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local
 def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
     import pyarrow as pa
 
-    from pipeline.errors import RunError
-    from storage.layout import RunStaging, staged_job, worker_layout, write_part
+    from netloupe.contract.errors import RunError
+    from netloupe.storage.layout import RunStaging, staged_job, worker_layout, write_part
 
     spec_data = {"output": {"root": str(tmp_path / "runs"), "run_name": "t"}}
     interrupted = RunStaging(tmp_path / "runs", "t")
@@ -139,15 +139,15 @@ def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
 
 
 def test_resume_without_an_interrupted_run_says_so(tmp_path, capsys):
-    from pipeline.cli import main as cli_main
+    from netloupe.pipeline.cli import main as cli_main
 
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, capsys):
-    from pipeline.cli import main as cli_main
-    from storage.layout import RunStaging, staged_job
+    from netloupe.pipeline.cli import main as cli_main
+    from netloupe.storage.layout import RunStaging, staged_job
 
     other = RunStaging(tmp_path / "runs", "t-2")
     other.create(staged_job({"output": {"root": str(tmp_path / "runs"), "run_name": "t-2"}},
@@ -164,9 +164,9 @@ def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, 
 
 
 def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, monkeypatch):
-    import pipeline.driver as driver
-    from pipeline.spec import parse_spec
-    from storage.layout import JOB_FILE, RunStaging
+    import netloupe.pipeline.driver as driver
+    from netloupe.contract.spec import parse_spec
+    from netloupe.storage.layout import JOB_FILE, RunStaging
 
     pq.write_table(tabular_table(40), tmp_path / "data.parquet")
     spec = tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")
@@ -196,8 +196,8 @@ def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, mo
 def test_resume_refuses_a_model_that_changed_since_the_interruption(ray_local, tmp_path, monkeypatch, capsys):
     """Kept batches came from the interrupted run's model; new ones from another model would
     mix two models in one run."""
-    import pipeline.driver as driver
-    from pipeline.cli import main as cli_main
+    import netloupe.pipeline.driver as driver
+    from netloupe.pipeline.cli import main as cli_main
 
     pq.write_table(tabular_table(40), tmp_path / "data.parquet")
     weights = tmp_path / "w.safetensors"

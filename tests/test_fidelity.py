@@ -14,20 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.datasets import resolve_dataset
-from pipeline.driver import run_job
-from pipeline.models import load_model
-from pipeline.spec import parse_spec
-from storage.catalog import open_catalog, run_query
-from storage.layout import RunLayout
-from storage.schema import vectors_to_numpy
-from workers import fidelity as fid
-from workers.explain import BatchExplainer
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.datasets import resolve_dataset
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.schema import vectors_to_numpy
+from netloupe.workers import fidelity as fid
+from netloupe.workers.explain import BatchExplainer
+from netloupe.workers.model_loading import load_model
 from tests.conftest import image_table, tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W, REGION, ramp_weights
 
@@ -163,8 +162,8 @@ def test_infidelity_of_an_exact_explanation_is_zero_and_sensitivity_is_bounded()
 
 
 def test_sensitivity_of_one_instance_through_a_method_cut_into_sub_batches():
-    from pipeline.spec import MethodSpec
-    from workers.methods import bind_method
+    from netloupe.contract.spec import MethodSpec
+    from netloupe.workers.methods import bind_method
 
     model = load_model(parse_spec({"model": {"factory": "tests.tiny_models:linear"},
                                    "dataset": {"source": "digits"}, "output": {"run_name": "x"}}).model)

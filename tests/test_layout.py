@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.errors import RunError
-from storage import schema as S
-from storage.layout import RunExistsError, RunStaging, check_run_name, part_key, write_part
+from netloupe.contract.errors import RunError
+from netloupe.contract.names import check_run_name
+from netloupe.storage import schema as S
+from netloupe.storage.layout import RunExistsError, RunStaging, part_key, write_part
 
 
 def _table(n=3):

@@ -7,11 +7,10 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from pipeline import mnist_variants as mv
-from pipeline.datasets import resolve_dataset
-from pipeline.errors import DatasetError
-from pipeline.spec import parse_spec
-from pipeline.cli import main as netloupe
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline import mnist_variants as mv
+from netloupe.pipeline.cli import main as netloupe
+from netloupe.pipeline.datasets import resolve_dataset
 
 
 def digits():
@@ -71,7 +70,7 @@ def test_written_in_parts_whole_and_refuses_an_existing_directory(tmp_path):
 
 
 def test_builtin_through_the_spec(netloupe_cache):
-    spec = parse_spec({"model": {"factory": "pipeline.zoo:trained_mnist_cnn"},
+    spec = parse_spec({"model": {"factory": "netloupe.pipeline.zoo:trained_mnist_cnn"},
                        "dataset": {"source": "mnist-variants", "rows": 120, "generator_seed": 3},
                        "output": {"run_name": "x"}})
     resolved = resolve_dataset(spec)
@@ -79,14 +78,14 @@ def test_builtin_through_the_spec(netloupe_cache):
     assert list(resolved.metadata_columns) == ["jitter", "stroke", "noise", "rotation"]
     assert resolved.path.endswith("mnist-variants-120-seed3")
     with pytest.raises(Exception, match="'rows' sizes a generated built-in"):
-        parse_spec({"model": {"factory": "pipeline.zoo:trained_mnist_cnn"},
+        parse_spec({"model": {"factory": "netloupe.pipeline.zoo:trained_mnist_cnn"},
                     "dataset": {"source": "mnist-5k", "rows": 120}, "output": {"run_name": "x"}})
 
 
 def test_subgroups_differ_in_accuracy(netloupe_cache):
     """The demo CNN (trained on clean digits) is far less accurate on large jitter and high
     noise: the subgroups FairVis-style views should find."""
-    from pipeline.zoo import trained_mnist_cnn
+    from netloupe.pipeline.zoo import trained_mnist_cnn
 
     images, labels = digits()
     table = mv.generate_part(images, labels, 3000, 0, seed=0, part=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline import models
-from pipeline.models import model_graph
+from netloupe.pipeline import model_graph as graph_module
+from netloupe.pipeline.model_graph import model_graph
 from tests.tiny_models import tiny_cnn
 
 
@@ -43,7 +43,7 @@ def test_an_untraceable_model_gives_its_module_tree_and_why():
 
 
 def test_a_huge_graph_is_cut_and_says_so(monkeypatch):
-    monkeypatch.setattr(models, "MODEL_GRAPH_NODE_LIMIT", 3)
+    monkeypatch.setattr(graph_module, "MODEL_GRAPH_NODE_LIMIT", 3)
     graph = model_graph(nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)]))
     assert graph["truncated"] and len(graph["nodes"]) == 3
 

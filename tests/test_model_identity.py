@@ -12,14 +12,14 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.cli import main as cli_main
-from pipeline.driver import run_job
-from pipeline.errors import ModelError
-from storage.reader import RunReader
-from storage.schema import vectors_to_numpy
+from netloupe.contract.errors import ModelError
+from netloupe.pipeline.cli import main as cli_main
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
+from netloupe.workers.model_identity import check_same_model, model_fingerprint
 from tests.conftest import tabular_spec, tabular_spec_data, tabular_table
 from tests.tiny_models import Linear3, seeded_captum_softmax
-from workers.model_identity import check_same_model, model_fingerprint
 
 CAPTUM_SOFTMAX = "captum.testing.helpers.classification_models:SoftmaxModel"
 """Captum's own test model: random initialisation with no seed, softmax output."""
@@ -89,7 +89,7 @@ def _spec_file(tmp_path, **changes):
 
 
 def test_an_unseeded_factory_is_refused_before_any_batch_is_written(ray_local, tmp_path, capsys, monkeypatch):
-    from storage.layout import RunStaging
+    from netloupe.storage.layout import RunStaging
 
     spec = _spec_file(tmp_path, model={"factory": CAPTUM_SOFTMAX, "output": "probabilities",
                                        "kwargs": {"num_in": 3, "num_hidden": 8, "num_out": 2}},

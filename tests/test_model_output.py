@@ -9,13 +9,13 @@ import pytest
 import torch
 from captum.attr import InputXGradient
 
-from pipeline.driver import run_job, validate
-from pipeline.errors import ModelError
-from storage.reader import RunReader
-from storage.schema import vectors_to_numpy
+from netloupe.contract.errors import ModelError
+from netloupe.pipeline.driver import run_job, validate
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
+from netloupe.workers.model_output import check_output_kind, output_probabilities
 from tests.conftest import tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W, LinearSoftmax
-from workers.model_output import check_output_kind, output_probabilities
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
 SOFTMAX = torch.softmax(LOGITS, dim=1)

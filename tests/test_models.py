@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.driver import validate
-from pipeline.errors import MethodError, ModelError
-from pipeline.models import load_model, load_model_reporting
-from pipeline.spec import ModelSpec, parse_spec
+from netloupe.contract.errors import MethodError, ModelError
+from netloupe.contract.spec import ModelSpec, parse_spec
+from netloupe.pipeline.driver import validate
+from netloupe.workers.model_loading import load_model, load_model_reporting
 from tests.conftest import tabular_spec
 from tests.tiny_models import LINEAR_B, LINEAR_W, Linear3
 

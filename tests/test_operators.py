@@ -18,9 +18,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from storage import schema as S
-from storage.catalog import QueryError, open_catalog, run_query
-from storage.handmade import write_handmade_run
+from netloupe.storage import schema as S
+from netloupe.storage.catalog import QueryError, open_catalog, run_query
+from netloupe.storage.handmade import write_handmade_run
 
 N, CLASSES = 90, 3
 STROKES = ["thin", "heavy"]

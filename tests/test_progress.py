@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.cli import netloupe_command
-from pipeline.progress import ProgressLines, count, duration, size
+from netloupe.pipeline.cli import netloupe_command
+from netloupe.pipeline.progress import ProgressLines, count, duration, size
 from tests.conftest import tabular_spec_data, tabular_table
 
 
@@ -48,7 +48,7 @@ def test_a_run_into_a_log_prints_a_few_lines_of_its_own(tmp_path):
     pq.write_table(tabular_table(40), tmp_path / "data.parquet")
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tabular_spec_data(tmp_path / "data.parquet", tmp_path / "runs")))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(spec)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "netloupe.pipeline.cli", "run", str(spec)], capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -75,7 +75,7 @@ def test_commands_are_spelled_as_a_user_types_them(tmp_path, monkeypatch):
 
 
 def test_methods_lists_defaults_and_where_captum_differs(capsys):
-    from pipeline.cli import main as cli_main
+    from netloupe.pipeline.cli import main as cli_main
 
     assert cli_main(["methods"]) == 0
     out = capsys.readouterr().out

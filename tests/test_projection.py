@@ -7,8 +7,6 @@ projection applied on the driver, across reruns and shardings, and through the c
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -16,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.decomposition import PCA
 
-from pipeline.driver import run_job
-from pipeline.errors import SpecError
-from pipeline.spec import parse_spec
-from storage.catalog import open_catalog, run_query
-from storage.layout import RunLayout
-from storage.reader import RunReader
-from storage.schema import vectors_to_numpy
-from workers.projection import fit_projection
+from netloupe.contract.errors import SpecError
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.reader import RunReader
+from netloupe.workers.projection import fit_projection
 
 FEATURES = [f"f{i}" for i in range(8)]
 ROWS = 300

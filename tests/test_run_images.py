@@ -14,17 +14,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from captum.attr import (DeepLift, GradientShap, InputXGradient, IntegratedGradients,
-                         LayerGradCam, NoiseTunnel, Occlusion, Saliency)
+from captum.attr import (
+    DeepLift,
+    GradientShap,
+    InputXGradient,
+    IntegratedGradients,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
 
-from pipeline.cli import main as cli_main
-from pipeline.driver import run_job
-from pipeline.spec import parse_spec
-from storage.reader import RunReader
-from storage.schema import vectors_to_numpy
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.cli import main as cli_main
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
+from netloupe.workers.explain import batch_seed
 from tests.conftest import image_table
 from tests.tiny_models import CNN_FILTER_BIAS, CNN_FILTERS, tiny_cnn
-from workers.explain import batch_seed
 
 METHODS = [
     {"method": "integrated_gradients", "params": {"n_steps": 256}},
@@ -189,7 +197,7 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
     assert "run 'mnist-demo' committed: 600 instances explained in" in out
     assert "methods: integrated_gradients, saliency, input_x_gradient" in out and "next:" in out
     assert not any(line.startswith(("{", "}", '"')) for line in out.splitlines()) and len(out.splitlines()) < 15
-    assert "-m pipeline.cli" not in out
+    assert "-m netloupe.pipeline.cli" not in out
     # The first "next" command must work as printed.
     import subprocess
 
@@ -216,8 +224,8 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
 
 def test_sub_batching_changes_nothing_for_deterministic_methods(cnn_run):
     """A worker cuts batches to its chunk size; the result must not depend on the cut."""
-    from pipeline.spec import MethodSpec
-    from workers.methods import bind_method
+    from netloupe.contract.spec import MethodSpec
+    from netloupe.workers.methods import bind_method
 
     reader, source = cnn_run
     model = tiny_cnn().eval()
@@ -240,8 +248,8 @@ def test_sub_batching_changes_nothing_for_deterministic_methods(cnn_run):
 def test_stochastic_methods_cut_into_chunks_reproduce_sequential_captum_calls():
     """With a chunk size below the batch, a stochastic method draws per sub-batch, in
     order, after one seed: the same as calling Captum on each sub-batch in turn."""
-    from pipeline.spec import MethodSpec
-    from workers.methods import bind_method
+    from netloupe.contract.spec import MethodSpec
+    from netloupe.workers.methods import bind_method
 
     model = tiny_cnn().eval()
     x = torch.from_numpy(_inputs(image_table(9)))
@@ -262,7 +270,7 @@ def test_stochastic_methods_cut_into_chunks_reproduce_sequential_captum_calls():
 
 
 def test_tuned_chunk_is_a_candidate_within_the_memory_cap():
-    from workers.methods import CHUNK_CANDIDATES, MAX_CHUNK_BYTES, tune_chunk_rows
+    from netloupe.workers.methods import CHUNK_CANDIDATES, MAX_CHUNK_BYTES, tune_chunk_rows
 
     model = tiny_cnn().eval()
     x = torch.from_numpy(_inputs(image_table(5)))

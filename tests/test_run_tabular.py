@@ -13,10 +13,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.driver import run_job
-from pipeline.spec import parse_spec
-from storage.reader import RunReader
-from storage.schema import vectors_to_numpy
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
 from tests.conftest import tabular_spec, tabular_spec_data, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W
 
@@ -153,7 +153,7 @@ def test_label_target_and_force_replaces_run(ray_local, tmp_path):
 
 def test_breast_cancer_mlp_builtin(ray_local, tmp_path):
     spec = parse_spec({
-        "model": {"factory": "pipeline.zoo:trained_breast_cancer_mlp", "class_names": ["malignant", "benign"]},
+        "model": {"factory": "netloupe.pipeline.zoo:trained_breast_cancer_mlp", "class_names": ["malignant", "benign"]},
         "dataset": {"source": "breast-cancer"},
         "layers": [{"name": "fc1"}, {"name": "relu2"}],
         "attributions": [{"method": "integrated_gradients", "params": {"n_steps": 64}},
@@ -183,7 +183,7 @@ def test_error_in_a_later_batch_reaches_the_user_clearly(ray_local, tmp_path, ca
     user still gets the clear message (not Ray's traceback), and nothing is written."""
     import yaml
 
-    from pipeline.cli import main as cli_main
+    from netloupe.pipeline.cli import main as cli_main
 
     table = tabular_table(40)
     labels = table["label"].to_pylist()

@@ -22,9 +22,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import psutil
 import pytest
 import yaml
 
@@ -50,7 +50,7 @@ def write_features(path: Path, rows: int) -> None:
 
 def peak_driver_rss(spec_path: Path) -> tuple[int, dict]:
     """Run ``netloupe run`` as its own process; return its peak RSS and the manifest."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec_path), "--no-progress"],
+    process = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "run", str(spec_path), "--no-progress"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "RAY_AUTH_MODE": "token"})
     driver = psutil.Process(process.pid)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from pipeline.errors import SpecError
-from pipeline import spec as spec_module
-from pipeline.spec import StrictModel, load_spec, parse_spec
+from netloupe.contract import spec as spec_module
+from netloupe.contract.errors import SpecError
+from netloupe.contract.spec import StrictModel, load_spec, parse_spec
 
 MINIMAL = {
-    "model": {"factory": "pipeline.zoo:trained_mnist_cnn"},
+    "model": {"factory": "netloupe.pipeline.zoo:trained_mnist_cnn"},
     "dataset": {"source": "mnist-5k"},
     "output": {"run_name": "r"},
 }
@@ -80,7 +80,7 @@ def test_load_spec_reports_yaml_errors(tmp_path):
 
 
 def test_the_worker_pool_is_fixed_or_autoscaling():
-    from pipeline.driver import worker_pool
+    from netloupe.pipeline.driver import worker_pool
 
     fixed = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 3}}).execution)
     assert (fixed.min_size, fixed.max_size) == (3, 3)

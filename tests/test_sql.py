@@ -13,9 +13,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main as cli_main
-from pipeline.driver import run_job
-from storage.catalog import QueryError, open_catalog, run_query
+from netloupe.pipeline.cli import main as cli_main
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import QueryError, open_catalog, run_query
 from tests.conftest import tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W
 

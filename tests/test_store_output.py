@@ -13,18 +13,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.driver import run_job
-from storage.catalog import open_catalog, run_query
-from storage.layout import RunExistsError, RunStaging, worker_layout, write_part
-from storage.location import MANIFEST, cached_run_dir, local_run_dir
-from storage.reader import RunReader
+from netloupe.pipeline.cli import main
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.layout import RunExistsError, RunStaging, worker_layout, write_part
+from netloupe.storage.location import MANIFEST, cached_run_dir, local_run_dir
+from netloupe.storage.reader import RunReader
 from tests.conftest import tabular_spec, tabular_table
 
 BUCKET = "netloupe-test"
@@ -203,9 +202,9 @@ def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp
 
 
 def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tmp_path, monkeypatch):
-    import pipeline.driver as driver
-    from pipeline.spec import parse_spec
-    from storage.location import cache_root
+    import netloupe.pipeline.driver as driver
+    from netloupe.contract.spec import parse_spec
+    from netloupe.storage.location import cache_root
 
     pq.write_table(tabular_table(40), tmp_path / "data.parquet")
     spec = tabular_spec(tmp_path / "data.parquet", ray_store, output__run_name="stopped")
@@ -236,7 +235,7 @@ def test_resume_of_a_store_run_without_one_says_so(store_env, capsys):
 
 
 def test_reading_something_that_is_not_a_run_says_so(store_env):
-    from pipeline.errors import RunError
+    from netloupe.contract.errors import RunError
 
     with pytest.raises(RunError, match="is not a committed netloupe run"):
         local_run_dir(_uri(store_env, "no-such-run"))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError, did_you_mean
+from netloupe.contract.errors import ModelError, did_you_mean
 
 
 def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:

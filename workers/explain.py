@@ -21,18 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.datasets import ResolvedDataset
-from pipeline.errors import DatasetError, MethodError, ModelError, NetloupeError
-from pipeline.spec import JobSpec
-from storage import schema as S
-from storage.layout import RunLayout, part_key, worker_layout, write_part
-from workers import fidelity as fid
-from workers.capture import LayerCapture
-from workers.inputs import InputDecoder
-from workers.methods import (BoundMethod, bind_method, default_chunk_rows, reused_nonlinearities,
-                             tune_chunk_rows)
-from workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
-from workers.model_output import check_output_kind, output_probabilities
+from netloupe.contract.errors import DatasetError, MethodError, ModelError, NetloupeError
+from netloupe.contract.spec import JobSpec
+from netloupe.storage import schema as S
+from netloupe.storage.layout import RunLayout, part_key, worker_layout, write_part
+from netloupe.workers import fidelity as fid
+from netloupe.workers.capture import LayerCapture
+from netloupe.workers.inputs import InputDecoder, ResolvedDataset
+from netloupe.workers.methods import (
+    BoundMethod,
+    bind_method,
+    default_chunk_rows,
+    reused_nonlinearities,
+    tune_chunk_rows,
+)
+from netloupe.workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
+from netloupe.workers.model_output import check_output_kind, output_probabilities
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ class BatchExplainer:
                    chosen: np.ndarray, ends: tuple[torch.Tensor, torch.Tensor] | None = None,
                    ) -> tuple[pa.Table, pa.Table | None]:
         """The method's rows for every target, and the fidelity rows of the ``chosen`` (sampled)
-        rows, or None when none is; ``ends``: the batch's :func:`workers.fidelity.curve_ends`."""
+        rows, or None when none is; ``ends``: the batch's :func:`netloupe.workers.fidelity.curve_ends`."""
         pieces, sampled = [], None
         steps = self.spec.fidelity.curve_steps
         for rank in range(targets.shape[1]):
@@ -329,7 +333,7 @@ class BatchExplainer:
         np.random.seed(seed % 2**32)  # GradientSHAP draws its path points from numpy
 
     def _curves(self, x, attributions, target, steps: int, ends: tuple[torch.Tensor, torch.Tensor]) -> dict:
-        """Deletion and insertion curves and areas (:mod:`workers.fidelity`), null for a map
+        """Deletion and insertion curves and areas (:mod:`netloupe.workers.fidelity`), null for a map
         that cannot be laid over the input."""
         n = x.shape[0]
         scores = fid.feature_scores(attributions, tuple(x.shape[1:]))
@@ -449,7 +453,7 @@ class ExplainWorker:
                  worker_root: str, threads: int):
         import ray
 
-        from pipeline.models import load_model
+        from netloupe.workers.model_loading import load_model
 
         torch.set_num_threads(threads)
         self.spec = JobSpec.model_validate(spec_data)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model_output import output_probabilities
+from netloupe.workers.model_output import output_probabilities
 
 
 def in_sample(ids: list, seed: int, rate: float) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Turning a batch of stored rows into the model's input tensor (the spec's preprocessing)."""
+"""The dataset as workers see it (:class:`ResolvedDataset`: where it is, which columns play
+which part), and turning a batch of stored rows into the model's input tensor."""
 
 from __future__ import annotations
 
@@ -7,9 +8,61 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from pipeline.errors import DatasetError
-from pipeline.spec import PreprocessSpec
+from netloupe.contract.errors import DatasetError
+from netloupe.contract.spec import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class ResolvedDataset:
+    """A dataset ready to read: where it is and which columns play which part."""
+
+    path: str
+    input_column: str | None
+    feature_columns: tuple[str, ...] | None
+    id_column: str
+    label_column: str | None
+    metadata_columns: tuple[str, ...]
+    limit: int | None
+    num_rows: int
+    """Rows that will be explained (after ``limit``)."""
+    id_type: str
+    """``int64`` or ``string``."""
+    metadata_fields: tuple[pa.Field, ...]
+    preprocess: PreprocessSpec
+    """The spec's preprocessing, or the built-in set's own when the spec gives none."""
+
+    @property
+    def columns(self) -> list[str]:
+        """Columns the workers read."""
+        cols = [self.id_column]
+        cols += [self.input_column] if self.input_column else list(self.feature_columns)
+        if self.label_column:
+            cols.append(self.label_column)
+        return cols + [c for c in self.metadata_columns if c not in cols]
+
+    def head(self, n: int) -> pa.Table:
+        """The first ``n`` rows of the needed columns, read on the driver without Ray.
+
+        Read row group by row group: the dataset scanner's read-ahead pulled 450 MB of a
+        200k-row file into the driver to return 4 rows.
+        """
+        batches, rows = [], 0
+        try:
+            dataset = pads.dataset(self.path, format="parquet")
+            schema = pa.schema([dataset.schema.field(c) for c in self.columns])
+            for fragment in dataset.get_fragments():
+                with pq.ParquetFile(fragment.path, filesystem=fragment.filesystem) as file:
+                    for batch in file.iter_batches(batch_size=n, columns=self.columns):
+                        batches.append(batch.slice(0, n - rows))
+                        rows += batches[-1].num_rows
+                        if rows >= n:
+                            return pa.Table.from_batches(batches).cast(schema)
+            return pa.Table.from_batches(batches, schema=schema)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise DatasetError(f"cannot read {self.path}: {error}") from None
 
 
 @dataclass(frozen=True)

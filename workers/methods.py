@@ -26,7 +26,7 @@ from captum.attr import (
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
-from pipeline.errors import MethodError, did_you_mean
+from netloupe.contract.errors import MethodError, did_you_mean
 
 #: Working-set budget (module outputs) of one forward/backward pass inside a method, used
 #: until a worker has measured its own best chunk (:func:`tune_chunk_rows`). On 2 CPU cores

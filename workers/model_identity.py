@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
+from netloupe.contract.errors import ModelError
 
 FINGERPRINT_ALGORITHM = "blake2b-128"
 """Prefix of :attr:`ModelFingerprint.digest`, so that a later change of hash is visible."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import ModelError
+from netloupe.contract.errors import ModelError
 
 SUM_TOLERANCE = 5e-3
 """How far from 1 a row of probabilities may sum (half-precision softmaxes are ~1e-3 off)."""

@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage import schema as S
-from storage.layout import worker_layout, write_part
+from netloupe.contract.names import PROJECTION_ALGORITHMS
+from netloupe.storage import schema as S
+from netloupe.storage.layout import worker_layout, write_part
 
 SOURCE_COLUMNS = {S.ACTIVATIONS: "activation", S.ATTRIBUTIONS: "attribution"}
 """The vector column a projection reads from each kind of source table."""
@@ -68,7 +69,7 @@ class Projection:
 
     @property
     def algorithms(self) -> tuple[str, ...]:
-        return S.PROJECTION_ALGORITHMS if self.umap is not None else S.PROJECTION_ALGORITHMS[:1]
+        return PROJECTION_ALGORITHMS if self.umap is not None else PROJECTION_ALGORITHMS[:1]
 
     @property
     def column(self) -> str:
@@ -161,7 +162,7 @@ def _place_in_umap(fit: UmapFit, vectors: np.ndarray) -> np.ndarray:
 class ProjectWorker:
     """The Ray Data actor of the projection pass: for each part key it reads that part of
     every projected table, transforms it, and writes the coordinates; it returns one small
-    row per part and table, as :class:`~workers.explain.ExplainWorker` does."""
+    row per part and table, as :class:`~netloupe.workers.explain.ExplainWorker` does."""
 
     def __init__(self, projections: list[Projection], worker_root: str, id_type: str, threads: int):
         from threadpoolctl import threadpool_limits

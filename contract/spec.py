@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import SpecError, did_you_mean
-from storage.schema import PROJECTION_ALGORITHMS
+from netloupe.contract.errors import SpecError, did_you_mean
+from netloupe.contract.names import PROJECTION_ALGORITHMS, check_run_name, table_dir_name
 
 BUILTIN_DATASETS = ("mnist-5k", "mnist-variants", "digits", "breast-cancer")
 GENERATED_DATASETS = ("mnist-variants",)
@@ -70,7 +70,7 @@ class ModelSpec(StrictModel):
         if (self.factory is None) == (self.torchscript is None):
             raise ValueError(
                 "give exactly one of 'factory' (an entry point such as "
-                "'pipeline.zoo:mnist_cnn') or 'torchscript' (a .pt file); "
+                "'netloupe.pipeline.zoo:mnist_cnn') or 'torchscript' (a .pt file); "
                 f"got factory={self.factory!r}, torchscript={self.torchscript!r}"
             )
         if self.allow_unsafe_pickle and self.weights is None:
@@ -193,8 +193,6 @@ class MethodSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _table_name(cls, value):
-        from storage.layout import table_dir_name
-
         return value if value is None else table_dir_name(value)
 
     @property
@@ -347,8 +345,6 @@ class OutputSpec(StrictModel):
     @field_validator("run_name")
     @classmethod
     def _usable_name(cls, value):
-        from storage.layout import check_run_name
-
         return check_run_name(value)
 
 
@@ -439,6 +435,17 @@ def parse_spec(data: Any, origin: str = "") -> JobSpec:
         return JobSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(_format_validation_error(error, origin)) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["execution.num_workers=2", ...]`` (the CLI's ``--set``) → ``{dotted key: YAML value}``."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set takes KEY=VALUE (e.g. execution.num_workers=2), got {pair!r}")
+        result[key] = yaml.safe_load(value)
+    return result
 
 
 def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> JobSpec:

@@ -1,4 +1,5 @@
-"""Model resolution: an entry point (plus optional weights) or a TorchScript file → ``nn.Module``.
+"""Loading the model a spec names, as the driver (to validate) and every worker do: an entry
+point (plus optional weights) or a TorchScript file → ``nn.Module`` in eval mode.
 
 Weights are read without executing code: safetensors, or ``torch.load(weights_only=True)``;
 full pickle only when the spec opts in by name (``model.allow_unsafe_pickle``).
@@ -7,18 +8,47 @@ full pickle only when the spec opts in by name (``model.allow_unsafe_pickle``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
-from pipeline.spec import ModelSpec
+from netloupe.contract.errors import ModelError
+from netloupe.contract.spec import ModelSpec
+
+OLD_TOP_LEVEL_NAMES = ("pipeline", "workers", "storage", "dashboards")
+"""The names netloupe's packages were installed under before they moved into ``netloupe``."""
+
+
+def _moved_into_netloupe(module_name: str) -> str | None:
+    """``netloupe.<module_name>`` when ``module_name`` is an old spelling of a netloupe module:
+    not importable any more, or (from a checkout's root) importable only as the same file
+    under a second name. A user's own package called ``pipeline`` is left alone."""
+    if module_name.split(".")[0] not in OLD_TOP_LEVEL_NAMES:
+        return None
+    try:
+        new = importlib.util.find_spec(f"netloupe.{module_name}")
+    except ImportError:
+        return None
+    if new is None:
+        return None
+    try:
+        old = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        old = None
+    return f"netloupe.{module_name}" if old is None or old.origin == new.origin else None
 
 
 def import_entry_point(entry_point: str):
     """``package.module:attribute`` → the attribute, with errors that say what to fix."""
     module_name, _, attribute = entry_point.partition(":")
+    moved = _moved_into_netloupe(module_name)
+    if moved:
+        raise ModelError(
+            f"model.factory {entry_point!r} names netloupe's module by its old path; netloupe now installs "
+            f"as one package: write {moved + ':' + attribute!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -35,7 +65,7 @@ def import_entry_point(entry_point: str):
     for part in attribute.split("."):
         if not hasattr(target, part):
             public = [n for n in dir(module) if not n.startswith("_")]
-            from pipeline.errors import did_you_mean
+            from netloupe.contract.errors import did_you_mean
 
             raise ModelError(
                 f"module {module_name!r} has no {attribute!r} (from model.factory "
@@ -155,50 +185,3 @@ def load_model_reporting(spec: ModelSpec) -> tuple[nn.Module, list[str]]:
         # would double the backward work.
         parameter.requires_grad_(False)
     return model, unset
-
-
-MODEL_GRAPH_NODE_LIMIT = 2000
-"""Nodes kept of a model's graph in the manifest; a larger graph is cut (and says so)."""
-
-
-def model_graph(model: nn.Module) -> dict:
-    """The model's structure for the dashboard's overview, as JSON-able data.
-
-    ``{"kind": "fx", ...}`` when ``torch.fx`` traces the model: one node per operation in
-    execution order, ``inputs`` naming the nodes it reads, ``module`` the qualified name of
-    the submodule it calls (what ``layers`` name). Otherwise ``{"kind": "modules", ...}``:
-    the module tree, each module's parent as its only input. ``reason`` says why fx failed.
-    """
-    nodes, kind, reason = None, "fx", None
-    if not isinstance(model, torch.jit.ScriptModule):
-        try:
-            traced = torch.fx.symbolic_trace(model)
-            nodes = [
-                {
-                    "id": node.name,
-                    "op": node.op,
-                    "module": node.target if node.op == "call_module" else None,
-                    "type": (type(traced.get_submodule(node.target)).__name__ if node.op == "call_module"
-                             else getattr(node.target, "__name__", str(node.target))),
-                    "inputs": [n.name for n in node.all_input_nodes],
-                }
-                for node in traced.graph.nodes
-            ]
-        except Exception as error:  # noqa: BLE001 - any model fx cannot trace gets the module tree
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    else:
-        reason = "TorchScript models are not traced"
-    if nodes is None:
-        kind = "modules"
-        nodes = [
-            {
-                "id": name or "(model)",
-                "op": "module",
-                "module": name or None,
-                "type": type(module).__name__,
-                "inputs": [name.rpartition(".")[0] or "(model)"] if name else [],
-            }
-            for name, module in model.named_modules()
-        ]
-    truncated = len(nodes) > MODEL_GRAPH_NODE_LIMIT
-    return {"kind": kind, "reason": reason, "truncated": truncated, "nodes": nodes[:MODEL_GRAPH_NODE_LIMIT]}

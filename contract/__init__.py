@@ -1,0 +1,1 @@
+"""The types every layer may import: the job spec and the errors netloupe raises for users."""

@@ -1,0 +1,1 @@
+"""netloupe: explain neural networks at dataset scale."""
