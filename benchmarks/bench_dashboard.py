@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from netloupe.storage.layout import RunLayout
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -255,7 +257,7 @@ def main() -> None:
                  "(or netloupe run examples/mnist-scale.yaml --set dataset.rows=1000000)")
     work = Path(args.work or tempfile.mkdtemp(prefix="netloupe-bench-dashboard-", dir=ROOT.parent))
     work.mkdir(parents=True, exist_ok=True)
-    instances = json.loads((args.run / "manifest.json").read_text())["counts"]["instances"]
+    instances = RunLayout(args.run).read_manifest().counts.instances
     results = {f"{instances:,}": measure(args.run, work)}
     if args.ten_million:
         started = time.perf_counter()

@@ -19,13 +19,14 @@ Not a test: prints figures for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 NETLOUPE = [sys.executable, "-m", "netloupe.pipeline.cli"]
@@ -40,11 +41,11 @@ def run_demo(root: Path, name: str, rows: int, extra: list[str]) -> dict:
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    manifest = json.loads((root / name / "manifest.json").read_text())
-    timings = manifest["timings"]
+    manifest = RunLayout(root / name).read_manifest()
+    timings = manifest.timings
     return {"wall": wall, "explain": timings["explain_seconds"], "catalog": timings["catalog"]["total"],
             "summary": timings["catalog"]["fidelity summary"],
-            "sampled": sum(manifest["fidelity"]["sampled_rows"].values())}
+            "sampled": sum(manifest.fidelity.sampled_rows.values())}
 
 
 def summary_at(rows: int) -> None:

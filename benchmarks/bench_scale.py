@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from netloupe.storage.layout import RunLayout
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 NETLOUPE = [sys.executable, "-m", "netloupe.pipeline.cli"]
@@ -89,8 +91,8 @@ def run_once(rows: int, workers: int, out_root: Path) -> dict:
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{stderr.decode()[-3000:]}")
-    manifest = json.loads((out_root / name / "manifest.json").read_text())
-    timings = manifest["timings"]
+    manifest = RunLayout(out_root / name).read_manifest()
+    timings = manifest.timings
     result = {
         "rows": rows, "workers": workers, "wall_s": wall,
         "inst_per_s": rows / wall,

@@ -137,11 +137,12 @@ def bench_pipeline(n: int, work: Path) -> None:
     # Ours: the whole pipeline.
     import ray
 
-    from netloupe.pipeline.driver import ensure_ray, run_job
+    from netloupe.pipeline.driver import run_job
+    from netloupe.pipeline.ray_cluster import ensure_ray
 
     ray_init = ensure_ray(None)
     result = run_job(spec, force=True)
-    timings = result.manifest["timings"]
+    timings = result.manifest.timings
     steady = timings["steady_instances_per_second"]
     wall = n / timings["explain_seconds"]
     print(f"  ray.init {ray_init:.1f} s; actor start-up + first batch {timings['first_result_seconds']:.1f} s; "

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from netloupe.contract.errors import SpecError, did_you_mean
 from netloupe.contract.names import PROJECTION_ALGORITHMS, check_run_name, table_dir_name
 
+DRIVER_SQL_MEMORY_MIB = 512
+"""DuckDB's memory on the driver when the spec (or a run without one) does not say."""
+
 BUILTIN_DATASETS = ("mnist-5k", "mnist-variants", "digits", "breast-cancer")
 GENERATED_DATASETS = ("mnist-variants",)
 """Built-ins generated at a chosen size (``dataset.rows``) rather than shipped."""
@@ -259,7 +262,7 @@ class ExecutionSpec(StrictModel):
     chunk_rows: int | None = Field(default=None, gt=0)
     """Rows per forward/backward pass inside a method (batches are cut to fit); default:
     each worker measures the fastest on its first batch."""
-    driver_sql_memory_mib: int = Field(default=512, ge=32)
+    driver_sql_memory_mib: int = Field(default=DRIVER_SQL_MEMORY_MIB, ge=32)
     """Memory limit of the DuckDB work on the driver (id check, exactly-once checks,
     catalog build); beyond it DuckDB spills to disk, so the driver's memory stays bounded
     whatever the number of instances."""

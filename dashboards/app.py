@@ -587,7 +587,7 @@ LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Fidelity": 
 
 def _typed_id(text: str, session: RunSession):
     """An id typed or clicked, as the run's id type."""
-    if session.manifest["dataset"]["id_type"] == "int64":
+    if session.manifest.dataset.id_type == "int64":
         try:
             return int(text)
         except ValueError:
@@ -620,7 +620,7 @@ def build_dashboard(run_dir) -> pn.template.BaseTemplate:
     tabs.param.watch(build_when_opened, "active")
     # A click on a point or an exemplar opens the instance.
     dashboard.param.watch(lambda _e: setattr(tabs, "active", 1), "instance_id")
-    title = f"netloupe: {session.manifest['run_name']} ({session.manifest['counts']['instances']:,} instances)"
+    title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
     return pn.template.BootstrapTemplate(title=title, main=[message, tabs])
 
 

@@ -12,7 +12,6 @@ kept under a name for the session and usable in every view.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from netloupe.contract.errors import NetloupeError, did_you_mean
-from netloupe.storage.catalog import QueryError, fidelity_view, open_catalog, run_query
+from netloupe.storage.catalog import QueryError, catalog_manifest, fidelity_view, open_catalog, run_query
 
 FIDELITY_COLUMNS = ("convergence_delta", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
 """Per-instance fidelity columns of an attributions view shown with the instance."""
@@ -56,27 +55,26 @@ class RunSession:
         # A run rebuilt in place (--force) gets a new catalog file, so cached points go stale.
         catalog = Path(run_dir).resolve() / "catalog.duckdb"
         self.run_key = (str(catalog.parent), catalog.stat().st_mtime_ns)
-        self.manifest = {row["key"]: json.loads(row["value"])
-                         for row in run_query(self.con, "SELECT key, value FROM run_metadata").to_pylist()}
+        self.manifest = catalog_manifest(self.con)
         self.subsets: dict[str, Subset] = {}
 
     # -- the run's facts ---------------------------------------------------------------------
 
     @property
     def layers(self) -> list[str]:
-        return list(self.manifest["model"]["layer_neurons"])
+        return list(self.manifest.model.layer_neurons)
 
     @property
     def methods(self) -> list[str]:
-        return list(self.manifest["model"]["attribution_shapes"])
+        return list(self.manifest.model.attribution_shapes)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
+        return list(self.manifest.class_names)
 
     @property
     def metadata_columns(self) -> list[str]:
-        return list(self.manifest["dataset"]["metadata_columns"])
+        return list(self.manifest.dataset.metadata_columns)
 
     @property
     def projections(self) -> list[tuple[str, str]]:
@@ -86,9 +84,9 @@ class RunSession:
 
     @property
     def model_graph(self) -> dict | None:
-        """The model's graph recorded at run time (:func:`netloupe.pipeline.model_graph.model_graph`), or
-        None for a run made before it was recorded."""
-        return self.manifest.get("model_graph")
+        """The model's graph recorded at run time (:func:`netloupe.pipeline.model_graph.model_graph`);
+        None for a handmade run."""
+        return self.manifest.model_graph
 
     def graph_layout(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Nodes placed for drawing (``x`` = longest path from an input, ``y`` = order among
@@ -332,8 +330,8 @@ class RunSession:
         if not rows:
             raise SessionError(f"no instance with id {instance_id!r} in this run")
         detail = {"row": rows[0], "maps": {}, "activations": {}, "fidelity": {}}
-        shapes = self.manifest["model"]["attribution_shapes"]
-        sampled = self.manifest["tables"].get("fidelity", {})
+        shapes = self.manifest.model.attribution_shapes
+        sampled = self.manifest.tables.fidelity
         for method, shape in shapes.items():
             view = run_query(self.con, "SELECT view FROM methods WHERE method = ?", [method])["view"][0].as_py()
             found = run_query(self.con, f"SELECT * FROM {view} WHERE instance_id = ? AND target_rank = 0",
@@ -370,7 +368,7 @@ class RunSession:
         row.pop("instance_id")
         if len(row) == 1:
             (values,) = row.values()
-            shape = self.manifest["preprocess"].get("shape")
+            shape = self.manifest.preprocess.get("shape")
             array = np.asarray(values, np.float32)
             return array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array
         return row

@@ -32,7 +32,7 @@ def next_steps(result) -> list[str]:
     netloupe, run = netloupe_command(), shlex.quote(result.location)
     lines = [f"{netloupe} sql {run} \"SELECT label, avg(correct::INT) AS accuracy, count(*) AS n "
              "FROM instances GROUP BY 1 ORDER BY 1\""]
-    layers = list(result.manifest["model"]["layer_neurons"])
+    layers = list(result.manifest.model.layer_neurons)
     if layers:
         lines.append(f"{netloupe} sql {run} \"SELECT * FROM neuron_matrix_by('{layers[-1]}', 'label') "
                      "WHERE neuron < 2\"")
@@ -75,7 +75,7 @@ def cmd_validate(args) -> int:
 
     checked = validate(load_spec(args.spec, parse_overrides(args.set)))
     print(json.dumps({"rows": checked.dataset.num_rows, "classes": checked.class_names,
-                      "model": checked.facts.to_json(), "model_fingerprint": checked.fingerprint.digest,
+                      "model": checked.facts.model_dump(mode="json"), "model_fingerprint": checked.fingerprint.digest,
                       "weights_unset": checked.weights_unset}, indent=2))
     return 0
 
@@ -182,7 +182,8 @@ def cmd_sql(args) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from netloupe.storage.catalog import DEFAULT_DRIVER_SQL_MEMORY_MIB, build_catalog
+    from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB, parse_spec
+    from netloupe.storage.catalog import build_catalog
     from netloupe.storage.layout import RunLayout
     from netloupe.storage.location import is_uri
 
@@ -192,7 +193,8 @@ def cmd_catalog(args) -> int:
 
     layout = RunLayout(Path(args.run).resolve())
     manifest = layout.read_manifest()
-    memory_mib = manifest["spec"]["execution"].get("driver_sql_memory_mib", DEFAULT_DRIVER_SQL_MEMORY_MIB)
+    memory_mib = (parse_spec(manifest.spec).execution.driver_sql_memory_mib if manifest.spec is not None
+                  else DRIVER_SQL_MEMORY_MIB)
     timings = build_catalog(layout, manifest, memory_mib)
     print(f"built {layout.catalog_path} ({timings['bytes'] / 1e6:.1f} MB) in {timings['total']:.1f} s")
     return 0
@@ -355,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from netloupe.pipeline.driver import local_ray_environment
+    from netloupe.pipeline.ray_cluster import local_ray_environment
 
     local_ray_environment()
     args = build_parser().parse_args(argv)

@@ -1,20 +1,31 @@
-"""The driver: validate on one batch, run the Ray Data plan, check and commit the run.
+"""The driver: a run of a job, stage by stage (:class:`JobRun`), and the one failure policy.
 
-Order matters: everything that can fail on the user's input (spec, dataset, model,
-layers, methods, an existing run name) fails before Ray starts and before any file is
-written; once workers run, results are staged and become visible only at the commit.
+    validate          the spec against the data and the model, on a few rows, no Ray
+    start_ray         connect, or start a local Ray; check the workers fit
+    explain           the Ray Data pass: ExplainWorker actors write every batch's parts
+    settle            keep the reported parts, check every instance is there exactly once
+    project           fit 2-D projections on a sample, apply them in the workers
+    catalog           the run's SQL catalog, part of the staged run
+    commit            manifest last, then the run appears at once
+
+Order matters: everything that can fail on the user's input (spec, dataset, model, layers,
+methods, an existing run name) fails before Ray starts and before any file is written; once
+workers run, results are staged and become visible only at the commit.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from netloupe.contract.errors import RunError, netloupe_cause
@@ -23,10 +34,29 @@ from netloupe.pipeline.datasets import resolve_dataset
 from netloupe.pipeline.model_graph import model_graph
 from netloupe.pipeline.progress import RunProgress, count, duration, size
 from netloupe.pipeline.projection import check_umap_available, projection_sources, run_projection_stage
+from netloupe.pipeline.ray_cluster import (
+    WORKER_START_TIMEOUT_S,
+    check_cluster_fits,
+    default_threads,
+    ensure_ray,
+    worker_pool,
+)
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog, driver_connection
 from netloupe.storage.layout import RunExistsError, RunLayout, RunStaging, staged_job
-from netloupe.workers.explain import BatchExplainer, ExplainWorker, ModelFacts
+from netloupe.storage.manifest import (
+    BatchReport,
+    Counts,
+    DatasetInfo,
+    FidelityInfo,
+    ModelFacts,
+    ModelIdentity,
+    Projections,
+    RunManifest,
+    Tables,
+    WorkerInfo,
+)
+from netloupe.workers.explain import BatchExplainer, ExplainWorker
 from netloupe.workers.inputs import ResolvedDataset
 from netloupe.workers.model_identity import ModelFingerprint, model_fingerprint
 from netloupe.workers.model_loading import load_model_reporting, weights_report
@@ -35,6 +65,7 @@ VALIDATION_ROWS = 4
 """Rows the driver explains itself before starting workers (fail fast, learn shapes)."""
 
 PACKAGES = ("netloupe", "torch", "captum", "ray", "pyarrow", "duckdb", "numpy", "pydantic")
+"""Packages whose versions the manifest records."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +92,7 @@ class RunResult:
 
     layout: RunLayout
     """The run on local disk: where it was committed, or for a store its local cache."""
-    manifest: dict
+    manifest: RunManifest
     location: str
     """Where the run was committed: its directory, or its URI in an object store."""
 
@@ -87,74 +118,304 @@ def validate(spec: JobSpec) -> Validated:
                      time.perf_counter() - started)
 
 
-def local_ray_environment() -> None:
-    """Keep a local Ray on loopback with token authentication, unless the user chose."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = None,
+            resume: RunStaging | None = None) -> RunResult:
+    """Validate, explain every instance on Ray, and commit the run atomically.
+
+    ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
+    the batches it finished are kept, only the other instances are explained. ``progress``
+    reports as the run goes (:mod:`netloupe.pipeline.progress`); by default nothing is reported.
+    """
+    # The staging first: a taken name should not cost a model load.
+    job = JobRun(spec, resume or RunStaging.open(spec.output.root, spec.output.run_name, force=force),
+                 progress or RunProgress())
+    job.validate()
+    job.start_ray()
+    with failure_policy(job.staging):
+        parts = job.explain()
+        keys, sampled = job.settle(parts)
+        projections = job.project(keys)
+        manifest = job.catalog(job.manifest(parts, projections, sampled))
+        final, manifest = job.commit(manifest)
+    return RunResult(final, manifest, job.staging.location)
 
 
-WORKER_START_TIMEOUT_S = 600
-"""How long the explain pass waits for all its workers to start before failing."""
+@contextmanager
+def failure_policy(staging: RunStaging):
+    """What a failure leaves behind, decided here only:
+
+    * another run took the name meanwhile: the staged results stay where the message says;
+    * interrupted (Ctrl-C): the staging stays for ``netloupe run --resume``;
+    * a resumed run fails: its staging stays too (the batches it was given are not this
+      attempt's to throw away), and the error says how to resume again;
+    * any other failure: the staging goes; nothing was committed.
+
+    A user's error raised inside a worker reaches the caller as itself, not in Ray's wrapper.
+    """
+    try:
+        yield
+    except RunExistsError:
+        raise
+    except KeyboardInterrupt:
+        staging.keep_for_resume()
+        raise
+    except BaseException as error:
+        user_error = netloupe_cause(error)
+        if staging.resumed:
+            staging.keep_for_resume()
+            hint = (f"the interrupted run stays staged at {staging.worker_root}: fix the cause and run "
+                    f"`netloupe run --resume {staging.location}` again, or delete that staging to start over")
+            if user_error is not None:
+                raise RunError(f"{user_error}\n{hint}") from None
+            error.add_note(hint)
+            raise
+        staging.abort()
+        if user_error is not None and user_error is not error:
+            raise user_error from None
+        raise
 
 
-def ensure_ray(address: str | None) -> float:
-    """Connect to the spec's cluster, or start a local one on 127.0.0.1; return seconds."""
-    # Ray reads these when it is first imported; the CLI sets them before that too.
-    local_ray_environment()
-    import ray
+@dataclass
+class JobRun:
+    """One run of a job on the driver. Each method is a stage; :func:`run_job` calls them
+    in order."""
 
-    if ray.is_initialized():
-        return 0.0
-    started = time.perf_counter()
-    if address is None:
-        # One logical CPU more than the cores: Ray Data's read tasks need a CPU slot, and
-        # actors holding every slot would leave them (and the run) waiting forever.
-        # address="local": without a ray_address the run is local, even when a cluster
-        # started by `ray start` runs on this machine (a bare ray.init() would join it).
-        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=(os.cpu_count() or 1) + 1,
-                 include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(address=address, log_to_driver=True)
-    return time.perf_counter() - started
+    spec: JobSpec
+    staging: RunStaging
+    progress: RunProgress
+    timings: dict = field(default_factory=dict)
+    """Seconds per stage, for the manifest."""
+    checked: Validated | None = None
+    started: float = field(default_factory=time.perf_counter)
 
+    @property
+    def layout(self) -> RunLayout:
+        return self.staging.layout
 
-def default_threads(spec: JobSpec) -> int:
-    """Torch threads per worker: the spec's; on a local cluster the cores shared by the
-    workers (one 2-thread actor beat two 1-thread actors here); elsewhere its CPUs."""
-    execution = spec.execution
-    if execution.threads_per_worker is not None:
-        return execution.threads_per_worker
-    if execution.ray_address is None:
-        return max(1, (os.cpu_count() or 1) // execution.num_workers)
-    return max(1, round(execution.cpus_per_worker))
+    @property
+    def memory_mib(self) -> int:
+        return self.spec.execution.driver_sql_memory_mib
 
+    # -- validate ---------------------------------------------------------------------------
 
-def worker_pool(execution):
-    """Ray Data's pool of explain workers: ``num_workers`` of them, or an autoscaling pool
-    from ``num_workers`` up to ``max_workers``."""
-    import ray
+    def validate(self) -> None:
+        """The spec against the data and the model, on :data:`VALIDATION_ROWS` rows."""
+        self.checked = checked = validate(self.spec)
+        self._check_resumed_model()
+        self.timings["validate_seconds"] = checked.seconds
+        facts = checked.facts
+        self.progress.stage(
+            f"validated on {VALIDATION_ROWS} rows in {duration(checked.seconds)}: "
+            f"{count(checked.dataset.num_rows, 'instance')}, {count(facts.num_classes, 'class')}, "
+            f"{count(len(facts.layer_neurons), 'layer')}, {count(len(facts.attribution_shapes), 'method')}")
+        note = weights_report(checked.weights_unset, self.spec.model)
+        if note:
+            self.progress.stage(note)
 
-    if execution.max_workers is None or execution.max_workers == execution.num_workers:
-        return ray.data.ActorPoolStrategy(size=execution.num_workers)
-    return ray.data.ActorPoolStrategy(min_size=execution.num_workers, max_size=execution.max_workers)
+    def _check_resumed_model(self) -> None:
+        """A resumed run keeps batches explained by the interrupted run's model: refuse to
+        add batches from any other."""
+        if not self.staging.resumed:
+            return
+        staged = ModelFingerprint.from_json(self.staging.staged_fingerprint)
+        now = self.checked.fingerprint
+        if staged.digest != now.digest:
+            differing = now.differing(staged)
+            raise RunError(
+                f"the interrupted run's finished batches were explained by another model: {len(differing)} of "
+                f"its parameters and buffers differ from the model as it loads now ({', '.join(differing[:8])}"
+                f"{' ...' if len(differing) > 8 else ''}); its weights file or factory changed since. Restore "
+                f"that model and resume again, or start over: delete {self.staging.worker_root} and run the "
+                "spec again"
+            )
 
+    # -- start_ray --------------------------------------------------------------------------
 
-def _check_cluster_fits(spec: JobSpec) -> None:
-    """Fail with a fix instead of waiting forever when the workers cannot all be placed."""
-    import ray
+    def start_ray(self) -> None:
+        """Connect to the spec's cluster (or start a local Ray), check the workers fit, and
+        stage the run (its spec and model fingerprint first, for ``--resume``)."""
+        self.timings["ray_init_seconds"] = ensure_ray(self.spec.execution.ray_address)
+        import ray
 
-    execution = spec.execution
-    total = ray.cluster_resources()
-    cpus_needed = execution.num_workers * execution.cpus_per_worker + 1
-    gpus_needed = execution.num_workers * execution.gpus_per_worker
-    if total.get("CPU", 0) < cpus_needed or total.get("GPU", 0) < gpus_needed:
-        raise RunError(
-            f"the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; "
-            f"{execution.num_workers} workers with {execution.cpus_per_worker:g} CPUs and "
-            f"{execution.gpus_per_worker:g} GPUs each, plus 1 CPU for reading, need "
-            f"{cpus_needed:g} CPUs and {gpus_needed:g} GPUs. Lower execution.num_workers or "
-            "the per-worker resources, or add nodes"
+        context = ray.data.DataContext.get_current()
+        self.progress.configure_ray_data(context)
+        # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
+        context.raise_original_map_exception = True
+        check_cluster_fits(self.spec.execution)
+        self.staging.create(staged_job(spec_to_dict(self.spec), self.checked.fingerprint.to_json()))
+
+    # -- explain ----------------------------------------------------------------------------
+
+    def explain(self) -> list[BatchReport]:
+        """The explain pass: every batch not kept from an interrupted run, by the workers;
+        returns every batch's report, kept ones included."""
+        parts = self._kept_parts()
+        computed = self.checked.dataset.num_rows - self.timings.get("resumed_rows", 0)
+        self.progress.stage(f"explaining {count(computed, 'instance')} with {_workers_text(self.spec.execution)}"
+                            + (f" ({self.timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
+        results = self._explain_plan(parts)
+        explain_started = time.perf_counter()
+        kept, first_rows = len(parts), 0
+        self.progress.explaining(computed)
+        try:
+            if computed:
+                for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+                    reports = [BatchReport.model_validate(row) for row in batch.to_pylist()]
+                    if len(parts) == kept:
+                        # Until the first result: actor start-up, model load, first batch.
+                        self.timings["first_result_seconds"] = time.perf_counter() - explain_started
+                        first_rows = sum(r.rows for r in reports)
+                    parts.extend(reports)
+                    self.progress.explained(sum(r.rows for r in reports))
+        finally:
+            self.progress.explaining_done()
+        seconds = self.timings["explain_seconds"] = time.perf_counter() - explain_started
+        self.progress.stage(f"explained {count(computed, 'instance')} in {duration(seconds)}")
+        steady = seconds - self.timings.get("first_result_seconds", seconds)
+        self.timings["steady_instances_per_second"] = (computed - first_rows) / steady if steady > 0 else None
+        return parts
+
+    def _explain_plan(self, kept: list[BatchReport]):
+        """The Ray Data plan: read the dataset (less the kept instances), map ExplainWorker."""
+        import ray
+
+        dataset, execution = self.checked.dataset, self.spec.execution
+        context = ray.data.DataContext.get_current()
+        # Blocks of about one batch: a small file otherwise arrives as one block, which
+        # one actor would process alone while the others idle.
+        context.target_max_block_size = max(2**16, self.checked.bytes_per_row * execution.batch_size)
+        # Start work once every worker is up: by default the first actor ready takes blocks
+        # while the rest start, and a small run (or a cluster's far node) can end up with
+        # one worker doing everything. check_cluster_fits made sure they all fit.
+        context.wait_for_min_actors_s = WORKER_START_TIMEOUT_S
+        if dataset.limit is not None:
+            # "The first N rows" must mean the same rows in every run.
+            context.execution_options.preserve_order = True
+        ds = ray.data.read_parquet(dataset.path).select_columns(dataset.columns)
+        if dataset.limit is not None:
+            ds = ds.limit(dataset.limit)
+        if kept:
+            ds = ds.map_batches(_drop_explained, fn_kwargs={"id_column": dataset.id_column,
+                                                            "done": _explained_ids(self.layout, kept)},
+                                batch_format="pyarrow", zero_copy_batch=True)
+        return ds.map_batches(
+            ExplainWorker,
+            fn_constructor_kwargs={
+                "spec_data": spec_to_dict(self.spec),
+                "dataset": dataset,
+                "facts": self.checked.facts,
+                "fingerprint_data": self.checked.fingerprint.to_json(),
+                "worker_root": self.staging.worker_root,
+                "threads": default_threads(self.spec),
+            },
+            batch_size=execution.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            compute=worker_pool(execution),
+            num_cpus=execution.cpus_per_worker,
+            num_gpus=execution.gpus_per_worker or None,
         )
+
+    def _kept_parts(self) -> list[BatchReport]:
+        """The batches a resumed run keeps (those its interrupted run finished); every other
+        part file in the staging is removed, so that its batch is redone whole."""
+        if not self.staging.resumed:
+            return []
+        table_dirs = self.layout.table_dirs(self.checked.facts.layer_neurons, self.checked.facts.attribution_shapes)
+        parts = self.staging.finished_parts(table_dirs)
+        self.staging.remove_unlisted_parts(table_dirs, {part.part for part in parts})
+        self.timings["resumed_parts"] = len(parts)
+        self.timings["resumed_rows"] = sum(part.rows for part in parts)
+        return parts
+
+    # -- settle -----------------------------------------------------------------------------
+
+    def settle(self, parts: list[BatchReport]) -> tuple[set[str], dict[str, int]]:
+        """Keep only the parts a finished batch reported (a retried batch's leftovers go) and
+        check every table holds each instance exactly once; return the part keys and the
+        rows of each method's sampled fidelity table."""
+        facts, rows = self.checked.facts, self.checked.dataset.num_rows
+        keys = {part.part for part in parts}
+        self.timings["pull_bytes"] = self.staging.pull(S.INSTANCES, S.ACTIVATIONS, S.ATTRIBUTIONS, S.FIDELITY)
+        self.staging.remove_unlisted_parts(self.layout.table_dirs(facts.layer_neurons, facts.attribution_shapes), keys)
+        _check_exactly_once(self.layout, _explained_tables(self.layout, rows, facts, self.spec.target.per_instance),
+                            self.memory_mib)
+        return keys, _check_fidelity_samples(self.layout, facts, self.memory_mib)
+
+    # -- project ----------------------------------------------------------------------------
+
+    def project(self, keys: set[str]) -> Projections:
+        """Fit each projection on a sample and apply it to every part in the workers; the
+        projection tables get their own exactly-once check."""
+        sources = projection_sources(self.spec)
+        started = time.perf_counter()
+        if sources:
+            self.progress.stage(f"projecting {count(len(sources), 'table')} to 2-D")
+        projections = run_projection_stage(self.spec, self.layout, keys, self.checked.dataset.id_type,
+                                           default_threads(self.spec), self.staging.worker_root)
+        projected = [self.layout.projections_dir(kind, name) for kind, name in sources]
+        self.timings["pull_bytes"] += self.staging.pull(*(str(d.relative_to(self.layout.root)) for d in projected))
+        self.staging.remove_unlisted_parts(projected, keys)
+        _check_exactly_once(self.layout, [(d, self.checked.dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
+                            self.memory_mib)
+        self.timings["projection_seconds"] = time.perf_counter() - started
+        if sources:
+            self.progress.stage(f"projected in {duration(self.timings['projection_seconds'])}")
+        return projections
+
+    # -- the manifest, the catalog, the commit ----------------------------------------------
+
+    def manifest(self, parts: list[BatchReport], projections: Projections, sampled: dict[str, int]) -> RunManifest:
+        """The run's self-description (written last: its presence marks a committed run)."""
+        spec, checked = self.spec, self.checked
+        facts, dataset, instances = checked.facts, checked.dataset, checked.dataset.num_rows
+        return RunManifest(
+            run_name=spec.output.run_name,
+            created_unix=time.time(),
+            spec=spec_to_dict(spec),
+            preprocess=dataset.preprocess.model_dump(mode="json"),
+            dataset=DatasetInfo(
+                path=str(Path(dataset.path).resolve()), id_type=dataset.id_type, id_column=dataset.id_column,
+                label_column=dataset.label_column, input_column=dataset.input_column,
+                feature_columns=list(dataset.feature_columns or []), metadata_columns=list(dataset.metadata_columns),
+            ),
+            counts=Counts(instances=instances, parts=len(parts), bytes=sum(p.bytes for p in parts),
+                          attribution_rows_per_method=instances * spec.target.per_instance),
+            class_names=checked.class_names,
+            model=facts,
+            model_identity=ModelIdentity(fingerprint=checked.fingerprint.digest,
+                                         tensor_fingerprints=checked.fingerprint.tensors,
+                                         weights_unset=checked.weights_unset, output=spec.model.output),
+            model_graph=checked.graph,
+            tables=Tables(
+                activations={name: f"activations/{name}" for name in facts.layer_neurons},
+                attributions={name: f"attributions/{name}" for name in facts.attribution_shapes},
+                projections={f"{p.kind}/{p.name}": f"projections/{p.kind}/{p.name}" for p in projections.tables},
+                fidelity={name: f"fidelity/{name}" for name in sampled},
+            ),
+            fidelity=FidelityInfo(settings=spec.fidelity.model_dump(mode="json"), sampled_rows=sampled),
+            projections=projections,
+            workers=[WorkerInfo(node_id=n, device=d, gpu_ids=g, chunk_rows=c)
+                     for n, d, g, c in sorted({(p.node_id, p.device, p.gpu_ids, p.chunk_rows) for p in parts})],
+            timings={**self.timings, "compute_seconds_sum": sum(p.compute_seconds for p in parts),
+                     "write_seconds_sum": sum(p.write_seconds for p in parts)},
+            versions=_package_versions(),
+            argv=sys.argv,
+        )
+
+    def catalog(self, manifest: RunManifest) -> RunManifest:
+        """The run's SQL catalog, built in the staged run (a committed run always answers
+        SQL); returns the manifest with its timings."""
+        self.progress.stage("building the SQL catalog")
+        timings = build_catalog(self.layout, manifest, self.memory_mib)
+        self.progress.stage(f"built the SQL catalog in {duration(timings['total'])}")
+        return manifest.model_copy(update={"timings": {**manifest.timings, "catalog": timings}})
+
+    def commit(self, manifest: RunManifest) -> tuple[RunLayout, RunManifest]:
+        """Write the manifest (with the run's total time) and make the run appear at once."""
+        total = time.perf_counter() - self.started
+        manifest = manifest.model_copy(update={"timings": {**manifest.timings, "total_seconds": total}})
+        return self.staging.commit(manifest), manifest
 
 
 def _package_versions() -> dict[str, str]:
@@ -167,16 +428,21 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+def _workers_text(execution) -> str:
+    if execution.max_workers is not None and execution.max_workers != execution.num_workers:
+        return f"{execution.num_workers} to {execution.max_workers} workers"
+    return count(execution.num_workers, "worker")
+
+
 _COUNT_BY_INSTANCE = "SELECT count(*), count(DISTINCT instance_id) FROM read_parquet(?)"
 _COUNT_BY_TARGET = "SELECT count(*), count(DISTINCT (instance_id, target_rank)) FROM read_parquet(?)"
 
 
-def _explained_tables(layout: RunLayout, expected: int, checked: "Validated", targets: int) -> list[tuple]:
+def _explained_tables(layout: RunLayout, expected: int, facts: ModelFacts, targets: int) -> list[tuple]:
     """``(directory, rows expected, count query)`` of every table the explain pass writes."""
     tables = [(layout.instances_dir, expected, _COUNT_BY_INSTANCE)]
-    tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in checked.facts.layer_neurons]
-    tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET)
-               for n in checked.facts.attribution_shapes]
+    tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in facts.layer_neurons]
+    tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET) for n in facts.attribution_shapes]
     return tables
 
 
@@ -192,204 +458,9 @@ def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int)
             )
 
 
-def _check_resumed_model(staging: RunStaging, checked: Validated) -> None:
-    """A resumed run keeps batches explained by the interrupted run's model: refuse to add
-    batches from any other."""
-    if not staging.resumed:
-        return
-    staged = ModelFingerprint.from_json(staging.staged_fingerprint)
-    if staged.digest != checked.fingerprint.digest:
-        differing = checked.fingerprint.differing(staged)
-        raise RunError(
-            f"the interrupted run's finished batches were explained by another model: {len(differing)} of its "
-            f"parameters and buffers differ from the model as it loads now ({', '.join(differing[:8])}"
-            f"{' ...' if len(differing) > 8 else ''}); its weights file or factory changed since. Restore that "
-            f"model and resume again, or start over: delete {staging.worker_root} and run the spec again"
-        )
-
-
-def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = None,
-            resume: RunStaging | None = None) -> RunResult:
-    """Validate, explain every instance on Ray, and commit the run atomically.
-
-    ``resume`` continues the staging an interrupted run left (:meth:`RunStaging.resume`):
-    the batches it finished are kept, only the other instances are explained. ``progress``
-    reports as the run goes (:mod:`netloupe.pipeline.progress`); by default nothing is reported.
-    """
-    progress = progress or RunProgress()
-    timings = {}
-    started = time.perf_counter()
-    # Checked first: a taken name should not cost a model load.
-    staging = resume or RunStaging(spec.output.root, spec.output.run_name, force=force)
-    checked = validate(spec)
-    _check_resumed_model(staging, checked)
-    timings["validate_seconds"] = checked.seconds
-    progress.stage(f"validated on {VALIDATION_ROWS} rows in {duration(checked.seconds)}: "
-                   f"{count(checked.dataset.num_rows, 'instance')}, {count(checked.facts.num_classes, 'class')}, "
-                   f"{count(len(checked.facts.layer_neurons), 'layer')}, "
-                   f"{count(len(checked.facts.attribution_shapes), 'method')}")
-    note = weights_report(checked.weights_unset, spec.model)
-    if note:
-        progress.stage(note)
-    timings["ray_init_seconds"] = ensure_ray(spec.execution.ray_address)
-
-    import ray
-
-    progress.configure_ray_data(ray.data.DataContext.get_current())
-    # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    _check_cluster_fits(spec)
-    layout = staging.create(staged_job(spec_to_dict(spec), checked.fingerprint.to_json()))
-    try:
-        dataset = checked.dataset
-        execution = spec.execution
-        # Blocks of about one batch: a small file otherwise arrives as one block, which
-        # one actor would process alone while the others idle.
-        context = ray.data.DataContext.get_current()
-        context.target_max_block_size = max(2**16, checked.bytes_per_row * execution.batch_size)
-        # Start work once every worker is up: by default the first actor ready takes blocks
-        # while the rest start, and a small run (or a cluster's far node) can end up with
-        # one worker doing everything. _check_cluster_fits made sure they all fit.
-        context.wait_for_min_actors_s = WORKER_START_TIMEOUT_S
-        if dataset.limit is not None:
-            # "The first N rows" must mean the same rows in every run.
-            context.execution_options.preserve_order = True
-        ds = ray.data.read_parquet(dataset.path).select_columns(dataset.columns)
-        if dataset.limit is not None:
-            ds = ds.limit(dataset.limit)
-        parts = _kept_parts(staging, checked, timings)
-        if parts:
-            ds = ds.map_batches(_drop_explained, fn_kwargs={"id_column": dataset.id_column,
-                                                            "done": _explained_ids(layout, parts)},
-                                batch_format="pyarrow", zero_copy_batch=True)
-        results = ds.map_batches(
-            ExplainWorker,
-            fn_constructor_kwargs={
-                "spec_data": spec_to_dict(spec),
-                "dataset": dataset,
-                "facts_data": checked.facts.to_json(),
-                "fingerprint_data": checked.fingerprint.to_json(),
-                "worker_root": staging.worker_root,
-                "threads": default_threads(spec),
-            },
-            batch_size=execution.batch_size,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            compute=worker_pool(execution),
-            num_cpus=execution.cpus_per_worker,
-            num_gpus=execution.gpus_per_worker or None,
-        )
-        explain_started = time.perf_counter()
-        kept, first_rows = len(parts), []
-        computed = dataset.num_rows - timings.get("resumed_rows", 0)
-        progress.stage(f"explaining {count(computed, 'instance')} with {_workers_text(execution)}"
-                       + (f" ({timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
-        progress.explaining(computed)
-        try:
-            if computed:
-                for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-                    if len(parts) == kept:
-                        # Until the first result: actor start-up, model load, first batch.
-                        timings["first_result_seconds"] = time.perf_counter() - explain_started
-                        first_rows = batch["rows"].to_pylist()
-                    parts.extend(batch.to_pylist())
-                    progress.explained(sum(batch["rows"].to_pylist()))
-        finally:
-            progress.explaining_done()
-        timings["explain_seconds"] = time.perf_counter() - explain_started
-        progress.stage(f"explained {count(computed, 'instance')} in {duration(timings['explain_seconds'])}")
-        steady = timings["explain_seconds"] - timings.get("first_result_seconds", timings["explain_seconds"])
-        timings["steady_instances_per_second"] = (computed - sum(first_rows)) / steady if steady > 0 else None
-        keys = {part["part"] for part in parts}
-        timings["pull_bytes"] = staging.pull(S.INSTANCES, S.ACTIVATIONS, S.ATTRIBUTIONS, S.FIDELITY)
-        staging.remove_unlisted_parts(
-            layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes), keys
-        )
-        _check_exactly_once(layout, _explained_tables(layout, dataset.num_rows, checked, spec.target.per_instance),
-                            execution.driver_sql_memory_mib)
-        sampled = _check_fidelity_samples(layout, checked, execution.driver_sql_memory_mib)
-        # Projections read the checked parts, so they come after the check and get their own.
-        projection_started = time.perf_counter()
-        if projection_sources(spec):
-            progress.stage(f"projecting {count(len(projection_sources(spec)), 'table')} to 2-D")
-        projections = run_projection_stage(spec, layout, keys, dataset.id_type, default_threads(spec),
-                                           staging.worker_root)
-        projected = [layout.projections_dir(kind, name) for kind, name in projection_sources(spec)]
-        timings["pull_bytes"] += staging.pull(*(str(d.relative_to(layout.root)) for d in projected))
-        staging.remove_unlisted_parts(projected, keys)
-        _check_exactly_once(layout, [(d, dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
-                            execution.driver_sql_memory_mib)
-        timings["projection_seconds"] = time.perf_counter() - projection_started
-        if projection_sources(spec):
-            progress.stage(f"projected in {duration(timings['projection_seconds'])}")
-        manifest = build_manifest(spec, checked, parts, dataset.num_rows, timings, projections, sampled)
-        progress.stage("building the SQL catalog")
-        # Part of the staged run, so a committed run always answers SQL.
-        manifest["timings"]["catalog"] = build_catalog(layout, manifest, execution.driver_sql_memory_mib)
-        progress.stage(f"built the SQL catalog in {duration(manifest['timings']['catalog']['total'])}")
-        manifest["timings"]["total_seconds"] = time.perf_counter() - started
-        final = staging.commit(manifest)
-    except RunExistsError:
-        raise  # lost a race for the name: the staged results stay where the message says
-    except KeyboardInterrupt:
-        staging.keep_for_resume()  # interrupted, not failed: `netloupe run --resume` continues it
-        raise
-    except BaseException as error:
-        user_error = netloupe_cause(error)
-        if staging.resumed:
-            # The finished batches it was given are not this attempt's to throw away.
-            staging.keep_for_resume()
-            hint = (f"the interrupted run stays staged at {staging.worker_root}: fix the cause and run "
-                    f"`netloupe run --resume {staging.location}` again, or delete that staging to start over")
-            if user_error is not None:
-                raise RunError(f"{user_error}\n{hint}") from None
-            error.add_note(hint)
-            raise
-        staging.abort()
-        if user_error is not None and user_error is not error:
-            raise user_error from None
-        raise
-    return RunResult(final, manifest, staging.location)
-
-
-def _workers_text(execution) -> str:
-    if execution.max_workers is not None and execution.max_workers != execution.num_workers:
-        return f"{execution.num_workers} to {execution.max_workers} workers"
-    return count(execution.num_workers, "worker")
-
-
-def _kept_parts(staging: RunStaging, checked: "Validated", timings: dict) -> list[dict]:
-    """The batches a resumed run keeps (those its interrupted run finished); every other
-    part file in the staging is removed, so that its batch is redone whole."""
-    if not staging.resumed:
-        return []
-    table_dirs = staging.layout.table_dirs(checked.facts.layer_neurons, checked.facts.attribution_shapes)
-    parts = staging.finished_parts(table_dirs)
-    staging.remove_unlisted_parts(table_dirs, {part["part"] for part in parts})
-    timings["resumed_parts"] = len(parts)
-    timings["resumed_rows"] = sum(part["rows"] for part in parts)
-    return parts
-
-
-def _explained_ids(layout: RunLayout, parts: list[dict]):
-    """The instance ids of the kept parts (read from their instances files)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pa.concat_arrays([pq.read_table(layout.instances_dir / f"part-{p['part']}.parquet",
-                                           columns=["instance_id"])["instance_id"].combine_chunks() for p in parts])
-
-
-def _drop_explained(batch, id_column: str, done):
-    """The rows of ``batch`` whose ids are not in ``done`` (a resumed run's kept instances)."""
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=done.cast(batch[id_column].type))))
-
-
-def _check_fidelity_samples(layout: RunLayout, checked: "Validated", memory_mib: int) -> dict[str, int]:
+def _check_fidelity_samples(layout: RunLayout, facts: ModelFacts, memory_mib: int) -> dict[str, int]:
     """Each sampled instance once per method's fidelity table; return the rows per method."""
-    directories = {m: layout.fidelity_dir(m) for m in checked.facts.attribution_shapes}
+    directories = {m: layout.fidelity_dir(m) for m in facts.attribution_shapes}
     directories = {m: d for m, d in directories.items() if d.exists() and any(d.glob("part-*.parquet"))}
     if not directories:
         return {}
@@ -402,70 +473,28 @@ def _check_fidelity_samples(layout: RunLayout, checked: "Validated", memory_mib:
     return {m: rows for m, (rows, _) in counts.items()}
 
 
-def build_manifest(spec: JobSpec, checked: Validated, parts: list[dict], count: int, timings: dict,
-                   projections: dict, sampled: dict[str, int] | None = None) -> dict:
-    """The run's self-description, written last (its presence marks a committed run)."""
-    facts = checked.facts
-    return {
-        "netloupe_manifest": 1,
-        "schema_version": S.SCHEMA_VERSION,
-        "run_name": spec.output.run_name,
-        "created_unix": time.time(),
-        "spec": spec_to_dict(spec),
-        "preprocess": checked.dataset.preprocess.model_dump(mode="json"),
-        "dataset": {
-            "path": str(Path(checked.dataset.path).resolve()),
-            "id_type": checked.dataset.id_type,
-            "metadata_columns": list(checked.dataset.metadata_columns),
-            "label_column": checked.dataset.label_column,
-            "id_column": checked.dataset.id_column,
-            "input_column": checked.dataset.input_column,
-            "feature_columns": list(checked.dataset.feature_columns or []),
-        },
-        "counts": {
-            "instances": count,
-            "parts": len(parts),
-            "bytes": sum(p["bytes"] for p in parts),
-            "attribution_rows_per_method": count * spec.target.per_instance,
-        },
-        "class_names": checked.class_names,
-        "model": facts.to_json(),
-        "model_fingerprint": checked.fingerprint.digest,
-        "model_tensor_fingerprints": checked.fingerprint.tensors,
-        "model_weights_unset": checked.weights_unset,
-        "model_output": spec.model.output,
-        "model_graph": checked.graph,
-        "tables": {
-            "instances": "instances",
-            "activations": {name: f"activations/{name}" for name in facts.layer_neurons},
-            "attributions": {name: f"attributions/{name}" for name in facts.attribution_shapes},
-            "projections": {f"{p['kind']}/{p['name']}": f"projections/{p['kind']}/{p['name']}"
-                            for p in projections["tables"]},
-            "fidelity": {name: f"fidelity/{name}" for name in (sampled or {})},
-        },
-        "fidelity": {**spec.fidelity.model_dump(mode="json"), "sampled_rows": dict(sampled or {})},
-        "projections": projections,
-        "workers": sorted({(p["node_id"], p["device"], p["gpu_ids"], p["chunk_rows"]) for p in parts}),
-        "timings": {**timings, "compute_seconds_sum": sum(p["compute_seconds"] for p in parts),
-                    "write_seconds_sum": sum(p["write_seconds"] for p in parts)},
-        "versions": _package_versions(),
-        "argv": sys.argv,
-    }
+def _explained_ids(layout: RunLayout, parts: list[BatchReport]) -> pa.Array:
+    """The instance ids of the kept parts (read from their instances files)."""
+    return pa.concat_arrays([pq.read_table(layout.instances_dir / f"part-{p.part}.parquet",
+                                           columns=["instance_id"])["instance_id"].combine_chunks() for p in parts])
+
+
+def _drop_explained(batch: pa.Table, id_column: str, done: pa.Array) -> pa.Table:
+    """The rows of ``batch`` whose ids are not in ``done`` (a resumed run's kept instances)."""
+    return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=done.cast(batch[id_column].type))))
 
 
 def run_summary(result: RunResult) -> str:
     """What a person wants to see when a run ends: what was explained, how long it took and
     where the run is (the manifest stays in its file)."""
     manifest = result.manifest
-    counts = manifest["counts"]
-    methods = list(manifest["tables"]["attributions"])
-    layers = list(manifest["model"]["layer_neurons"])
+    counts = manifest.counts
     lines = [
-        f"run {manifest['run_name']!r} committed: {counts['instances']:,} instances explained in "
-        f"{duration(manifest['timings']['total_seconds'])}",
-        f"  layers:  {', '.join(layers) or 'none recorded'}",
-        f"  methods: {', '.join(methods) or 'none'}",
-        f"  stored:  {size(counts['bytes'])} in {count(counts['parts'], 'batch')}, at {result.location}",
+        f"run {manifest.run_name!r} committed: {counts.instances:,} instances explained in "
+        f"{duration(manifest.timings['total_seconds'])}",
+        f"  layers:  {', '.join(manifest.layers) or 'none recorded'}",
+        f"  methods: {', '.join(manifest.methods) or 'none'}",
+        f"  stored:  {size(counts.bytes)} in {count(counts.parts, 'batch')}, at {result.location}",
     ]
     if result.location != str(result.layout.root):
         lines.append(f"  (a local copy, which sql and dashboard read: {result.layout.root})")

@@ -21,6 +21,7 @@ from netloupe.contract.errors import RunError
 from netloupe.contract.spec import JobSpec
 from netloupe.storage import schema as S
 from netloupe.storage.layout import RunLayout, write_parquet
+from netloupe.storage.manifest import Projections, ProjectionTable
 from netloupe.storage.reader import read_vectors, sample_instance_ids
 from netloupe.workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
 
@@ -51,7 +52,8 @@ def check_umap_available(spec: JobSpec) -> None:
 def fit_projections(spec: JobSpec, layout: RunLayout) -> tuple[pa.Array, list[Projection]]:
     """Draw the sample, store its ids, and fit every projection on it (on the driver)."""
     settings = spec.projection
-    ids = sample_instance_ids(layout.instances_dir, settings.sample_size, settings.seed)
+    memory_mib = spec.execution.driver_sql_memory_mib
+    ids = sample_instance_ids(layout.instances_dir, settings.sample_size, settings.seed, memory_mib)
     write_parquet(layout.projection_sample_path, pa.table(
         {"instance_id": ids, "position": pa.array(np.arange(len(ids), dtype=np.int64))}))
     projections = []
@@ -59,7 +61,7 @@ def fit_projections(spec: JobSpec, layout: RunLayout) -> tuple[pa.Array, list[Pr
         width = _vector_width(layout, kind, name)
         # The sample is in hash order, so its first rows are a uniform sample as well.
         rows = ids.slice(0, max(2, SAMPLE_BYTES // (8 * width)))
-        vectors = read_vectors(layout.source_dir(kind, name), SOURCE_COLUMNS[kind], rows)
+        vectors = read_vectors(layout.source_dir(kind, name), SOURCE_COLUMNS[kind], rows, memory_mib)
         projections.append(fit_projection(kind, name, vectors, settings.algorithms, settings.seed,
                                           settings.umap_neighbors, settings.umap_min_dist))
     return ids, projections
@@ -73,7 +75,7 @@ def _vector_width(layout: RunLayout, kind: str, name: str) -> int:
 
 
 def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_type: str,
-                         threads: int, worker_root: str | None = None) -> dict:
+                         threads: int, worker_root: str | None = None) -> Projections:
     """Fit and apply every projection of the spec; return the manifest's ``projections``.
 
     The driver fits on ``layout`` (local); the workers read and write the staged run at
@@ -83,7 +85,7 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_ty
 
     sources = projection_sources(spec)
     if not sources:
-        return {"sample_rows": 0, "seed": spec.projection.seed, "tables": [], "timings": {}}
+        return Projections(seed=spec.projection.seed)
     started = time.perf_counter()
     ids, projections = fit_projections(spec, layout)
     fitted = time.perf_counter()
@@ -102,9 +104,8 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_ty
     if missing:
         raise RunError(f"the projection pass did not report {len(missing)} parts (e.g. {missing[:3]}); "
                        "nothing was committed")
-    return {
-        "sample_rows": len(ids),
-        "seed": spec.projection.seed,
-        "tables": [p.describe() for p in projections],
-        "timings": {"fit_seconds": fitted - started, "transform_seconds": time.perf_counter() - fitted},
-    }
+    return Projections(
+        sample_rows=len(ids), seed=spec.projection.seed,
+        tables=[ProjectionTable.model_validate(p.describe()) for p in projections],
+        timings={"fit_seconds": fitted - started, "transform_seconds": time.perf_counter() - fitted},
+    )

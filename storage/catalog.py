@@ -47,8 +47,10 @@ import pyarrow.parquet as pq
 
 from netloupe.contract.errors import NetloupeError, RunError
 from netloupe.contract.names import PROJECTION_ALGORITHMS
+from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
 from netloupe.storage.layout import RunLayout
+from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
 from netloupe.storage.schema import ID_TYPES, vectors_to_numpy
 
 
@@ -112,10 +114,6 @@ def _parts(directory: Path) -> list[Path]:
 # -- building ------------------------------------------------------------------------------
 
 
-DEFAULT_DRIVER_SQL_MEMORY_MIB = 512
-"""DuckDB's memory limit for building a catalog when no spec gives one."""
-
-
 @contextlib.contextmanager
 def driver_connection(memory_mib: int, spill_dir: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB for the driver's own work: at most ``memory_mib`` of memory,
@@ -130,7 +128,7 @@ def driver_connection(memory_mib: int, spill_dir: Path) -> Iterator[duckdb.DuckD
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_DRIVER_SQL_MEMORY_MIB) -> dict:
+def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DRIVER_SQL_MEMORY_MIB) -> dict:
     """Write ``catalog.duckdb`` for the run at ``layout`` (atomically); return timings.
 
     Called by the driver on the staged run before its commit, so a committed run always
@@ -141,8 +139,8 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
     layout = RunLayout(layout.root.resolve())
     final = layout.catalog_path
     tmp = layout.root / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    model = manifest["model"]
-    id_type = ID_TYPES[manifest["dataset"]["id_type"]]
+    model = manifest.model
+    id_type = ID_TYPES[manifest.dataset.id_type]
     timings = {}
     try:
         with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
@@ -159,7 +157,7 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
             for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
                 _run_statements(con, sql)
             parquet_views, layers, methods = [], [], []
-            for layer, neurons in model["layer_neurons"].items():
+            for layer, neurons in model.layer_neurons.items():
                 layer_started = time.perf_counter()
                 relative = f"{layout.activations_dir(layer).relative_to(layout.root)}/*.parquet"
                 parquet_views.append((activation_vectors_view(layer), relative))
@@ -169,7 +167,7 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
                     con.execute("INSERT INTO neuron_cells SELECT * FROM _neuron_cells_of(?)", [layer]).fetchall()
                 layers.append({"layer": layer, "view": activations_view(layer) if wide else None,
                                "vectors_view": activation_vectors_view(layer), "neurons": neurons,
-                               "output_shape": json.dumps(model["layer_output_shapes"].get(layer))})
+                               "output_shape": json.dumps(model.layer_output_shapes.get(layer))})
                 timings[f"layer {layer}"] = time.perf_counter() - layer_started
             index_started = time.perf_counter()
             wide_layers = {row["layer"]: _parts(layout.activations_dir(row["layer"])) for row in layers if row["view"]}
@@ -177,10 +175,10 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
                                    con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
             timings["activation index"] = time.perf_counter() - index_started
             projection_started = time.perf_counter()
-            _build_projections(con, layout, manifest.get("projections", {}).get("tables", []), id_type)
+            _build_projections(con, layout, manifest.projections.tables, id_type)
             timings["projections"] = time.perf_counter() - projection_started
-            instance_keys = _instance_keys(con) if any(model["attribution_shapes"].values()) else None
-            for method, shape in model["attribution_shapes"].items():
+            instance_keys = _instance_keys(con) if any(model.attribution_shapes.values()) else None
+            for method, shape in model.attribution_shapes.items():
                 method_started = time.perf_counter()
                 relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
                 parquet_views.append((attributions_view(method), relative))
@@ -189,7 +187,7 @@ def build_catalog(layout: RunLayout, manifest: dict, memory_mib: int = DEFAULT_D
                     con.from_arrow(cells).insert_into("attribution_cells")
                 methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
                 timings[f"method {method}"] = time.perf_counter() - method_started
-            for method in manifest["tables"].get("fidelity", {}):
+            for method in manifest.tables.fidelity:
                 parquet_views.append((fidelity_view(method),
                                       f"{layout.fidelity_dir(method).relative_to(layout.root)}/*.parquet"))
             summary_started = time.perf_counter()
@@ -247,14 +245,14 @@ def _one_row(con, sql: str, parameters: list) -> dict:
     return dict(zip(names, row))
 
 
-def _build_fidelity_summary(con, layout: RunLayout, manifest: dict) -> None:
+def _build_fidelity_summary(con, layout: RunLayout, manifest: RunManifest) -> None:
     """``fidelity_summary``: one row per method, its fidelity checks averaged over the run."""
-    curves = manifest.get("fidelity", {}).get("curve_steps", 0)
+    curves = manifest.fidelity.curve_steps
     curve_sql = ("avg(deletion_auc) AS mean_deletion_auc, avg(insertion_auc) AS mean_insertion_auc" if curves else
                  "NULL::DOUBLE AS mean_deletion_auc, NULL::DOUBLE AS mean_insertion_auc")
-    sampled = manifest["tables"].get("fidelity", {})
+    sampled = manifest.tables.fidelity
     rows = []
-    for method in manifest["model"]["attribution_shapes"]:
+    for method in manifest.model.attribution_shapes:
         row = _one_row(con, _FIDELITY_SUMMARY_SQL.format(curves=curve_sql),
                        [method, str(layout.attributions_dir(method) / "*.parquet")])
         if method in sampled:
@@ -276,7 +274,7 @@ def _build_fidelity_summary(con, layout: RunLayout, manifest: dict) -> None:
                 "of a randomly re-initialised model (near 0 passes the model-randomization check)'").fetchall()
 
 
-def _build_projections(con, layout: RunLayout, tables: list[dict], id_type: pa.DataType) -> None:
+def _build_projections(con, layout: RunLayout, tables: list[ProjectionTable], id_type: pa.DataType) -> None:
     """The native ``projections`` table (one row per instance and projected table) and
     ``projection_models``; empty for a run without projections."""
     schema = pa.schema([("kind", pa.string()), ("source", pa.string()), ("instance_id", id_type)]
@@ -286,12 +284,12 @@ def _build_projections(con, layout: RunLayout, tables: list[dict], id_type: pa.D
                 "or attributions), source (the layer or method), 2-D coordinates pca_x/pca_y, and umap_x/umap_y "
                 "when UMAP was fitted (else NULL). NaN for an instance whose vector was not finite.'").fetchall()
     for fitted in tables:
-        parts = str(layout.projections_dir(fitted["kind"], fitted["name"]) / "*.parquet")
+        parts = str(layout.projections_dir(fitted.kind, fitted.name) / "*.parquet")
         con.execute("INSERT INTO projections BY NAME SELECT ?::VARCHAR AS kind, ?::VARCHAR AS source, * "
-                    "FROM read_parquet(?)", [fitted["kind"], fitted["name"], parts]).fetchall()
+                    "FROM read_parquet(?)", [fitted.kind, fitted.name, parts]).fetchall()
         con.execute("INSERT INTO projection_models VALUES (?, ?, ?, ?, ?, ?)",
-                    [fitted["kind"], fitted["name"], fitted["algorithms"], fitted["dimensions"],
-                     fitted["sample_rows"], fitted["explained_variance_ratio"]]).fetchall()
+                    [fitted.kind, fitted.name, fitted.algorithms, fitted.dimensions,
+                     fitted.sample_rows, fitted.explained_variance_ratio]).fetchall()
 
 
 ATTRIBUTION_CELLS_SCHEMA = pa.schema([
@@ -365,6 +363,12 @@ def _attribution_cells(layout: RunLayout, method: str, instance_keys: tuple[np.n
 # -- querying ------------------------------------------------------------------------------
 
 
+def catalog_manifest(con: duckdb.DuckDBPyConnection) -> RunManifest:
+    """The manifest of the run an :func:`open_catalog` connection is over (its ``run_metadata``)."""
+    rows = con.execute("SELECT key, value FROM run_metadata").fetchall()
+    return RunManifest.model_validate({key: json.loads(value) for key, value in rows})
+
+
 def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """A read-only, sandboxed DuckDB connection over the committed run at ``run_dir``.
 
@@ -386,11 +390,11 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     # absolute for where the run is now, which the sandbox below allows.
     for view, relative in con.execute(f"SELECT view, path FROM {ATTACHED}.main.parquet_views").fetchall():
         con.read_parquet(str(layout.root / relative)).create_view(view)
-    metadata = [{"key": key, "value": json.dumps(value, default=str)} for key, value in sorted(manifest.items())]
+    metadata = [{"key": key, "value": json.dumps(value)} for key, value in sorted(manifest.model_dump(mode="json").items())]
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
-    _register_fast_moments(con, layout, manifest["dataset"]["id_type"])
-    input_dirs, input_files = _create_inputs_view(con, manifest["dataset"])
+    _register_fast_moments(con, layout, manifest.dataset.id_type)
+    input_dirs, input_files = _create_inputs_view(con, manifest.dataset)
     # No spill directory: DuckDB would add it to the allowed directories, writable.
     con.execute("SET temp_directory = ''").fetchall()
     con.execute("SET allowed_directories = ?", [[str(layout.root) + os.sep] + input_dirs]).fetchall()
@@ -402,22 +406,22 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _create_inputs_view(con: duckdb.DuckDBPyConnection, dataset: dict) -> tuple[list[str], list[str]]:
+def _create_inputs_view(con: duckdb.DuckDBPyConnection, dataset: DatasetInfo) -> tuple[list[str], list[str]]:
     """The view ``inputs`` (``instance_id`` and the model's input column or feature columns)
     over the dataset the run was made from, when it is still where the run found it; returns
     the directories and files the sandbox must then allow (read only: nothing in the sandbox
     writes)."""
-    path = Path(dataset.get("path", ""))
-    columns = [dataset["input_column"]] if dataset.get("input_column") else dataset.get("feature_columns", [])
-    if not dataset.get("id_column") or not columns or not path.exists():
+    path = Path(dataset.path or "")
+    columns = [dataset.input_column] if dataset.input_column else dataset.feature_columns
+    if not dataset.path or not dataset.id_column or not columns or not path.exists():
         return [], []
     pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)
     relation = con.read_parquet(pattern)
-    missing = [c for c in [dataset["id_column"], *columns] if c not in relation.columns]
+    missing = [c for c in [dataset.id_column, *columns] if c not in relation.columns]
     if missing:
         return [], []  # the file there now is not the run's dataset
     quoted = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-    id_column = '"' + dataset["id_column"].replace('"', '""') + '"'
+    id_column = '"' + dataset.id_column.replace('"', '""') + '"'
     relation.select(f"{id_column} AS instance_id, {quoted}").create_view("inputs")
     con.execute("COMMENT ON VIEW inputs IS 'The model input of every instance, from the dataset the run read'").fetchall()
     return ([str(path) + os.sep], []) if path.is_dir() else ([], [str(path)])

@@ -8,6 +8,7 @@ schemas, layout, catalog and atomic commit), so whatever reads a run reads these
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,6 +17,16 @@ import pyarrow as pa
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog
 from netloupe.storage.layout import RunLayout, RunStaging, write_part
+from netloupe.storage.manifest import (
+    Counts,
+    DatasetInfo,
+    ModelFacts,
+    ModelIdentity,
+    Projections,
+    ProjectionTable,
+    RunManifest,
+    Tables,
+)
 
 
 def write_handmade_run(
@@ -64,7 +75,7 @@ def write_handmade_run(
     instance_schema = S.instances_schema(num_classes, id_type, metadata_fields)
     instance_table = S.table_from_columns(instance_schema, columns)
 
-    staging = RunStaging(output_root, run_name)
+    staging = RunStaging.open(output_root, run_name)
     layout = staging.create()
     try:
         ids = instance_table["instance_id"]
@@ -98,36 +109,35 @@ def write_handmade_run(
                     {"instance_id": ids.slice(start, stop - start),
                      "pca_x": coordinates[start:stop, 0].astype(np.float32),
                      "pca_y": coordinates[start:stop, 1].astype(np.float32)}))
-        fitted = [{"kind": S.ACTIVATIONS, "name": layer, "algorithms": ["pca"],
-                   "dimensions": int(activations[layer].shape[1]), "sample_rows": n,
-                   "explained_variance_ratio": [0.0, 0.0]} for layer in projections]
-        manifest = {
-            "netloupe_manifest": 1,
-            "schema_version": S.SCHEMA_VERSION,
-            "run_name": run_name,
-            "handmade": True,
-            "dataset": {"id_type": id_type, "metadata_columns": [f.name for f in metadata_fields],
-                        "label_column": "label"},
-            "counts": {"instances": n},
-            "class_names": [str(c) for c in range(num_classes)],
-            "model_fingerprint": None,  # no model: the numbers were given
-            "model_output": "probabilities",
-            "model": {
-                "num_classes": num_classes,
-                "layer_neurons": {layer: int(m.shape[1]) for layer, m in activations.items()},
-                "layer_output_shapes": {layer: [int(m.shape[1])] for layer, m in activations.items()},
-                "attribution_shapes": {method: list(m.shape[1:]) for method, m in attributions.items()},
-            },
-            "tables": {
-                "instances": "instances",
-                "activations": {layer: f"activations/{layer}" for layer in activations},
-                "attributions": {method: f"attributions/{method}" for method in attributions},
-                "projections": {f"{S.ACTIVATIONS}/{layer}": f"projections/{S.ACTIVATIONS}/{layer}"
-                                for layer in projections},
-            },
-            "projections": {"sample_rows": n, "seed": None, "tables": fitted, "timings": {}},
-        }
-        manifest["timings"] = {"catalog": build_catalog(layout, manifest)}
+        fitted = [ProjectionTable(kind=S.ACTIVATIONS, name=layer, algorithms=["pca"],
+                                  dimensions=int(activations[layer].shape[1]), sample_rows=n,
+                                  explained_variance_ratio=[0.0, 0.0]) for layer in projections]
+        manifest = RunManifest(
+            run_name=run_name,
+            created_unix=time.time(),
+            handmade=True,
+            dataset=DatasetInfo(id_type=id_type, label_column="label",
+                                metadata_columns=[f.name for f in metadata_fields]),
+            counts=Counts(instances=n),
+            class_names=[str(c) for c in range(num_classes)],
+            model=ModelFacts(
+                num_classes=num_classes, input_shape=(),
+                layer_neurons={layer: int(m.shape[1]) for layer, m in activations.items()},
+                layer_output_shapes={layer: (int(m.shape[1]),) for layer, m in activations.items()},
+                attribution_shapes={method: tuple(m.shape[1:]) for method, m in attributions.items()},
+                attribution_raw_shapes={method: tuple(m.shape[1:]) for method, m in attributions.items()},
+                per_instance_bytes=0,
+            ),
+            # No model: the numbers were given, as probabilities.
+            model_identity=ModelIdentity(fingerprint=None, output="probabilities"),
+            tables=Tables(
+                activations={layer: f"activations/{layer}" for layer in activations},
+                attributions={method: f"attributions/{method}" for method in attributions},
+                projections={f"{S.ACTIVATIONS}/{layer}": f"projections/{S.ACTIVATIONS}/{layer}" for layer in projections},
+            ),
+            projections=Projections(sample_rows=n, tables=fitted),
+        )
+        manifest = manifest.model_copy(update={"timings": {"catalog": build_catalog(layout, manifest)}})
         return staging.commit(manifest)
     except BaseException:
         staging.abort()

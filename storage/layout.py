@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from netloupe.storage.location import (
     strip_query,
     work_dir,
 )
+from netloupe.storage.manifest import BatchReport, RunManifest, read_manifest
 from netloupe.storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
 
 CATALOG = "catalog.duckdb"
@@ -135,13 +137,14 @@ class RunLayout:
             self.attributions_dir(m) for m in methods
         ] + [self.fidelity_dir(m) for m in methods]
 
-    def read_manifest(self) -> dict:
+    def read_manifest(self) -> RunManifest:
+        """The committed run's manifest, its format and schema version checked."""
         if not self.manifest_path.exists():
             raise RunError(
                 f"{self.root} is not a committed netloupe run: it has no {MANIFEST}. "
                 "Pass the directory that `netloupe run` printed at its end."
             )
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest(self.manifest_path, str(self.root))
 
 
 def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | None = None,
@@ -226,12 +229,20 @@ def _job_of(job: dict, run_name: str) -> tuple[dict, dict]:
     return spec_data, job["model_fingerprint"]
 
 
-class RunStaging:
-    """A run being written: a private directory that becomes the run in one rename, or for
-    an output root in an object store, a staged prefix published manifest last
-    (:mod:`netloupe.storage.location`)."""
+class RunStaging(ABC):
+    """A run being written, until it is committed whole or aborted. Two kinds, one interface:
+    :class:`LocalStaging` (a private directory that becomes the run in one rename) and
+    :class:`StoreStaging` (a prefix in an object store, published manifest last; see
+    :mod:`netloupe.storage.location`). :meth:`open` and :meth:`resume` pick the kind."""
 
-    def __init__(self, output_root: str | os.PathLike, run_name: str, force: bool = False):
+    layout: RunLayout
+    """Where the driver finishes the run on local disk."""
+    location: str
+    """Where the run will be: its directory, or its URI in the store."""
+    worker_root: str
+    """Where the workers write their parts: an absolute directory or a store URI."""
+
+    def __init__(self, run_name: str, force: bool):
         self.run_name = check_run_name(run_name)
         self.force = force
         self.resumed = False
@@ -239,30 +250,22 @@ class RunStaging:
         self.staged_fingerprint: dict | None = None
         """For a resumed staging, the fingerprint (``ModelFingerprint.to_json()``) of the model
         its finished batches came from."""
-        self.store = StoreRoot.open(str(output_root)) if is_uri(output_root) else None
-        staged_name = f"{run_name}-{uuid.uuid4().hex[:12]}"
-        if self.store is not None:
-            self.location = join_uri(self.store.uri, run_name)
-            if self.store.exists(self.store.child(run_name, MANIFEST)) and not force:
-                raise RunExistsError(
-                    f"run {run_name!r} already exists at {self.location}; "
-                    "choose another run name, or pass --force to replace it"
-                )
-            self.final = None
-            self.layout = RunLayout(work_dir(run_name) / run_name)
-            self.store_staging = self.store.child(STAGING_DIR, staged_name)
-            self.worker_root = join_uri(self.store.uri, STAGING_DIR, staged_name)
-            return
-        self.final = RunLayout.committed(output_root, run_name)
-        self.location = str(self.final.root)
-        if self.final.root.exists() and not force:
-            raise RunExistsError(
-                f"run {run_name!r} already exists at {self.final.root}; "
-                "choose another run name, or pass --force to replace it"
-            )
-        self.layout = RunLayout(Path(output_root) / STAGING_DIR / staged_name)
-        self.worker_root = str(self.layout.root.resolve())
-        """Where the workers write their parts: an absolute directory or a store URI."""
+
+    @staticmethod
+    def open(output_root: str | os.PathLike, run_name: str, force: bool = False) -> RunStaging:
+        """A new staging for run ``run_name`` under ``output_root`` (a directory or a store URI);
+        refused when the run exists, unless ``force``."""
+        if is_uri(output_root):
+            return StoreStaging(str(output_root), run_name, force)
+        return LocalStaging(output_root, run_name, force)
+
+    @staticmethod
+    def resume(run: str | os.PathLike, force: bool = False) -> tuple[RunStaging, dict]:
+        """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``, a
+        directory or a store URI), and its spec; the newest one when several were left."""
+        if is_uri(run):
+            return StoreStaging.resume(str(run), force)
+        return LocalStaging.resume(Path(run), force)
 
     def create(self, job: dict | None = None) -> RunLayout:
         """Make the staged run; ``job`` (:func:`staged_job`) is kept for ``--resume``."""
@@ -270,26 +273,94 @@ class RunStaging:
         if job is not None and not self.resumed:
             job_file = self.layout.root / JOB_FILE
             job_file.write_text(json.dumps(job, sort_keys=True, default=str))
-            if self.store is not None:
-                pafs.copy_files(str(job_file), f"{self.store_staging}/{JOB_FILE}",
-                                source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=self.store.filesystem)
+            self._keep_job(job_file)
         return self.layout
 
-    @classmethod
-    def resume(cls, run: str | os.PathLike, force: bool = False) -> tuple["RunStaging", dict]:
-        """The staging an interrupted run left for the run at ``run`` (``<root>/<name>``, a
-        directory or a store URI), and its spec; the newest one when several were left.
+    def finished_parts(self, table_dirs: list[Path]) -> list[BatchReport]:
+        """The batches an interrupted run finished: those with an instances part, which a
+        worker writes after all of the batch's other parts (:class:`netloupe.workers.explain.ExplainWorker`).
+        For a store, the instances parts are downloaded first."""
+        self.pull(INSTANCES)
+        sizes = self._part_sizes(table_dirs)
+        parts = []
+        for path in sorted(self.layout.instances_dir.glob("part-*.parquet")):
+            key = path.name[len("part-"):-len(".parquet")]
+            head = pq.ParquetFile(path)
+            first = head.read_row_group(0, columns=["node_id", "device"]).slice(0, 1).to_pylist()
+            parts.append(BatchReport(part=key, rows=head.metadata.num_rows, bytes=sizes.get(path.name, 0),
+                                     compute_seconds=0.0, write_seconds=0.0, gpu_ids="", chunk_rows=0,
+                                     node_id=first[0]["node_id"] if first else "",
+                                     device=first[0]["device"] if first else ""))
+        return parts
 
-        A local staging is first renamed to a name of its own: the interrupted driver's Ray
-        workers can outlive it by a batch, and a write of theirs then fails instead of
-        landing in the run being finished (:func:`write_parquet`). In a store, where
-        nothing renames, their late parts are dropped with every other part no batch of
-        the resumed run reported (:meth:`remove_unlisted_parts`).
-        """
-        if is_uri(run):
-            return cls._resume_in_store(str(run), force)
-        run = Path(run)
+    def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
+        """Delete parts (and temporaries) that no successful batch reported, e.g. from a
+        worker that died after writing; return what was removed."""
+        removed = []
+        for directory in table_dirs:
+            if not directory.exists():
+                continue
+            for path in directory.iterdir():
+                key = path.name[len("part-") : -len(".parquet")] if path.name.startswith("part-") else None
+                if key not in keys:
+                    path.unlink()
+                    removed.append(path)
+        return removed
+
+    def commit(self, manifest: RunManifest) -> RunLayout:
+        """Write the manifest, then make the run visible at once; return the run on local disk."""
+        (self.layout.root / JOB_FILE).unlink(missing_ok=True)  # only a resume needed it
+        tmp = self.layout.root / f".{MANIFEST}.tmp"
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, self.layout.manifest_path)
+        return self._make_visible()
+
+    @abstractmethod
+    def _keep_job(self, job_file: Path) -> None:
+        """Keep ``job.json`` where a resume looks for it."""
+
+    @abstractmethod
+    def pull(self, *relative_dirs: str) -> int:
+        """Bring the workers' parts under ``relative_dirs`` into the local staged run; return
+        the bytes copied."""
+
+    @abstractmethod
+    def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
+        """The bytes of each part file name summed over ``table_dirs``, where the workers wrote them."""
+
+    @abstractmethod
+    def _make_visible(self) -> RunLayout:
+        """The committed run appears whole (its manifest is already written)."""
+
+    @abstractmethod
+    def keep_for_resume(self) -> None:
+        """Leave the staging for ``netloupe run --resume``."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything this run staged; committed runs are never touched."""
+
+
+class LocalStaging(RunStaging):
+    """A run staged in ``<root>/.staging/<run>-<12 hex>/``, renamed to ``<root>/<run>`` at commit."""
+
+    def __init__(self, output_root: str | os.PathLike, run_name: str, force: bool = False):
+        super().__init__(run_name, force)
+        self.final = RunLayout.committed(output_root, run_name)
+        self.location = str(self.final.root)
+        if self.final.root.exists() and not force:
+            raise RunExistsError(
+                f"run {run_name!r} already exists at {self.final.root}; "
+                "choose another run name, or pass --force to replace it"
+            )
+        self.layout = RunLayout(Path(output_root) / STAGING_DIR / f"{run_name}-{uuid.uuid4().hex[:12]}")
+        self.worker_root = str(self.layout.root.resolve())
+
+    @classmethod
+    def resume(cls, run: Path, force: bool = False) -> tuple[LocalStaging, dict]:
+        """The newest staging of ``run``, first renamed to a name of its own: the interrupted
+        driver's Ray workers can outlive it by a batch, and a write of theirs then fails
+        instead of landing in the run being finished (:func:`write_parquet`)."""
         staging_root = run.parent / STAGING_DIR
         candidates = sorted((d for d in staging_root.glob(f"{run.name}-*")
                              if _is_staging_of(d.name, run.name) and (d / JOB_FILE).is_file()),
@@ -307,10 +378,79 @@ class RunStaging:
         staging.resumed, staging.staged_fingerprint = True, fingerprint
         return staging, spec_data
 
+    def _keep_job(self, job_file: Path) -> None:
+        pass  # it is in the staged directory already
+
+    def pull(self, *relative_dirs: str) -> int:
+        return 0  # the workers wrote into the staged directory itself
+
+    def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
+        sizes = {}
+        for directory in table_dirs:
+            for path in directory.glob("part-*.parquet"):
+                sizes[path.name] = sizes.get(path.name, 0) + path.stat().st_size
+        return sizes
+
+    def _make_visible(self) -> RunLayout:
+        target = self.final.root
+        if target.exists():
+            if not self.force:
+                raise RunExistsError(
+                    f"run {target.name!r} appeared at {target} while this run was computed; "
+                    f"its results are kept at {self.layout.root}"
+                )
+            # Move the old run aside first so that the name is never empty of a whole run
+            # for longer than two renames.
+            trash = target.parent / STAGING_DIR / f"replaced-{target.name}-{uuid.uuid4().hex[:12]}"
+            os.replace(target, trash)
+            try:
+                os.replace(self.layout.root, target)
+            except OSError:
+                os.replace(trash, target)  # put the old run back; the new one stays staged
+                raise
+            shutil.rmtree(trash)
+        else:
+            os.replace(self.layout.root, target)
+        self._cleanup_staging_root()
+        return self.final
+
+    def keep_for_resume(self) -> None:
+        pass  # the staged directory is what a resume takes over
+
+    def abort(self) -> None:
+        shutil.rmtree(self.layout.root, ignore_errors=True)
+        self._cleanup_staging_root()
+
+    def _cleanup_staging_root(self) -> None:
+        staging_root = self.layout.root.parent
+        if staging_root.exists() and not any(staging_root.iterdir()):
+            staging_root.rmdir()
+
+
+class StoreStaging(RunStaging):
+    """A run staged under ``<root>/.staging/<run>-<12 hex>/`` in an object store: the workers
+    write parts there, the driver finishes the run in a local work directory and publishes it
+    to ``<root>/<run>/``, manifest last."""
+
+    def __init__(self, output_root: str, run_name: str, force: bool = False):
+        super().__init__(run_name, force)
+        self.store = StoreRoot.open(output_root)
+        staged_name = f"{run_name}-{uuid.uuid4().hex[:12]}"
+        self.location = join_uri(self.store.uri, run_name)
+        if self.store.exists(self.store.child(run_name, MANIFEST)) and not force:
+            raise RunExistsError(
+                f"run {run_name!r} already exists at {self.location}; "
+                "choose another run name, or pass --force to replace it"
+            )
+        self.layout = RunLayout(work_dir(run_name) / run_name)
+        self.store_staging = self.store.child(STAGING_DIR, staged_name)
+        self.worker_root = join_uri(self.store.uri, STAGING_DIR, staged_name)
+
     @classmethod
-    def _resume_in_store(cls, run: str, force: bool) -> tuple["RunStaging", dict]:
-        """:meth:`resume` for ``run`` in an object store: the staged prefix is continued in
-        place (a store cannot rename it), its ``job.json`` read from the store."""
+    def resume(cls, run: str, force: bool = False) -> tuple[StoreStaging, dict]:
+        """The newest staged prefix of ``run``, continued in place: a store cannot rename it,
+        so a killed driver's late parts are dropped with every other part no batch of the
+        resumed run reported (:meth:`remove_unlisted_parts`)."""
         base, query = strip_query(run)
         root_uri, _, name = base.rpartition("/")
         if not name or root_uri.endswith(":/"):
@@ -341,91 +481,24 @@ class RunStaging:
         staging.resumed, staging.staged_fingerprint = True, fingerprint
         return staging, spec_data
 
-    def finished_parts(self, table_dirs: list[Path]) -> list[dict]:
-        """The batches an interrupted run finished: those with an instances part, which a
-        worker writes after all of the batch's other parts (:class:`netloupe.workers.explain.ExplainWorker`).
-        For a store, the instances parts are downloaded first."""
-        self.pull(INSTANCES)
-        sizes = self._part_sizes(table_dirs)
-        parts = []
-        for path in sorted(self.layout.instances_dir.glob("part-*.parquet")):
-            key = path.name[len("part-"):-len(".parquet")]
-            head = pq.ParquetFile(path)
-            first = head.read_row_group(0, columns=["node_id", "device"]).slice(0, 1).to_pylist()
-            parts.append({"part": key, "rows": head.metadata.num_rows, "bytes": sizes.get(path.name, 0),
-                          "compute_seconds": 0.0, "write_seconds": 0.0, "gpu_ids": "", "chunk_rows": 0,
-                          "node_id": first[0]["node_id"] if first else "", "device": first[0]["device"] if first else ""})
-        return parts
-
-    def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
-        """The bytes of each part file name summed over ``table_dirs``, where the workers wrote them."""
-        sizes = {}
-        for directory in table_dirs:
-            if self.store is None:
-                files = [(p.name, p.stat().st_size) for p in directory.glob("part-*.parquet")]
-            else:
-                relative = directory.relative_to(self.layout.root).as_posix()
-                files = [(info.base_name, info.size or 0)
-                         for info in self.store.filesystem.get_file_info(
-                             pafs.FileSelector(f"{self.store_staging}/{relative}", allow_not_found=True))]
-            for name, size in files:
-                sizes[name] = sizes.get(name, 0) + size
-        return sizes
+    def _keep_job(self, job_file: Path) -> None:
+        pafs.copy_files(str(job_file), f"{self.store_staging}/{JOB_FILE}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.store.filesystem)
 
     def pull(self, *relative_dirs: str) -> int:
-        """Bring the workers' parts under ``relative_dirs`` from the store into the local
-        staged run (nothing to do for a local root); return the bytes copied."""
-        if self.store is None:
-            return 0
         return sum(download_tree(self.store.filesystem, f"{self.store_staging}/{d}", self.layout.root / d)
                    for d in relative_dirs)
 
-    def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
-        """Delete parts (and temporaries) that no successful batch reported, e.g. from a
-        worker that died after writing; return what was removed."""
-        removed = []
+    def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
+        sizes = {}
         for directory in table_dirs:
-            if not directory.exists():
-                continue
-            for path in directory.iterdir():
-                key = path.name[len("part-") : -len(".parquet")] if path.name.startswith("part-") else None
-                if key not in keys:
-                    path.unlink()
-                    removed.append(path)
-        return removed
+            relative = directory.relative_to(self.layout.root).as_posix()
+            for info in self.store.filesystem.get_file_info(
+                    pafs.FileSelector(f"{self.store_staging}/{relative}", allow_not_found=True)):
+                sizes[info.base_name] = sizes.get(info.base_name, 0) + (info.size or 0)
+        return sizes
 
-    def commit(self, manifest: dict) -> RunLayout:
-        """Write the manifest, then make the run visible: one rename for a local root; for a
-        store, publish it manifest last and keep the local copy as the read cache."""
-        (self.layout.root / JOB_FILE).unlink(missing_ok=True)  # only a resume needed it
-        tmp = self.layout.root / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.layout.manifest_path)
-        if self.store is not None:
-            return self._publish()
-        target = self.final.root
-        if target.exists():
-            if not self.force:
-                raise RunExistsError(
-                    f"run {target.name!r} appeared at {target} while this run was computed; "
-                    f"its results are kept at {self.layout.root}"
-                )
-            # Move the old run aside first so that the name is never empty of a whole run
-            # for longer than two renames.
-            trash = target.parent / STAGING_DIR / f"replaced-{target.name}-{uuid.uuid4().hex[:12]}"
-            os.replace(target, trash)
-            try:
-                os.replace(self.layout.root, target)
-            except OSError:
-                os.replace(trash, target)  # put the old run back; the new one stays staged
-                raise
-            shutil.rmtree(trash)
-        else:
-            os.replace(self.layout.root, target)
-        self._cleanup_staging_root()
-        return self.final
-
-    def _publish(self) -> RunLayout:
+    def _make_visible(self) -> RunLayout:
         try:
             publish_run(self.layout.root, self.store, self.run_name, self.force)
         except RunError as error:
@@ -441,24 +514,13 @@ class RunStaging:
         return RunLayout(cached)
 
     def keep_for_resume(self) -> None:
-        """Leave the staging for ``netloupe run --resume``; for a store, what the driver had
-        downloaded goes (the staged prefix keeps the parts, and a resume downloads them again)."""
-        if self.store is not None:
-            shutil.rmtree(self.layout.root.parent, ignore_errors=True)
+        # The staged prefix keeps the parts (a resume downloads them again); the local
+        # work directory goes.
+        shutil.rmtree(self.layout.root.parent, ignore_errors=True)
 
     def abort(self) -> None:
-        """Remove everything this run staged; committed runs are never touched."""
-        shutil.rmtree(self.layout.root, ignore_errors=True)
-        if self.store is not None:
-            shutil.rmtree(self.layout.root.parent, ignore_errors=True)
-            try:
-                self.store.delete_tree(self.store_staging)
-            except OSError:
-                pass  # the store is unreachable: the error that aborted the run says more
-            return
-        self._cleanup_staging_root()
-
-    def _cleanup_staging_root(self) -> None:
-        staging_root = self.layout.root.parent
-        if staging_root.exists() and not any(staging_root.iterdir()):
-            staging_root.rmdir()
+        shutil.rmtree(self.layout.root.parent, ignore_errors=True)
+        try:
+            self.store.delete_tree(self.store_staging)
+        except OSError:
+            pass  # the store is unreachable: the error that aborted the run says more

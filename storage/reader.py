@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from netloupe.contract.errors import RunError, did_you_mean
+from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.schema import vectors_to_numpy
 
@@ -24,11 +25,11 @@ class RunReader:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.manifest["tables"]["activations"])
+        return self.manifest.layers
 
     @property
     def methods(self) -> list[str]:
-        return list(self.manifest["tables"]["attributions"])
+        return self.manifest.methods
 
     def _read(self, directory: Path, sort_keys: list[str]) -> pa.Table:
         table = pads.dataset(directory, format="parquet").to_table()
@@ -55,14 +56,14 @@ class RunReader:
     def attribution_maps(self, method: str) -> tuple[pa.Table, np.ndarray]:
         """Attribution rows and their maps reshaped to the stored per-instance shape."""
         table = self.attributions(method)
-        shape = self.manifest["model"]["attribution_shapes"][method]
+        shape = self.manifest.model.attribution_shapes[method]
         if shape is None:
             raise RunError(f"attributions {method!r} were stored as summaries only; no maps to read")
         maps = vectors_to_numpy(table["attribution"]).reshape((table.num_rows, *shape))
         return table, maps
 
 
-def sample_instance_ids(instances_dir: Path, size: int, seed: int) -> pa.Array:
+def sample_instance_ids(instances_dir: Path, size: int, seed: int, memory_mib: int = DRIVER_SQL_MEMORY_MIB) -> pa.Array:
     """Up to ``size`` instance ids drawn uniformly by a seeded hash of each id, in hash order.
 
     The draw depends on the ids and the seed only, not on how the instances were sharded
@@ -70,14 +71,14 @@ def sample_instance_ids(instances_dir: Path, size: int, seed: int) -> pa.Array:
     DuckDB keeps only the ``size`` smallest hashes while it scans (memory stays bounded).
     """
     with duckdb.connect() as con:
-        con.execute("SET memory_limit = '512MB'")
+        con.execute(f"SET memory_limit = '{int(memory_mib)}MiB'")
         return con.sql(
             "SELECT instance_id FROM read_parquet(?) ORDER BY hash(instance_id, ?::BIGINT), instance_id LIMIT ?",
             params=[str(instances_dir / "*.parquet"), seed, size],
         ).to_arrow_table()["instance_id"].combine_chunks()
 
 
-def read_vectors(directory: Path, column: str, ids: pa.Array) -> np.ndarray:
+def read_vectors(directory: Path, column: str, ids: pa.Array, memory_mib: int = DRIVER_SQL_MEMORY_MIB) -> np.ndarray:
     """The ``(len(ids), d)`` float32 matrix of ``column`` for ``ids``, in their order.
 
     ``directory`` is an activations or attributions table (of the latter, each instance's
@@ -88,7 +89,7 @@ def read_vectors(directory: Path, column: str, ids: pa.Array) -> np.ndarray:
     wanted = pa.table({"instance_id": ids, "position": pa.array(np.arange(len(ids), dtype=np.int64))})
     rank = "AND t.target_rank = 0" if column == "attribution" else ""
     with duckdb.connect() as con:
-        con.execute("SET memory_limit = '512MB'")
+        con.execute(f"SET memory_limit = '{int(memory_mib)}MiB'")
         con.register("wanted", wanted)
         # The column name is one of two constants checked above, never user text.
         rows = con.sql(

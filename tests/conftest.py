@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+from netloupe.pipeline.ray_cluster import local_ray_environment, start_local_ray
+
 # Before anything imports ray: token auth on, every Ray process on 127.0.0.1.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+local_ray_environment()
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +30,8 @@ def ray_local():
     """One real local Ray cluster for the whole test module (start-up costs seconds)."""
     import ray
 
-    # 2 cores plus the read slot, as pipeline.driver.ensure_ray starts a local cluster.
-    # address="local": a cluster of its own even when `ray start` runs on this machine.
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=3, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    # As the driver starts one: a cluster of its own even when `ray start` runs here.
+    start_local_ray(log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

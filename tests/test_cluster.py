@@ -9,7 +9,6 @@ directories both nodes share.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -25,6 +24,7 @@ import yaml
 
 from netloupe.contract.errors import SpecError
 from netloupe.pipeline.submit import SubmitError, cluster_address, submit
+from netloupe.storage.layout import RunLayout
 from tests.conftest import tabular_spec_data, tabular_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,10 +154,10 @@ def test_a_job_spreads_over_both_nodes_and_every_instance_lands_once(cluster, jo
     instances = pads.dataset(run / "instances").to_table(columns=["instance_id", "node_id", "device"])
     ids = instances["instance_id"].to_pylist()
     assert sorted(ids) == list(range(1000, 1000 + PARTS * ROWS_PER_PART))  # every instance, once
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert len(set(instances["node_id"].to_pylist())) == 2, manifest["workers"]  # both nodes produced rows
-    manifest = json.loads((run / "manifest.json").read_text())
-    workers = [(node, gpus) for node, _device, gpus, _chunk in manifest["workers"]]
+    manifest = RunLayout(run).read_manifest()
+    assert len(set(instances["node_id"].to_pylist())) == 2, manifest.workers  # both nodes produced rows
+    manifest = RunLayout(run).read_manifest()
+    workers = [(worker.node_id, worker.gpu_ids) for worker in manifest.workers]
     assert {node for node, _ in workers} == set(instances["node_id"].to_pylist())
     # Each GPU-requesting worker got a GPU of its own: no (node, GPU id) pair twice.
     assert all(gpus != "" for _, gpus in workers) and len(set(workers)) == len(workers)

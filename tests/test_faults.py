@@ -38,7 +38,7 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
     assert reader.attributions("integrated_gradients")["instance_id"].to_pylist() == ids
     # No leftover of the lost batch: the run holds exactly the parts the manifest counts.
     parts = list((result.layout.root / "instances").glob("*.parquet"))
-    assert len(parts) == result.manifest["counts"]["parts"]
+    assert len(parts) == result.manifest.counts.parts
 
 
 def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys):
@@ -64,14 +64,14 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     manifest = reader.manifest
     # At least the batches seen finished were kept (one more may have finished before the
     # resume took the staging over), and not all of them.
-    assert len(kept) <= manifest["timings"]["resumed_parts"] < 10
-    assert 0 < manifest["timings"]["resumed_rows"] < 160
+    assert len(kept) <= manifest.timings["resumed_parts"] < 10
+    assert 0 < manifest.timings["resumed_rows"] < 160
     # The finished batches were kept as they were, not computed again.
     for name, mtime in kept.items():
         assert (run / "instances" / name).stat().st_mtime_ns == mtime
     # The kept batches' sizes count: the run's bytes are all its explained parts'.
     explained = [p for d in ("instances", "activations", "attributions") for p in (run / d).rglob("part-*.parquet")]
-    assert manifest["counts"]["bytes"] == sum(p.stat().st_size for p in explained)
+    assert manifest.counts.bytes == sum(p.stat().st_size for p in explained)
     assert not (run / "job.json").exists()
     time.sleep(2)  # a late write of the killed driver's workers, if any, has failed by now
     assert not staging_root.exists()
@@ -92,7 +92,7 @@ def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local
     pq.write_table(stray, tmp_path / "stray.parquet")
     other = run_job(tabular_spec(tmp_path / "stray.parquet", tmp_path / "other"))
     pq.write_table(tabular_table(20), tmp_path / "data.parquet")
-    staging = RunStaging(tmp_path / "runs", "t")
+    staging = RunStaging.open(tmp_path / "runs", "t")
     staging.create(staged_job(spec_to_dict(tabular_spec(tmp_path / "data.parquet", tmp_path / "runs")),
                               model_fingerprint(linear()).to_json()))
     staging.layout.instances_dir.mkdir()
@@ -119,7 +119,7 @@ def test_a_staging_taken_over_by_resume_refuses_late_writes(tmp_path):
     from netloupe.storage.layout import RunStaging, staged_job, worker_layout, write_part
 
     spec_data = {"output": {"root": str(tmp_path / "runs"), "run_name": "t"}}
-    interrupted = RunStaging(tmp_path / "runs", "t")
+    interrupted = RunStaging.open(tmp_path / "runs", "t")
     interrupted.create(staged_job(spec_data, {"digest": "blake2b-128:00", "tensors": {}}))
     late, filesystem = worker_layout(interrupted.worker_root)
     write_part(late.instances_dir, "k1", pa.table({"instance_id": [1]}), filesystem, late.root)
@@ -149,7 +149,7 @@ def test_stagings_of_runs_whose_names_share_a_prefix_are_not_confused(tmp_path, 
     from netloupe.pipeline.cli import main as cli_main
     from netloupe.storage.layout import RunStaging, staged_job
 
-    other = RunStaging(tmp_path / "runs", "t-2")
+    other = RunStaging.open(tmp_path / "runs", "t-2")
     other.create(staged_job({"output": {"root": str(tmp_path / "runs"), "run_name": "t-2"}},
                             {"digest": "blake2b-128:00", "tensors": {}}))
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t")]) == 2
@@ -184,13 +184,13 @@ def test_ctrl_c_keeps_the_staging_and_resume_finishes_it(ray_local, tmp_path, mo
     monkeypatch.undo()
     staging, spec_data = RunStaging.resume(tmp_path / "runs" / "t")
     result = run_job(parse_spec(spec_data), resume=staging)
-    assert result.manifest["timings"]["resumed_rows"] == 40  # nothing computed again
+    assert result.manifest.timings["resumed_rows"] == 40  # nothing computed again
     assert RunReader(result.layout.root).instances()["instance_id"].to_pylist() == list(range(1000, 1040))
     # The same model before and after the interruption, recognisably.
     fingerprint = model_fingerprint(linear())
     assert staging.staged_fingerprint == fingerprint.to_json()
-    assert result.manifest["model_fingerprint"] == fingerprint.digest
-    assert result.manifest["model_tensor_fingerprints"] == fingerprint.tensors
+    assert result.manifest.model_identity.fingerprint == fingerprint.digest
+    assert result.manifest.model_identity.tensor_fingerprints == fingerprint.tensors
 
 
 def test_resume_refuses_a_model_that_changed_since_the_interruption(ray_local, tmp_path, monkeypatch, capsys):

@@ -225,7 +225,7 @@ def test_a_run_stores_fidelity_and_answers_it_in_sql(fidelity_run):
     assert summary["grad_cam"]["mean_infidelity"] is None
     assert summary["saliency"]["mean_infidelity"] >= 0
     assert -1 <= summary["saliency"]["mean_randomization_spearman"] <= 1
-    assert result.manifest["fidelity"]["sampled_rows"] == {m: len(expected) for m in summary}
+    assert result.manifest.fidelity.sampled_rows == {m: len(expected) for m in summary}
 
 
 def test_stored_fidelity_equals_the_direct_computation(fidelity_run):

@@ -11,7 +11,8 @@ import pytest
 from netloupe.contract.errors import RunError
 from netloupe.contract.names import check_run_name
 from netloupe.storage import schema as S
-from netloupe.storage.layout import RunExistsError, RunStaging, part_key, write_part
+from netloupe.storage.layout import RunExistsError, RunLayout, RunStaging, part_key, write_part
+from netloupe.storage.manifest import Counts, DatasetInfo, ModelFacts, ModelIdentity, RunManifest, Tables
 
 
 def _table(n=3):
@@ -21,44 +22,73 @@ def _table(n=3):
     })
 
 
+def _manifest(run_name: str = "r", instances: int = 3) -> RunManifest:
+    """The least a manifest holds."""
+    return RunManifest(
+        run_name=run_name, created_unix=0.0, dataset=DatasetInfo(id_type="int64"), counts=Counts(instances=instances),
+        class_names=["a", "b"], tables=Tables(),
+        model=ModelFacts(num_classes=2, input_shape=(2,), layer_neurons={}, layer_output_shapes={},
+                         attribution_shapes={}, attribution_raw_shapes={}, per_instance_bytes=0),
+        model_identity=ModelIdentity(fingerprint=None, output="logits"),
+    )
+
+
 def test_commit_makes_the_run_appear_whole(tmp_path):
-    staging = RunStaging(tmp_path, "r")
+    staging = RunStaging.open(tmp_path, "r")
     layout = staging.create()
     write_part(layout.instances_dir, "k1", _table())
     assert not (tmp_path / "r").exists()
-    final = staging.commit({"hello": 1})
-    assert json.loads(final.manifest_path.read_text()) == {"hello": 1}
+    final = staging.commit(_manifest())
+    assert final.read_manifest() == _manifest()
     assert (final.instances_dir / "part-k1.parquet").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
 def test_existing_run_refused_then_replaced_with_force(tmp_path):
-    first = RunStaging(tmp_path, "r")
+    first = RunStaging.open(tmp_path, "r")
     first.create()
-    first.commit({"n": 1})
+    first.commit(_manifest(instances=1))
     with pytest.raises(RunExistsError, match="--force"):
-        RunStaging(tmp_path, "r")
+        RunStaging.open(tmp_path, "r")
     assert issubclass(RunExistsError, RunError)
-    second = RunStaging(tmp_path, "r", force=True)
+    second = RunStaging.open(tmp_path, "r", force=True)
     second.create()
-    second.commit({"n": 2})
-    assert json.loads((tmp_path / "r" / "manifest.json").read_text()) == {"n": 2}
+    second.commit(_manifest(instances=2))
+    assert RunLayout(tmp_path / "r").read_manifest().counts.instances == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
 def test_abort_leaves_nothing_and_keeps_committed_runs(tmp_path):
-    keep = RunStaging(tmp_path, "keep")
+    keep = RunStaging.open(tmp_path, "keep")
     keep.create()
-    keep.commit({"kept": True})
-    failed = RunStaging(tmp_path, "failed")
+    keep.commit(_manifest("keep"))
+    failed = RunStaging.open(tmp_path, "failed")
     layout = failed.create()
     write_part(layout.instances_dir, "k", _table())
     failed.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
 
+def test_a_manifest_of_another_version_is_refused_with_what_to_do(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    data = json.loads(_manifest().to_json())
+    for changes, expected in [
+        ({"netloupe_manifest": 1, "versions": {"netloupe": "0.0.9"}},
+         r"made by netloupe 0.0.9 \(manifest format 1\); this netloupe reads format 2\. Run its spec again"),
+        ({"schema_version": 0}, r"tables of schema version 0 .* this netloupe reads version"),
+        ({"counts": {"instances": "many"}}, r"manifest of the run at .* is damaged: counts.instances"),
+    ]:
+        (run / "manifest.json").write_text(json.dumps({**data, **changes}))
+        with pytest.raises(RunError, match=expected):
+            RunLayout(run).read_manifest()
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(RunError, match="is not JSON"):
+        RunLayout(run).read_manifest()
+
+
 def test_unlisted_parts_are_removed_before_commit(tmp_path):
-    staging = RunStaging(tmp_path, "r")
+    staging = RunStaging.open(tmp_path, "r")
     layout = staging.create()
     write_part(layout.instances_dir, "good", _table())
     write_part(layout.instances_dir, "orphan", _table())

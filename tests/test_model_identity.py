@@ -3,8 +3,6 @@ a factory whose weights are not fixed."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +13,7 @@ from torch import nn
 from netloupe.contract.errors import ModelError
 from netloupe.pipeline.cli import main as cli_main
 from netloupe.pipeline.driver import run_job
+from netloupe.storage.layout import RunLayout
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers.model_identity import check_same_model, model_fingerprint
@@ -129,8 +128,8 @@ def test_weights_that_leave_fixed_values_to_the_factory_are_reported_and_run(ray
     spec = _spec_file(tmp_path, model={"factory": "tests.tiny_models:linear", "weights": str(tmp_path / "w.safetensors")})
     assert cli_main(["run", str(spec)]) == 0
     assert "did not set fc.bias; they keep the values tests.tiny_models:linear gives them" in capsys.readouterr().out
-    manifest = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())
-    assert manifest["model_weights_unset"] == ["fc.bias"]
+    manifest = RunLayout(tmp_path / "runs" / "t").read_manifest()
+    assert manifest.model_identity.weights_unset == ["fc.bias"]
 
 
 def test_a_seeded_factory_runs_and_the_manifest_keeps_its_fingerprint(ray_local, tmp_path):
@@ -141,9 +140,9 @@ def test_a_seeded_factory_runs_and_the_manifest_keeps_its_fingerprint(ray_local,
                         execution={"batch_size": 16, "num_workers": 2, "threads_per_worker": 1})
     result = run_job(spec)
     model = seeded_captum_softmax()
-    assert result.manifest["model_fingerprint"] == model_fingerprint(model).digest
-    manifest = json.loads((result.layout.root / "manifest.json").read_text())
-    assert manifest["model_fingerprint"] == model_fingerprint(model).digest
+    assert result.manifest.model_identity.fingerprint == model_fingerprint(model).digest
+    manifest = RunLayout(result.layout.root).read_manifest()
+    assert manifest.model_identity.fingerprint == model_fingerprint(model).digest
     # Every batch, whichever worker took it, is the one model's answer.
     instances = RunReader(result.layout.root).instances()
     source = tabular_table(64)

@@ -75,7 +75,7 @@ def runs_of_each_kind(ray_local, tmp_path_factory):
                             attributions=[{"method": "input_x_gradient"}], fidelity={"curve_steps": 2},
                             output={"root": str(root / "runs"), "run_name": kind})
         result = run_job(spec)
-        assert result.manifest["model_output"] == kind
+        assert result.manifest.model_identity.output == kind
         readers[kind] = RunReader(result.layout.root)
     return readers, tabular_table(40)
 

@@ -78,16 +78,16 @@ def test_pca_fitted_on_the_sample_matches_scikit_learn(pca_run):
     ids = ids.to_pylist()
     rows = {instance: i for i, instance in enumerate(ids)}
     reference = PCA(n_components=2, svd_solver="full").fit(matrix[[rows[i] for i in sample]].astype(np.float64))
-    fitted = {(t["kind"], t["name"]): t for t in reader.manifest["projections"]["tables"]}[("activations", "fc1")]
-    np.testing.assert_allclose(fitted["pca_components"], reference.components_, atol=1e-9)
-    np.testing.assert_allclose(fitted["explained_variance_ratio"], reference.explained_variance_ratio_, atol=1e-9)
+    fitted = {(t.kind, t.name): t for t in reader.manifest.projections.tables}[("activations", "fc1")]
+    np.testing.assert_allclose(fitted.pca_components, reference.components_, atol=1e-9)
+    np.testing.assert_allclose(fitted.explained_variance_ratio, reference.explained_variance_ratio_, atol=1e-9)
     stored = stored_projection(pca_run, "activations", "fc1")
     assert stored["instance_id"].to_pylist() == ids
     expected = reference.transform(matrix.astype(np.float64))
     np.testing.assert_allclose(stored["pca_x"].to_numpy(), expected[:, 0], atol=1e-4)
     np.testing.assert_allclose(stored["pca_y"].to_numpy(), expected[:, 1], atol=1e-4)
     # Three well-separated clusters: the first component carries most of the variance.
-    assert fitted["explained_variance_ratio"][0] > 0.5
+    assert fitted.explained_variance_ratio[0] > 0.5
 
 
 def test_workers_transform_as_the_driver_does(pca_run):
@@ -95,20 +95,20 @@ def test_workers_transform_as_the_driver_does(pca_run):
     every projected table (both layers and the attribution maps)."""
     reader = RunReader(pca_run)
     sample = pq.read_table(RunLayout(pca_run).projection_sample_path)["instance_id"]
-    tables = reader.manifest["projections"]["tables"]
-    assert sorted((t["kind"], t["name"]) for t in tables) == [
+    tables = reader.manifest.projections.tables
+    assert sorted((t.kind, t.name) for t in tables) == [
         ("activations", "fc1"), ("activations", "relu"), ("attributions", "saliency")]
     for fitted in tables:
-        if fitted["kind"] == "activations":
-            ids, matrix = reader.activation_matrix(fitted["name"])
+        if fitted.kind == "activations":
+            ids, matrix = reader.activation_matrix(fitted.name)
         else:
-            rows, matrix = reader.attribution_maps(fitted["name"])
+            rows, matrix = reader.attribution_maps(fitted.name)
             ids, matrix = rows["instance_id"], matrix.reshape(len(matrix), -1)
         position = {instance: i for i, instance in enumerate(ids.to_pylist())}
-        refit = fit_projection(fitted["kind"], fitted["name"],
+        refit = fit_projection(fitted.kind, fitted.name,
                                matrix[[position[i] for i in sample.to_pylist()]], ("pca",), seed=0)
         on_driver = refit.transform(matrix)
-        stored = stored_projection(pca_run, fitted["kind"], fitted["name"])
+        stored = stored_projection(pca_run, fitted.kind, fitted.name)
         assert stored["instance_id"].to_pylist() == ids.to_pylist()
         for column in ("pca_x", "pca_y"):
             np.testing.assert_allclose(stored[column].to_numpy(), on_driver[column], atol=1e-5)
@@ -165,7 +165,7 @@ def test_umap_fitted_on_the_sample_and_placed_in_the_workers(ray_local, data_dir
     distances = np.linalg.norm(xy[:, None] - xy[None], axis=2)
     np.fill_diagonal(distances, np.inf)
     assert (labels[distances.argmin(axis=1)] == labels).mean() > 0.95
-    assert reader.manifest["projections"]["tables"][0]["algorithms"] == ["pca", "umap"]
+    assert reader.manifest.projections.tables[0].algorithms == ["pca", "umap"]
 
 
 def test_pca_by_hand():

@@ -8,8 +8,6 @@ completeness; the MNIST demo spec end to end through the CLI.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +26,7 @@ from captum.attr import (
 from netloupe.contract.spec import parse_spec
 from netloupe.pipeline.cli import main as cli_main
 from netloupe.pipeline.driver import run_job
+from netloupe.storage.layout import RunLayout
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers.explain import batch_seed
@@ -121,9 +120,9 @@ def test_activations_by_hand(cnn_run):
     np.testing.assert_allclose(mean_conv, conv.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
     _, max_relu = reader.activation_matrix("relu")
     np.testing.assert_allclose(max_relu, np.maximum(conv, 0).max(axis=(2, 3)), rtol=1e-5, atol=1e-6)
-    shapes = reader.manifest["model"]
-    assert shapes["layer_neurons"] == {"conv": 2, "relu": 2, "head": 2}
-    assert shapes["layer_output_shapes"]["conv"] == [2, 3, 3]
+    shapes = reader.manifest.model
+    assert shapes.layer_neurons == {"conv": 2, "relu": 2, "head": 2}
+    assert shapes.layer_output_shapes["conv"] == (2, 3, 3)
 
 
 @pytest.mark.parametrize("entry", METHODS, ids=lambda e: e.get("name", e["method"]))
@@ -136,7 +135,7 @@ def test_stored_attributions_equal_captum_direct(cnn_run, entry):
     by_id = {key: i for i, key in enumerate(source["key"].to_pylist())}
     images = _inputs(source)
     parts = sorted(reader.layout.attributions_dir(name).glob("part-*.parquet"))
-    assert len(parts) == reader.manifest["counts"]["parts"] >= 2
+    assert len(parts) == reader.manifest.counts.parts >= 2
     for part in parts:
         stored = pq.read_table(part)
         key = part.name[len("part-"):-len(".parquet")]
@@ -211,13 +210,13 @@ def test_mnist_demo_spec_through_cli(ray_local, tmp_path, capsys):
     assert instances.num_rows == 600
     assert np.mean(instances["correct"].to_numpy(zero_copy_only=False)) > 0.9
     assert set(instances["stroke"].to_pylist()) == {"thin", "medium", "heavy"}
-    manifest = json.loads((tmp_path / "mnist-demo" / "manifest.json").read_text())
-    assert manifest["model"]["layer_neurons"] == {"relu1": 16, "relu2": 32, "relu3": 128}
-    assert manifest["model"]["attribution_shapes"]["grad_cam"] == [1, 14, 14]
-    assert set(manifest["tables"]["attributions"]) == {
+    manifest = RunLayout(tmp_path / "mnist-demo").read_manifest()
+    assert manifest.model.layer_neurons == {"relu1": 16, "relu2": 32, "relu3": 128}
+    assert manifest.model.attribution_shapes["grad_cam"] == (1, 14, 14)
+    assert set(manifest.tables.attributions) == {
         "integrated_gradients", "saliency", "input_x_gradient", "deeplift", "gradient_shap",
         "grad_cam", "occlusion", "saliency_smoothgrad"}
-    assert manifest["versions"]["torch"].startswith("2.13")
+    assert manifest.versions["torch"].startswith("2.13")
     ig = reader.attributions("integrated_gradients")
     assert ig.num_rows == 600 and ig["finite"].to_numpy(zero_copy_only=False).all()
 

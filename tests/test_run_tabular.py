@@ -59,8 +59,8 @@ def test_every_instance_exactly_once_with_two_workers(linear_run):
         assert reader.activations(layer)["instance_id"].to_pylist() == ids
     for method in reader.methods:
         assert reader.attributions(method)["instance_id"].to_pylist() == ids
-    assert reader.manifest["counts"]["instances"] == 50
-    assert reader.manifest["counts"]["parts"] == 4  # 50 rows in batches of 16
+    assert reader.manifest.counts.instances == 50
+    assert reader.manifest.counts.parts == 4  # 50 rows in batches of 16
 
 
 def test_an_autoscaling_pool_also_gives_every_instance_exactly_once(ray_local, tmp_path):
@@ -69,7 +69,7 @@ def test_an_autoscaling_pool_also_gives_every_instance_exactly_once(ray_local, t
                         execution={"batch_size": 16, "num_workers": 1, "max_workers": 2, "threads_per_worker": 1})
     reader = RunReader(run_job(spec).layout.root)
     assert sorted(reader.instances()["instance_id"].to_pylist()) == tabular_table(50)["row_id"].to_pylist()
-    assert reader.manifest["spec"]["execution"]["max_workers"] == 2
+    assert reader.manifest.spec["execution"]["max_workers"] == 2
 
 
 def test_predictions_and_activations_by_hand(linear_run):
@@ -143,10 +143,10 @@ def test_label_target_and_force_replaces_run(ray_local, tmp_path):
     labels = tabular_table(20)["label"].to_numpy()
     rows = RunReader(first.layout.root).attributions("saliency")
     np.testing.assert_array_equal(rows["target"].to_numpy(), labels)
-    created = first.manifest["created_unix"]
+    created = first.manifest.created_unix
     second = run_job(parse_spec(data), force=True)
-    assert second.manifest["created_unix"] > created
-    assert RunReader(second.layout.root).manifest["created_unix"] == second.manifest["created_unix"]
+    assert second.manifest.created_unix > created
+    assert RunReader(second.layout.root).manifest.created_unix == second.manifest.created_unix
     leftovers = [p.name for p in (tmp_path / "runs").iterdir()]
     assert leftovers == ["t"], leftovers  # no staging or replaced copies left behind
 
@@ -166,14 +166,14 @@ def test_breast_cancer_mlp_builtin(ray_local, tmp_path):
     assert instances.num_rows == 569
     assert np.mean(instances["correct"].to_numpy(zero_copy_only=False)) > 0.9
     assert set(instances["size_group"].to_pylist()) == {"large", "small"}
-    assert reader.manifest["model"]["layer_neurons"] == {"fc1": 64, "relu2": 32}
+    assert reader.manifest.model.layer_neurons == {"fc1": 64, "relu2": 32}
     ig = reader.attributions("integrated_gradients")
     # Completeness: attributions add up to f(x) - f(baseline) up to the stored delta,
     # which is small against the evidence on the path (float32, 64 steps, ReLU kinks).
     delta = np.abs(ig["convergence_delta"].to_numpy())
     evidence = ig["attr_abs_sum"].to_numpy()
     assert (delta <= 5e-3 * evidence).all(), (delta / evidence).max()
-    assert reader.manifest["class_names"] == ["malignant", "benign"]
+    assert reader.manifest.class_names == ["malignant", "benign"]
     parts = pads.dataset(reader.layout.instances_dir).files
     assert len(parts) == 5  # ceil(569 / 128)
 

@@ -14,7 +14,6 @@ that both fill it, and what is left to compare is everything else the driver hol
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL, LARGE = 50_000, 200_000
@@ -72,7 +73,7 @@ def peak_driver_rss(spec_path: Path) -> tuple[int, dict]:
     sampler.join()
     assert process.returncode == 0, err.decode()[-3000:]
     spec = yaml.safe_load(spec_path.read_text())
-    manifest = json.loads((Path(spec["output"]["root"]) / spec["output"]["run_name"] / "manifest.json").read_text())
+    manifest = RunLayout(Path(spec["output"]["root"]) / spec["output"]["run_name"]).read_manifest()
     return peak[0], manifest
 
 
@@ -95,8 +96,8 @@ def test_driver_memory_stays_bounded_from_50k_to_200k(ray_local, tmp_path):
             "output": {"root": str(tmp_path / "runs"), "run_name": f"rows-{rows}"},
         }))
         peaks[rows], manifest = peak_driver_rss(spec_path)
-        assert manifest["counts"]["instances"] == rows
-        assert manifest["counts"]["bytes"] > rows * 1000  # the rows really were that heavy
+        assert manifest.counts.instances == rows
+        assert manifest.counts.bytes > rows * 1000  # the rows really were that heavy
         assert not (tmp_path / "runs" / f"rows-{rows}" / ".duckdb-spill").exists()  # spill removed
         data.unlink()
     growth = peaks[LARGE] - peaks[SMALL]

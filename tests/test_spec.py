@@ -80,7 +80,7 @@ def test_load_spec_reports_yaml_errors(tmp_path):
 
 
 def test_the_worker_pool_is_fixed_or_autoscaling():
-    from netloupe.pipeline.driver import worker_pool
+    from netloupe.pipeline.ray_cluster import worker_pool
 
     fixed = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 3}}).execution)
     assert (fixed.min_size, fixed.max_size) == (3, 3)

@@ -157,7 +157,7 @@ def test_existing_run_in_the_store_needs_force_and_is_replaced_whole(ray_store, 
 
 
 def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
-    staging = RunStaging(store_env, "aborted")
+    staging = RunStaging.open(store_env, "aborted")
     layout = staging.create()
     worker, filesystem = worker_layout(staging.worker_root)
     write_part(worker.instances_dir, "k1", pa.table({"instance_id": [1, 2]}), filesystem)
@@ -187,13 +187,13 @@ def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp
     ids = list(range(1000, 1160))
     assert reader.instances()["instance_id"].to_pylist() == ids
     assert reader.attributions("saliency")["instance_id"].to_pylist() == ids
-    timings = reader.manifest["timings"]
+    timings = reader.manifest.timings
     assert seen <= timings["resumed_parts"] < 10
     assert 0 < timings["resumed_rows"] < 160
     # The kept batches' sizes were read from the store: the run's bytes are all its parts'.
     explained = [p for d in ("instances", "activations", "attributions", "fidelity")
                  for p in (reader.layout.root / d).rglob("part-*.parquet")]
-    assert reader.manifest["counts"]["bytes"] == sum(p.stat().st_size for p in explained)
+    assert reader.manifest.counts.bytes == sum(p.stat().st_size for p in explained)
     objects = _objects(ray_store)
     assert "t/job.json" not in objects and f"t/{MANIFEST}" in objects
     # Nothing is left to resume (a late write of the killed driver's workers may still leave
@@ -224,7 +224,7 @@ def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tm
     monkeypatch.undo()
     resumed, spec_data = RunStaging.resume(_uri(ray_store, "stopped"))
     result = run_job(parse_spec(spec_data), resume=resumed)
-    assert result.manifest["timings"]["resumed_rows"] == 40
+    assert result.manifest.timings["resumed_rows"] == 40
     assert RunReader(local_run_dir(_uri(ray_store, "stopped"))).instances().num_rows == 40
     assert [o for o in _objects(ray_store) if o.startswith(".staging/")] == []
 
@@ -240,4 +240,4 @@ def test_reading_something_that_is_not_a_run_says_so(store_env):
     with pytest.raises(RunError, match="is not a committed netloupe run"):
         local_run_dir(_uri(store_env, "no-such-run"))
     with pytest.raises(RunError, match="cannot open the filesystem of 'nosuch://x/runs'.*s3://bucket/path"):
-        RunStaging("nosuch://x/runs", "r")
+        RunStaging.open("nosuch://x/runs", "r")

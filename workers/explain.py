@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from netloupe.contract.errors import DatasetError, MethodError, ModelError, Netl
 from netloupe.contract.spec import JobSpec
 from netloupe.storage import schema as S
 from netloupe.storage.layout import RunLayout, part_key, worker_layout, write_part
+from netloupe.storage.manifest import BatchReport, ModelFacts
 from netloupe.workers import fidelity as fid
 from netloupe.workers.capture import LayerCapture
 from netloupe.workers.inputs import InputDecoder, ResolvedDataset
@@ -37,39 +38,6 @@ from netloupe.workers.methods import (
 )
 from netloupe.workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
 from netloupe.workers.model_output import check_output_kind, output_probabilities
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the validation batch revealed about the model; fixes every table's schema."""
-
-    num_classes: int
-    input_shape: tuple[int, ...]
-    layer_neurons: dict[str, int]
-    """Stored vector length per recorded layer (after pooling)."""
-    layer_output_shapes: dict[str, tuple[int, ...]]
-    """Per-instance output shape of each recorded layer, before pooling."""
-    attribution_shapes: dict[str, tuple[int, ...] | None]
-    """Per-instance shape of each method's stored map (None in summary mode)."""
-    attribution_raw_shapes: dict[str, tuple[int, ...]]
-    """Per-instance shape of each method's map as Captum returns it."""
-    per_instance_bytes: int
-    """Bytes of all module outputs for one instance: sizes the methods' internal chunks."""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelFacts":
-        return cls(
-            num_classes=data["num_classes"],
-            input_shape=tuple(data["input_shape"]),
-            layer_neurons=dict(data["layer_neurons"]),
-            layer_output_shapes={k: tuple(v) for k, v in data["layer_output_shapes"].items()},
-            attribution_shapes={k: tuple(v) if v is not None else None for k, v in data["attribution_shapes"].items()},
-            attribution_raw_shapes={k: tuple(v) for k, v in data["attribution_raw_shapes"].items()},
-            per_instance_bytes=data["per_instance_bytes"],
-        )
 
 
 def batch_seed(seed: int, key: str, table_name: str) -> int:
@@ -445,11 +413,11 @@ def pick_device() -> torch.device:
 class ExplainWorker:
     """The Ray Data actor: loads the model once, explains each batch, writes its parts.
 
-    It returns one small row per batch (part key, row count, bytes, seconds) for the
+    It returns one :class:`BatchReport` per batch (part key, row count, bytes, seconds) for the
     driver to commit; the results themselves never travel through the driver.
     """
 
-    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts_data: dict, fingerprint_data: dict,
+    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts: ModelFacts, fingerprint_data: dict,
                  worker_root: str, threads: int):
         import ray
 
@@ -463,7 +431,7 @@ class ExplainWorker:
         self.validated_model = ModelFingerprint.from_json(fingerprint_data)
         self.own_model = model_fingerprint(model)
         self.explainer = BatchExplainer(self.spec, dataset, model.to(self.device), self.device,
-                                        ModelFacts.from_json(facts_data), tune_chunks=True)
+                                        facts, tune_chunks=True)
         if ray.is_initialized():
             self.explainer.node_id = ray.get_runtime_context().get_node_id()
         # The staged run: a directory every node sees, or a prefix in an object store.
@@ -491,14 +459,8 @@ class ExplainWorker:
         ordered = sorted(explained.tables.items(), key=lambda item: item[0] == Path(S.INSTANCES))
         size = sum(write_part(self.layout.root / rel, key, table, self.filesystem, self.layout.root)
                    for rel, table in ordered)
-        return pa.table({
-            "part": [key],
-            "rows": [len(ids)],
-            "bytes": [size],
-            "compute_seconds": [computed - started],
-            "write_seconds": [time.perf_counter() - computed],
-            "device": [str(self.device)],
-            "gpu_ids": [",".join(self.gpu_ids)],
-            "node_id": [self.explainer.node_id],
-            "chunk_rows": [self.explainer.chunk_rows or 0],
-        })
+        return BatchReport(
+            part=key, rows=len(ids), bytes=size, compute_seconds=computed - started,
+            write_seconds=time.perf_counter() - computed, device=str(self.device), gpu_ids=",".join(self.gpu_ids),
+            node_id=self.explainer.node_id, chunk_rows=self.explainer.chunk_rows or 0,
+        ).to_arrow()
