@@ -311,7 +311,7 @@ class InstanceView(pn.viewable.Viewer):
             detail = session.instance(_typed_id(instance_id, session))
         except (SessionError, QueryError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
-        row, names = detail["row"], session.class_names
+        row, names = detail.row, session.class_names
         label = "none" if row["label"] is None else names[row["label"]]
         facts = pn.pane.Markdown(
             f"### Instance {row['instance_id']}\n\nlabel **{label}**, prediction **{names[row['prediction']]}** "
@@ -322,7 +322,7 @@ class InstanceView(pn.viewable.Viewer):
                                 "class", "probability").opts(height=220, width=360, title="probabilities",
                                                              ylim=(0, 1))
         panels = [facts]
-        inputs = detail["input"]
+        inputs = detail.input
         images = []
         if isinstance(inputs, np.ndarray):
             image = map_image(inputs)
@@ -331,7 +331,7 @@ class InstanceView(pn.viewable.Viewer):
         elif isinstance(inputs, dict):
             panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
                                                disabled=True, height=240, width=320, show_index=False))
-        for method, values in detail["maps"].items():
+        for method, values in detail.maps.items():
             image = map_image(values)
             if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
                 images.append(hv.Bars(pd.DataFrame({"feature": range(image.shape[1]), "attribution": image[0]}),
@@ -343,9 +343,9 @@ class InstanceView(pn.viewable.Viewer):
                 colorbar=True, tools=["hover"]))
         profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
                    .opts(title=f"{layer} activations", width=360, height=200)
-                   for layer, v in detail["activations"].items()]
+                   for layer, v in detail.activations.items()]
         panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
-        panels += fidelity_panels(detail["fidelity"])
+        panels += fidelity_panels(detail.fidelity)
         if profile:
             panels.append(pn.pane.HoloViews(hv.Layout(profile).cols(3)))
         return pn.Column(*panels)
@@ -597,6 +597,25 @@ def _typed_id(text: str, session: RunSession):
 
 def build_dashboard(run_dir) -> pn.template.BaseTemplate:
     """The page for one browser session over the run at ``run_dir``."""
+    session, views = dashboard_views(run_dir)
+    title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
+    return pn.template.BootstrapTemplate(title=title, main=list(views))
+
+
+def notebook_dashboard(run_dir) -> pn.Column:
+    """The dashboard's views as one Panel object, shown inline by Jupyter (Panel's notebook
+    extension, loaded here from the installed Panel: no CDN)."""
+    from bokeh.settings import settings
+
+    settings.resources = "inline"
+    hv.extension("bokeh", inline=True)
+    pn.extension("tabulator", inline=True)
+    _, views = dashboard_views(run_dir)
+    return views
+
+
+def dashboard_views(run_dir) -> tuple[RunSession, pn.Column]:
+    """The message line and the tabs, over one session of the run at ``run_dir``."""
     session = RunSession(run_dir)
     dashboard = Dashboard(session)
     message = pn.pane.Alert(pn.bind(lambda m: m or "Ready.", dashboard.param.message), alert_type="info",
@@ -620,8 +639,7 @@ def build_dashboard(run_dir) -> pn.template.BaseTemplate:
     tabs.param.watch(build_when_opened, "active")
     # A click on a point or an exemplar opens the instance.
     dashboard.param.watch(lambda _e: setattr(tabs, "active", 1), "instance_id")
-    title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
-    return pn.template.BootstrapTemplate(title=title, main=[message, tabs])
+    return session, pn.Column(message, tabs, sizing_mode="stretch_width")
 
 
 def _keep_panel_stylesheets_local() -> None:

@@ -21,10 +21,8 @@ import pandas as pd
 import pyarrow as pa
 
 from netloupe.contract.errors import NetloupeError, did_you_mean
-from netloupe.storage.catalog import QueryError, catalog_manifest, fidelity_view, open_catalog, run_query
-
-FIDELITY_COLUMNS = ("convergence_delta", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
-"""Per-instance fidelity columns of an attributions view shown with the instance."""
+from netloupe.storage.catalog import QueryError, catalog_manifest, open_catalog, run_query
+from netloupe.storage.instance import InstanceRecord, NoSuchInstance, read_instance
 
 _POINTS: dict[tuple, pd.DataFrame] = {}
 """Projected points by (run, kind, source, algorithm), shared by every session of the process:
@@ -322,56 +320,12 @@ class RunSession:
 
     # -- instance detail ---------------------------------------------------------------------
 
-    def instance(self, instance_id) -> dict:
-        """Everything about one instance: its row, probabilities, each method's map in its
-        stored shape, and its activation vector per layer."""
-        rows = run_query(self.con, "SELECT * EXCLUDE (node_id, device) FROM instances WHERE instance_id = ?",
-                         [instance_id]).to_pylist()
-        if not rows:
-            raise SessionError(f"no instance with id {instance_id!r} in this run")
-        detail = {"row": rows[0], "maps": {}, "activations": {}, "fidelity": {}}
-        shapes = self.manifest.model.attribution_shapes
-        sampled = self.manifest.tables.fidelity
-        for method, shape in shapes.items():
-            view = run_query(self.con, "SELECT view FROM methods WHERE method = ?", [method])["view"][0].as_py()
-            found = run_query(self.con, f"SELECT * FROM {view} WHERE instance_id = ? AND target_rank = 0",
-                              [instance_id]).to_pylist()
-            if not found:
-                continue
-            if shape is not None:
-                detail["maps"][method] = np.asarray(found[0]["attribution"], np.float32).reshape(shape)
-            checks = {key: found[0].get(key) for key in FIDELITY_COLUMNS if key in found[0]}
-            if method in sampled:
-                rows = run_query(self.con, f"SELECT * EXCLUDE (instance_id, target) FROM {fidelity_view(method)} "
-                                           "WHERE instance_id = ?", [instance_id]).to_pylist()
-                checks.update(rows[0] if rows else {})
-            detail["fidelity"][method] = checks
-        for layer in self.layers:
-            view = run_query(self.con, "SELECT vectors_view FROM layers WHERE layer = ?",
-                             [layer])["vectors_view"][0].as_py()
-            found = run_query(self.con, f"SELECT activation FROM {view} WHERE instance_id = ?", [instance_id])
-            if found.num_rows:
-                detail["activations"][layer] = np.asarray(found["activation"][0].as_py(), np.float32)
-        detail["input"] = self.input_of(instance_id)
-        return detail
-
-    def input_of(self, instance_id):
-        """The instance's model input as stored in the dataset (an image array or feature
-        values), or None when the catalog has no ``inputs`` view (the dataset moved)."""
-        has_inputs = run_query(self.con, "SELECT count(*) AS n FROM duckdb_views() WHERE view_name = 'inputs'")
-        if not has_inputs["n"][0].as_py():
-            return None
-        found = run_query(self.con, "SELECT * FROM inputs WHERE instance_id = ?", [instance_id]).to_pylist()
-        if not found:
-            return None
-        row = found[0]
-        row.pop("instance_id")
-        if len(row) == 1:
-            (values,) = row.values()
-            shape = self.manifest.preprocess.get("shape")
-            array = np.asarray(values, np.float32)
-            return array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array
-        return row
+    def instance(self, instance_id) -> InstanceRecord:
+        """Everything about one instance (:func:`netloupe.storage.instance.read_instance`)."""
+        try:
+            return read_instance(self.con, self.manifest, instance_id)
+        except NoSuchInstance as error:
+            raise SessionError(str(error)) from None
 
     # -- subgroups (FairVis) -----------------------------------------------------------------
 

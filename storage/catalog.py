@@ -457,12 +457,8 @@ def _register_fast_moments(con: duckdb.DuckDBPyConnection, layout: RunLayout, id
     _run_statements(con, FAST_SQL)
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict | None = None) -> pa.Table:
-    """Run an analyst's SQL (one or more statements); return the last statement's result.
-
-    Statements other than SELECT/EXPLAIN are refused before anything runs. ``parameters``
-    bind ``?`` / ``$name`` placeholders of the last statement (values never go into SQL text).
-    """
+def _read_only_statements(sql: str) -> list:
+    """The statements of ``sql``, each checked to be a SELECT or EXPLAIN (nothing runs)."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:
@@ -479,6 +475,16 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict 
                 "(SELECT and EXPLAIN only). To export results use `netloupe sql --format "
                 "csv|json|parquet`"
             )
+    return statements
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict | None = None) -> pa.Table:
+    """Run an analyst's SQL (one or more statements); return the last statement's result.
+
+    Statements other than SELECT/EXPLAIN are refused before anything runs. ``parameters``
+    bind ``?`` / ``$name`` placeholders of the last statement (values never go into SQL text).
+    """
+    statements = _read_only_statements(sql)
     try:
         for i, statement in enumerate(statements):
             last = i == len(statements) - 1
@@ -492,6 +498,19 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | dict 
         _, udf, ours = message.partition("Python exception occurred while executing the UDF: ")
         raise QueryError(ours.split(": ", 1)[-1] if udf else f"{type(error).__name__}: {message}") from None
     return result
+
+
+def query_relation(con: duckdb.DuckDBPyConnection, sql: str,
+                   parameters: list | dict | None = None) -> duckdb.DuckDBPyRelation:
+    """One analyst's SELECT as a DuckDB relation, to build on lazily (checked as
+    :func:`run_query` checks; it runs when its rows are asked for)."""
+    statements = _read_only_statements(sql)
+    if len(statements) != 1:
+        raise QueryError(f"a relation is one SELECT; got {len(statements)} statements")
+    try:
+        return con.sql(statements[0].query, params=parameters)
+    except duckdb.Error as error:
+        raise QueryError(f"{type(error).__name__}: {error}") from None
 
 
 CATALOG_CONTENTS_SQL = f"""

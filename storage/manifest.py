@@ -208,7 +208,7 @@ class RunManifest(Record):
         return list(self.tables.attributions)
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        return json.dumps(self.model_dump(mode="json"), indent=2)  # dicts keep their order (the spec's)
 
 
 def parse_manifest(data: Any, where: str) -> RunManifest:

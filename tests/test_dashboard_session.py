@@ -112,12 +112,12 @@ def test_exemplars_are_the_most_activating_instances(session, truth):
 def test_instance_detail(session, truth):
     instance_id = int(truth["ids"][7])
     detail = session.instance(instance_id)
-    assert detail["row"]["prediction"] == truth["predictions"][7]
-    assert set(detail["maps"]) == {"saliency", "integrated_gradients"}
-    assert detail["maps"]["saliency"].shape == (1, 4, 4)
-    np.testing.assert_allclose(detail["input"], truth["images"][7])
-    np.testing.assert_allclose(detail["activations"]["conv"], truth["conv"][7], rtol=1e-5)
-    assert map_image(detail["maps"]["saliency"]).shape == (4, 4)
+    assert detail.row["prediction"] == truth["predictions"][7]
+    assert set(detail.maps) == {"saliency", "integrated_gradients"}
+    assert detail.maps["saliency"].shape == (1, 4, 4)
+    np.testing.assert_allclose(detail.input, truth["images"][7])
+    np.testing.assert_allclose(detail.activations["conv"], truth["conv"][7], rtol=1e-5)
+    assert map_image(detail.maps["saliency"]).shape == (4, 4)
     with pytest.raises(SessionError, match="no instance with id 99999"):
         session.instance(99999)
 
@@ -129,12 +129,12 @@ def test_fidelity_of_an_instance_and_of_the_run(session, truth):
     sampled = [i for i, chosen in zip(ids, in_sample(ids, 0, 24 / len(ids))) if chosen]
     outside = next(i for i in ids if i not in sampled)
     for instance_id, has_sample in ((sampled[0], True), (outside, False)):
-        checks = session.instance(instance_id)["fidelity"]
+        checks = session.instance(instance_id).fidelity
         assert set(checks) == {"saliency", "integrated_gradients"}
         ig = checks["integrated_gradients"]
         assert len(ig["deletion_curve"]) == 5 and 0 <= ig["deletion_auc"] <= 1
         # The deletion curve starts at the model's own probability of the explained class.
-        row = session.instance(instance_id)["row"]
+        row = session.instance(instance_id).row
         assert ig["deletion_curve"][0] == pytest.approx(row["confidence"], rel=1e-5)
         assert ("randomization_spearman" in ig) is has_sample
     summary = session.fidelity_summary().set_index("method")

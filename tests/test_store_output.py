@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+import netloupe
 from netloupe.pipeline.cli import main
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.catalog import open_catalog, run_query
@@ -127,6 +128,8 @@ def test_run_to_s3_is_published_whole_and_equals_a_local_run(ray_store, tmp_path
         here._read(here.layout.projections_dir("activations", "fc"), ["instance_id"]))
     query = "SELECT label, count(*) AS n, avg(confidence) AS c FROM instances GROUP BY 1 ORDER BY 1"
     assert run_query(open_catalog(fetched), query).equals(run_query(open_catalog(local.layout.root), query))
+    # The Python API opens the run by its URI, as a notebook would.
+    assert netloupe.open_run(stored.location).sql(query).equals(netloupe.open_run(local.location).sql(query))
     # A second open reuses the cache (same manifest): nothing is downloaded again.
     before = (fetched / "catalog.duckdb").stat().st_mtime_ns
     assert local_run_dir(stored.location) == fetched

@@ -1,0 +1,143 @@
+"""The Python API, for notebooks and scripts: open a committed run and ask it questions, or
+start a run. Everything is read through the run's catalog and storage, as the CLI and the
+dashboard read it.
+
+    import netloupe
+
+    run = netloupe.open_run("runs/mnist-demo")     # or "s3://bucket/runs/name?endpoint_override=..."
+    run.sql("SELECT label, avg(correct::INT) AS accuracy FROM instances GROUP BY 1")   # pyarrow.Table
+    run.df("SELECT * FROM neuron_matrix('relu2', 'stroke = ''thin''')")               # pandas.DataFrame
+    run.relation("SELECT * FROM instances").filter("NOT correct").limit(5)            # DuckDB relation
+    run.layers, run.methods, run.operators
+    one = run.instance(7)               # arrays: one.input, one.maps["saliency"], one.activations["relu2"]
+    run.dashboard()                     # the dashboard, inline in Jupyter
+    new = netloupe.explain("examples/mnist.yaml", force=True)   # a spec file or a dict; returns a Run
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from netloupe.contract.errors import SpecError
+from netloupe.contract.spec import load_spec, parse_spec
+from netloupe.storage.catalog import OPERATORS_LIST_SQL, open_catalog, query_relation, run_query
+from netloupe.storage.instance import InstanceRecord, read_instance
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.location import local_run_dir
+from netloupe.storage.manifest import RunManifest
+
+
+class Run:
+    """A committed run: its manifest, SQL over its catalog, its instances as arrays."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
+        """Where the run is: its directory, or its URI in an object store."""
+        self.directory = Path(local_run_dir(self.location))
+        """The run on this machine (for a store, the local copy SQL reads)."""
+        self.manifest: RunManifest = RunLayout(self.directory).read_manifest()
+        self._connection: duckdb.DuckDBPyConnection | None = None
+
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """The run's read-only, sandboxed DuckDB connection (opened on first use)."""
+        if self._connection is None:
+            self._connection = open_catalog(self.directory)
+        return self._connection
+
+    # -- SQL ---------------------------------------------------------------------------------
+
+    def sql(self, query: str, parameters: list | dict | None = None) -> pa.Table:
+        """The result of a read-only query (SELECT or EXPLAIN; ``?`` or ``$name`` parameters
+        bound, never pasted), as an Arrow table."""
+        return run_query(self.connection, query, parameters)
+
+    def df(self, query: str, parameters: list | dict | None = None) -> pd.DataFrame:
+        """:meth:`sql` as a pandas DataFrame."""
+        return self.sql(query, parameters).to_pandas()
+
+    def relation(self, query: str, parameters: list | dict | None = None) -> duckdb.DuckDBPyRelation:
+        """One SELECT as a DuckDB relation, to refine lazily (``.filter``, ``.aggregate``...)."""
+        return query_relation(self.connection, query, parameters)
+
+    # -- what the run holds ------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        """Recorded layers (their activations are ``activations_<layer>`` in SQL)."""
+        return self.manifest.layers
+
+    @property
+    def methods(self) -> list[str]:
+        """Attribution tables (``attributions_<method>`` in SQL)."""
+        return self.manifest.methods
+
+    @property
+    def operators(self) -> list[str]:
+        """The explanation operators, SQL table macros (``SELECT * FROM neuron_matrix(...)``)."""
+        return self.sql(OPERATORS_LIST_SQL)["operator"].to_pylist()
+
+    @property
+    def instances(self) -> int:
+        return self.manifest.counts.instances
+
+    def instance(self, instance_id) -> InstanceRecord:
+        """One instance: its row (label, prediction, probabilities, metadata), its input, each
+        method's map and each layer's activations, as arrays."""
+        return read_instance(self.connection, self.manifest, instance_id)
+
+    # -- showing it --------------------------------------------------------------------------
+
+    def dashboard(self):
+        """The analyst dashboard as a Panel object: the last expression of a Jupyter cell
+        shows it inline (needs the ``dashboard`` extra)."""
+        from netloupe.dashboards.app import notebook_dashboard
+
+        return notebook_dashboard(self.directory)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def __repr__(self) -> str:
+        return (f"Run({self.location!r}: {self.instances:,} instances, layers {self.layers}, "
+                f"methods {self.methods})")
+
+
+def open_run(location: str | os.PathLike) -> Run:
+    """The committed run at ``location``: a run directory, or a run URI in an object store
+    (downloaded once into ``NETLOUPE_CACHE``, refreshed when the run changes)."""
+    return Run(location)
+
+
+def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False, progress: bool = True) -> Run:
+    """Run a job spec (a YAML file, or the same as a dict) and return the committed run.
+    ``force`` replaces a run of the same name; ``progress`` prints a line per stage."""
+    from netloupe.pipeline.driver import run_job
+    from netloupe.pipeline.progress import ProgressLines, RunProgress
+
+    if isinstance(spec, dict):
+        job = parse_spec(spec, origin="(given as a dict)")
+    elif isinstance(spec, (str, os.PathLike)):
+        job = load_spec(spec)
+    else:
+        raise SpecError(f"explain() takes a spec file's path or a dict, got {type(spec).__name__}")
+    reporter = ProgressLines(lambda text: print(text, file=sys.stdout, flush=True)) if progress else RunProgress()
+    return Run(run_job(job, force=force, progress=reporter).location)
+
+
+def methods() -> pd.DataFrame:
+    """The attribution methods: name, Captum class, capability flags."""
+    from netloupe.workers.methods import METHODS
+
+    flags = ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic", "needs_unique_nonlinearities")
+    return pd.DataFrame([{"method": m.name, "captum": m.captum_class.__name__,
+                          **{flag: getattr(m, flag) for flag in flags}} for m in METHODS.values()])
