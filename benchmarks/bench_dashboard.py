@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from netloupe.pipeline.ray_cluster import local_ray_environment
 from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,5 +277,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    local_ray_environment()
     main()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from netloupe.pipeline.ray_cluster import LOCAL_RAY_ENVIRONMENT
 from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +69,10 @@ class MemorySampler(threading.Thread):
 
 
 def ensure_dataset(rows: int) -> None:
-    from netloupe.pipeline.datasets import builtin_path
+    from netloupe.pipeline.builtin_datasets import builtin
 
     started = time.perf_counter()
-    path = builtin_path("mnist-variants", rows, 0)
+    path = builtin("mnist-variants").path(rows, 0)
     print(f"dataset {path} ready in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -80,7 +81,7 @@ def run_once(rows: int, workers: int, out_root: Path) -> dict:
     command = NETLOUPE + ["run", str(ROOT / "examples/mnist-scale.yaml"), "--force", "--no-progress",
                           "--set", f"dataset.rows={rows}", "--set", f"execution.num_workers={workers}",
                           "--set", f"output.root={out_root}", "--set", f"output.run_name={name}"]
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**LOCAL_RAY_ENVIRONMENT, **os.environ}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = MemorySampler(process.pid)

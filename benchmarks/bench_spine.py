@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from netloupe.pipeline.ray_cluster import local_ray_environment  # noqa: E402
+
+local_ray_environment()  # before anything imports ray
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from netloupe.contract.spec import parse_spec  # noqa: E402
-from netloupe.pipeline.datasets import builtin_path  # noqa: E402
+from netloupe.pipeline.builtin_datasets import builtin  # noqa: E402
 from netloupe.pipeline.zoo import MnistCNN  # noqa: E402
 from netloupe.storage.layout import part_key, write_part  # noqa: E402
 from netloupe.workers.capture import LayerCapture  # noqa: E402
@@ -56,7 +57,7 @@ def line(label: str, ours: float, base: float, unit: str, better: str = "higher"
 
 def tiled_mnist(n: int, path: Path) -> Path:
     """``n`` instances made by repeating mnist-5k, with unique ids, in row groups of 16k."""
-    base = pq.read_table(builtin_path("mnist-5k"))
+    base = pq.read_table(builtin("mnist-5k").path())
     reps = -(-n // base.num_rows)
     table = pa.concat_tables([base] * reps).slice(0, n)
     table = table.set_column(0, "instance_id", pa.array(np.arange(n, dtype=np.int64)))

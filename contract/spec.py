@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,10 +19,6 @@ from netloupe.contract.names import PROJECTION_ALGORITHMS, check_run_name, table
 
 DRIVER_SQL_MEMORY_MIB = 512
 """DuckDB's memory on the driver when the spec (or a run without one) does not say."""
-
-BUILTIN_DATASETS = ("mnist-5k", "mnist-variants", "digits", "breast-cancer")
-GENERATED_DATASETS = ("mnist-variants",)
-"""Built-ins generated at a chosen size (``dataset.rows``) rather than shipped."""
 
 
 
@@ -114,18 +110,13 @@ class DatasetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> "DatasetSpec":
-        if self.rows is not None and self.source not in GENERATED_DATASETS:
+        # Whether a source needs either at all (a built-in has its own) is the dataset
+        # registry's to say, at validation.
+        if self.input_column is not None and self.feature_columns is not None:
             raise ValueError(
-                f"'rows' sizes a generated built-in ({', '.join(GENERATED_DATASETS)}), but source is "
-                f"{self.source!r}; use 'limit' to explain only the first N rows of a dataset"
-            )
-        if self.source in BUILTIN_DATASETS:
-            return self
-        if (self.input_column is None) == (self.feature_columns is None):
-            raise ValueError(
-                "for a Parquet dataset give exactly one of 'input_column' (a list/tensor "
-                "column) or 'feature_columns' (numeric columns); "
-                f"got input_column={self.input_column!r}, feature_columns={self.feature_columns!r}"
+                "give exactly one of 'input_column' (a list/tensor column) or 'feature_columns' "
+                f"(numeric columns); got input_column={self.input_column!r}, "
+                f"feature_columns={self.feature_columns!r}"
             )
         return self
 
@@ -473,6 +464,56 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
                     )
             node[leaf] = value
     return parse_spec(data, origin=f"in {path}")
+
+
+def spec_help(section: str | None = None) -> str:
+    """Every key of the job spec (or of one section, e.g. ``execution``) with its type,
+    default and documentation: the docstrings in this module, as ``netloupe spec-help`` shows them."""
+    model: type[BaseModel] = JobSpec
+    prefix = ""
+    if section:
+        for part in section.split("."):
+            field = model.model_fields.get(part)
+            nested = _section_model(field.annotation) if field else None
+            if nested is None:
+                sections = [n for n, f in model.model_fields.items() if _section_model(f.annotation)]
+                raise SpecError(f"no spec section {section!r}; {did_you_mean(part, sections)}")
+            model, prefix = nested, f"{prefix}{part}."
+    return "\n".join(_help_lines(model, prefix))
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The model a field holds (itself, in a list, or optional), if any."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _type_name(annotation) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(value) for value in get_args(annotation))
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _help_lines(model: type[BaseModel], prefix: str) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        nested = _section_model(field.annotation)
+        kind = _type_name(field.annotation)
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = "default " + (repr(value) if not isinstance(value, BaseModel) else "(see below)")
+        described = " ".join((field.description or "").split())
+        lines.append(f"{prefix}{name}  [{kind}; {default}]")
+        lines.append(f"    {described}")
+        if nested is not None:
+            lines += _help_lines(nested, f"{prefix}{name}{'[]' if 'list' in str(field.annotation) else ''}.")
+    return lines
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:

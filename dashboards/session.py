@@ -375,16 +375,7 @@ class RunSession:
         columns = {}
         for name, predicate in predicates.items():
             try:
-                row = run_query(self.con, f"""
-                    SELECT count(*) AS size, avg(correct::INT) AS accuracy,
-                           count(*) FILTER (WHERE label = $p AND prediction = $p) AS tp,
-                           count(*) FILTER (WHERE label <> $p AND prediction = $p) AS fp,
-                           count(*) FILTER (WHERE label = $p AND prediction <> $p) AS fn,
-                           count(*) FILTER (WHERE label <> $p AND prediction <> $p) AS tn,
-                           fp / nullif(fp + tn, 0) AS fpr, fn / nullif(fn + tp, 0) AS fnr,
-                           tp / nullif(tp + fp, 0) AS precision, tp / nullif(tp + fn, 0) AS recall,
-                           avg(confidence) AS mean_confidence
-                    FROM instances WHERE label IS NOT NULL AND ({predicate})""", {"p": int(positive)}).to_pylist()[0]
+                row = run_query(self.con, "SELECT * FROM subset_metrics(?, ?)", [predicate, int(positive)]).to_pylist()[0]
             except QueryError as error:
                 raise SessionError(f"subgroup {name!r}: {predicate!r} is not a valid predicate ({error})") from None
             columns[name] = row

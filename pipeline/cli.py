@@ -117,6 +117,13 @@ def noise_tunnel_defaults() -> list:
             for name, field in NoiseTunnelSpec.model_fields.items()]
 
 
+def cmd_spec_help(args) -> int:
+    from netloupe.contract.spec import spec_help
+
+    print(spec_help(args.section))
+    return 0
+
+
 def cmd_layers(args) -> int:
     from netloupe.contract.spec import load_spec
     from netloupe.workers.model_loading import load_model
@@ -227,52 +234,50 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from netloupe.pipeline.submit import follow_logs, job_client, submit
+    from netloupe.pipeline.submit import JobServer, prepare_job
 
-    submission_id = submit(args.spec, args.address, args.set, args.id)
+    job = prepare_job(args.spec, args.set, args.id)
+    server = JobServer(args.address, notify=lambda text: print(text, file=sys.stderr, flush=True))
+    submission_id = server.submit(**job)
     print(f"submitted {submission_id}; follow it with: netloupe jobs logs {submission_id} --follow", flush=True)
     if not args.wait:
         return 0
-    client = job_client(args.address)
-    for text in follow_logs(client, submission_id):
+    for text in server.follow(submission_id):
         print(text, end="", flush=True)
-    return _report_end(client, submission_id)
+    return _report_end(server, submission_id)
 
 
-def _report_end(client, submission_id: str) -> int:
-    info = client.get_job_info(submission_id)
+def _report_end(server, submission_id: str) -> int:
+    info = server.info(submission_id)
     status = str(info.status.value)
     print(f"\njob {submission_id}: {status}" + (f" ({info.message})" if info.message else ""), flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args) -> int:
-    from netloupe.pipeline.submit import SubmitError, follow_logs, job_client, job_rows
+    from netloupe.pipeline.submit import JobServer, SubmitError
 
-    client = job_client(args.address)
+    server = JobServer(args.address)
     if args.action == "list":
-        for row in job_rows(client):
+        for row in server.jobs():
             print(f"{row['submission_id']}  {row['status']:<9}  {row['entrypoint']}")
         return 0
     if not args.id:
         raise SubmitError(f"`netloupe jobs {args.action}` needs a submission id (see `netloupe jobs list`)")
-    try:
-        if args.action == "status":
-            info = client.get_job_info(args.id)
-            print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-            return 0
-        if args.action == "logs":
-            if not args.follow:
-                print(client.get_job_logs(args.id), end="")
-                return 0
-            for text in follow_logs(client, args.id):
-                print(text, end="", flush=True)
-            return _report_end(client, args.id)
-        stopped = client.stop_job(args.id)
-        print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
+    if args.action == "status":
+        info = server.info(args.id)
+        print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
         return 0
-    except RuntimeError as error:  # Ray's client: an unknown id is a 404 RuntimeError
-        raise SubmitError(f"job {args.id!r}: {error}") from None
+    if args.action == "logs":
+        if not args.follow:
+            print(server.logs(args.id), end="")
+            return 0
+        for text in server.follow(args.id):
+            print(text, end="", flush=True)
+        return _report_end(server, args.id)
+    stopped = server.stop(args.id)
+    print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -350,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="with logs: keep printing until the job ends")
     jobs.set_defaults(func=cmd_jobs)
+    spec_help_parser = sub.add_parser("spec-help", help="every job spec key: type, default, documentation")
+    spec_help_parser.add_argument("section", nargs="?", help="only this section (e.g. execution, fidelity)")
+    spec_help_parser.set_defaults(func=cmd_spec_help)
     layers = sub.add_parser("layers", help="list the layer names of a spec's model")
     layers.add_argument("spec")
     layers.set_defaults(func=cmd_layers)

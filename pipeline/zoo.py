@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from netloupe.pipeline.datasets import builtin_defaults, builtin_path
+from netloupe.pipeline.builtin_datasets import builtin
 from netloupe.storage.location import cache_root
 
 ZOO_VERSION = 1
@@ -108,8 +107,8 @@ def _dataset_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
     from netloupe.contract.spec import PreprocessSpec
     from netloupe.workers.inputs import InputDecoder
 
-    defaults = builtin_defaults(name)
-    table = pq.read_table(builtin_path(name))
+    defaults = builtin(name).defaults()
+    table = pq.read_table(builtin(name).path())
     decoder = InputDecoder(
         defaults.get("input_column"),
         tuple(defaults["feature_columns"]) if "feature_columns" in defaults else None,
@@ -133,7 +132,3 @@ def trained_breast_cancer_mlp() -> TabularMLP:
         _train(model, x, y, epochs=30, seed=0)
     return _cached("breast_cancer_mlp", TabularMLP, train)
 
-
-def model_weights_path(name: str) -> Path:
-    """Where a zoo model's cached weights are (for specs that load them by file)."""
-    return cache_root() / "models" / f"{name}-v{ZOO_VERSION}.safetensors"

@@ -70,8 +70,8 @@ def write_handmade_run(
     columns.setdefault("node_id", pa.array(["handmade"] * n))
     columns.setdefault("device", pa.array(["cpu"] * n))
     id_type = "string" if pa.types.is_string(instances["instance_id"].type) else "int64"
-    reserved = set(S.instances_schema(num_classes).names)
-    metadata_fields = [instances.schema.field(name) for name in instances.column_names if name not in reserved]
+    metadata_fields = [instances.schema.field(name) for name in instances.column_names
+                       if name not in S.RESERVED_INSTANCE_COLUMNS]
     instance_schema = S.instances_schema(num_classes, id_type, metadata_fields)
     instance_table = S.table_from_columns(instance_schema, columns)
 

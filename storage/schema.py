@@ -59,7 +59,20 @@ def instances_schema(
     ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
     are still explained, and every map the NaN reaches is flagged ``finite = false``.
     """
-    fields = [
+    fields = _instance_fields(num_classes, id_type)
+    for field in metadata_fields:
+        if field.name in RESERVED_INSTANCE_COLUMNS:
+            raise ValueError(
+                f"metadata column {field.name!r} clashes with a netloupe column; "
+                f"rename it in the dataset (reserved: {sorted(RESERVED_INSTANCE_COLUMNS)})"
+            )
+        fields.append(field.with_nullable(True))
+    return pa.schema(fields)
+
+
+def _instance_fields(num_classes: int, id_type: str) -> list[pa.Field]:
+    """The columns netloupe writes in ``instances`` (before the dataset's metadata columns)."""
+    return [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
         pa.field("label", pa.int64(), nullable=True),
         pa.field("prediction", pa.int64(), nullable=False),
@@ -70,15 +83,10 @@ def instances_schema(
         pa.field("node_id", pa.string(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
     ]
-    reserved = {f.name for f in fields}
-    for field in metadata_fields:
-        if field.name in reserved:
-            raise ValueError(
-                f"metadata column {field.name!r} clashes with a netloupe column; "
-                f"rename it in the dataset (reserved: {sorted(reserved)})"
-            )
-        fields.append(field.with_nullable(True))
-    return pa.schema(fields)
+
+
+RESERVED_INSTANCE_COLUMNS = tuple(field.name for field in _instance_fields(1, "int64"))
+"""The names netloupe's own ``instances`` columns take: no metadata column may take one."""
 
 
 def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:

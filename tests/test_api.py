@@ -10,7 +10,7 @@ import pytest
 import netloupe
 from netloupe.contract.errors import RunError, SpecError
 from netloupe.storage.catalog import QueryError
-from tests.conftest import tabular_spec_data, tabular_table
+from tests.helpers import tabular_spec_data, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W
 
 W, B = np.array(LINEAR_W), np.array(LINEAR_B)

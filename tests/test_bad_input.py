@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from netloupe.pipeline.cli import main as cli_main
-from tests.conftest import tabular_spec_data, tabular_table
+from tests.helpers import tabular_spec_data, tabular_table
 
 CASES = {
     # name: (spec changes, words the message must contain)
@@ -31,6 +31,14 @@ CASES = {
     "missing column": (
         {"dataset__feature_columns": ["x0", "x1", "x3"]},
         ["column 'x3'", "did you mean"],
+    ),
+    "no input columns named": (
+        {"dataset__feature_columns": None},
+        ["give dataset.input_column (a list/tensor column) or dataset.feature_columns"],
+    ),
+    "rows for a dataset that is not generated": (
+        {"dataset__rows": 100},
+        ["dataset.rows sizes a generated built-in (mnist-variants)", "use dataset.limit"],
     ),
     "shape mismatch": (
         {"preprocess": {"shape": [2, 2]}},

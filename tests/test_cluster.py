@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -23,9 +22,19 @@ import pytest
 import yaml
 
 from netloupe.contract.errors import SpecError
-from netloupe.pipeline.submit import SubmitError, cluster_address, submit
+from netloupe.pipeline.submit import SubmitError, cluster_address, prepare_job
 from netloupe.storage.layout import RunLayout
-from tests.conftest import tabular_spec_data, tabular_table
+from tests.helpers import (
+    free_port,
+    private_ray_dir,
+    processes_of,
+    stop_processes_of,
+    tabular_spec_data,
+    tabular_table,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,12 +78,6 @@ def linear():
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two Ray nodes on 127.0.0.1 (2 logical GPUs each), token auth on; the job server's URL."""
@@ -83,24 +86,27 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     ray = [str(BIN / "ray")]
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=2"]
+    # Every process of this cluster names this directory: the teardown stops those, and only
+    # those (`ray stop` would stop every Ray on the machine, a user's own runs included).
+    ray_dir = private_ray_dir()
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=2", f"--temp-dir={ray_dir}"]
     subprocess.run(ray + ["start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                           f"--dashboard-port={dashboard}", "--num-cpus=3", *common],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
         subprocess.run([sys.executable, "-c", JOIN, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common],
                        env=env, check=True, capture_output=True, timeout=180)
-        deadline = time.monotonic() + 60
-        while True:
+
+        def both_nodes() -> bool:
             status = subprocess.run(ray + ["status", f"--address=127.0.0.1:{gcs}"], env=env,
                                     capture_output=True, text=True, timeout=60).stdout
-            if status.count(" node_") >= 2:
-                break
-            assert time.monotonic() < deadline, f"the second node did not join:\n{status}"
-            time.sleep(1)
-        yield {"url": f"http://127.0.0.1:{dashboard}", "env": env, "gcs": gcs}
+            return status.count(" node_") >= 2
+
+        wait_until(both_nodes, 60, "the second node to join", interval=1)
+        yield {"url": f"http://127.0.0.1:{dashboard}", "env": env, "gcs": gcs, "ray_dir": ray_dir}
     finally:
-        subprocess.run(ray + ["stop"], env=env, capture_output=True, timeout=180)
+        stop_processes_of(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -182,27 +188,21 @@ def test_a_job_can_be_stopped(cluster, job_dir):
     job = submission_id(started.stdout)
     stopped = netloupe(cluster, "jobs", "stop", job, "--address", cluster["url"])
     assert stopped.returncode == 0 and job in stopped.stdout
-    deadline = time.monotonic() + 120
-    while "STOPPED" not in (status := netloupe(cluster, "jobs", "status", job, "--address", cluster["url"]).stdout):
-        assert time.monotonic() < deadline, status
-        time.sleep(1)
+    wait_until(lambda: "STOPPED" in netloupe(cluster, "jobs", "status", job, "--address", cluster["url"]).stdout,
+               120, f"job {job} to stop", interval=1)
 
 
-def test_every_ray_listener_is_on_loopback(cluster):
+def test_every_listener_of_the_cluster_is_on_loopback(cluster):
+    """Every process of this cluster (they all name its directory) listens on 127.0.0.1 only."""
     import psutil
 
-    exposed = []
-    for connection in psutil.net_connections(kind="tcp"):
-        if connection.status != psutil.CONN_LISTEN or connection.pid is None:
-            continue
-        try:
-            process = psutil.Process(connection.pid)
-            command = " ".join(process.cmdline())
-        except psutil.Error:
-            continue
-        if "ray" in process.name() or "ray" in command or "gcs_server" in command:
-            if connection.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
-                exposed.append((process.name(), connection.laddr))
+    ours = {p.pid for p in processes_of(cluster["ray_dir"])}
+    ours |= {child.pid for pid in list(ours) if psutil.pid_exists(pid)
+             for child in psutil.Process(pid).children(recursive=True)}
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert len(listening) >= 4, listening  # GCS, dashboard, raylets, agents...
+    exposed = [(pid, address) for pid, address in listening if address.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert exposed == [], exposed
 
 
@@ -210,7 +210,7 @@ def test_submit_refuses_a_relative_output_root_and_needs_an_address(tmp_path, mo
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(tabular_spec_data("data.parquet", "runs")))
     with pytest.raises(SpecError, match="relative path"):
-        submit(spec, "http://127.0.0.1:1", [])
+        prepare_job(spec, [])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     with pytest.raises(SubmitError, match="--address"):

@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,14 @@ import pytest
 from PIL import Image
 
 from tests.dashboard_run import make_dashboard_run
+from tests.helpers import free_port, wait_until
+
+pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("NETLOUPE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
 STARTUP_SECONDS = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_dashboard(run_dir, log_dir, *extra):
@@ -39,18 +35,23 @@ def start_dashboard(run_dir, log_dir, *extra):
     log = open(log_dir / f"server-{port}.log", "w+")
     process = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "dashboard", str(run_dir), "--port", str(port),
                                 *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if process.poll() is not None:
             log.seek(0)
             pytest.fail(f"the dashboard server exited with {process.returncode}:\n{log.read()[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"http://127.0.0.1:{port}/"
+            return True
         except OSError:
-            time.sleep(0.5)
-    process.kill()
-    pytest.fail(f"the dashboard did not listen on 127.0.0.1:{port} within {STARTUP_SECONDS} s")
+            return False
+
+    try:
+        wait_until(listening, STARTUP_SECONDS, f"the dashboard to listen on 127.0.0.1:{port}", interval=0.5)
+    except AssertionError:
+        process.kill()
+        raise
+    return process, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +106,15 @@ def colored(png: bytes) -> int:
     return int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())
 
 
-def wait_for_plot(page, selector: str, timeout: float = 30.0) -> bytes:
-    """A screenshot of the plot at ``selector`` once it has something drawn in it."""
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_for_plot(page, selector: str, timeout: float = 30.0, differs_from: bytes | None = None,
+                  min_colored: int = 400) -> bytes:
+    """A screenshot of the plot at ``selector`` once it has something drawn in it (and, with
+    ``differs_from``, once it was redrawn); the test fails if that does not happen in time."""
+    def drawn() -> bytes | None:
         shot = page.locator(selector).first.screenshot()
-        if colored(shot) > 400 or time.monotonic() > deadline:
-            return shot
-        time.sleep(0.5)
+        return shot if colored(shot) > min_colored and shot != differs_from else None
+
+    return wait_until(drawn, timeout, f"{selector} to be drawn" + (" anew" if differs_from else ""), interval=0.5)
 
 
 def text_of(page, selector: str) -> str:
@@ -121,11 +123,11 @@ def text_of(page, selector: str) -> str:
 
 
 def wait_for_text(page, selector: str, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in (shown := text_of(page, selector)):
-        assert time.monotonic() < deadline, f"{selector} shows {shown!r}, not {text!r}"
-        time.sleep(0.25)
-    return shown
+    def shown() -> str | None:
+        current = text_of(page, selector)
+        return current if text in current else None
+
+    return wait_until(shown, timeout, f"{selector} to show {text!r}", interval=0.25)
 
 
 def open_tab(page, name: str) -> None:
@@ -133,7 +135,7 @@ def open_tab(page, name: str) -> None:
 
 
 def test_page_loads_without_console_errors_and_the_scatter_is_drawn(page):
-    assert "netloupe" in page.title() or "netloupe" in page.content()
+    assert re.fullmatch(r"netloupe: \S+ \(240 instances\)", page.title()), page.title()
     shot = wait_for_plot(page, ".scatter")
     (ARTIFACTS / "scatter.png").parent.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "scatter.png").write_bytes(shot)
@@ -161,9 +163,7 @@ def test_box_selection_shows_in_the_matrix_and_becomes_a_subset(page):
     assert 0 < count < 240, selected
     # The matrix shows the selection at once (ActiVis), as a row of its own.
     wait_for_text(page, ".matrix-rows", "(current selection)")
-    time.sleep(1.0)  # the heat map redraws after its rows text
-    matrix_live = wait_for_plot(page, ".matrix")
-    assert matrix_live != matrix_before
+    wait_for_plot(page, ".matrix", differs_from=matrix_before)  # the heat map redraws after its rows text
     page.get_by_role("button", name="Keep selection as subset").click()
     page.get_by_text(f"subset 'selection 1': {count} instances").wait_for(timeout=15_000)
     kept = wait_for_text(page, ".matrix-rows", "selection 1")
@@ -190,9 +190,7 @@ def test_a_zoom_is_re_aggregated_by_the_server(page):
     page.mouse.wheel(0, -600)
     # The server sends a new raster of the zoomed ranges (not the old image stretched).
     page.wait_for_function("window.__rasters > 0", timeout=30_000)
-    time.sleep(0.5)
-    after = page.locator(".scatter").first.screenshot()
-    assert after != before and colored(after) > 100
+    wait_for_plot(page, ".scatter", differs_from=before, min_colored=100)
     assert page.errors == [], page.errors
 
 
@@ -236,17 +234,15 @@ TOOLTIP_TEXT = """
 
 def test_hovering_a_point_names_the_instance(page):
     wait_for_plot(page, ".scatter")
-    point = None
-    deadline = time.monotonic() + 30
-    while point is None and time.monotonic() < deadline:  # 240 points: all hoverable at once
-        point = page.evaluate(FIRST_HOVERABLE)
-        time.sleep(0.25)
-    assert point is not None, "no hoverable points were sent"
+    # 240 points: all hoverable at once.
+    point = wait_until(lambda: page.evaluate(FIRST_HOVERABLE), 30, "hoverable points", interval=0.25)
     page.mouse.move(point["x"], point["y"])
-    deadline = time.monotonic() + 10
-    while f"instance_id: {point['id']}" not in (shown := page.evaluate(TOOLTIP_TEXT)):
-        assert time.monotonic() < deadline, f"the tooltip shows {shown!r}"
-        time.sleep(0.2)
+
+    def tooltip() -> str | None:
+        text = page.evaluate(TOOLTIP_TEXT)
+        return text if f"instance_id: {point['id']}" in text else None
+
+    shown = wait_until(tooltip, 10, f"the tooltip of instance {point['id']}", interval=0.2)
     assert "label_name:" in shown and "prediction_name:" in shown
 
 

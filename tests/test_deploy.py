@@ -121,3 +121,16 @@ def test_the_dockerfile_builds_both_variants_with_the_pinned_torch():
     for folder in folders:
         assert f"COPY {folder} ./{folder}" in text, folder
     assert "ENV RAY_AUTH_MODE=token" in text
+
+
+def test_the_rayjob_is_generated_from_the_cluster_and_the_job_spec():
+    """rayjob.yaml copies neither by hand: it is rendered from raycluster.yaml and the spec."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(DEPLOY / "render_rayjob.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    job_cluster = documents(DEPLOY / "kuberay" / "rayjob.yaml")["RayJob"]["spec"]["rayClusterSpec"]
+    cluster = documents(DEPLOY / "kuberay" / "raycluster.yaml")["RayCluster"]["spec"]
+    assert job_cluster["workerGroupSpecs"] == cluster["workerGroupSpecs"]

@@ -6,7 +6,6 @@ Every one ends with each instance exactly once or with nothing visible, never ha
 from __future__ import annotations
 
 import os
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,8 +14,10 @@ from safetensors.torch import save_file
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.reader import RunReader
 from netloupe.workers.model_identity import model_fingerprint
-from tests.conftest import tabular_spec, tabular_table
+from tests.helpers import tabular_spec, tabular_table
 from tests.tiny_models import Linear3, linear
+
+pytestmark = pytest.mark.faults
 
 
 def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_local, tmp_path):
@@ -43,12 +44,12 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
 
 def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys):
     from netloupe.pipeline.cli import main as cli_main
-    from tests.conftest import kill_driver_mid_run, slow_run_spec
+    from tests.helpers import kill_driver_mid_run, processes_of, slow_run_spec, wait_until
 
     spec_path = slow_run_spec(tmp_path / "data.parquet", tmp_path / "runs", tmp_path)
     staging_root = tmp_path / "runs" / ".staging"
     # A batch is finished once its instances part is written (the last of its parts).
-    kill_driver_mid_run(spec_path, lambda: len(list(staging_root.glob("t-*/instances/part-*.parquet"))))
+    killed = kill_driver_mid_run(spec_path, lambda: len(list(staging_root.glob("t-*/instances/part-*.parquet"))))
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
     kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
 
@@ -73,7 +74,8 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     explained = [p for d in ("instances", "activations", "attributions") for p in (run / d).rglob("part-*.parquet")]
     assert manifest.counts.bytes == sum(p.stat().st_size for p in explained)
     assert not (run / "job.json").exists()
-    time.sleep(2)  # a late write of the killed driver's workers, if any, has failed by now
+    # Once every process of the killed driver's Ray is gone, none of their late writes landed.
+    wait_until(lambda: not processes_of(killed), 60, "the killed driver's Ray processes to end")
     assert not staging_root.exists()
 
 

@@ -27,7 +27,7 @@ from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers import fidelity as fid
 from netloupe.workers.explain import BatchExplainer
 from netloupe.workers.model_loading import load_model
-from tests.conftest import image_table, tabular_spec, tabular_table
+from tests.helpers import image_table, tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W, REGION, ramp_weights
 
 W = np.array(LINEAR_W)

@@ -7,6 +7,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from netloupe.contract.errors import DatasetError
 from netloupe.contract.spec import parse_spec
 from netloupe.pipeline import mnist_variants as mv
 from netloupe.pipeline.cli import main as netloupe
@@ -77,9 +78,9 @@ def test_builtin_through_the_spec(netloupe_cache):
     assert resolved.num_rows == 120 and resolved.input_column == "image"
     assert list(resolved.metadata_columns) == ["jitter", "stroke", "noise", "rotation"]
     assert resolved.path.endswith("mnist-variants-120-seed3")
-    with pytest.raises(Exception, match="'rows' sizes a generated built-in"):
-        parse_spec({"model": {"factory": "netloupe.pipeline.zoo:trained_mnist_cnn"},
-                    "dataset": {"source": "mnist-5k", "rows": 120}, "output": {"run_name": "x"}})
+    with pytest.raises(DatasetError, match="dataset.rows sizes a generated built-in"):
+        resolve_dataset(parse_spec({"model": {"factory": "netloupe.pipeline.zoo:trained_mnist_cnn"},
+                                    "dataset": {"source": "mnist-5k", "rows": 120}, "output": {"run_name": "x"}}))
 
 
 def test_subgroups_differ_in_accuracy(netloupe_cache):

@@ -17,7 +17,7 @@ from netloupe.storage.layout import RunLayout
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers.model_identity import check_same_model, model_fingerprint
-from tests.conftest import tabular_spec, tabular_spec_data, tabular_table
+from tests.helpers import tabular_spec, tabular_spec_data, tabular_table
 from tests.tiny_models import Linear3, seeded_captum_softmax
 
 CAPTUM_SOFTMAX = "captum.testing.helpers.classification_models:SoftmaxModel"
@@ -88,12 +88,12 @@ def _spec_file(tmp_path, **changes):
 
 
 def test_an_unseeded_factory_is_refused_before_any_batch_is_written(ray_local, tmp_path, capsys, monkeypatch):
-    from netloupe.storage.layout import RunStaging
+    from netloupe.storage.layout import LocalStaging
 
     spec = _spec_file(tmp_path, model={"factory": CAPTUM_SOFTMAX, "output": "probabilities",
                                        "kwargs": {"num_in": 3, "num_hidden": 8, "num_out": 2}},
                       layers=[{"name": "lin1"}])
-    monkeypatch.setattr(RunStaging, "abort", lambda self: None)  # keep the staging, to look inside
+    monkeypatch.setattr(LocalStaging, "abort", lambda self: None)  # keep the staging, to look inside
     assert cli_main(["run", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is not the model validated on the driver: 6 of 6 parameters and buffers differ" in err

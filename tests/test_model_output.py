@@ -14,7 +14,7 @@ from netloupe.pipeline.driver import run_job, validate
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers.model_output import check_output_kind, output_probabilities
-from tests.conftest import tabular_spec, tabular_table
+from tests.helpers import tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W, LinearSoftmax
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])

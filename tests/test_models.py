@@ -10,7 +10,7 @@ from netloupe.contract.errors import MethodError, ModelError
 from netloupe.contract.spec import ModelSpec, parse_spec
 from netloupe.pipeline.driver import validate
 from netloupe.workers.model_loading import load_model, load_model_reporting
-from tests.conftest import tabular_spec
+from tests.helpers import tabular_spec
 from tests.tiny_models import LINEAR_B, LINEAR_W, Linear3
 
 

@@ -227,6 +227,23 @@ def test_subgroup_metrics_cover_columns_and_intersections(query, handmade):
     assert got["level"].tolist() == sorted(got["level"], reverse=True)  # most specific first
 
 
+def test_subset_metrics_use_the_subgroups_formulas(query, handmade):
+    """The side-by-side view's numbers for a predicate equal that subgroup's row, and the
+    suggested subgroups' baseline is subset_metrics over everything."""
+    frame = handmade[1]
+    [thin] = [r for r in _pandas_subgroups(frame, ["stroke"], 1) if r["key"] == {"stroke": "thin"}]
+    got = query("SELECT * FROM subset_metrics(?, 1)", ["stroke = 'thin'"]).iloc[0]
+    assert (got["size"], got["tp"], got["fp"], got["fn"], got["tn"]) == (
+        thin["size"], thin["tp"], thin["fp"], thin["fn"], thin["tn"])
+    for metric in ("accuracy", "fpr", "fnr", "precision", "recall"):
+        assert got[metric] == pytest.approx(thin[metric])
+    everything = query("SELECT * FROM subset_metrics('true', 1)").iloc[0]
+    suggested = query("SELECT * FROM suggested_subgroups(['stroke'], 'fnr', positive := 1, min_size := 1)")
+    assert suggested["overall"].iloc[0] == pytest.approx(everything["fnr"])
+    with pytest.raises(Exception, match="metric must be accuracy, fpr, fnr, precision or recall, got 'f1'"):
+        query("SELECT * FROM suggested_subgroups(['stroke'], 'f1')")
+
+
 def test_subgroup_metrics_take_one_to_three_columns(query):
     with pytest.raises(Exception, match="one to three columns"):
         query("SELECT * FROM subgroup_metrics(['stroke', 'jitter', 'label', 'prediction'], 1)")

@@ -13,7 +13,7 @@ import yaml
 
 from netloupe.pipeline.cli import netloupe_command
 from netloupe.pipeline.progress import ProgressLines, count, duration, size
-from tests.conftest import tabular_spec_data, tabular_table
+from tests.helpers import tabular_spec_data, tabular_table
 
 
 def test_durations_and_counts_read_as_a_person_says_them():

@@ -30,7 +30,7 @@ from netloupe.storage.layout import RunLayout
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
 from netloupe.workers.explain import batch_seed
-from tests.conftest import image_table
+from tests.helpers import image_table
 from tests.tiny_models import CNN_FILTER_BIAS, CNN_FILTERS, tiny_cnn
 
 METHODS = [

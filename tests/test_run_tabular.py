@@ -17,7 +17,7 @@ from netloupe.contract.spec import parse_spec
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.reader import RunReader
 from netloupe.storage.schema import vectors_to_numpy
-from tests.conftest import tabular_spec, tabular_spec_data, tabular_table
+from tests.helpers import tabular_spec, tabular_spec_data, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W
 
 W = np.array(LINEAR_W)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from netloupe.pipeline.ray_cluster import LOCAL_RAY_ENVIRONMENT
 from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def peak_driver_rss(spec_path: Path) -> tuple[int, dict]:
     """Run ``netloupe run`` as its own process; return its peak RSS and the manifest."""
     process = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "run", str(spec_path), "--no-progress"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "RAY_AUTH_MODE": "token"})
+                               env={**LOCAL_RAY_ENVIRONMENT, **os.environ})
     driver = psutil.Process(process.pid)
     peak = [0]
     done = threading.Event()

@@ -47,7 +47,8 @@ def test_spec_is_frozen():
     ({**MINIMAL, "execution": {"batch_size": 0}}, ["execution.batch_size", "greater than 0"]),
     ({**MINIMAL, "layers": [{"name": "fc1", "pooling": "median"}]}, ["layers.0.pooling", "'mean', 'max' or 'none'"]),
     ({**MINIMAL, "attributions": [{"method": "saliency"}, {"method": "saliency"}]}, ["['saliency'] repeat"]),
-    ({**MINIMAL, "dataset": {"source": "data.parquet"}}, ["exactly one of 'input_column'"]),
+    ({**MINIMAL, "dataset": {"source": "d.parquet", "input_column": "x", "feature_columns": ["a"]}},
+     ["exactly one of 'input_column'"]),
     ({**MINIMAL, "execution": {"num_workers": 3, "max_workers": 2}}, ["max_workers (2) is below num_workers (3)"]),
 ])
 def test_bad_specs_name_the_problem(data, words):
@@ -88,3 +89,20 @@ def test_the_worker_pool_is_fixed_or_autoscaling():
     assert (same.min_size, same.max_size) == (2, 2)
     growing = worker_pool(parse_spec({**MINIMAL, "execution": {"num_workers": 1, "max_workers": 4}}).execution)
     assert (growing.min_size, growing.max_size) == (1, 4)
+
+
+def test_spec_help_documents_every_key(capsys):
+    """Every field of every section carries its docstring, and spec-help shows them all."""
+    from netloupe.contract.spec import spec_help
+    from netloupe.pipeline.cli import main as cli_main
+
+    text = spec_help()
+    keys = [line.split("  [")[0] for line in text.splitlines() if not line.startswith(" ")]
+    docs = [line for line in text.splitlines() if line.startswith("    ")]
+    assert len(keys) == len(docs) > 60 and all(doc.strip() for doc in docs)
+    assert "model.output  ['logits' | 'probabilities' | 'log_probabilities'; default 'logits']" in text
+    assert "execution.driver_sql_memory_mib  [int; default 512]" in text
+    assert cli_main(["spec-help", "fidelity"]) == 0
+    assert capsys.readouterr().out.startswith("fidelity.curve_steps  [int; default 0]")
+    assert cli_main(["spec-help", "fidelty"]) == 2
+    assert "did you mean 'fidelity'" in capsys.readouterr().err

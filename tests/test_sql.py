@@ -16,7 +16,7 @@ import pytest
 from netloupe.pipeline.cli import main as cli_main
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.catalog import QueryError, open_catalog, run_query
-from tests.conftest import tabular_spec, tabular_table
+from tests.helpers import tabular_spec, tabular_table
 from tests.tiny_models import LINEAR_B, LINEAR_W
 
 

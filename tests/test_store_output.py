@@ -25,7 +25,9 @@ from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.layout import RunExistsError, RunStaging, worker_layout, write_part
 from netloupe.storage.location import MANIFEST, cached_run_dir, local_run_dir
 from netloupe.storage.reader import RunReader
-from tests.conftest import tabular_spec, tabular_table
+from tests.helpers import tabular_spec, tabular_table
+
+pytestmark = pytest.mark.store
 
 BUCKET = "netloupe-test"
 
@@ -173,13 +175,13 @@ def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
 
 
 def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys):
-    from tests.conftest import kill_driver_mid_run, slow_run_spec
+    from tests.helpers import kill_driver_mid_run, slow_run_spec, stop_processes_of
 
     spec_path = slow_run_spec(tmp_path / "data.parquet", ray_store, tmp_path)
     def finished() -> int:
         return sum(o.startswith(".staging/t-") and "/instances/part-" in o for o in _objects(ray_store))
 
-    kill_driver_mid_run(spec_path, finished)
+    killed = kill_driver_mid_run(spec_path, finished)
     assert not any(o.startswith("t/") for o in _objects(ray_store))  # nothing published
     seen = finished()
 
@@ -202,6 +204,7 @@ def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp
     # Nothing is left to resume (a late write of the killed driver's workers may still leave
     # a part under .staging/, never a job.json).
     assert [o for o in objects if o.startswith(".staging/t-") and o.endswith("/job.json")] == []
+    stop_processes_of(killed)  # any of the killed driver's Ray still lingering: ours to stop
 
 
 def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tmp_path, monkeypatch):

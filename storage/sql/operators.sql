@@ -185,29 +185,49 @@ COMMENT ON MACRO TABLE subset_summary IS 'Size, accuracy, mean confidence, label
 CREATE MACRO _quoted(name) AS '"' || replace(name, '"', '""') || '"';
 CREATE MACRO _literal(text) AS '''' || replace(text, '''', '''''') || '''';
 
+-- FairVis' metrics of a subset, defined here only (subgroups, suggested subgroups,
+-- subset_metrics and the dashboard all use them). `_confusion_columns(positive)` is the SQL
+-- text of a subset's size, accuracy and one-vs-rest confusion counts for class `positive`
+-- (for query()); `_rates` turns the counts into FPR, FNR, precision and recall (NULL where
+-- undefined); `_metric` picks one of the five by name.
+CREATE MACRO _confusion_columns(positive) AS
+    'count(*) AS size, avg(correct::INT) AS accuracy, '
+    || 'count(*) FILTER (WHERE label = ' || CAST(positive AS BIGINT) || ' AND prediction = ' || CAST(positive AS BIGINT) || ') AS tp, '
+    || 'count(*) FILTER (WHERE label <> ' || CAST(positive AS BIGINT) || ' AND prediction = ' || CAST(positive AS BIGINT) || ') AS fp, '
+    || 'count(*) FILTER (WHERE label = ' || CAST(positive AS BIGINT) || ' AND prediction <> ' || CAST(positive AS BIGINT) || ') AS fn, '
+    || 'count(*) FILTER (WHERE label <> ' || CAST(positive AS BIGINT) || ' AND prediction <> ' || CAST(positive AS BIGINT) || ') AS tn';
+CREATE MACRO _rates(tp, fp, fn, tn) AS {
+    'fpr': fp / nullif(fp + tn, 0), 'fnr': fn / nullif(fn + tp, 0),
+    'precision': tp / nullif(tp + fp, 0), 'recall': tp / nullif(tp + fn, 0)};
+CREATE MACRO _metric(metric, accuracy, fpr, fnr, precision, recall) AS
+    CASE metric WHEN 'accuracy' THEN accuracy WHEN 'fpr' THEN fpr WHEN 'fnr' THEN fnr
+                WHEN 'precision' THEN precision WHEN 'recall' THEN recall
+                ELSE error('metric must be accuracy, fpr, fnr, precision or recall, got ''' || metric || '''') END;
+
+-- The metrics of the labeled instances where `predicate` holds (FairVis' side-by-side view).
+-- Example: SELECT * FROM subset_metrics('stroke = ''thin''', 8)
+CREATE MACRO subset_metrics(predicate, positive := 0) AS TABLE
+    SELECT *, unnest(_rates(tp, fp, fn, tn))
+    FROM query('SELECT ' || _confusion_columns(positive) || ', avg(confidence) AS mean_confidence '
+               || 'FROM instances WHERE label IS NOT NULL AND (' || predicate || ')');
+COMMENT ON MACRO TABLE subset_metrics IS 'Size, accuracy, confusion counts, FPR, FNR, precision, recall (for class positive) and mean confidence of the labeled subset where predicate holds';
+
 -- Subgroups (FairVis) of the labeled instances: every value combination of every
--- non-empty subset of `columns` (one to three instances columns, as a LIST), i.e. each
--- column alone and their intersections. Per subgroup: a readable `subgroup`, `level`
--- (how many columns it fixes), `size`, `accuracy` and one-vs-rest tp/fp/fn/tn, FPR, FNR,
--- precision and recall for class `positive`. The columns themselves are NULL where a
--- subgroup does not fix them.
-CREATE MACRO _subgroups(columns, positive) AS TABLE
+-- subset of `columns` (one to three instances columns, as a LIST), i.e. each column alone,
+-- their intersections, and (level 0) all labeled instances. Per subgroup: a readable
+-- `subgroup`, `level` (how many columns it fixes) and the metrics above for class
+-- `positive`. The columns themselves are NULL where a subgroup does not fix them.
+CREATE MACRO _subgroup_cube(columns, positive) AS TABLE
+    SELECT *, unnest(_rates(tp, fp, fn, tn))
     FROM query(
         'SELECT ' || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ', '
         || 'concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c:
                'CASE WHEN grouping(' || _quoted(c) || ') = 0 THEN ' || _literal(c || '=') || ' || coalesce('
                || _quoted(c) || '::VARCHAR, ''NULL'') END'), ', ') || ') AS subgroup, '
         || '(' || array_to_string(list_transform(columns, lambda c: '(1 - grouping(' || _quoted(c) || '))'), ' + ')
-        || ')::INTEGER AS level, count(*) AS size, avg(correct::INT) AS accuracy, '
-        || 'count(*) FILTER (WHERE label = netloupe_positive AND prediction = netloupe_positive) AS tp, '
-        || 'count(*) FILTER (WHERE label <> netloupe_positive AND prediction = netloupe_positive) AS fp, '
-        || 'count(*) FILTER (WHERE label = netloupe_positive AND prediction <> netloupe_positive) AS fn, '
-        || 'count(*) FILTER (WHERE label <> netloupe_positive AND prediction <> netloupe_positive) AS tn, '
-        || 'fp / nullif(fp + tn, 0) AS fpr, fn / nullif(fn + tp, 0) AS fnr, '
-        || 'tp / nullif(tp + fp, 0) AS precision, tp / nullif(tp + fn, 0) AS recall '
-        || 'FROM instances, (SELECT ' || CAST(positive AS BIGINT) || '::BIGINT AS netloupe_positive) '
-        || 'WHERE label IS NOT NULL GROUP BY CUBE (' || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ') '
-        || 'HAVING level > 0'
+        || ')::INTEGER AS level, ' || _confusion_columns(positive) || ' '
+        || 'FROM instances WHERE label IS NOT NULL GROUP BY CUBE ('
+        || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ')'
     )
     WHERE CASE WHEN len(columns) BETWEEN 1 AND 3 THEN true
                ELSE error('subgroups take one to three columns, got ' || len(columns) || ': ' || columns::VARCHAR) END;
@@ -215,37 +235,26 @@ CREATE MACRO _subgroups(columns, positive) AS TABLE
 -- Subgroup metrics over `columns` and their intersections, most specific first.
 -- Example: SELECT * FROM subgroup_metrics(['stroke'], 8) ORDER BY recall
 CREATE MACRO subgroup_metrics(columns, positive) AS TABLE
-    FROM _subgroups(columns, positive)
+    FROM _subgroup_cube(columns, positive)
+    WHERE level > 0
     ORDER BY level DESC, subgroup;
 COMMENT ON MACRO TABLE subgroup_metrics IS 'FairVis subgroups of 1-3 columns and their intersections: size, accuracy, FPR, FNR, precision, recall for class positive';
 
 -- The worst subgroups by `metric` (accuracy, fpr, fnr, precision or recall for class
 -- `positive`) among those with at least `min_size` instances, as FairVis suggests them.
 -- A sliceline-like search: every subgroup of up to three columns is scored; `gap` is how
--- much worse than all labeled instances it is (positive = worse), and ties go to the
--- larger subgroup.
+-- much worse than all labeled instances (the cube's level 0) it is (positive = worse),
+-- and ties go to the larger subgroup.
 CREATE MACRO suggested_subgroups(columns, metric := 'accuracy', positive := 0, min_size := 30, k := 10) AS TABLE
     WITH scored AS (
-        SELECT *, CASE metric WHEN 'accuracy' THEN accuracy WHEN 'fpr' THEN fpr WHEN 'fnr' THEN fnr
-                              WHEN 'precision' THEN precision WHEN 'recall' THEN recall
-                              ELSE error('suggested_subgroups: metric must be accuracy, fpr, fnr, precision '
-                                         || 'or recall, got ''' || metric || '''') END AS value
-        FROM _subgroups(columns, positive)
-    ), overall AS (
-        SELECT count(*) FILTER (WHERE label = positive AND prediction = positive) AS tp,
-               count(*) FILTER (WHERE label <> positive AND prediction = positive) AS fp,
-               count(*) FILTER (WHERE label = positive AND prediction <> positive) AS fn,
-               count(*) FILTER (WHERE label <> positive AND prediction <> positive) AS tn,
-               CASE metric WHEN 'accuracy' THEN avg(correct::INT) WHEN 'fpr' THEN fp / nullif(fp + tn, 0)
-                           WHEN 'fnr' THEN fn / nullif(fn + tp, 0) WHEN 'precision' THEN tp / nullif(tp + fp, 0)
-                           WHEN 'recall' THEN tp / nullif(tp + fn, 0) END AS value
-        FROM instances WHERE label IS NOT NULL
+        SELECT *, _metric(metric, accuracy, fpr, fnr, precision, recall) AS value
+        FROM _subgroup_cube(columns, positive)
     )
     SELECT s.subgroup, s.level, s.size, metric AS metric, s.value, o.value AS overall,
            CASE WHEN metric IN ('fpr', 'fnr') THEN s.value - o.value ELSE o.value - s.value END AS gap,
            s.accuracy, s.fpr, s.fnr, s.precision, s.recall
-    FROM scored AS s, overall AS o
-    WHERE s.size >= min_size AND s.value IS NOT NULL
+    FROM scored AS s, (SELECT value FROM scored WHERE level = 0) AS o
+    WHERE s.level > 0 AND s.size >= min_size AND s.value IS NOT NULL
     ORDER BY gap DESC, s.size DESC, s.subgroup
     LIMIT k;
 COMMENT ON MACRO TABLE suggested_subgroups IS 'The k worst subgroups by metric with at least min_size instances (sliceline-like)';
