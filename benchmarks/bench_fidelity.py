@@ -72,11 +72,9 @@ def summary_at(rows: int) -> None:
                                          "deletion_auc": rng.random(n, dtype=np.float32),
                                          "insertion_auc": rng.random(n, dtype=np.float32)}),
                                layout.attributions_dir(method) / f"part-{start:012d}.parquet", compression="zstd")
-        manifest = {"fidelity": {"curve_steps": 4}, "tables": {},
-                    "model": {"attribution_shapes": {m: [1] for m in methods}}}
         con = duckdb.connect()
         started = time.perf_counter()
-        _build_fidelity_summary(con, layout, manifest)
+        _build_fidelity_summary(con, layout, methods, 4, {})
         summary = time.perf_counter() - started
         started = time.perf_counter()
         for method in methods:

@@ -29,20 +29,21 @@ from netloupe.contract.errors import SpecError
 from netloupe.contract.spec import load_spec, parse_spec
 from netloupe.storage.catalog import OPERATORS_LIST_SQL, open_catalog, query_relation, run_query
 from netloupe.storage.instance import InstanceRecord, read_instance
-from netloupe.storage.layout import RunLayout
 from netloupe.storage.location import local_run_dir
-from netloupe.storage.manifest import RunManifest
+from netloupe.storage.reader import RunReader
 
 
-class Run:
-    """A committed run: its manifest, SQL over its catalog, its instances as arrays."""
+class Run(RunReader):
+    """A committed run: its manifest, SQL over its catalog, one instance as arrays, and (from
+    :class:`RunReader`) whole tables as Arrow: ``instances()``, ``activations(layer)``,
+    ``attributions(method)``, ``activation_matrix(layer)``, ``attribution_maps(method)``."""
 
     def __init__(self, location: str | os.PathLike):
         self.location = str(location)
         """Where the run is: its directory, or its URI in an object store."""
-        self.directory = Path(local_run_dir(self.location))
+        super().__init__(local_run_dir(self.location))
+        self.directory: Path = self.layout.root
         """The run on this machine (for a store, the local copy SQL reads)."""
-        self.manifest: RunManifest = RunLayout(self.directory).read_manifest()
         self._connection: duckdb.DuckDBPyConnection | None = None
 
     @property
@@ -70,22 +71,12 @@ class Run:
     # -- what the run holds ------------------------------------------------------------------
 
     @property
-    def layers(self) -> list[str]:
-        """Recorded layers (their activations are ``activations_<layer>`` in SQL)."""
-        return self.manifest.layers
-
-    @property
-    def methods(self) -> list[str]:
-        """Attribution tables (``attributions_<method>`` in SQL)."""
-        return self.manifest.methods
-
-    @property
     def operators(self) -> list[str]:
         """The explanation operators, SQL table macros (``SELECT * FROM neuron_matrix(...)``)."""
         return self.sql(OPERATORS_LIST_SQL)["operator"].to_pylist()
 
-    @property
-    def instances(self) -> int:
+    def __len__(self) -> int:
+        """Instances in the run."""
         return self.manifest.counts.instances
 
     def instance(self, instance_id) -> InstanceRecord:
@@ -108,7 +99,7 @@ class Run:
             self._connection = None
 
     def __repr__(self) -> str:
-        return (f"Run({self.location!r}: {self.instances:,} instances, layers {self.layers}, "
+        return (f"Run({self.location!r}: {len(self):,} instances, layers {self.layers}, "
                 f"methods {self.methods})")
 
 

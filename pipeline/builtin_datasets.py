@@ -39,6 +39,9 @@ class BuiltinDataset:
     library that ships the set, imported only when needed)."""
     preprocess: dict = field(default_factory=dict)
     """The set's own preprocessing (``PreprocessSpec`` keys); the spec's keys override it."""
+    standardised: bool = False
+    """A tabular set standardised per feature with its own mean and deviation (computed from
+    the data on first use), instead of ``preprocess``."""
 
     @property
     def generated(self) -> bool:
@@ -66,7 +69,7 @@ class BuiltinDataset:
         ``metadata_columns``, ``preprocess``)."""
         roles = {"input_column": self.input_column} if self.input_column else {
             "feature_columns": self.feature_columns()}
-        preprocess = self.preprocess or _standardisation(self)
+        preprocess = _standardisation(self) if self.standardised else dict(self.preprocess)
         return {**roles, "metadata_columns": list(self.metadata_columns), "preprocess": preprocess}
 
 
@@ -151,8 +154,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d.name: d for d in [
     BuiltinDataset("mnist-variants", None, ("jitter", "stroke", "noise", "rotation"), input_column="image",
                    preprocess=_IMAGE_28),
     BuiltinDataset("digits", _digits, ("stroke",), input_column="image", preprocess={"shape": [1, 8, 8], "scale": 1 / 16}),
-    # Standardised with its own statistics (computed from the data on first use).
-    BuiltinDataset("breast-cancer", _breast_cancer, ("size_group",), feature_columns=breast_cancer_features),
+    BuiltinDataset("breast-cancer", _breast_cancer, ("size_group",), feature_columns=breast_cancer_features,
+                   standardised=True),
 ]}
 
 

@@ -75,7 +75,7 @@ def cmd_validate(args) -> int:
 
     checked = validate(load_spec(args.spec, parse_overrides(args.set)))
     print(json.dumps({"rows": checked.dataset.num_rows, "classes": checked.class_names,
-                      "model": checked.facts.model_dump(mode="json"), "model_fingerprint": checked.fingerprint.digest,
+                      "model": checked.facts.model_dump(mode="json"), "fingerprint": checked.fingerprint.digest,
                       "weights_unset": checked.weights_unset}, indent=2))
     return 0
 
@@ -282,6 +282,7 @@ def cmd_jobs(args) -> int:
 
 def cmd_generate(args) -> int:
     from netloupe.contract.errors import DatasetError
+    from netloupe.pipeline.builtin_datasets import BUILTIN_DATASETS
     from netloupe.pipeline.mnist_variants import write_mnist_variants
 
     try:
@@ -289,8 +290,10 @@ def cmd_generate(args) -> int:
                                    progress=lambda done, total: print(f"{done:,} of {total:,} rows", flush=True))
     except (FileExistsError, ValueError) as error:
         raise DatasetError(f"{error}") from None
-    print(f"wrote {args.rows:,} instances to {out}; use it as dataset.source with input_column: image, "
-          "metadata_columns: [jitter, stroke, noise], preprocess {shape: [1, 28, 28], scale: 1/255}")
+    roles = BUILTIN_DATASETS["mnist-variants"].defaults()
+    print(f"wrote {args.rows:,} instances to {out}; use it as dataset.source with "
+          f"input_column: {roles['input_column']}, metadata_columns: {roles['metadata_columns']}, "
+          f"preprocess: {roles['preprocess']}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     validate          the spec against the data and the model, on a few rows, no Ray
     start_ray         connect, or start a local Ray; check the workers fit
+    stage             the staged run, its spec and model fingerprint first (for --resume)
     explain           the Ray Data pass: ExplainWorker actors write every batch's parts
     settle            keep the reported parts, check every instance is there exactly once
     project           fit 2-D projections on a sample, apply them in the workers
@@ -131,6 +132,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
                  progress or RunProgress())
     job.validate()
     job.start_ray()
+    job.stage()
     with failure_policy(job.staging):
         parts = job.explain()
         keys, sampled = job.settle(parts)
@@ -232,8 +234,7 @@ class JobRun:
     # -- start_ray --------------------------------------------------------------------------
 
     def start_ray(self) -> None:
-        """Connect to the spec's cluster (or start a local Ray), check the workers fit, and
-        stage the run (its spec and model fingerprint first, for ``--resume``)."""
+        """Connect to the spec's cluster (or start a local Ray) and check the workers fit."""
         self.timings["ray_init_seconds"] = ensure_ray(self.spec.execution.ray_address)
         import ray
 
@@ -242,6 +243,11 @@ class JobRun:
         # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
         context.raise_original_map_exception = True
         check_cluster_fits(self.spec.execution)
+
+    # -- stage ------------------------------------------------------------------------------
+
+    def stage(self) -> None:
+        """Make the staged run, its spec and model fingerprint first (what ``--resume`` needs)."""
         self.staging.create(staged_job(spec_to_dict(self.spec), self.checked.fingerprint.to_json()))
 
     # -- explain ----------------------------------------------------------------------------
@@ -373,7 +379,7 @@ class JobRun:
             run_name=spec.output.run_name,
             created_unix=time.time(),
             spec=spec_to_dict(spec),
-            preprocess=dataset.preprocess.model_dump(mode="json"),
+            preprocess=dataset.preprocess,
             dataset=DatasetInfo(
                 path=str(Path(dataset.path).resolve()), id_type=dataset.id_type, id_column=dataset.id_column,
                 label_column=dataset.label_column, input_column=dataset.input_column,
@@ -393,7 +399,7 @@ class JobRun:
                 projections={f"{p.kind}/{p.name}": f"projections/{p.kind}/{p.name}" for p in projections.tables},
                 fidelity={name: f"fidelity/{name}" for name in sampled},
             ),
-            fidelity=FidelityInfo(settings=spec.fidelity.model_dump(mode="json"), sampled_rows=sampled),
+            fidelity=FidelityInfo(settings=spec.fidelity, sampled_rows=sampled),
             projections=projections,
             workers=[WorkerInfo(node_id=n, device=d, gpu_ids=g, chunk_rows=c)
                      for n, d, g, c in sorted({(p.node_id, p.device, p.gpu_ids, p.chunk_rows) for p in parts})],

@@ -33,6 +33,10 @@ def local_cpus() -> int:
     return (os.cpu_count() or 1) + 1
 
 
+_connected_to: list[str | None] = []
+"""The ``execution.ray_address`` this process's Ray was started for (None: a local Ray)."""
+
+
 def start_local_ray(log_to_driver: bool = True, **settings) -> None:
     """Start a local Ray of its own on 127.0.0.1 (``address="local"``: even when a cluster
     started by ``ray start`` runs on this machine, which a bare ``ray.init()`` would join)."""
@@ -41,20 +45,31 @@ def start_local_ray(log_to_driver: bool = True, **settings) -> None:
 
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=local_cpus(), include_dashboard=False,
              log_to_driver=log_to_driver, **settings)
+    _connected_to[:] = [None]
 
 
 def ensure_ray(address: str | None) -> float:
-    """Connect to the spec's cluster, or start a local one; return the seconds it took."""
+    """Connect to the spec's cluster, or start a local one; return the seconds it took. In a
+    process already connected (a notebook running a second job) the spec must name the same
+    cluster: a run must not land silently on another one."""
     local_ray_environment()
     import ray
 
     if ray.is_initialized():
+        current = _connected_to[0] if _connected_to else "a cluster this process connected to itself"
+        if current != address:
+            raise RunError(
+                f"this process is already connected to Ray ({current or 'a local Ray'}), but the spec's "
+                f"execution.ray_address is {address or 'unset (a local Ray)'}; run the job in a new process, "
+                "or call ray.shutdown() first"
+            )
         return 0.0
     started = time.perf_counter()
     if address is None:
         start_local_ray()
     else:
         ray.init(address=address, log_to_driver=True)
+        _connected_to[:] = [address]
     return time.perf_counter() - started
 
 

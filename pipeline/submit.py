@@ -54,9 +54,18 @@ AGENT_WAIT_S = 180
 """How long a submission waits for the job agent of a cluster that has just started."""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: BaseException) -> str:
+    """The error in one line. Ray's job server answers a failure with the server's traceback
+    as the body ("Request failed with status code 500: Traceback ..."): then the status and the
+    traceback's last line, which says what went wrong."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and any(line.startswith("Traceback") or line.endswith("Traceback (most recent call last):")
+                              for line in lines):
+        status = lines[0].split("Traceback")[0].rstrip(": ")
+        return f"{status}: {lines[-1]}" if status else lines[-1]
+    return lines[0]
 
 
 @contextmanager
@@ -68,7 +77,7 @@ def _one_line_errors(what: str):
     except SubmitError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever the client raises, the user gets one line
-        text = _first_line(error)
+        text = _one_line(error)
         hint = ("; with token authentication on, set RAY_AUTH_MODE=token and the cluster's token "
                 "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
                 if "401" in text or "nauthorized" in text else "")

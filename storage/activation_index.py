@@ -7,7 +7,7 @@ subset's mean over 1M instances × 256 neurons costs 0.6-1.2 s whatever the subs
 of its own rows, and a subset larger than half the run is answered from the run's totals
 minus its complement. ``benchmarks/bench_sql.py`` measures both paths side by side.
 
-:func:`open_catalog <storage.catalog.open_catalog>` registers :meth:`ActivationIndex.moments`
+:func:`open_catalog <netloupe.storage.catalog.open_catalog>` registers :meth:`ActivationIndex.moments`
 as the scalar function ``_neuron_moments_fast`` and shadows the SQL macro
 ``_neuron_moments`` with one that calls it, so every operator built on it (neuron
 matrices, subset comparison) takes the fast path; a plain DuckDB client (the stock CLI)

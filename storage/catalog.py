@@ -191,7 +191,8 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 parquet_views.append((fidelity_view(method),
                                       f"{layout.fidelity_dir(method).relative_to(layout.root)}/*.parquet"))
             summary_started = time.perf_counter()
-            _build_fidelity_summary(con, layout, manifest)
+            _build_fidelity_summary(con, layout, list(model.attribution_shapes), manifest.fidelity.curve_steps,
+                                    manifest.tables.fidelity)
             timings["fidelity summary"] = time.perf_counter() - summary_started
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
@@ -245,14 +246,13 @@ def _one_row(con, sql: str, parameters: list) -> dict:
     return dict(zip(names, row))
 
 
-def _build_fidelity_summary(con, layout: RunLayout, manifest: RunManifest) -> None:
-    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run."""
-    curves = manifest.fidelity.curve_steps
+def _build_fidelity_summary(con, layout: RunLayout, methods: list[str], curves: int, sampled: dict) -> None:
+    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run
+    (``curves``: the curves' steps, 0 when none; ``sampled``: the methods with sampled checks)."""
     curve_sql = ("avg(deletion_auc) AS mean_deletion_auc, avg(insertion_auc) AS mean_insertion_auc" if curves else
                  "NULL::DOUBLE AS mean_deletion_auc, NULL::DOUBLE AS mean_insertion_auc")
-    sampled = manifest.tables.fidelity
     rows = []
-    for method in manifest.model.attribution_shapes:
+    for method in methods:
         row = _one_row(con, _FIDELITY_SUMMARY_SQL.format(curves=curve_sql),
                        [method, str(layout.attributions_dir(method) / "*.parquet")])
         if method in sampled:

@@ -88,7 +88,7 @@ def _input_of(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instance_id
     row.pop("instance_id")
     if len(row) == 1:
         (values,) = row.values()
-        shape = manifest.preprocess.get("shape")
+        shape = manifest.preprocess.shape
         array = np.asarray(values, np.float32)
         return array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array
     return row

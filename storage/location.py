@@ -27,6 +27,7 @@ spec.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from netloupe.contract.errors import RunError
+from netloupe.storage.manifest import parse_manifest
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "NETLOUPE_CACHE"
@@ -179,6 +181,11 @@ def local_run_dir(run: str | os.PathLike) -> Path:
     except (FileNotFoundError, OSError) as error:
         raise RunError(f"{run} is not a committed netloupe run: reading its {MANIFEST} failed ({error}). "
                        "Pass the URI that `netloupe run` printed at its end") from None
+    # A run of another netloupe is refused before its tables are downloaded.
+    try:
+        parse_manifest(json.loads(manifest), run)
+    except json.JSONDecodeError as error:
+        raise RunError(f"the manifest of the run at {run} is not JSON ({error})") from None
     cached = cached_run_dir(run)
     if (cached / MANIFEST).exists() and (cached / MANIFEST).read_bytes() == manifest:
         return cached

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from netloupe.contract.errors import RunError
+from netloupe.contract.spec import FidelitySpec, PreprocessSpec
 from netloupe.storage.schema import SCHEMA_VERSION
 
 MANIFEST_FORMAT = 2
@@ -41,7 +42,9 @@ class BatchReport(Record):
     bytes: int
     """Bytes of all the batch's part files."""
     compute_seconds: float
+    """Seconds the worker spent explaining the batch."""
     write_seconds: float
+    """Seconds it spent writing the batch's parts."""
     device: str
     """``cpu`` or ``cuda:0`` (the worker's view of its assigned GPU)."""
     gpu_ids: str
@@ -60,7 +63,9 @@ class ModelFacts(Record):
     """What the validation batch revealed about the model; fixes every table's schema."""
 
     num_classes: int
+    """Outputs of the model (classes)."""
     input_shape: tuple[int, ...]
+    """Shape of one instance as the model takes it."""
     layer_neurons: dict[str, int]
     """Stored vector length per recorded layer (after pooling)."""
     layer_output_shapes: dict[str, tuple[int, ...]]
@@ -92,26 +97,37 @@ class DatasetInfo(Record):
     path: str | None = None
     """The dataset read (absolute); None for a handmade run."""
     id_type: Literal["int64", "string"]
+    """Type of the instance ids in every table."""
     id_column: str | None = None
+    """The dataset's id column (the tables call it ``instance_id``)."""
     label_column: str | None = None
+    """The dataset's label column, if it has one."""
     input_column: str | None = None
+    """The column holding each instance's input (images, tensors), if one does."""
     feature_columns: list[str] = []
+    """The numeric columns forming the input (tabular models), in model order."""
     metadata_columns: list[str] = []
+    """Columns copied into ``instances`` for slicing."""
 
 
 class Counts(Record):
+    """How much the run holds."""
+
     instances: int
+    """Instances explained."""
     parts: int = 0
     """Batches written."""
     bytes: int = 0
     """Bytes of every part file the workers wrote."""
     attribution_rows_per_method: int = 0
+    """Rows of each attribution table (instances x targets per instance)."""
 
 
 class Tables(Record):
     """Each table's directory, relative to the run."""
 
     instances: str = "instances"
+    """The instances table's directory."""
     activations: dict[str, str] = {}
     """Layer → directory."""
     attributions: dict[str, str] = {}
@@ -125,46 +141,65 @@ class Tables(Record):
 class FidelityInfo(Record):
     """The fidelity settings the run used, and how many instances each method's sample got."""
 
-    settings: dict[str, Any] = {}
+    settings: FidelitySpec = FidelitySpec()
     """The spec's ``fidelity`` section."""
     sampled_rows: dict[str, int] = {}
+    """Method table → instances that got the sampled checks."""
 
     @property
     def curve_steps(self) -> int:
-        return int(self.settings.get("curve_steps", 0))
+        return self.settings.curve_steps
 
 
 class ProjectionTable(Record):
     """One fitted projection (:meth:`netloupe.workers.projection.Projection.describe`)."""
 
     kind: str
+    """``activations`` or ``attributions``."""
     name: str
+    """The layer or method table projected."""
     algorithms: list[str]
+    """The projections fitted (``pca``, ``umap``)."""
     dimensions: int
+    """Length of the vectors projected."""
     sample_rows: int
+    """Instances the projection was fitted on."""
     explained_variance_ratio: list[float]
+    """PCA's share of variance of each of the two axes."""
     pca_mean: list[float] = []
+    """PCA's centre (with the components, the whole linear map)."""
     pca_components: list[list[float]] = []
+    """PCA's two axes."""
     umap_neighbors: int | None = None
+    """UMAP's ``n_neighbors``, when UMAP was fitted."""
     fit_seconds: dict[str, float] = {}
     """Seconds each algorithm took to fit."""
 
 
 class Projections(Record):
+    """The 2-D maps of the run."""
+
     sample_rows: int = 0
     """Instances the projections were fitted on."""
     seed: int | None = None
+    """Seed of the sample and of UMAP."""
     tables: list[ProjectionTable] = []
+    """Each projected table's fitted parameters."""
     timings: dict[str, float] = {}
+    """Seconds fitting and applying them."""
 
 
 class WorkerInfo(Record):
     """One worker as its batches reported it."""
 
     node_id: str
+    """The Ray node it ran on."""
     device: str
+    """``cpu`` or its GPU (``cuda:0``)."""
     gpu_ids: str
+    """Ray's GPU ids for it, comma-separated."""
     chunk_rows: int
+    """Rows per forward/backward pass it chose."""
 
 
 class RunManifest(Record):
@@ -175,29 +210,41 @@ class RunManifest(Record):
     schema_version: int = SCHEMA_VERSION
     """The tables' schema version (:data:`netloupe.storage.schema.SCHEMA_VERSION`)."""
     run_name: str
+    """The run's directory name."""
     created_unix: float
+    """When the run was committed (seconds since the epoch)."""
     handmade: bool = False
     """Made from arrays (tests, benchmarks) by :mod:`netloupe.storage.handmade`, not by a job."""
     spec: dict[str, Any] | None = None
     """The job spec, as data; None for a handmade run."""
-    preprocess: dict[str, Any] = {}
+    preprocess: PreprocessSpec = PreprocessSpec()
     """The preprocessing applied (the spec's, or a built-in dataset's own)."""
     dataset: DatasetInfo
+    """Where the instances came from."""
     counts: Counts
+    """How much the run holds."""
     class_names: list[str]
+    """The model's output classes, in output order."""
     model: ModelFacts
+    """What validation learned about the model: the tables' shapes."""
     model_identity: ModelIdentity
+    """Which model it was, and what its output means."""
     model_graph: dict[str, Any] | None = None
     """The model's graph for the dashboard (:func:`netloupe.pipeline.model_graph.model_graph`)."""
     tables: Tables
+    """Each table's directory."""
     fidelity: FidelityInfo = FidelityInfo()
+    """The fidelity checks' settings and samples."""
     projections: Projections = Projections()
+    """The 2-D maps."""
     workers: list[WorkerInfo] = []
+    """The workers that computed the batches."""
     timings: dict[str, Any] = {}
     """Seconds per stage; ``catalog`` holds the catalog build's own timings."""
     versions: dict[str, str] = {}
     """Python's and the main packages' versions."""
     argv: list[str] = []
+    """The command line that made the run."""
 
     @property
     def layers(self) -> list[str]:

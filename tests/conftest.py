@@ -13,7 +13,7 @@ local_ray_environment()
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import image_table, tabular_table
+from tests.helpers import image_table, stop_processes_of, tabular_table
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,3 +47,16 @@ def image_parquet(tmp_path):
     path = tmp_path / "images.parquet"
     pq.write_table(image_table(), path)
     return path
+
+
+@pytest.fixture
+def stop_afterwards():
+    """A list of private directories (:func:`tests.helpers.private_ray_dir`): when the test
+    ends, however it ends, the processes naming them are stopped and the directories removed."""
+    import shutil
+
+    markers = []
+    yield markers
+    for marker in markers:
+        stop_processes_of(marker)
+        shutil.rmtree(marker, ignore_errors=True)

@@ -102,8 +102,10 @@ def private_ray_dir() -> Path:
 def processes_of(marker: str | os.PathLike) -> list[psutil.Process]:
     """Every process whose command line names ``marker`` (a test's private directory)."""
     marker, found = str(marker), []
+    # Not this process nor those that started it (a shell's command line may name the marker too).
+    own = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     for process in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in (process.info["cmdline"] or [])):
+        if process.pid not in own and any(marker in part for part in (process.info["cmdline"] or [])):
             found.append(process)
     return found
 

@@ -34,7 +34,8 @@ def _by_hand(source):
 def test_explain_returns_the_committed_run(api_run):
     run, _ = api_run
     assert isinstance(run, netloupe.Run)
-    assert run.instances == 50 and run.layers == ["fc"] and run.methods == ["saliency", "input_x_gradient"]
+    assert len(run) == 50 and run.layers == ["fc"] and run.methods == ["saliency", "input_x_gradient"]
+    assert run.instances()["instance_id"].to_pylist() == list(range(1000, 1050))  # whole tables too
     assert {"neuron_matrix", "suggested_subgroups", "confusion_matrix"} <= set(run.operators)
     assert "50 instances" in repr(run)
 
@@ -79,6 +80,15 @@ def test_open_run_reads_the_same_run_and_bad_input_is_clear(api_run, tmp_path):
     with pytest.raises(RunError, match="is not a committed netloupe run"):
         netloupe.open_run(tmp_path)
     assert set(netloupe.methods()["method"]) >= {"integrated_gradients", "saliency", "grad_cam"}
+
+
+def test_a_second_job_in_the_same_process_does_not_land_on_another_cluster(api_run, tmp_path):
+    """A notebook connected to one Ray cannot silently run a spec meant for another cluster."""
+    run, _ = api_run
+    spec = tabular_spec_data(run.manifest.dataset.path, tmp_path / "runs", execution={"ray_address": "127.0.0.1:1"})
+    with pytest.raises(RunError, match=r"already connected to Ray \(a local Ray\).*ray_address is 127.0.0.1:1"):
+        netloupe.explain(spec, progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.parquet"))
 
 
 @pytest.mark.timeout(600)

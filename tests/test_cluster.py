@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from netloupe.contract.errors import SpecError
-from netloupe.pipeline.submit import SubmitError, cluster_address, prepare_job
+from netloupe.pipeline.ray_cluster import LOCAL_RAY_ENVIRONMENT
 from netloupe.storage.layout import RunLayout
 from tests.helpers import (
     free_port,
@@ -81,8 +80,8 @@ def linear():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two Ray nodes on 127.0.0.1 (2 logical GPUs each), token auth on; the job server's URL."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **LOCAL_RAY_ENVIRONMENT, "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     ray = [str(BIN / "ray")]
@@ -90,11 +89,15 @@ def cluster(tmp_path_factory):
     # those (`ray stop` would stop every Ray on the machine, a user's own runs included).
     ray_dir = private_ray_dir()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=2", f"--temp-dir={ray_dir}"]
+    # Ports of its own too: Ray's defaults (10001, and 52365 for each node's agent, which serves
+    # the job API) may be held by another Ray on this machine, a user's local run say.
     subprocess.run(ray + ["start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                          f"--dashboard-port={dashboard}", "--num-cpus=3", *common],
+                          f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                          f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=3", *common],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
-        subprocess.run([sys.executable, "-c", JOIN, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common],
+        subprocess.run([sys.executable, "-c", JOIN, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                        f"--dashboard-agent-listen-port={free_port()}", *common],
                        env=env, check=True, capture_output=True, timeout=180)
 
         def both_nodes() -> bool:
@@ -204,16 +207,3 @@ def test_every_listener_of_the_cluster_is_on_loopback(cluster):
     assert len(listening) >= 4, listening  # GCS, dashboard, raylets, agents...
     exposed = [(pid, address) for pid, address in listening if address.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert exposed == [], exposed
-
-
-def test_submit_refuses_a_relative_output_root_and_needs_an_address(tmp_path, monkeypatch):
-    spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(tabular_spec_data("data.parquet", "runs")))
-    with pytest.raises(SpecError, match="relative path"):
-        prepare_job(spec, [])
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    with pytest.raises(SubmitError, match="--address"):
-        cluster_address(None)
-    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    assert cluster_address(None) == "http://127.0.0.1:8265"

@@ -42,7 +42,7 @@ def test_a_worker_killed_mid_run_still_gives_every_instance_exactly_once(ray_loc
     assert len(parts) == result.manifest.counts.parts
 
 
-def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys):
+def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tmp_path, capsys, stop_afterwards):
     from netloupe.pipeline.cli import main as cli_main
     from tests.helpers import kill_driver_mid_run, processes_of, slow_run_spec, wait_until
 
@@ -50,6 +50,7 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     staging_root = tmp_path / "runs" / ".staging"
     # A batch is finished once its instances part is written (the last of its parts).
     killed = kill_driver_mid_run(spec_path, lambda: len(list(staging_root.glob("t-*/instances/part-*.parquet"))))
+    stop_afterwards.append(killed)
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
     kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
 

@@ -128,3 +128,15 @@ def test_empty_batch_still_has_the_schema(tmp_path):
     write_part(tmp_path, "empty", table)
     import pyarrow.parquet as pq
     assert pq.read_schema(tmp_path / "part-empty.parquet") == S.attributions_schema(4)
+
+
+def test_every_field_of_the_run_contract_is_documented():
+    """The manifest and the worker's report are the run's contract: each field says what it is."""
+    from netloupe.storage import manifest as contract
+
+    records = [obj for obj in vars(contract).values()
+               if isinstance(obj, type) and issubclass(obj, contract.Record) and obj is not contract.Record]
+    assert len(records) >= 10
+    undocumented = [f"{r.__name__}.{name}" for r in records for name, field in r.model_fields.items()
+                    if not (field.description or "").strip()]
+    assert undocumented == []

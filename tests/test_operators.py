@@ -237,11 +237,36 @@ def test_subset_metrics_use_the_subgroups_formulas(query, handmade):
         thin["size"], thin["tp"], thin["fp"], thin["fn"], thin["tn"])
     for metric in ("accuracy", "fpr", "fnr", "precision", "recall"):
         assert got[metric] == pytest.approx(thin[metric])
-    everything = query("SELECT * FROM subset_metrics('true', 1)").iloc[0]
+    confidence = _data()[0].to_pandas()["probabilities"].map(max)
+    assert got["mean_confidence"] == pytest.approx(confidence[(frame["stroke"] == "thin").to_numpy()].mean())
+    # The suggestions' baseline is every labeled instance, as pandas counts it.
+    positive, predicted = frame["label"] == 1, frame["prediction"] == 1
+    overall_fnr = (positive & ~predicted).sum() / positive.sum()
     suggested = query("SELECT * FROM suggested_subgroups(['stroke'], 'fnr', positive := 1, min_size := 1)")
-    assert suggested["overall"].iloc[0] == pytest.approx(everything["fnr"])
+    assert suggested["overall"].iloc[0] == pytest.approx(overall_fnr)
+    assert query("SELECT * FROM subset_metrics('true', 1)")["fnr"].iloc[0] == pytest.approx(overall_fnr)
     with pytest.raises(Exception, match="metric must be accuracy, fpr, fnr, precision or recall, got 'f1'"):
         query("SELECT * FROM suggested_subgroups(['stroke'], 'f1')")
+
+
+def test_unlabeled_instances_are_left_out_of_every_fairvis_metric(tmp_path):
+    """Instances without a label have no outcome to judge: subgroups, subsets and the
+    suggestions' baseline count the labeled ones only."""
+    instances = pa.table({
+        "instance_id": np.arange(6, dtype=np.int64), "label": pa.array([1, 1, 0, None, None, 0], pa.int64()),
+        "prediction": np.array([1, 0, 0, 1, 1, 1]),
+        "probabilities": S.fixed_vectors(np.full((6, 2), 0.5, np.float32), 2),
+        "stroke": ["thin", "thin", "thin", "thin", "heavy", "heavy"],
+    })
+    run = write_handmade_run(tmp_path, "u", instances, {"fc": np.zeros((6, 2), np.float32)}, {}).root
+    con = open_catalog(run)
+    thin = run_query(con, "SELECT * FROM subset_metrics('stroke = ''thin''', 1)").to_pylist()[0]
+    assert (thin["size"], thin["tp"], thin["fn"], thin["tn"], thin["fp"]) == (3, 1, 1, 1, 0)
+    assert thin["recall"] == 0.5 and thin["accuracy"] == pytest.approx(2 / 3)
+    rows = {r["subgroup"]: r for r in run_query(con, "SELECT * FROM subgroup_metrics(['stroke'], 1)").to_pylist()}
+    assert rows["stroke=thin"]["size"] == 3 and rows["stroke=heavy"]["size"] == 1
+    worst = run_query(con, "SELECT * FROM suggested_subgroups(['stroke'], 'accuracy', positive := 1, min_size := 1)")
+    assert worst["overall"][0].as_py() == pytest.approx(2 / 4)  # 2 of the 4 labeled are right
 
 
 def test_subgroup_metrics_take_one_to_three_columns(query):

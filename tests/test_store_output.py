@@ -7,11 +7,11 @@ the same code (pyarrow's GcsFileSystem behind the same interface).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,24 +25,18 @@ from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.layout import RunExistsError, RunStaging, worker_layout, write_part
 from netloupe.storage.location import MANIFEST, cached_run_dir, local_run_dir
 from netloupe.storage.reader import RunReader
-from tests.helpers import tabular_spec, tabular_table
+from tests.helpers import free_port, tabular_spec, tabular_table, wait_until
 
 pytestmark = pytest.mark.store
 
 BUCKET = "netloupe-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_root(tmp_path_factory):
     """``s3://netloupe-test/runs?...`` on a moto S3 server on loopback, credentials in the
     environment before Ray starts (so the workers have them, as on a cluster)."""
-    port = _free_port()
+    port = free_port()
     env = {"AWS_ACCESS_KEY_ID": "netloupe", "AWS_SECRET_ACCESS_KEY": "netloupe-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {key: os.environ.get(key) for key in env}
@@ -50,15 +44,15 @@ def s3_root(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def listening() -> bool:
+            assert server.poll() is None, "the moto S3 server exited"
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                return True
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start")
-                time.sleep(0.2)
+                return False
+
+        wait_until(listening, 60, "the moto S3 server to listen", interval=0.2)
         query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         filesystem, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?{query}&allow_bucket_creation=true")
         filesystem.create_dir(BUCKET)
@@ -174,14 +168,14 @@ def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
     assert not layout.root.exists()
 
 
-def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys):
-    from tests.helpers import kill_driver_mid_run, slow_run_spec, stop_processes_of
+def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys, stop_afterwards):
+    from tests.helpers import kill_driver_mid_run, slow_run_spec
 
     spec_path = slow_run_spec(tmp_path / "data.parquet", ray_store, tmp_path)
     def finished() -> int:
         return sum(o.startswith(".staging/t-") and "/instances/part-" in o for o in _objects(ray_store))
 
-    killed = kill_driver_mid_run(spec_path, finished)
+    stop_afterwards.append(kill_driver_mid_run(spec_path, finished))
     assert not any(o.startswith("t/") for o in _objects(ray_store))  # nothing published
     seen = finished()
 
@@ -204,7 +198,6 @@ def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp
     # Nothing is left to resume (a late write of the killed driver's workers may still leave
     # a part under .staging/, never a job.json).
     assert [o for o in objects if o.startswith(".staging/t-") and o.endswith("/job.json")] == []
-    stop_processes_of(killed)  # any of the killed driver's Ray still lingering: ours to stop
 
 
 def test_ctrl_c_on_a_store_run_keeps_only_its_staging_in_the_store(ray_store, tmp_path, monkeypatch):
@@ -247,3 +240,18 @@ def test_reading_something_that_is_not_a_run_says_so(store_env):
         local_run_dir(_uri(store_env, "no-such-run"))
     with pytest.raises(RunError, match="cannot open the filesystem of 'nosuch://x/runs'.*s3://bucket/path"):
         RunStaging.open("nosuch://x/runs", "r")
+
+
+def test_a_store_run_of_another_version_is_refused_before_its_tables_are_downloaded(store_env):
+    from netloupe.contract.errors import RunError
+    from netloupe.storage.location import cached_run_dir
+
+    filesystem, path = pafs.FileSystem.from_uri(_uri(store_env, "old"))
+    with filesystem.open_output_stream(f"{path}/manifest.json") as stream:
+        stream.write(json.dumps({"netloupe_manifest": 1, "versions": {"netloupe": "0.1.0"}}).encode())
+    with filesystem.open_output_stream(f"{path}/instances/part-a.parquet") as stream:
+        stream.write(b"PAR1" * 1000)
+    with pytest.raises(RunError, match=r"made by netloupe 0.1.0 \(manifest format 1\)"):
+        local_run_dir(_uri(store_env, "old"))
+    assert not cached_run_dir(_uri(store_env, "old")).exists()
+    assert not any(cached_run_dir(_uri(store_env, "old")).parent.glob(".incoming-*"))

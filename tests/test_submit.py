@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 import netloupe.pipeline.submit as submit_module
+from netloupe.contract.errors import SpecError
 from netloupe.pipeline.cli import main as cli_main
-from netloupe.pipeline.submit import JobServer, SubmitError
+from netloupe.pipeline.submit import JobServer, SubmitError, cluster_address, prepare_job
 from tests.helpers import free_port, tabular_spec_data
 
 
@@ -33,8 +34,10 @@ class _AgentStartingClient:
     def submit_job(self, **job):
         self.tries += 1
         if self.tries <= self.refusals:
-            raise RuntimeError("Request failed with status code 503: No available agent to submit job, please "
-                               "try again later.\nTraceback (most recent call last): ...")
+            # As Ray's job server answers it: status 500, its traceback as the body.
+            raise RuntimeError("Request failed with status code 500: Traceback (most recent call last):\n"
+                               '  File "job_head.py", line 420, in submit_job\n    raise ...\n'
+                               "ray.exceptions.RayError: No available agent to submit job, please try again later.")
         return "raysubmit_ready"
 
 
@@ -59,12 +62,34 @@ def test_waiting_for_the_agent_is_bounded_and_says_what_to_check(monkeypatch):
         _server(_AgentStartingClient(refusals=10**6), []).submit(entrypoint="netloupe run job.yaml")
 
 
-def test_other_submission_failures_are_one_line():
+def test_other_submission_failures_are_one_line_that_keeps_the_cause():
     class Refusing:
+        def __init__(self, text):
+            self.text = text
+
         def submit_job(self, **job):
-            raise RuntimeError("Request failed with status code 401: Unauthorized\nmore text")
+            raise RuntimeError(self.text)
 
     with pytest.raises(SubmitError) as error:
-        _server(Refusing(), []).submit(entrypoint="x")
+        _server(Refusing("Request failed with status code 401: Unauthorized\nmore text"), []).submit(entrypoint="x")
     assert "\n" not in str(error.value) and "401: Unauthorized" in str(error.value)
     assert "RAY_AUTH_MODE=token" in str(error.value)
+    server_side = ("Request failed with status code 500: Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "ValueError: working_dir is larger than 500 MiB")
+    with pytest.raises(SubmitError) as error:
+        _server(Refusing(server_side), []).submit(entrypoint="x")
+    assert str(error.value) == ("submitting to http://127.0.0.1:1: Request failed with status code 500: "
+                                "ValueError: working_dir is larger than 500 MiB")
+
+
+def test_submit_refuses_a_relative_output_root_and_needs_an_address(tmp_path, monkeypatch):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(tabular_spec_data("data.parquet", "runs")))
+    with pytest.raises(SpecError, match="relative path"):
+        prepare_job(spec, [])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(SubmitError, match="--address"):
+        cluster_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cluster_address(None) == "http://127.0.0.1:8265"
