@@ -81,6 +81,9 @@ class ProgressLines(RunProgress):
         self.total = 0
         self.done = 0
         self._explain_started = 0.0
+        self._first: tuple[float, int] | None = None
+        """When the first batch arrived and its rows: the rate is measured from there, since the
+        workers' start (model load, chunk tuning) would make the first minutes look slow."""
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -88,7 +91,7 @@ class ProgressLines(RunProgress):
         self.write(f"[{duration(time.monotonic() - self.started):>10}] {text}")
 
     def explaining(self, total: int) -> None:
-        self.total, self.done = total, 0
+        self.total, self.done, self._first = total, 0, None
         self._explain_started = time.monotonic()
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick, name="netloupe-progress", daemon=True)
@@ -96,6 +99,8 @@ class ProgressLines(RunProgress):
 
     def explained(self, rows: int) -> None:
         self.done += rows
+        if self._first is None:
+            self._first = (time.monotonic(), rows)
 
     def explaining_done(self) -> None:
         self._stop.set()
@@ -105,14 +110,16 @@ class ProgressLines(RunProgress):
 
     def line(self) -> str:
         """The explain pass's state: ``explained 12,288 of 50,000 instances (25%), 410/s, about 1 min 32 s left``."""
-        elapsed = time.monotonic() - self._explain_started
         share = self.done / self.total if self.total else 1.0
         text = f"explained {self.done:,} of {self.total:,} instances ({share:.0%})"
-        if self.done == 0:
-            return text + ", workers starting"
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else 0.0
-        return text + f", {rate:,.0f} per second, about {duration(left)} left"
+        if self._first is None:
+            return text + "; the workers are starting and explaining their first batches"
+        first_time, first_rows = self._first
+        since = time.monotonic() - first_time
+        if self.done == first_rows or since <= 0:
+            return text
+        rate = (self.done - first_rows) / since
+        return text + f", {rate:,.0f} per second, about {duration((self.total - self.done) / rate)} left"
 
     def _tick(self) -> None:
         # A timer, not a synchronisation: the line goes out whether or not a batch arrived.

@@ -3,6 +3,7 @@ at the end, and commands spelled as a user types them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -33,14 +34,16 @@ def test_the_explain_pass_reports_at_a_steady_interval_without_waiting_for_a_bat
 
     progress = ProgressLines(write, interval_s=0.01)
     progress.explaining(1000)
+    assert "the workers are starting" in progress.line()
     progress.explained(100)
+    assert progress.line() == "explained 100 of 1,000 instances (10%)"  # no rate from one batch
     progress.explained(200)
     try:
         assert reported.wait(timeout=30), lines
     finally:
         progress.explaining_done()
     assert "per second, about" in lines[-1] and lines[-1].endswith("left")
-    assert "workers starting" in ProgressLines(write).line()
+    assert "the workers are starting" in ProgressLines(write).line()
 
 
 def test_a_run_into_a_log_prints_a_few_lines_of_its_own(tmp_path):
@@ -85,3 +88,35 @@ def test_methods_lists_defaults_and_where_captum_differs(capsys):
     assert "n_samples 8 <- Captum's default: 5" in lines
     assert "sliding_window_shapes all channels x about 1/7 of each side <- Captum requires it" in lines
     assert "nt_samples 8 <- Captum's default: 5" in lines
+
+
+def test_a_run_in_a_terminal_keeps_ray_datas_bars(tmp_path):
+    """stdout a terminal (a pseudo-terminal here, with a size): Ray Data draws its bars."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    pq.write_table(tabular_table(40), tmp_path / "data.parquet")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tabular_spec_data(tmp_path / "data.parquet", tmp_path / "runs")))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    run = subprocess.Popen([sys.executable, "-m", "netloupe.pipeline.cli", "run", str(spec)], stdout=follower,
+                           stderr=follower, cwd=Path(__file__).parents[1])
+    os.close(follower)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 1)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the terminal closed: the run ended
+            break
+        shown += chunk
+        if not chunk and run.poll() is not None:
+            break
+    assert run.wait(timeout=300) == 0, shown.decode(errors="replace")[-3000:]
+    text = shown.decode(errors="replace")
+    assert "- MapBatches(ExplainWorker):" in text and "%|" in text  # the bars
+    assert "logging_progress" not in text and "] explaining 40 instances with 1 worker" in text
