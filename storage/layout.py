@@ -85,6 +85,10 @@ class RunLayout:
     root: Path
     """The run's directory: the committed run, or its staging directory while writing."""
 
+    def __post_init__(self):
+        # A path given as text (a notebook's "runs/x") is a path all the same.
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def committed(cls, output_root: str | os.PathLike, run_name: str) -> "RunLayout":
         return cls(Path(output_root) / check_run_name(run_name))

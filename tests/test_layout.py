@@ -140,3 +140,10 @@ def test_every_field_of_the_run_contract_is_documented():
     undocumented = [f"{r.__name__}.{name}" for r in records for name, field in r.model_fields.items()
                     if not (field.description or "").strip()]
     assert undocumented == []
+
+
+def test_a_run_layout_takes_its_root_as_text_too(tmp_path):
+    staging = RunStaging.open(tmp_path, "r")
+    staging.create()
+    staging.commit(_manifest())
+    assert RunLayout(str(tmp_path / "r")).read_manifest().run_name == "r"
