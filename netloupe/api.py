@@ -127,8 +127,7 @@ def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False, progr
 
 def methods() -> pd.DataFrame:
     """The attribution methods: name, Captum class, capability flags."""
-    from netloupe.workers.methods import METHODS
+    from netloupe.workers.methods import METHODS, flags_of
 
-    flags = ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic", "needs_unique_nonlinearities")
-    return pd.DataFrame([{"method": m.name, "captum": m.captum_class.__name__,
-                          **{flag: getattr(m, flag) for flag in flags}} for m in METHODS.values()])
+    return pd.DataFrame([{"method": m.name, "captum": m.captum_class.__name__, **flags_of(m)}
+                         for m in METHODS.values()])

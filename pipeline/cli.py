@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from netloupe.contract.errors import NetloupeError, SpecError
+from netloupe.pipeline.progress import PROGRESS_INTERVAL_S
 
 
 def netloupe_command() -> str:
@@ -81,14 +82,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_methods(_args) -> int:
-    from netloupe.workers.methods import METHODS
+    from netloupe.workers.methods import METHODS, baseline_default, flags_of, noise_tunnel_defaults
 
     for method in METHODS.values():
-        flags = [name for name in ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
-                                   "needs_unique_nonlinearities") if getattr(method, name)]
+        flags = [name for name, on in flags_of(method).items() if on]
         print(f"{method.name}  (captum.attr.{method.captum_class.__name__})" + (f"  [{', '.join(flags)}]" if flags else ""))
         if method.takes_baselines:
-            print(f"    {'baseline':24s} 0.0, the method's own 'baseline' field (a constant input)")
+            print(f"    {'baseline':24s} {baseline_default()!r}, the method's own 'baseline' field (a constant input)")
         for parameter in method.parameter_defaults():
             print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
     print("any method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
@@ -101,20 +101,6 @@ def _captum_note(parameter) -> str:
     if not parameter.differs:
         return ""
     return "   <- Captum requires it" if parameter.captum == "(required)" else f"   <- Captum's default: {parameter.captum}"
-
-
-def noise_tunnel_defaults() -> list:
-    """The noise tunnel's settings: the spec's defaults beside Captum's ``NoiseTunnel``'s."""
-    import inspect
-
-    from captum.attr import NoiseTunnel
-
-    from netloupe.contract.spec import NoiseTunnelSpec
-    from netloupe.workers.methods import ParameterDefault
-
-    captum = inspect.signature(NoiseTunnel.attribute).parameters
-    return [ParameterDefault(name, repr(field.default), repr(captum[name].default))
-            for name, field in NoiseTunnelSpec.model_fields.items()]
 
 
 def cmd_spec_help(args) -> int:
@@ -309,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec value, e.g. --set execution.num_workers=2")
     run.add_argument("--no-progress", action="store_true",
                      help="report no progress (default: Ray Data's bars in a terminal, a line every "
-                          "30 s in a log)")
+                          f"{PROGRESS_INTERVAL_S:g} s in a log)")
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a spec on a few rows without running it")
     val.add_argument("spec")

@@ -310,7 +310,7 @@ class JobRun:
                 "spec_data": spec_to_dict(self.spec),
                 "dataset": dataset,
                 "facts": self.checked.facts,
-                "fingerprint_data": self.checked.fingerprint.to_json(),
+                "fingerprint": self.checked.fingerprint,
                 "worker_root": self.staging.worker_root,
                 "threads": default_threads(self.spec),
             },

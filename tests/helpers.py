@@ -1,9 +1,10 @@
 """What the tests share besides fixtures: small Parquet datasets, spec builders, waiting for a
 condition, free ports, and stopping only the processes a test started.
 
-Tests never stop processes by name (``ray stop``, ``pkill``): that would stop a user's own
-run on the same machine. A test that starts Ray processes gives them a directory of its own
-(``--temp-dir`` / ``RAY_TMPDIR``) and stops exactly the processes that name it.
+Tests stop only what they started: a process picked by what it is called could be a user's
+own run on the same machine. A test that starts Ray processes gives them a directory of its own,
+made fresh for it (``--temp-dir`` / ``RAY_TMPDIR``), and stops exactly the processes that name
+that directory, and theirs.
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     ray = [str(BIN / "ray")]
-    # Every process of this cluster names this directory: the teardown stops those, and only
-    # those (`ray stop` would stop every Ray on the machine, a user's own runs included).
+    # Every process of this cluster names this fresh directory: the teardown stops those, and
+    # only those (stopping Ray wholesale would take a user's own runs on this machine with it).
     ray_dir = private_ray_dir()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-gpus=2", f"--temp-dir={ray_dir}"]
     # Ports of its own too: Ray's defaults (10001, and 52365 for each node's agent, which serves

@@ -417,7 +417,7 @@ class ExplainWorker:
     driver to commit; the results themselves never travel through the driver.
     """
 
-    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts: ModelFacts, fingerprint_data: dict,
+    def __init__(self, spec_data: dict, dataset: ResolvedDataset, facts: ModelFacts, fingerprint: ModelFingerprint,
                  worker_root: str, threads: int):
         import ray
 
@@ -428,7 +428,7 @@ class ExplainWorker:
         self.device = pick_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         model = load_model(self.spec.model)
-        self.validated_model = ModelFingerprint.from_json(fingerprint_data)
+        self.validated_model = fingerprint
         self.own_model = model_fingerprint(model)
         self.explainer = BatchExplainer(self.spec, dataset, model.to(self.device), self.device,
                                         facts, tune_chunks=True)

@@ -136,6 +136,31 @@ class AttributionMethod:
         return rows
 
 
+CAPABILITY_FLAGS = ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
+                    "needs_unique_nonlinearities")
+"""The flags a method's listing shows (``netloupe methods``, ``netloupe.methods()``)."""
+
+
+def flags_of(method: "AttributionMethod") -> dict[str, bool]:
+    return {flag: getattr(method, flag) for flag in CAPABILITY_FLAGS}
+
+
+def noise_tunnel_defaults() -> list["ParameterDefault"]:
+    """The noise tunnel's settings: the spec's defaults beside Captum's ``NoiseTunnel``'s."""
+    from netloupe.contract.spec import NoiseTunnelSpec
+
+    captum = inspect.signature(NoiseTunnel.attribute).parameters
+    return [ParameterDefault(name, repr(field.default), repr(captum[name].default))
+            for name, field in NoiseTunnelSpec.model_fields.items()]
+
+
+def baseline_default() -> float:
+    """The constant baseline a method uses when its spec entry gives none."""
+    from netloupe.contract.spec import MethodSpec
+
+    return MethodSpec.model_fields["baseline"].default
+
+
 @dataclass(frozen=True)
 class ParameterDefault:
     """One ``attribute`` parameter's default here and in Captum (``netloupe methods``)."""

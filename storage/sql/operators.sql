@@ -249,13 +249,16 @@ CREATE MACRO suggested_subgroups(columns, metric := 'accuracy', positive := 0, m
     WITH scored AS (
         SELECT *, _metric(metric, accuracy, fpr, fnr, precision, recall) AS value
         FROM _subgroup_cube(columns, positive)
+    ), beside_overall AS (
+        -- The level-0 row's value beside every row: one pass over the cube, not a second.
+        SELECT *, max(value) FILTER (WHERE level = 0) OVER () AS overall FROM scored
     )
-    SELECT s.subgroup, s.level, s.size, metric AS metric, s.value, o.value AS overall,
-           CASE WHEN metric IN ('fpr', 'fnr') THEN s.value - o.value ELSE o.value - s.value END AS gap,
-           s.accuracy, s.fpr, s.fnr, s.precision, s.recall
-    FROM scored AS s, (SELECT value FROM scored WHERE level = 0) AS o
-    WHERE s.level > 0 AND s.size >= min_size AND s.value IS NOT NULL
-    ORDER BY gap DESC, s.size DESC, s.subgroup
+    SELECT subgroup, level, size, metric AS metric, value, overall,
+           CASE WHEN metric IN ('fpr', 'fnr') THEN value - overall ELSE overall - value END AS gap,
+           accuracy, fpr, fnr, precision, recall
+    FROM beside_overall
+    WHERE level > 0 AND size >= min_size AND value IS NOT NULL
+    ORDER BY gap DESC, size DESC, subgroup
     LIMIT k;
 COMMENT ON MACRO TABLE suggested_subgroups IS 'The k worst subgroups by metric with at least min_size instances (sliceline-like)';
 
