@@ -107,7 +107,7 @@ def median_seconds(fn, repeats: int) -> list[float]:
     return times
 
 
-def bench(n: int, neurons: int, repeats: int, workdir: Path) -> dict:
+def bench(n: int, neurons: int, repeats: int, workdir: Path, rows_per_part: int) -> dict:
     print(f"\n== {n:,} instances × {neurons} neurons ==")
     started = time.perf_counter()
     instances, activations = make_data(n, neurons)
@@ -115,7 +115,9 @@ def bench(n: int, neurons: int, repeats: int, workdir: Path) -> dict:
     write_naive(naive_path, instances, activations)
     naive_write = time.perf_counter() - started
     started = time.perf_counter()
-    layout = write_handmade_run(workdir / "runs", f"bench-{n}", instances, {LAYER: activations})
+    # Parts of a pipeline run's size (the scale demo's batch): the index gathers across them.
+    layout = write_handmade_run(workdir / "runs", f"bench-{n}", instances, {LAYER: activations},
+                                rows_per_part=rows_per_part)
     ours_write = time.perf_counter() - started
     print(f"  data + naive Parquet {naive_write:.1f} s; our run (Parquet parts + catalog) {ours_write:.1f} s, "
           f"catalog {layout.catalog_path.stat().st_size / 1e9:.2f} GB, naive file {naive_path.stat().st_size / 1e9:.2f} GB")
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--neurons", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows-per-part", type=int, default=1024, help="rows per part, as a run's batch_size")
     parser.add_argument("--workdir", default=None, help="where the runs are written (default: a temp dir)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="netloupe-bench-sql-"))
@@ -196,7 +199,7 @@ def main() -> None:
     threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchall()[0][0]
     print(f"duckdb {duckdb.__version__}, {threads} threads on both sides")
     sizes = [int(s) for s in args.sizes.split(",")]
-    all_results = {n: bench(n, args.neurons, args.repeats, workdir) for n in sizes}
+    all_results = {n: bench(n, args.neurons, args.repeats, workdir, args.rows_per_part) for n in sizes}
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         print(f"\ncost growth {small:,} → {large:,} instances ({large / small:.0f}x the rows):")

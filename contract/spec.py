@@ -409,6 +409,13 @@ class JobSpec(StrictModel):
             return [layer.name for layer in self.layers]
         return list(self.projection.layers)
 
+    @property
+    def projection_sources(self) -> list[tuple[str, str]]:
+        """``(kind, name)`` of every table the spec projects: ``activations`` of a layer,
+        ``attributions`` of a method."""
+        return ([("activations", layer) for layer in self.projected_layers]
+                + [("attributions", method) for method in self.projection.attributions])
+
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
     lines = [f"invalid job spec {origin}:"]

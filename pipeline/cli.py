@@ -188,7 +188,7 @@ def cmd_catalog(args) -> int:
     manifest = layout.read_manifest()
     memory_mib = (parse_spec(manifest.spec).execution.driver_sql_memory_mib if manifest.spec is not None
                   else DRIVER_SQL_MEMORY_MIB)
-    timings = build_catalog(layout, manifest, memory_mib)
+    timings = build_catalog(layout, manifest, memory_mib, native_activations=args.native_activations)
     print(f"built {layout.catalog_path} ({timings['bytes'] / 1e6:.1f} MB) in {timings['total']:.1f} s")
     return 0
 
@@ -312,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--list", action="store_true",
                      help="list the run's views and tables, layers, methods, and the SQL operators")
     sql.set_defaults(func=cmd_sql)
-    catalog = sub.add_parser("catalog", help="(re)build a run's catalog.duckdb (runs made before it existed)")
+    catalog = sub.add_parser("catalog", help="(re)build a run's catalog.duckdb")
     catalog.add_argument("run", help="a run directory (runs/<name>)")
+    catalog.add_argument("--native-activations", action="store_true",
+                         help="copy each layer's activations into the catalog as a native table: the stock duckdb "
+                              "CLI's operators then scan them about twice as fast, for a bigger catalog.duckdb")
     catalog.set_defaults(func=cmd_catalog)
     dashboard = sub.add_parser("dashboard", help="serve the analyst dashboard of a run (Panel)")
     dashboard.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")

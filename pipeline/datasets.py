@@ -17,7 +17,7 @@ from netloupe.contract.errors import DatasetError, did_you_mean
 from netloupe.contract.spec import JobSpec, PreprocessSpec
 from netloupe.pipeline.builtin_datasets import BUILTIN_DATASETS
 from netloupe.storage.catalog import driver_connection
-from netloupe.storage.schema import RESERVED_INSTANCE_COLUMNS
+from netloupe.storage.schema import RESERVED_INSTANCE_COLUMNS, id_digest_sql
 from netloupe.workers.inputs import ResolvedDataset
 
 
@@ -25,14 +25,16 @@ def _open(path: str) -> pads.Dataset:
     return pads.dataset(path, format="parquet")
 
 
-def _check_ids(dataset: pads.Dataset, id_column: str, path: str, memory_mib: int) -> None:
+def _check_ids(dataset: pads.Dataset, id_column: str, id_type: str, path: str, memory_mib: int) -> int:
     """Ids must be present and unique: they key every table of the run (checked by DuckDB,
-    which spills rather than hold ten million ids in the driver)."""
+    which spills rather than hold ten million ids in the driver). Returns the ids' digest
+    (:func:`netloupe.storage.schema.id_digest_sql`), which the workers' parts must add up to."""
     column = '"' + id_column.replace('"', '""') + '"'
     with tempfile.TemporaryDirectory(prefix="netloupe-id-check-") as spill, \
             driver_connection(memory_mib, Path(spill)) as con:
-        rows, present, distinct = con.execute(
-            f"SELECT count(*), count({column}), count(DISTINCT {column}) FROM read_parquet(?)", [dataset.files]
+        rows, present, distinct, digest = con.execute(
+            f"SELECT count(*), count({column}), count(DISTINCT {column}), {id_digest_sql(column, id_type)} "
+            "FROM read_parquet(?)", [dataset.files]
         ).fetchone()
         if present != rows:
             raise DatasetError(f"id column {id_column!r} of {path} has {rows - present} null values; "
@@ -45,6 +47,7 @@ def _check_ids(dataset: pads.Dataset, id_column: str, path: str, memory_mib: int
                 f"id column {id_column!r} of {path} has {rows - distinct} repeated values "
                 f"(e.g. {examples}); ids must be unique: choose another id_column or de-duplicate"
             )
+    return int(digest)
 
 
 def resolve_dataset(job: JobSpec) -> ResolvedDataset:
@@ -88,7 +91,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     try:
         dataset = _open(path)
         schema = dataset.schema
-        num_rows = dataset.count_rows()
+        num_rows = total_rows = dataset.count_rows()
     except (pa.ArrowInvalid, OSError) as error:
         raise DatasetError(
             f"cannot read {path} as Parquet: {error}. Check that the file is a complete "
@@ -136,7 +139,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         num_rows = min(num_rows, spec.limit)
     if num_rows == 0:
         raise DatasetError(f"dataset {path} has no rows to explain")
-    _check_ids(dataset, spec.id_column, path, job.execution.driver_sql_memory_mib)
+    digest = _check_ids(dataset, spec.id_column, id_type, path, job.execution.driver_sql_memory_mib)
     return ResolvedDataset(
         path=path,
         input_column=input_column,
@@ -149,4 +152,6 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         id_type=id_type,
         metadata_fields=tuple(schema.field(c) for c in metadata_columns),
         preprocess=preprocess,
+        # "The first N rows" are Ray Data's first N: their digest is not known before the pass.
+        id_digest=digest if spec.limit is None or spec.limit >= total_rows else None,
     )

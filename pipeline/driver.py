@@ -17,6 +17,7 @@ workers run, results are staged and become visible only at the commit.
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from netloupe.contract.spec import JobSpec, spec_to_dict
 from netloupe.pipeline.datasets import resolve_dataset
 from netloupe.pipeline.model_graph import model_graph
 from netloupe.pipeline.progress import RunProgress, count, duration, size
-from netloupe.pipeline.projection import check_umap_available, projection_sources, run_projection_stage
+from netloupe.pipeline.projection import check_umap_available, run_projection_stage
 from netloupe.pipeline.ray_cluster import (
     WORKER_START_TIMEOUT_S,
     check_cluster_fits,
@@ -43,8 +44,8 @@ from netloupe.pipeline.ray_cluster import (
     worker_pool,
 )
 from netloupe.storage import schema as S
-from netloupe.storage.catalog import build_catalog, driver_connection
-from netloupe.storage.layout import RunExistsError, RunLayout, RunStaging, staged_job
+from netloupe.storage.catalog import build_catalog
+from netloupe.storage.layout import CANDIDATES, RunExistsError, RunLayout, RunStaging, staged_job
 from netloupe.storage.manifest import (
     BatchReport,
     Counts,
@@ -57,6 +58,7 @@ from netloupe.storage.manifest import (
     Tables,
     WorkerInfo,
 )
+from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT, statistics_of
 from netloupe.workers.explain import BatchExplainer, ExplainWorker
 from netloupe.workers.inputs import ResolvedDataset
 from netloupe.workers.model_identity import ModelFingerprint, model_fingerprint
@@ -134,9 +136,8 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
     job.start_ray()
     job.stage()
     with failure_policy(job.staging):
-        parts = job.explain()
-        keys, sampled = job.settle(parts)
-        projections = job.project(keys)
+        parts, sampled = job.settle(job.explain())
+        projections = job.project(parts)
         manifest = job.catalog(job.manifest(parts, projections, sampled))
         final, manifest = job.commit(manifest)
     return RunResult(final, manifest, job.staging.location)
@@ -276,6 +277,7 @@ class JobRun:
         finally:
             self.progress.explaining_done()
         seconds = self.timings["explain_seconds"] = time.perf_counter() - explain_started
+        self.timings["explain_end_seconds"] = time.perf_counter() - self.started
         self.progress.stage(f"explained {count(computed, 'instance')} in {duration(seconds)}")
         steady = seconds - self.timings.get("first_result_seconds", seconds)
         self.timings["steady_instances_per_second"] = (computed - first_rows) / steady if steady > 0 else None
@@ -327,43 +329,62 @@ class JobRun:
         part file in the staging is removed, so that its batch is redone whole."""
         if not self.staging.resumed:
             return []
-        table_dirs = self.layout.table_dirs(self.checked.facts.layer_neurons, self.checked.facts.attribution_shapes)
-        parts = self.staging.finished_parts(table_dirs)
-        self.staging.remove_unlisted_parts(table_dirs, {part.part for part in parts})
+        facts = self.checked.facts
+        kept_dirs = self.layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES)
+        parts = self.staging.finished_parts(kept_dirs, [m.table_name for m in self.spec.attributions],
+                                            self.checked.dataset.id_type)
+        # The candidates too: they are the projection sample's, not the run's (not in its bytes).
+        self.staging.remove_unlisted_parts(
+            kept_dirs + [self.layout.projection_sample_dir(*source) for source in self.spec.projection_sources],
+            {part.part for part in parts})
         self.timings["resumed_parts"] = len(parts)
         self.timings["resumed_rows"] = sum(part.rows for part in parts)
         return parts
 
     # -- settle -----------------------------------------------------------------------------
 
-    def settle(self, parts: list[BatchReport]) -> tuple[set[str], dict[str, int]]:
+    def settle(self, parts: list[BatchReport]) -> tuple[list[BatchReport], dict[str, int]]:
         """Keep only the parts a finished batch reported (a retried batch's leftovers go) and
-        check every table holds each instance exactly once; return the part keys and the
-        rows of each method's sampled fidelity table."""
-        facts, rows = self.checked.facts, self.checked.dataset.num_rows
-        keys = {part.part for part in parts}
-        self.timings["pull_bytes"] = self.staging.pull(S.INSTANCES, S.ACTIVATIONS, S.ATTRIBUTIONS, S.FIDELITY)
-        self.staging.remove_unlisted_parts(self.layout.table_dirs(facts.layer_neurons, facts.attribution_shapes), keys)
-        _check_exactly_once(self.layout, _explained_tables(self.layout, rows, facts, self.spec.target.per_instance),
-                            self.memory_mib)
-        return keys, _check_fidelity_samples(self.layout, facts, self.memory_mib)
+        check, from the workers' reports, that every instance was explained exactly once and
+        every table has each batch's part; return the reports (one per batch) and the rows of
+        each method's sampled fidelity table. No part is read."""
+        facts = self.checked.facts
+        reports = list({part.part: part for part in parts}.values())  # a batch reported twice is one batch
+        keys = {part.part for part in reports}
+        # From an object store, what the catalog is built from comes to the driver's disk (a
+        # few dozen bytes per instance), and one part of each bulk table, for its view.
+        layout = self.layout
+        viewed = [layout.activations_dir(layer) for layer in facts.layer_neurons]
+        viewed += [layout.wide_activations_dir(layer) for layer in facts.layer_neurons]
+        viewed += [layout.attributions_dir(method) for method in facts.attribution_shapes]
+        viewed += [layout.fidelity_dir(method) for method in facts.attribution_shapes]
+        self.timings["pull_bytes"] = (self.staging.pull(S.INSTANCES, S.STATISTICS, S.PROJECTIONS)
+                                      + self.staging.pull_one_part(viewed, keys))
+        every = layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES,
+                                  self.spec.projection_sources)
+        self.staging.remove_unlisted_parts(every, keys)
+        _check_exactly_once(reports, self.checked.dataset)
+        _check_every_part_written(self.staging, _tables_of_every_batch(layout, facts, self.spec), keys)
+        methods = [m.table_name for m in self.spec.attributions]
+        sampled = {method: sum(part.fidelity_rows[i] for part in reports) for i, method in enumerate(methods)}
+        return reports, {method: rows for method, rows in sampled.items() if rows}
 
     # -- project ----------------------------------------------------------------------------
 
-    def project(self, keys: set[str]) -> Projections:
-        """Fit each projection on a sample and apply it to every part in the workers; the
-        projection tables get their own exactly-once check."""
-        sources = projection_sources(self.spec)
+    def project(self, reports: list[BatchReport]) -> Projections:
+        """Fit each projection on the sample the workers gathered and apply it to every part
+        in the workers; each part's coordinates are checked against its batch's report."""
+        sources = self.spec.projection_sources
         started = time.perf_counter()
         if sources:
             self.progress.stage(f"projecting {count(len(sources), 'table')} to 2-D")
-        projections = run_projection_stage(self.spec, self.layout, keys, self.checked.dataset.id_type,
+        rows = {part.part: part.rows for part in reports}
+        projections = run_projection_stage(self.spec, self.layout, rows, self.checked.dataset.id_type,
                                            default_threads(self.spec), self.staging.worker_root)
         projected = [self.layout.projections_dir(kind, name) for kind, name in sources]
         self.timings["pull_bytes"] += self.staging.pull(*(str(d.relative_to(self.layout.root)) for d in projected))
-        self.staging.remove_unlisted_parts(projected, keys)
-        _check_exactly_once(self.layout, [(d, self.checked.dataset.num_rows, _COUNT_BY_INSTANCE) for d in projected],
-                            self.memory_mib)
+        self.staging.remove_unlisted_parts(projected, set(rows))
+        _check_every_part_written(self.staging, projected, set(rows))
         self.timings["projection_seconds"] = time.perf_counter() - started
         if sources:
             self.progress.stage(f"projected in {duration(self.timings['projection_seconds'])}")
@@ -419,8 +440,13 @@ class JobRun:
 
     def commit(self, manifest: RunManifest) -> tuple[RunLayout, RunManifest]:
         """Write the manifest (with the run's total time) and make the run appear at once."""
+        # The candidates stay until here: a run resumed after the fit needs them again.
+        shutil.rmtree(self.layout.root / S.PROJECTIONS / CANDIDATES, ignore_errors=True)
         total = time.perf_counter() - self.started
-        manifest = manifest.model_copy(update={"timings": {**manifest.timings, "total_seconds": total}})
+        # Everything after the last explain batch: what more workers cannot shorten.
+        tail = total - self.timings["explain_end_seconds"]
+        manifest = manifest.model_copy(update={"timings": {**manifest.timings, "total_seconds": total,
+                                                           "driver_tail_seconds": tail}})
         return self.staging.commit(manifest), manifest
 
 
@@ -440,43 +466,39 @@ def _workers_text(execution) -> str:
     return count(execution.num_workers, "worker")
 
 
-_COUNT_BY_INSTANCE = "SELECT count(*), count(DISTINCT instance_id) FROM read_parquet(?)"
-_COUNT_BY_TARGET = "SELECT count(*), count(DISTINCT (instance_id, target_rank)) FROM read_parquet(?)"
+def _check_exactly_once(reports: list[BatchReport], dataset: ResolvedDataset) -> None:
+    """Every instance in exactly one reported batch: the batches' rows add up to the dataset's
+    and their id digests to the digest of its ids (the digest is additive; a lost batch and a
+    duplicated one cannot cancel out in both)."""
+    rows = sum(part.rows for part in reports)
+    if rows != dataset.num_rows:
+        raise RunError(f"the run's {len(reports):,} batches hold {rows:,} instances, expected "
+                       f"{dataset.num_rows:,}; nothing was committed")
+    digest = sum(part.id_digest for part in reports) % S.DIGEST_MODULUS
+    if dataset.id_digest is not None and digest != dataset.id_digest:
+        raise RunError(f"the run's {len(reports):,} batches hold {rows:,} instances but not the dataset's "
+                       "ids (their digest differs): some instance was explained twice and another not at all; "
+                       "nothing was committed")
 
 
-def _explained_tables(layout: RunLayout, expected: int, facts: ModelFacts, targets: int) -> list[tuple]:
-    """``(directory, rows expected, count query)`` of every table the explain pass writes."""
-    tables = [(layout.instances_dir, expected, _COUNT_BY_INSTANCE)]
-    tables += [(layout.activations_dir(n), expected, _COUNT_BY_INSTANCE) for n in facts.layer_neurons]
-    tables += [(layout.attributions_dir(n), expected * targets, _COUNT_BY_TARGET) for n in facts.attribution_shapes]
-    return tables
+def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) -> list[Path]:
+    """The directories that hold a part of every batch (a fidelity table only of the
+    batches with sampled instances)."""
+    wide = [layer for layer, neurons in facts.layer_neurons.items() if neurons <= WIDE_NEURON_LIMIT]
+    return ([layout.instances_dir] + [layout.activations_dir(layer) for layer in facts.layer_neurons]
+            + [layout.attributions_dir(method) for method in facts.attribution_shapes]
+            + [layout.wide_activations_dir(layer) for layer in wide] + [layout.index_layer_dir(layer) for layer in wide]
+            + [layout.statistics_dir(name) for name in statistics_of(facts.layer_neurons, facts.attribution_shapes)]
+            + [layout.projection_sample_dir(kind, name) for kind, name in spec.projection_sources])
 
 
-def _check_exactly_once(layout: RunLayout, tables: list[tuple], memory_mib: int) -> None:
-    """Every table must hold each instance exactly once (attributions: once per target)."""
-    with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
-        counts = [(d, want, con.execute(sql, [str(d / "*.parquet")]).fetchall()[0]) for d, want, sql in tables]
-    for directory, want, (rows, distinct) in counts:
-        if rows != want or distinct != want:
-            raise RunError(
-                f"table {directory.relative_to(layout.root)} has {rows} rows with {distinct} distinct "
-                f"keys, expected {want} of each; nothing was committed"
-            )
-
-
-def _check_fidelity_samples(layout: RunLayout, facts: ModelFacts, memory_mib: int) -> dict[str, int]:
-    """Each sampled instance once per method's fidelity table; return the rows per method."""
-    directories = {m: layout.fidelity_dir(m) for m in facts.attribution_shapes}
-    directories = {m: d for m, d in directories.items() if d.exists() and any(d.glob("part-*.parquet"))}
-    if not directories:
-        return {}
-    with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
-        counts = {m: con.execute(_COUNT_BY_INSTANCE, [str(d / "*.parquet")]).fetchall()[0] for m, d in directories.items()}
-    for method, (rows, distinct) in counts.items():
-        if rows != distinct:
-            raise RunError(f"fidelity/{method} has {rows} rows for {distinct} instances; each sampled instance "
-                           "must appear once. Nothing was committed")
-    return {m: rows for m, (rows, _) in counts.items()}
+def _check_every_part_written(staging: RunStaging, directories: list[Path], keys: set[str]) -> None:
+    """Each directory holds a part of every batch, where the workers wrote them (listed, not read)."""
+    for directory in directories:
+        missing = keys - staging.part_keys(directory)
+        if missing:
+            raise RunError(f"{directory.relative_to(staging.layout.root)} lacks the parts of {len(missing):,} of the "
+                           f"{len(keys):,} batches (e.g. {sorted(missing)[:3]}); nothing was committed")
 
 
 def _explained_ids(layout: RunLayout, parts: list[BatchReport]) -> pa.Array:

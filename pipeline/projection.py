@@ -2,10 +2,13 @@
 
 Runs after every explained part is staged and checked, before the catalog is built:
 
-1. draw the sample: ``projection.sample_size`` instance ids by a seeded hash of the ids
-   (:func:`netloupe.storage.reader.sample_instance_ids`), kept as ``projections/sample.parquet``;
-2. per projected table, read the sample's vectors and fit (:func:`netloupe.workers.projection.fit_projection`);
-   the driver holds the sample only, never the whole table;
+1. draw the sample: the ``projection.sample_size`` instances first by a seeded hash of their
+   ids (:func:`netloupe.storage.reader.sample_instance_ids`' order), kept as
+   ``projections/sample.parquet``. The workers gathered the candidates as they explained:
+   each batch's rows early in that order, with their vectors
+   (:func:`netloupe.storage.part_statistics.projection_candidates`), so the driver reads those
+   few rows, never the tables;
+2. per projected table, fit on the sample's vectors (:func:`netloupe.workers.projection.fit_projection`);
 3. a Ray Data pass over the run's part keys: :class:`netloupe.workers.projection.ProjectWorker`
    actors read each part, transform it and write its coordinates beside it.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import time
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from netloupe.contract.errors import RunError
 from netloupe.contract.spec import JobSpec
@@ -25,15 +30,11 @@ from netloupe.storage.manifest import Projections, ProjectionTable
 from netloupe.storage.reader import read_vectors, sample_instance_ids
 from netloupe.workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
 
+PARTS_PER_TASK = 8
+"""Parts a ProjectWorker call transforms."""
 SAMPLE_BYTES = 512 * 2**20
 """Most float64 sample bytes fitted per table on the driver: wide vectors (an unpooled conv
 map, a full attribution map) are fitted on the first rows of the sample that fit in it."""
-
-
-def projection_sources(spec: JobSpec) -> list[tuple[str, str]]:
-    """``(kind, name)`` of every table the spec projects."""
-    return ([(S.ACTIVATIONS, layer) for layer in spec.projected_layers]
-            + [(S.ATTRIBUTIONS, method) for method in spec.projection.attributions])
 
 
 def check_umap_available(spec: JobSpec) -> None:
@@ -49,32 +50,47 @@ def check_umap_available(spec: JobSpec) -> None:
         ) from None
 
 
-def fit_projections(spec: JobSpec, layout: RunLayout) -> tuple[pa.Array, list[Projection]]:
-    """Draw the sample, store its ids, and fit every projection on it (on the driver)."""
+def fit_projections(spec: JobSpec, layout: RunLayout, instances: int) -> tuple[pa.Array, list[Projection]]:
+    """Draw the sample from the workers' candidates, store its ids, and fit every projection
+    on it (on the driver)."""
     settings = spec.projection
     memory_mib = spec.execution.driver_sql_memory_mib
-    ids = sample_instance_ids(layout.instances_dir, settings.sample_size, settings.seed, memory_mib)
+    sources = spec.projection_sources
+    samples = {source: _sample_of_candidates(layout, *source, settings.sample_size) for source in sources}
+    ids = samples[sources[0]][0]
+    if any(len(sample_ids) != len(ids) for sample_ids, _ in samples.values()) or len(ids) < min(
+            settings.sample_size, instances):
+        # Fewer candidates than the sample (a one-in-a-billion draw): the sample from the tables.
+        ids = sample_instance_ids(layout.instances_dir, settings.sample_size, settings.seed, memory_mib)
+        samples = {source: (ids, read_vectors(layout.source_dir(*source), SOURCE_COLUMNS[source[0]],
+                                              ids.slice(0, _fitted_rows(layout, *source)), memory_mib))
+                   for source in sources}
     write_parquet(layout.projection_sample_path, pa.table(
         {"instance_id": ids, "position": pa.array(np.arange(len(ids), dtype=np.int64))}))
     projections = []
-    for kind, name in projection_sources(spec):
-        width = _vector_width(layout, kind, name)
+    for (kind, name), (_, vectors) in samples.items():
         # The sample is in hash order, so its first rows are a uniform sample as well.
-        rows = ids.slice(0, max(2, SAMPLE_BYTES // (8 * width)))
-        vectors = read_vectors(layout.source_dir(kind, name), SOURCE_COLUMNS[kind], rows, memory_mib)
+        vectors = vectors[:max(2, SAMPLE_BYTES // (8 * vectors.shape[1]))]
         projections.append(fit_projection(kind, name, vectors, settings.algorithms, settings.seed,
                                           settings.umap_neighbors, settings.umap_min_dist))
     return ids, projections
 
 
-def _vector_width(layout: RunLayout, kind: str, name: str) -> int:
-    import pyarrow.dataset as pads
+def _sample_of_candidates(layout: RunLayout, kind: str, name: str, size: int) -> tuple[pa.Array, np.ndarray]:
+    """The ``size`` first candidates of one table in sample order: their ids and vectors."""
+    parts = str(layout.projection_sample_dir(kind, name) / "*.parquet")
+    with duckdb.connect() as con:
+        table = con.sql("SELECT instance_id, vector FROM read_parquet(?) ORDER BY sample_hash, instance_id LIMIT ?",
+                        params=[parts, size]).to_arrow_table()
+    return table["instance_id"].combine_chunks(), S.vectors_to_numpy(table["vector"])
 
+
+def _fitted_rows(layout: RunLayout, kind: str, name: str) -> int:
     field = pads.dataset(layout.source_dir(kind, name), format="parquet").schema.field(SOURCE_COLUMNS[kind])
-    return field.type.list_size
+    return max(2, SAMPLE_BYTES // (8 * field.type.list_size))
 
 
-def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_type: str,
+def run_projection_stage(spec: JobSpec, layout: RunLayout, rows: dict[str, int], id_type: str,
                          threads: int, worker_root: str | None = None) -> Projections:
     """Fit and apply every projection of the spec; return the manifest's ``projections``.
 
@@ -83,27 +99,28 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, keys: set[str], id_ty
     """
     import ray
 
-    sources = projection_sources(spec)
+    sources = spec.projection_sources
     if not sources:
         return Projections(seed=spec.projection.seed)
     started = time.perf_counter()
-    ids, projections = fit_projections(spec, layout)
+    ids, projections = fit_projections(spec, layout, sum(rows.values()))
     fitted = time.perf_counter()
     execution = spec.execution
-    results = ray.data.from_items([{"part": key} for key in sorted(keys)]).map_batches(
+    results = ray.data.from_items([{"part": key} for key in sorted(rows)]).map_batches(
         ProjectWorker,
         fn_constructor_kwargs={"projections": projections, "worker_root": worker_root or str(layout.root.resolve()),
                                "id_type": id_type, "threads": threads},
-        batch_size=1,
+        # Parts a few at a time: one part is milliseconds of work, less than a task's overhead.
+        batch_size=PARTS_PER_TASK,
         compute=ray.data.ActorPoolStrategy(size=execution.num_workers),
         num_cpus=execution.cpus_per_worker,
     )
-    reported = {(row["table"], row["part"]) for row in results.iter_rows()}
-    missing = [(f"{kind}/{name}", key) for kind, name in sources for key in keys
-               if (f"{kind}/{name}", key) not in reported]
-    if missing:
-        raise RunError(f"the projection pass did not report {len(missing)} parts (e.g. {missing[:3]}); "
-                       "nothing was committed")
+    reported = {(row["table"], row["part"]): row["rows"] for row in results.iter_rows()}
+    wrong = [(f"{kind}/{name}", key) for kind, name in sources for key in rows
+             if reported.get((f"{kind}/{name}", key)) != rows[key]]
+    if wrong:
+        raise RunError(f"the projection pass did not report {len(wrong)} parts with their batch's rows "
+                       f"(e.g. {wrong[:3]}); nothing was committed")
     return Projections(
         sample_rows=len(ids), seed=spec.projection.seed,
         tables=[ProjectionTable.model_validate(p.describe()) for p in projections],

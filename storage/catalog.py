@@ -4,17 +4,19 @@
 ``<run>/catalog.duckdb`` holding:
 
 * ``instances``: a native copy of the instances table (predicates join against it);
-* ``activations_<layer>``: a native *wide* table per layer, ``instance_id, n0 .. n<d-1>``,
-  one FLOAT column per neuron, stored uncompressed. Measured (``benchmarks/bench_sql.py``):
-  a subset's mean over every neuron scans this in a third of the time the same query takes
-  over DuckDB's compressed columns, and many times faster than the Parquet vectors.
 * ``projections``: every instance's 2-D coordinates per projected table (``kind``,
   ``source``, ``pca_x``, ``pca_y``, ``umap_x``, ``umap_y``), and ``projection_models``;
 * ``neuron_cells`` / ``attribution_cells``: sums per (label, prediction) cell, so class
   subsets (ActiVis' default rows) and per-class attribution maps need no scan at all;
-* views over the Parquet parts that stay Parquet (``attributions_<method>``,
-  ``activation_vectors_<layer>``), by paths relative to the run, so a moved or copied run
-  keeps working; ``layers``, ``methods``, ``neurons``, ``parquet_views``;
+  ``neuron_top`` (each neuron's top instances) and ``fidelity_summary``: all four the
+  workers' per-part statistics added up (:mod:`netloupe.storage.part_statistics`), so the
+  build reads no activation or attribution;
+* ``activation_index_parts``: where each part's rows lie in the activation index (whose
+  sorted ids it writes beside the catalog, ``index/``);
+* views over the Parquet parts (``activations_<layer>``: the workers' *wide* parts, one
+  uncompressed FLOAT column per neuron; ``activation_vectors_<layer>``,
+  ``attributions_<method>``, ``fidelity_<method>``), by paths relative to the run, so a
+  moved or copied run keeps working; ``layers``, ``methods``, ``neurons``, ``parquet_views``;
 * the explanation operators of ``storage/sql/operators.sql`` as table macros.
 
 :func:`open_catalog` attaches that file read-only in an in-memory DuckDB that can read
@@ -43,15 +45,16 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from netloupe.contract.errors import NetloupeError, RunError
 from netloupe.contract.names import PROJECTION_ALGORITHMS
 from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
-from netloupe.storage.activation_index import WIDE_NEURON_LIMIT, ActivationIndex, write_activation_index
+from netloupe.storage.activation_index import ActivationIndex, write_id_index
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
-from netloupe.storage.schema import ID_TYPES, vectors_to_numpy
+from netloupe.storage.part_statistics import NEURON_TOP_KEPT, WIDE_NEURON_LIMIT, merge_attribution_cells
+from netloupe.storage.schema import ATTRIBUTION_CELLS, ID_SQL_TYPES, ID_TYPES, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
 
 
 class QueryError(NetloupeError):
@@ -107,10 +110,6 @@ def _run_statements(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.execute(statement.query).fetchall()
 
 
-def _parts(directory: Path) -> list[Path]:
-    return sorted(directory.glob("part-*.parquet"))
-
-
 # -- building ------------------------------------------------------------------------------
 
 
@@ -128,11 +127,17 @@ def driver_connection(memory_mib: int, spill_dir: Path) -> Iterator[duckdb.DuckD
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DRIVER_SQL_MEMORY_MIB) -> dict:
+def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DRIVER_SQL_MEMORY_MIB,
+                  native_activations: bool = False) -> dict:
     """Write ``catalog.duckdb`` for the run at ``layout`` (atomically); return timings.
 
     Called by the driver on the staged run before its commit, so a committed run always
-    has its catalog; ``netloupe catalog RUN`` rebuilds it.
+    has its catalog; ``netloupe catalog RUN`` rebuilds it. It reads the instances and the
+    workers' per-part statistics, never the activations or attributions themselves
+    (:mod:`netloupe.storage.part_statistics`). With ``native_activations`` (``netloupe catalog
+    RUN --native-activations``, after the run) each ``activations_<layer>`` becomes a native
+    table copied from the wide parts: what the stock CLI's pure-SQL operators scan fastest
+    (about twice as fast as the Parquet view), for a copy of every activation in the file.
     """
     started = time.perf_counter()
     # Absolute: with file_search_path set, DuckDB resolves relative paths against it only.
@@ -142,6 +147,12 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
     model = manifest.model
     id_type = ID_TYPES[manifest.dataset.id_type]
     timings = {}
+
+    def timed(name: str, step, *args):
+        step_started = time.perf_counter()
+        step(*args)
+        timings[name] = time.perf_counter() - step_started
+
     try:
         with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
             # An older storage format than this DuckDB's own, so that the duckdb CLIs users
@@ -150,50 +161,36 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
             con.execute(f"USE {BUILDING}").fetchall()  # everything below lands in the file, unqualified
             # Relative paths in views are resolved against this, and stored relative.
             con.execute("SET file_search_path = ?", [str(layout.root)]).fetchall()
-            # Uncompressed floats scan about twice as fast as DuckDB's compressed ones for
-            # whole-layer aggregates (benchmarks/RESULTS.md); activations dominate the file.
+            # Uncompressed floats scan about twice as fast as DuckDB's compressed ones
+            # (benchmarks/RESULTS.md): the projections' coordinates.
             con.execute("PRAGMA force_compression = 'uncompressed'").fetchall()
-            con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances")
+            timed("instances", lambda: con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances"))
+            con.execute(f"CREATE MACRO _neuron_top_kept() AS {NEURON_TOP_KEPT}").fetchall()
             for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
                 _run_statements(con, sql)
+            timed("statistics", _merge_statistics, con, layout)
+            timed("activation index", _write_index, con, layout)
+            timed("projections", _build_projections, con, layout, manifest.projections.tables, id_type)
+            timed("fidelity summary", _build_fidelity_summary, con, layout)
             parquet_views, layers, methods = [], [], []
             for layer, neurons in model.layer_neurons.items():
-                layer_started = time.perf_counter()
-                relative = f"{layout.activations_dir(layer).relative_to(layout.root)}/*.parquet"
-                parquet_views.append((activation_vectors_view(layer), relative))
                 wide = neurons <= WIDE_NEURON_LIMIT
-                if wide:
-                    _build_wide_layer(con, layout, layer, neurons, id_type)
-                    con.execute("INSERT INTO neuron_cells SELECT * FROM _neuron_cells_of(?)", [layer]).fetchall()
+                vectors = _relative_parts(layout, layout.activations_dir(layer))
+                parquet_views.append((activation_vectors_view(layer), vectors))
+                if wide and native_activations:
+                    timed(f"layer {layer}", _copy_wide_layer, con, layout, layer)
+                elif wide:
+                    parquet_views.append((activations_view(layer),
+                                          _relative_parts(layout, layout.wide_activations_dir(layer))))
                 layers.append({"layer": layer, "view": activations_view(layer) if wide else None,
                                "vectors_view": activation_vectors_view(layer), "neurons": neurons,
                                "output_shape": json.dumps(model.layer_output_shapes.get(layer))})
-                timings[f"layer {layer}"] = time.perf_counter() - layer_started
-            index_started = time.perf_counter()
-            wide_layers = {row["layer"]: _parts(layout.activations_dir(row["layer"])) for row in layers if row["view"]}
-            write_activation_index(layout.root, wide_layers,
-                                   con.sql("SELECT instance_id FROM instances").to_arrow_table()["instance_id"])
-            timings["activation index"] = time.perf_counter() - index_started
-            projection_started = time.perf_counter()
-            _build_projections(con, layout, manifest.projections.tables, id_type)
-            timings["projections"] = time.perf_counter() - projection_started
-            instance_keys = _instance_keys(con) if any(model.attribution_shapes.values()) else None
             for method, shape in model.attribution_shapes.items():
-                method_started = time.perf_counter()
-                relative = f"{layout.attributions_dir(method).relative_to(layout.root)}/*.parquet"
-                parquet_views.append((attributions_view(method), relative))
-                if shape is not None:
-                    cells = _attribution_cells(layout, method, instance_keys)
-                    con.from_arrow(cells).insert_into("attribution_cells")
+                maps = _relative_parts(layout, layout.attributions_dir(method))
+                parquet_views.append((attributions_view(method), maps))
                 methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
-                timings[f"method {method}"] = time.perf_counter() - method_started
             for method in manifest.tables.fidelity:
-                parquet_views.append((fidelity_view(method),
-                                      f"{layout.fidelity_dir(method).relative_to(layout.root)}/*.parquet"))
-            summary_started = time.perf_counter()
-            _build_fidelity_summary(con, layout, list(model.attribution_shapes), manifest.fidelity.curve_steps,
-                                    manifest.tables.fidelity)
-            timings["fidelity summary"] = time.perf_counter() - summary_started
+                parquet_views.append((fidelity_view(method), _relative_parts(layout, layout.fidelity_dir(method))))
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
@@ -210,68 +207,48 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
     return timings
 
 
-def _build_wide_layer(con, layout: RunLayout, layer: str, neurons: int, id_type: pa.DataType) -> None:
-    """One FLOAT column per neuron, filled part by part (memory stays one part's worth)."""
-    schema = pa.schema([pa.field("instance_id", id_type)] + [pa.field(f"n{j}", pa.float32()) for j in range(neurons)])
-    name = activations_view(layer)
-    con.from_arrow(schema.empty_table()).create(name)
-    for part in _parts(layout.activations_dir(layer)):
-        table = pq.read_table(part)
-        # Transposed once so that every neuron's column is contiguous (no per-column copy).
-        columns = np.ascontiguousarray(vectors_to_numpy(table["activation"]).T)
-        wide = pa.Table.from_arrays([table["instance_id"].combine_chunks()] + [pa.array(c) for c in columns],
-                                    schema=schema)
-        con.from_arrow(wide).insert_into(name)
+def _relative_parts(layout: RunLayout, directory: Path) -> str:
+    return f"{directory.relative_to(layout.root).as_posix()}/*.parquet"
 
 
-_FIDELITY_SUMMARY_SQL = """
-SELECT ?::VARCHAR AS method, count(*) AS instances,
-       avg(abs(convergence_delta)) AS mean_abs_convergence_delta,
-       max(abs(convergence_delta)) AS max_abs_convergence_delta,
-       {curves}
-FROM read_parquet(?) WHERE target_rank = 0
-"""
-_SAMPLED_SQL = """
-SELECT count(*) AS sampled, avg(infidelity) AS mean_infidelity, avg(sensitivity_max) AS mean_sensitivity_max,
-       avg(randomization_spearman) AS mean_randomization_spearman,
-       avg(randomization_spearman_abs) AS mean_randomization_spearman_abs
-FROM read_parquet(?)
-"""
+def _copy_wide_layer(con, layout: RunLayout, layer: str) -> None:
+    con.execute(f"CREATE TABLE {activations_view(layer)} AS SELECT * FROM read_parquet(?)",
+                [_relative_parts(layout, layout.wide_activations_dir(layer))]).fetchall()
 
 
-def _one_row(con, sql: str, parameters: list) -> dict:
-    cursor = con.execute(sql, parameters)
-    names = [column[0] for column in cursor.description]
-    (row,) = cursor.fetchall()  # fetched to the end: DuckDB 2 refuses other work until then
-    return dict(zip(names, row))
+def _statistics_parts(layout: RunLayout, name: str) -> str | None:
+    """The glob of one statistics table's parts, None when no batch wrote one."""
+    directory = layout.statistics_dir(name)
+    return str(directory / "*.parquet") if directory.is_dir() and any(directory.glob("part-*.parquet")) else None
 
 
-def _build_fidelity_summary(con, layout: RunLayout, methods: list[str], curves: int, sampled: dict) -> None:
-    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run
-    (``curves``: the curves' steps, 0 when none; ``sampled``: the methods with sampled checks)."""
-    curve_sql = ("avg(deletion_auc) AS mean_deletion_auc, avg(insertion_auc) AS mean_insertion_auc" if curves else
-                 "NULL::DOUBLE AS mean_deletion_auc, NULL::DOUBLE AS mean_insertion_auc")
-    rows = []
-    for method in methods:
-        row = _one_row(con, _FIDELITY_SUMMARY_SQL.format(curves=curve_sql),
-                       [method, str(layout.attributions_dir(method) / "*.parquet")])
-        if method in sampled:
-            row.update(_one_row(con, _SAMPLED_SQL, [str(layout.fidelity_dir(method) / "*.parquet")]))
-        rows.append(row)
-    schema = pa.schema([("method", pa.string()), ("instances", pa.int64())]
-                       + [(name, pa.float64()) for name in ("mean_abs_convergence_delta", "max_abs_convergence_delta",
-                                                            "mean_deletion_auc", "mean_insertion_auc")]
-                       + [("sampled", pa.int64())]
-                       + [(name, pa.float64()) for name in ("mean_infidelity", "mean_sensitivity_max",
-                                                            "mean_randomization_spearman",
-                                                            "mean_randomization_spearman_abs")])
-    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
-    con.from_arrow(pa.table(columns, schema=schema)).create("fidelity_summary")
-    con.execute("COMMENT ON TABLE fidelity_summary IS 'Per method, how faithful its explanations are: Integrated "
-                "Gradients/DeepLift convergence delta, mean deletion AUC (lower is better) and insertion AUC "
-                "(higher is better) over every instance; on the sampled instances (fidelity_<method> views) mean "
-                "infidelity and sensitivity-max (lower is better) and the rank correlation of each map with the map "
-                "of a randomly re-initialised model (near 0 passes the model-randomization check)'").fetchall()
+def _merge_statistics(con, layout: RunLayout) -> None:
+    """``neuron_cells``, ``neuron_top`` and ``attribution_cells``: the workers' per-part
+    statistics added up (``_merged_*`` of build.sql; the attribution cells' lists in numpy)."""
+    for name in (NEURON_CELLS, NEURON_TOP):
+        parts = _statistics_parts(layout, name)
+        if parts is not None:
+            con.execute(f"INSERT INTO {name} SELECT * FROM _merged_{name}(?)", [parts]).fetchall()
+    if _statistics_parts(layout, ATTRIBUTION_CELLS) is not None:
+        parts = pads.dataset(layout.statistics_dir(ATTRIBUTION_CELLS), format="parquet").to_table()
+        con.from_arrow(merge_attribution_cells(parts)).insert_into(ATTRIBUTION_CELLS)
+
+
+def _write_index(con, layout: RunLayout) -> None:
+    """The activation index's ids and rows, and ``activation_index_parts``: where each part's
+    rows begin when the parts are numbered in key order (the workers wrote the matrices)."""
+    parts = str(layout.instances_dir / "*.parquet")
+    con.execute("INSERT INTO activation_index_parts SELECT * FROM _index_parts(?)", [parts]).fetchall()
+    rows = con.sql("SELECT * FROM _index_rows(?)", params=[parts]).to_arrow_table()
+    write_id_index(layout, rows["instance_id"].combine_chunks(), rows["row"].combine_chunks())
+
+
+def _build_fidelity_summary(con, layout: RunLayout) -> None:
+    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run,
+    from the workers' per-part method summaries."""
+    parts = _statistics_parts(layout, METHOD_SUMMARY)
+    if parts is not None:
+        con.execute("INSERT INTO fidelity_summary SELECT * FROM _merged_method_summary(?)", [parts]).fetchall()
 
 
 def _build_projections(con, layout: RunLayout, tables: list[ProjectionTable], id_type: pa.DataType) -> None:
@@ -290,74 +267,6 @@ def _build_projections(con, layout: RunLayout, tables: list[ProjectionTable], id
         con.execute("INSERT INTO projection_models VALUES (?, ?, ?, ?, ?, ?)",
                     [fitted.kind, fitted.name, fitted.algorithms, fitted.dimensions,
                      fitted.sample_rows, fitted.explained_variance_ratio]).fetchall()
-
-
-ATTRIBUTION_CELLS_SCHEMA = pa.schema([
-    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
-    ("position", pa.int32()), ("size", pa.int64()), ("total", pa.float64()), ("total_abs", pa.float64()),
-])
-
-
-def _instance_keys(con) -> tuple[np.ndarray, np.ndarray]:
-    """Instance ids sorted, and beside them ``(label is null, label, prediction)`` rows.
-
-    24 bytes an instance: what grouping attribution maps needs, without a join.
-    """
-    table = con.sql("SELECT instance_id, label IS NULL, coalesce(label, 0), prediction FROM instances "
-                    "ORDER BY instance_id").to_arrow_table()
-    ids = table.column(0).to_numpy()
-    if ids.dtype == object:
-        ids = ids.astype(str)
-    keys = np.stack([table.column(i).to_numpy().astype(np.int64) for i in (1, 2, 3)], axis=1)
-    return ids, keys
-
-
-def _attribution_cells(layout: RunLayout, method: str, instance_keys: tuple[np.ndarray, np.ndarray]) -> pa.Table:
-    """Sums of each stored map position per (target rank, label, prediction), part by part.
-
-    DuckDB has no element-wise aggregate over arrays (and unnesting a million maps costs
-    minutes), so the sums are accumulated here. Each part's rows find their instance's
-    label and prediction by binary search in the sorted ids: DuckDB's streaming join of the
-    maps with the instances held 300 MB at 200k instances, a join per part rebuilt its hash
-    table each time (0.2 s per part at 1M).
-    """
-    sorted_ids, instance_rows = instance_keys
-    totals: dict[tuple, list] = {}
-    for part in _parts(layout.attributions_dir(method)):
-        table = pq.read_table(part, columns=["instance_id", "target_rank", "attribution"])
-        if table.num_rows == 0:
-            continue
-        maps = vectors_to_numpy(table["attribution"]).astype(np.float64)
-        ids = table["instance_id"].to_numpy()
-        positions = np.searchsorted(sorted_ids, ids.astype(str) if sorted_ids.dtype.kind == "U" else ids)
-        keys = np.column_stack([table["target_rank"].to_numpy().astype(np.int64), instance_rows[positions]])
-        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        order = np.argsort(inverse, kind="stable")
-        starts = np.searchsorted(inverse[order], np.arange(len(unique)))
-        sums = np.add.reduceat(maps[order], starts, axis=0)
-        abs_sums = np.add.reduceat(np.abs(maps[order]), starts, axis=0)
-        counts = np.diff(np.append(starts, len(order)))
-        for i, (rank, label_is_null, label, prediction) in enumerate(unique.tolist()):
-            key = (rank, None if label_is_null else label, prediction)
-            if key not in totals:
-                totals[key] = [0, np.zeros(maps.shape[1]), np.zeros(maps.shape[1])]
-            entry = totals[key]
-            entry[0] += int(counts[i])
-            entry[1] += sums[i]
-            entry[2] += abs_sums[i]
-    columns = {name: [] for name in ATTRIBUTION_CELLS_SCHEMA.names}
-    for (rank, label, prediction), (size, total, total_abs) in totals.items():
-        width = len(total)
-        columns["method"] += [method] * width
-        columns["target_rank"] += [rank] * width
-        columns["label"] += [label] * width
-        columns["prediction"] += [prediction] * width
-        columns["position"] += list(range(width))
-        columns["size"] += [size] * width
-        columns["total"] += total.tolist()
-        columns["total_abs"] += total_abs.tolist()
-    return pa.table(columns, schema=ATTRIBUTION_CELLS_SCHEMA)
 
 
 # -- querying ------------------------------------------------------------------------------
@@ -433,14 +342,16 @@ _MOMENTS_ARROW = pa.struct([("size", pa.int64()), ("total", pa.list_(pa.float64(
 
 
 def _register_fast_moments(con: duckdb.DuckDBPyConnection, layout: RunLayout, id_type: str) -> None:
-    """Serve ``_neuron_moments`` from the run's activation index (see its module)."""
+    """Serve ``_neuron_moments`` and ``_instance_activations`` from the run's activation index
+    (see its module)."""
     whole = con.sql("SELECT layer, neuron, sum(total) AS total, sum(total_sq) AS total_sq, "
                     "sum(active)::BIGINT AS active FROM neuron_cells GROUP BY ALL ORDER BY layer, neuron"
                     ).to_arrow_table()
     layers = np.asarray(whole["layer"].to_pylist(), dtype=object)
     totals = {layer: {key: whole[key].to_numpy()[layers == layer] for key in ("total", "total_sq", "active")}
               for layer in dict.fromkeys(layers)}
-    index = ActivationIndex(layout.root, totals)
+    parts = con.execute("SELECT part, first_row FROM activation_index_parts ORDER BY first_row").fetchall()
+    index = ActivationIndex(layout.root, totals, parts)
 
     def moments(layer_names: pa.Array, id_lists: pa.Array) -> pa.Array:
         rows = []
@@ -451,9 +362,19 @@ def _register_fast_moments(con: duckdb.DuckDBPyConnection, layout: RunLayout, id
             rows.append({"size": size, "total": total.tolist(), "total_sq": total_sq.tolist(), "active": active.tolist()})
         return pa.array(rows, type=_MOMENTS_ARROW)
 
-    id_sql = "BIGINT" if id_type == "int64" else "VARCHAR"
+    def activations(layer_names: pa.Array, instance_ids: pa.Array) -> pa.Array:
+        vectors = []
+        for layer, instance in zip(layer_names.to_pylist(), instance_ids.to_pylist()):
+            vector = None if instance is None else index.vector(layer, instance)
+            vectors.append(None if vector is None else vector.tolist())
+        return pa.array(vectors, type=pa.list_(pa.float32()))
+
+    id_sql = ID_SQL_TYPES[id_type]
     con.create_function("_neuron_moments_fast", moments, [con.type("VARCHAR"), con.type(f"{id_sql}[]")],
                         con.type(_MOMENTS_TYPE), type="arrow", side_effects=False)
+    con.create_function("_instance_activations_fast", activations, [con.type("VARCHAR"), con.type(id_sql)],
+                        con.type("FLOAT[]"), type="arrow", side_effects=False,
+                        null_handling="special")  # NULL for an unknown instance
     _run_statements(con, FAST_SQL)
 
 

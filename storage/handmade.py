@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog
-from netloupe.storage.layout import RunLayout, RunStaging, write_part
+from netloupe.storage.layout import WIDE_PARQUET_OPTIONS, RunLayout, RunStaging, part_name, write_npy, write_part
 from netloupe.storage.manifest import (
     Counts,
     DatasetInfo,
@@ -27,6 +27,7 @@ from netloupe.storage.manifest import (
     RunManifest,
     Tables,
 )
+from netloupe.storage.part_statistics import derive_parts
 
 
 def write_handmade_run(
@@ -82,17 +83,18 @@ def write_handmade_run(
         for start in range(0, n, rows_per_part):
             stop = min(n, start + rows_per_part)
             key = f"{start:012d}"
-            write_part(layout.instances_dir, key, instance_table.slice(start, stop - start))
+            part_instances = instance_table.slice(start, stop - start)
             for layer, matrix in activations.items():
                 width = matrix.shape[1]
                 write_part(layout.activations_dir(layer), key, S.table_from_columns(
                     S.activations_schema(width, id_type),
                     {"instance_id": ids.slice(start, stop - start),
                      "activation": S.fixed_vectors(matrix[start:stop], width)}))
+            part_attributions = {}
             for method, maps in attributions.items():
                 flat = maps[start:stop].reshape(stop - start, -1).astype(np.float32)
                 width = flat.shape[1]
-                write_part(layout.attributions_dir(method), key, S.table_from_columns(
+                part_attributions[method] = S.table_from_columns(
                     S.attributions_schema(width, id_type),
                     {"instance_id": ids.slice(start, stop - start),
                      "target_rank": pa.array(np.zeros(stop - start, np.int16)),
@@ -102,13 +104,22 @@ def write_handmade_run(
                      "attr_min": flat.min(axis=1), "attr_max": flat.max(axis=1),
                      "attr_l2": np.linalg.norm(flat, axis=1),
                      "convergence_delta": pa.nulls(stop - start, pa.float64()),
-                     "finite": np.isfinite(flat).all(axis=1)}))
+                     "finite": np.isfinite(flat).all(axis=1)})
+                write_part(layout.attributions_dir(method), key, part_attributions[method])
+            derived = derive_parts(part_instances, {layer: m[start:stop] for layer, m in activations.items()},
+                                   part_attributions, {}, id_type)
+            for relative, table in derived.tables.items():
+                wide = relative.parts[0] == S.WIDE
+                write_part(layout.root / relative, key, table, options=WIDE_PARQUET_OPTIONS if wide else None)
+            for relative, matrix in derived.matrices.items():
+                write_npy(layout.root / relative / part_name(key, ".npy"), matrix)
             for layer, coordinates in projections.items():
                 write_part(layout.projections_dir(S.ACTIVATIONS, layer), key, S.table_from_columns(
                     S.projections_schema(["pca"], id_type),
                     {"instance_id": ids.slice(start, stop - start),
                      "pca_x": coordinates[start:stop, 0].astype(np.float32),
                      "pca_y": coordinates[start:stop, 1].astype(np.float32)}))
+            write_part(layout.instances_dir, key, part_instances)
         fitted = [ProjectionTable(kind=S.ACTIVATIONS, name=layer, algorithms=["pca"],
                                   dimensions=int(activations[layer].shape[1]), sample_rows=n,
                                   explained_variance_ratio=[0.0, 0.0]) for layer in projections]

@@ -12,6 +12,10 @@
         projections/sample.parquet            the instances the projections were fitted on
         projections/<kind>/<name>/part-<key>.parquet   kind: activations | attributions
         fidelity/<method>/part-<key>.parquet    sampled instances' fidelity checks
+        wide/<layer>/part-<key>.parquet         the layer, one column per neuron    } written by the
+        index/layers/<layer>/part-<key>.npy     the layer as a row-major matrix     } workers beside
+        stats/<statistic>/part-<key>.parquet    mergeable per-part statistics       } every batch
+        index/instance_ids.npy, index/instance_rows.npy   the ids sorted, and where each one's row lies
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
 A part's ``<key>`` is derived from the instance ids of the batch it holds, so a batch
@@ -36,6 +40,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -47,6 +52,7 @@ from netloupe.storage.location import (
     StoreRoot,
     cached_run_dir,
     download_tree,
+    files_under,
     is_uri,
     join_uri,
     open_filesystem,
@@ -55,9 +61,22 @@ from netloupe.storage.location import (
     work_dir,
 )
 from netloupe.storage.manifest import BatchReport, RunManifest, read_manifest
-from netloupe.storage.schema import ACTIVATIONS, ATTRIBUTIONS, FIDELITY, INSTANCES, PROJECTIONS
+from netloupe.storage.schema import (
+    ACTIVATIONS,
+    ATTRIBUTIONS,
+    FIDELITY,
+    INDEX,
+    INSTANCES,
+    METHOD_SUMMARY,
+    PROJECTIONS,
+    STATISTICS,
+    WIDE,
+    id_digest,
+)
 
 CATALOG = "catalog.duckdb"
+CANDIDATES = "candidates"
+"""Under ``projections/``: the projection sample's candidates, in the staged run only."""
 STAGING_DIR = ".staging"
 JOB_FILE = "job.json"
 """The staged run's spec and model fingerprint, written first: what ``netloupe run --resume`` continues."""
@@ -116,6 +135,29 @@ class RunLayout:
         """The sampled fidelity checks of ``method`` (:mod:`netloupe.workers.fidelity`)."""
         return self.root / FIDELITY / table_dir_name(method)
 
+    def statistics_dir(self, name: str) -> Path:
+        """One of the per-part statistics tables (:mod:`netloupe.storage.part_statistics`)."""
+        return self.root / STATISTICS / name
+
+    def wide_activations_dir(self, layer: str) -> Path:
+        """``layer``'s activations with one column per neuron, per part."""
+        return self.root / WIDE / table_dir_name(layer)
+
+    @property
+    def index_dir(self) -> Path:
+        """The activation index: per-part matrices, and the ids sorted (written at the catalog)."""
+        return self.root / INDEX
+
+    def index_layer_dir(self, layer: str) -> Path:
+        """``layer``'s row-major ``float32`` matrices, one ``part-<key>.npy`` per part."""
+        return self.root / INDEX / "layers" / table_dir_name(layer)
+
+    def projection_sample_dir(self, kind: str, name: str) -> Path:
+        """The rows of a projected table that may fall in the projection sample, per part:
+        gathered by the workers as they explain, removed once the projection is fitted."""
+        self.source_dir(kind, name)
+        return self.root / PROJECTIONS / CANDIDATES / kind / table_dir_name(name)
+
     def source_dir(self, kind: str, name: str) -> Path:
         """The table a projection is computed from: ``activations`` of a layer or
         ``attributions`` of a method."""
@@ -135,11 +177,16 @@ class RunLayout:
         """The sampled instance ids the projections were fitted on, in sample order."""
         return self.root / PROJECTIONS / "sample.parquet"
 
-    def table_dirs(self, layers, methods) -> list[Path]:
-        """Every table the explain pass writes (a method's fidelity table only when sampled)."""
-        return [self.instances_dir] + [self.activations_dir(l) for l in layers] + [
-            self.attributions_dir(m) for m in methods
-        ] + [self.fidelity_dir(m) for m in methods]
+    def table_dirs(self, layers, methods, statistics=(), projected=()) -> list[Path]:
+        """Every directory of parts the explain pass writes (a method's fidelity table only
+        when sampled; the wide and index forms of the ``layers`` that have them):
+        ``statistics`` names the statistics tables, ``projected`` the ``(kind, name)`` of
+        the tables whose projection-sample candidates the workers gather."""
+        return ([self.instances_dir] + [self.activations_dir(l) for l in layers]
+                + [self.attributions_dir(m) for m in methods] + [self.fidelity_dir(m) for m in methods]
+                + [self.wide_activations_dir(l) for l in layers] + [self.index_layer_dir(l) for l in layers]
+                + [self.statistics_dir(s) for s in statistics]
+                + [self.projection_sample_dir(kind, name) for kind, name in projected])
 
     def read_manifest(self) -> RunManifest:
         """The committed run's manifest, its format and schema version checked."""
@@ -151,8 +198,15 @@ class RunLayout:
         return read_manifest(self.manifest_path, str(self.root))
 
 
+PARQUET_OPTIONS = dict(compression="zstd")
+"""How parts are written: zstd is the best size/speed trade for float vectors measured so far."""
+WIDE_PARQUET_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["instance_id"])
+"""The wide activation parts (one column per neuron): DuckDB scans plain floats fastest, and
+statistics of every neuron's column would only swell the footer."""
+
+
 def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | None = None,
-                  run_root: Path | None = None) -> int:
+                  run_root: Path | None = None, options: dict | None = None) -> int:
     """Write ``table`` to ``path`` whole; return its size. Locally under a temporary name,
     then renamed; in an object store directly (an object appears only once uploaded).
 
@@ -161,11 +215,21 @@ def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | Non
     or taken over by ``netloupe run --resume`` while a killed driver's worker still held a
     batch) is not made again by a late write, which fails instead.
     """
-    # Row groups sized to a batch keep readers' memory bounded; zstd is the best size/speed
-    # trade for float vectors measured so far.
-    options = dict(compression="zstd", row_group_size=max(1, table.num_rows))
+    # Row groups sized to a batch keep readers' memory bounded.
+    options = {**(options or PARQUET_OPTIONS), "row_group_size": max(1, table.num_rows)}
+    return _write_whole(path, lambda sink: pq.write_table(table, sink, **options), filesystem, run_root)
+
+
+def write_npy(path: Path, matrix: np.ndarray, filesystem: pafs.FileSystem | None = None,
+              run_root: Path | None = None) -> int:
+    """Write ``matrix`` as a ``.npy`` file whole (as :func:`write_parquet` writes); return its size."""
+    return _write_whole(path, lambda sink: np.save(sink, matrix, allow_pickle=False), filesystem, run_root)
+
+
+def _write_whole(path: Path, write, filesystem: pafs.FileSystem | None, run_root: Path | None) -> int:
     if filesystem is not None and not isinstance(filesystem, pafs.LocalFileSystem):
-        pq.write_table(table, str(path), filesystem=filesystem, **options)
+        with filesystem.open_output_stream(str(path)) as stream:
+            write(stream)
         return filesystem.get_file_info(str(path)).size
     path = Path(path)
     if run_root is None:
@@ -178,16 +242,26 @@ def write_parquet(path: Path, table: pa.Table, filesystem: pafs.FileSystem | Non
         except FileNotFoundError:
             raise RunError(f"the staged run {run_root} is gone (committed, aborted or resumed elsewhere); "
                            "this worker's batch is not written") from None
-    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, tmp, **options)
+    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}{path.suffix}"
+    with open(tmp, "wb") as sink:
+        write(sink)
     os.replace(tmp, path)
     return path.stat().st_size
 
 
+def part_name(key: str, suffix: str = ".parquet") -> str:
+    return f"part-{key}{suffix}"
+
+
+def key_of_part(name: str) -> str | None:
+    """The key of a part file's name (``part-<key>.<suffix>``), None for any other file."""
+    return name[len("part-"):].split(".", 1)[0] if name.startswith("part-") else None
+
+
 def write_part(directory: Path, key: str, table: pa.Table, filesystem: pafs.FileSystem | None = None,
-               run_root: Path | None = None) -> int:
+               run_root: Path | None = None, options: dict | None = None) -> int:
     """Write ``table`` as ``directory/part-<key>.parquet`` whole; return its size in bytes."""
-    return write_parquet(directory / f"part-{key}.parquet", table, filesystem, run_root)
+    return write_parquet(directory / part_name(key), table, filesystem, run_root, options)
 
 
 def worker_layout(worker_root: str) -> tuple[RunLayout, pafs.FileSystem]:
@@ -280,21 +354,29 @@ class RunStaging(ABC):
             self._keep_job(job_file)
         return self.layout
 
-    def finished_parts(self, table_dirs: list[Path]) -> list[BatchReport]:
+    def finished_parts(self, table_dirs: list[Path], methods: list[str], id_type: str) -> list[BatchReport]:
         """The batches an interrupted run finished: those with an instances part, which a
         worker writes after all of the batch's other parts (:class:`netloupe.workers.explain.ExplainWorker`).
-        For a store, the instances parts are downloaded first."""
-        self.pull(INSTANCES)
+        Their reports are rebuilt from the parts (``methods``: the spec's, in order, for each
+        batch's fidelity rows). For a store, the instances and statistics parts are downloaded first."""
+        self.pull(INSTANCES, STATISTICS)
         sizes = self._part_sizes(table_dirs)
+        summaries = self.layout.statistics_dir(METHOD_SUMMARY)
         parts = []
         for path in sorted(self.layout.instances_dir.glob("part-*.parquet")):
-            key = path.name[len("part-"):-len(".parquet")]
-            head = pq.ParquetFile(path)
-            first = head.read_row_group(0, columns=["node_id", "device"]).slice(0, 1).to_pylist()
-            parts.append(BatchReport(part=key, rows=head.metadata.num_rows, bytes=sizes.get(path.name, 0),
+            key = key_of_part(path.name)
+            table = pq.read_table(path, columns=["instance_id", "node_id", "device"])
+            first = table.slice(0, 1).to_pylist()
+            sampled = {}
+            if (summaries / path.name).exists():
+                summary = pq.read_table(summaries / path.name, columns=["method", "sampled"]).to_pylist()
+                sampled = {row["method"]: row["sampled"] for row in summary}
+            parts.append(BatchReport(part=key, rows=table.num_rows, bytes=sizes.get(key, 0),
                                      compute_seconds=0.0, write_seconds=0.0, gpu_ids="", chunk_rows=0,
                                      node_id=first[0]["node_id"] if first else "",
-                                     device=first[0]["device"] if first else ""))
+                                     device=first[0]["device"] if first else "",
+                                     id_digest=id_digest(table["instance_id"], id_type),
+                                     fidelity_rows=[sampled.get(method, 0) for method in methods]))
         return parts
 
     def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
@@ -305,8 +387,7 @@ class RunStaging(ABC):
             if not directory.exists():
                 continue
             for path in directory.iterdir():
-                key = path.name[len("part-") : -len(".parquet")] if path.name.startswith("part-") else None
-                if key not in keys:
+                if key_of_part(path.name) not in keys:
                     path.unlink()
                     removed.append(path)
         return removed
@@ -329,8 +410,18 @@ class RunStaging(ABC):
         the bytes copied."""
 
     @abstractmethod
+    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
+        """Bring one part (of a batch in ``keys``) of each of ``table_dirs`` into the local
+        staged run (the catalog's views over a table bind to its columns there); return the
+        bytes copied."""
+
+    @abstractmethod
+    def part_keys(self, directory: Path) -> set[str]:
+        """The keys of the parts in ``directory`` where the workers wrote them."""
+
+    @abstractmethod
     def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
-        """The bytes of each part file name summed over ``table_dirs``, where the workers wrote them."""
+        """The bytes of each part's files (by key) summed over ``table_dirs``, where the workers wrote them."""
 
     @abstractmethod
     def _make_visible(self) -> RunLayout:
@@ -388,11 +479,18 @@ class LocalStaging(RunStaging):
     def pull(self, *relative_dirs: str) -> int:
         return 0  # the workers wrote into the staged directory itself
 
+    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
+        return 0
+
+    def part_keys(self, directory: Path) -> set[str]:
+        return {key_of_part(path.name) for path in directory.glob("part-*")} if directory.is_dir() else set()
+
     def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
         sizes = {}
         for directory in table_dirs:
-            for path in directory.glob("part-*.parquet"):
-                sizes[path.name] = sizes.get(path.name, 0) + path.stat().st_size
+            for path in directory.glob("part-*"):
+                key = key_of_part(path.name)
+                sizes[key] = sizes.get(key, 0) + path.stat().st_size
         return sizes
 
     def _make_visible(self) -> RunLayout:
@@ -448,6 +546,8 @@ class StoreStaging(RunStaging):
             )
         self.layout = RunLayout(work_dir(run_name) / run_name)
         self.store_staging = self.store.child(STAGING_DIR, staged_name)
+        self.published_keys: set[str] | None = None
+        """The parts a finished batch reported (:meth:`remove_unlisted_parts`): what is published."""
         self.worker_root = join_uri(self.store.uri, STAGING_DIR, staged_name)
 
     @classmethod
@@ -493,22 +593,65 @@ class StoreStaging(RunStaging):
         return sum(download_tree(self.store.filesystem, f"{self.store_staging}/{d}", self.layout.root / d)
                    for d in relative_dirs)
 
+    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
+        copied = 0
+        for directory in table_dirs:
+            listed = [info for info in self._listed(directory.relative_to(self.layout.root).as_posix())
+                      if key_of_part(info.base_name) in keys]
+            if listed:
+                directory.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(listed[0].path, str(directory / listed[0].base_name),
+                                source_filesystem=self.store.filesystem, destination_filesystem=pafs.LocalFileSystem())
+                copied += listed[0].size or 0
+        return copied
+
+    def part_keys(self, directory: Path) -> set[str]:
+        listed = self._listed(directory.relative_to(self.layout.root).as_posix())
+        keys = {key_of_part(info.base_name) for info in listed}
+        return keys - {None}
+
+    def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
+        # In the store they stay in the staged prefix, which goes whole: only the parts of the
+        # last call's batches (every batch of the run, at its settling) are published
+        # (publish_run copies them there, never through the driver).
+        self.published_keys = set(keys)
+        return super().remove_unlisted_parts(table_dirs, keys)
+
+    def _published_parts(self) -> list[str]:
+        """The staged parts the run is published with that the driver does not hold (paths
+        relative to the run): those of reported batches, but not the projection candidates."""
+        here = {path.relative_to(self.layout.root).as_posix() for path in self.layout.root.rglob("*")}
+        keys, parts = self.published_keys or set(), []
+        for info in files_under(self.store.filesystem, self.store_staging):
+            relative = info.path[len(self.store_staging.rstrip("/")) + 1:]
+            if (key_of_part(info.base_name) in keys and relative not in here
+                    and not relative.startswith(f"{PROJECTIONS}/{CANDIDATES}/")):
+                parts.append(relative)
+        return parts
+
+    def _listed(self, relative: str) -> list[pafs.FileInfo]:
+        return [info for info in self.store.filesystem.get_file_info(
+                    pafs.FileSelector(f"{self.store_staging}/{relative}", allow_not_found=True))
+                if info.type == pafs.FileType.File]
+
     def _part_sizes(self, table_dirs: list[Path]) -> dict[str, int]:
         sizes = {}
         for directory in table_dirs:
-            relative = directory.relative_to(self.layout.root).as_posix()
-            for info in self.store.filesystem.get_file_info(
-                    pafs.FileSelector(f"{self.store_staging}/{relative}", allow_not_found=True)):
-                sizes[info.base_name] = sizes.get(info.base_name, 0) + (info.size or 0)
+            for info in self._listed(directory.relative_to(self.layout.root).as_posix()):
+                key = key_of_part(info.base_name)
+                if key is not None:
+                    sizes[key] = sizes.get(key, 0) + (info.size or 0)
         return sizes
 
     def _make_visible(self) -> RunLayout:
         try:
-            publish_run(self.layout.root, self.store, self.run_name, self.force)
+            publish_run(self.layout.root, self.store, self.run_name, self.force, self.store_staging,
+                        self._published_parts())
         except RunError as error:
             raise RunExistsError(str(error)) from None
         self.store.delete_tree(self.store_staging)
-        # What was just uploaded is what a reader would download: keep it as the cache.
+        # What the driver holds (the manifest, the catalog, the instances; not the bulk): a
+        # cache that a reader completes on first use (local_run_dir).
         cached = cached_run_dir(self.location)
         if cached.exists():
             shutil.rmtree(cached)

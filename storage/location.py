@@ -8,15 +8,19 @@ and the manifest is written last**.
 
 1. the workers write their parts under ``<root>/.staging/<run>-<uuid>/`` in the store
    (each object appears whole when its upload ends, so no temporary names are needed);
-2. the driver downloads the staged parts into a local work directory, where it checks
-   them, fits the projections and builds the catalog, as for a local run (the projection
-   workers read and write the store, like the explain workers);
-3. it uploads the finished run to ``<root>/<run>/``, manifest last (:func:`publish_run`);
-4. it deletes the staged prefix and the work directory.
+2. the driver downloads what the catalog is built from into a local work directory: the
+   instances, the workers' per-part statistics, the projection sample's candidates and the
+   projections (a few dozen bytes per instance), and one part of each bulk table (a view
+   binds to its columns). The bulk itself (activations, attributions, their wide and index
+   forms) never passes through the driver;
+3. it publishes the run to ``<root>/<run>/`` (:func:`publish_run`): the reported parts copied
+   inside the store (server-side copies, in parallel), the driver's files uploaded, manifest
+   last;
+4. it deletes the staged prefix; its work directory becomes the start of the read cache.
 
 Reading a run kept in a store (``netloupe sql``, ``netloupe dashboard``) downloads it once
-into a local cache (:func:`local_run_dir`): DuckDB then reads it as a local run, with no
-extension to install.
+into a local cache (:func:`local_run_dir`; a cache the driver left is completed then):
+DuckDB then reads it as a local run, with no extension to install.
 
 Connection settings travel in the URI as pyarrow reads them (``?endpoint_override=host:port
 &scheme=http&region=...``); credentials come from the environment as each store's SDK
@@ -32,6 +36,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +106,7 @@ class StoreRoot:
             self.filesystem.delete_dir(path)
 
 
-def _files_under(filesystem: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+def files_under(filesystem: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     return [info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
 
@@ -111,7 +116,7 @@ def download_tree(filesystem: pafs.FileSystem, source: str, target: Path) -> int
     (streamed, one file at a time); return the bytes copied."""
     local = pafs.LocalFileSystem()
     copied = 0
-    for info in _files_under(filesystem, source):
+    for info in files_under(filesystem, source):
         relative = info.path[len(source.rstrip("/")) + 1:]
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -120,13 +125,21 @@ def download_tree(filesystem: pafs.FileSystem, source: str, target: Path) -> int
     return copied
 
 
-def publish_run(local_run: Path, store: StoreRoot, run_name: str, force: bool) -> str:
-    """Upload the finished run at ``local_run`` to ``<root>/<run_name>``, manifest last;
-    return the run's URI.
+COPY_THREADS = 16
+"""Server-side copies in flight at once when a run is published (each is one request)."""
+COMPLETE = ".netloupe-complete"
+"""In a cached run: every file of the run is there (the driver's own cache is not, yet)."""
 
-    With ``force``, an existing run of that name stops being a run (its manifest is removed)
-    before anything of the new one is uploaded, so a reader sees the old run, no run, or
-    the new run, never a mixture.
+
+def publish_run(local_run: Path, store: StoreRoot, run_name: str, force: bool, staged: str | None = None,
+                copied: list[str] = ()) -> str:
+    """Publish the finished run to ``<root>/<run_name>``, manifest last; return its URI.
+
+    The files at ``local_run`` are uploaded; the files ``copied`` (paths relative to the run)
+    are copied inside the store from under the store path ``staged``. With ``force``, an
+    existing run of that name stops being a run (its manifest is removed) before anything of
+    the new one is published, so a reader sees the old run, no run, or the new run, never a
+    mixture.
     """
     target = store.child(run_name)
     manifest = store.child(run_name, MANIFEST)
@@ -139,6 +152,9 @@ def publish_run(local_run: Path, store: StoreRoot, run_name: str, force: bool) -
         store.filesystem.delete_dir(target)
     local = pafs.LocalFileSystem()
     files = sorted(p for p in local_run.rglob("*") if p.is_file() and p.name != MANIFEST)
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(lambda relative: store.filesystem.copy_file(f"{staged}/{relative}",
+                                                                  store.child(run_name, relative)), copied))
     for path in files:
         relative = path.relative_to(local_run).as_posix()
         pafs.copy_files(str(path), store.child(run_name, relative),
@@ -187,7 +203,7 @@ def local_run_dir(run: str | os.PathLike) -> Path:
     except json.JSONDecodeError as error:
         raise RunError(f"the manifest of the run at {run} is not JSON ({error})") from None
     cached = cached_run_dir(run)
-    if (cached / MANIFEST).exists() and (cached / MANIFEST).read_bytes() == manifest:
+    if (cached / COMPLETE).exists() and (cached / MANIFEST).read_bytes() == manifest:
         return cached
     # Downloaded beside the cache entry and swapped in whole, manifest last as in the store.
     incoming = cached.parent / f".incoming-{uuid.uuid4().hex[:12]}"
@@ -195,6 +211,7 @@ def local_run_dir(run: str | os.PathLike) -> Path:
         download_tree(filesystem, path, incoming)
         if (incoming / MANIFEST).read_bytes() != manifest:
             raise RunError(f"run {run} changed while it was downloaded; open it again")
+        (incoming / COMPLETE).touch()
         if cached.exists():
             shutil.rmtree(cached)
         os.replace(incoming, cached)

@@ -20,8 +20,9 @@ from netloupe.contract.errors import RunError
 from netloupe.contract.spec import FidelitySpec, PreprocessSpec
 from netloupe.storage.schema import SCHEMA_VERSION
 
-MANIFEST_FORMAT = 2
-"""Version of ``manifest.json``'s layout (2: typed, model identity and output kind)."""
+MANIFEST_FORMAT = 3
+"""Version of ``manifest.json``'s layout (2: typed, model identity and output kind; 3: per-part
+statistics, wide and index parts written by the workers)."""
 
 
 class Record(BaseModel):
@@ -53,10 +54,15 @@ class BatchReport(Record):
     """The Ray node that computed the batch."""
     chunk_rows: int
     """Rows per forward/backward pass the worker chose (0 when not measured)."""
+    id_digest: int
+    """The digest of the batch's instance ids (:func:`netloupe.storage.schema.id_digest_sql`):
+    the batches' digests add up to the dataset's when every instance is in exactly one."""
+    fidelity_rows: list[int]
+    """Rows of each method's sampled fidelity table, in the order of the spec's attributions."""
 
     def to_arrow(self) -> pa.Table:
-        """One row, as a Ray Data batch."""
-        return pa.Table.from_pylist([self.model_dump()])
+        """One row, as a Ray Data batch (the digest as text: Arrow's int64 cannot hold it)."""
+        return pa.Table.from_pylist([{**self.model_dump(), "id_digest": str(self.id_digest)}])
 
 
 class ModelFacts(Record):
@@ -205,7 +211,7 @@ class WorkerInfo(Record):
 class RunManifest(Record):
     """A committed run's self-description (``manifest.json``)."""
 
-    netloupe_manifest: Literal[2] = MANIFEST_FORMAT
+    netloupe_manifest: Literal[3] = MANIFEST_FORMAT
     """The manifest's format (:data:`MANIFEST_FORMAT`)."""
     schema_version: int = SCHEMA_VERSION
     """The tables' schema version (:data:`netloupe.storage.schema.SCHEMA_VERSION`)."""

@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 from netloupe.contract.errors import RunError, did_you_mean
 from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage.layout import RunLayout
+from netloupe.storage.part_statistics import SAMPLE_HASH_SQL
 from netloupe.storage.schema import vectors_to_numpy
 
 
@@ -73,7 +74,7 @@ def sample_instance_ids(instances_dir: Path, size: int, seed: int, memory_mib: i
     with duckdb.connect() as con:
         con.execute(f"SET memory_limit = '{int(memory_mib)}MiB'")
         return con.sql(
-            "SELECT instance_id FROM read_parquet(?) ORDER BY hash(instance_id, ?::BIGINT), instance_id LIMIT ?",
+            f"SELECT instance_id FROM read_parquet(?) ORDER BY {SAMPLE_HASH_SQL}, instance_id LIMIT ?",
             params=[str(instances_dir / "*.parquet"), seed, size],
         ).to_arrow_table()["instance_id"].combine_chunks()
 

@@ -32,8 +32,58 @@ ACTIVATIONS = "activations"
 ATTRIBUTIONS = "attributions"
 PROJECTIONS = "projections"
 FIDELITY = "fidelity"
+STATISTICS = "stats"
+"""Per-part mergeable statistics (:mod:`netloupe.storage.part_statistics`)."""
+NEURON_CELLS = "neuron_cells"
+ATTRIBUTION_CELLS = "attribution_cells"
+NEURON_TOP = "neuron_top"
+METHOD_SUMMARY = "method_summary"
+STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY)
+"""The statistics tables, each ``stats/<name>/part-<key>.parquet``."""
+WIDE = "wide"
+"""Per-part wide activations, one column per neuron (the ``activations_<layer>`` views)."""
+INDEX = "index"
+"""Per-part row-major activation matrices and the id index (:mod:`netloupe.storage.activation_index`)."""
 
 ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
+ID_SQL_TYPES = {"int64": "BIGINT", "string": "VARCHAR"}
+
+
+def id_digest_sql(column: str, id_type: str) -> str:
+    """A DuckDB aggregate over the id ``column`` (quoted SQL): the sum of the ids' hashes
+    modulo 2**64, as a UBIGINT. Additive, so the digests of disjoint parts add up (mod 2**64)
+    to the digest of their union: how the driver checks that the workers' parts hold each
+    instance of the dataset exactly once without reading them."""
+    return (f"coalesce((sum(hash(CAST({column} AS {ID_SQL_TYPES[id_type]})))::HUGEINT "
+            f"% 18446744073709551616)::UBIGINT, 0::UBIGINT)")
+
+
+def hashing_connection():
+    """This process's in-memory DuckDB for hashing a batch's ids (a new connection costs
+    20 ms, more than the hashing; a worker hashes every batch)."""
+    import duckdb
+
+    global _HASHING
+    if _HASHING is None:
+        _HASHING = duckdb.connect(":memory:")
+    return _HASHING
+
+
+_HASHING = None
+
+
+def id_digest(ids: pa.Array | pa.ChunkedArray, id_type: str) -> int:
+    """:func:`id_digest_sql` of an Arrow array of ids."""
+    con = hashing_connection()
+    con.register("batch_ids", pa.table({"id": ids}))
+    try:
+        [(digest,)] = con.execute(f"SELECT {id_digest_sql('id', id_type)} FROM batch_ids").fetchall()
+    finally:
+        con.unregister("batch_ids")
+    return int(digest)
+
+
+DIGEST_MODULUS = 2**64
 
 #: Statistics of every stored attribution, kept in all storage modes so that a run in
 #: ``summary`` mode still answers "how much evidence, and of which sign".

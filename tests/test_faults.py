@@ -71,8 +71,10 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     # The finished batches were kept as they were, not computed again.
     for name, mtime in kept.items():
         assert (run / "instances" / name).stat().st_mtime_ns == mtime
-    # The kept batches' sizes count: the run's bytes are all its explained parts'.
-    explained = [p for d in ("instances", "activations", "attributions") for p in (run / d).rglob("part-*.parquet")]
+    # The kept batches' sizes count: the run's bytes are all its explained parts' (tables,
+    # statistics, wide and index rows).
+    explained = [p for d in ("instances", "activations", "attributions", "stats", "wide", "index")
+                 for p in (run / d).rglob("part-*")]
     assert manifest.counts.bytes == sum(p.stat().st_size for p in explained)
     assert not (run / "job.json").exists()
     # Once every process of the killed driver's Ray is gone, none of their late writes landed.
@@ -104,7 +106,7 @@ def test_a_resumed_run_that_fails_keeps_its_staging_for_another_resume(ray_local
 
     assert cli_main(["run", "--resume", str(tmp_path / "runs" / "t"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "has 28 rows" in err and "stays staged" in err
+    assert "batches hold 28 instances, expected 20" in err and "stays staged" in err
     assert not (tmp_path / "runs" / "t").exists()
     [kept] = (tmp_path / "runs" / ".staging").glob("t-*")
     assert (kept / JOB_FILE).is_file() and (kept / "instances" / wrong.name).is_file()

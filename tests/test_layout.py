@@ -75,7 +75,7 @@ def test_a_manifest_of_another_version_is_refused_with_what_to_do(tmp_path):
     data = json.loads(_manifest().to_json())
     for changes, expected in [
         ({"netloupe_manifest": 1, "versions": {"netloupe": "0.0.9"}},
-         r"made by netloupe 0.0.9 \(manifest format 1\); this netloupe reads format 2\. Run its spec again"),
+         r"made by netloupe 0.0.9 \(manifest format 1\); this netloupe reads format 3\. Run its spec again"),
         ({"schema_version": 0}, r"tables of schema version 0 .* this netloupe reads version"),
         ({"counts": {"instances": "many"}}, r"manifest of the run at .* is damaged: counts.instances"),
     ]:

@@ -21,6 +21,7 @@ import pytest
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import QueryError, open_catalog, run_query
 from netloupe.storage.handmade import write_handmade_run
+from netloupe.storage.part_statistics import NEURON_TOP_KEPT
 
 N, CLASSES = 90, 3
 STROKES = ["thin", "heavy"]
@@ -174,6 +175,26 @@ def test_exemplars_and_top_neurons(query, handmade):
     row = fc[17]
     assert tops["neuron"].tolist() == np.argsort(-row)[:2].tolist()
     np.testing.assert_allclose(tops["activation"], np.sort(row)[::-1][:2])
+    assert query("SELECT * FROM top_neurons('fc', 99999, k := 2)").empty  # no such instance
+
+
+@pytest.mark.parametrize("k", [NEURON_TOP_KEPT, NEURON_TOP_KEPT + 1, N])
+def test_exemplars_from_the_kept_tops_and_from_a_scan_agree_with_numpy(query, handmade, k):
+    """Up to NEURON_TOP_KEPT from the merged per-part lists (parts of 25 rows: each part's
+    own top rows are not the run's), beyond it from a scan of the layer."""
+    _, frame, activations, _ = handmade
+    ids = frame["instance_id"].to_numpy()
+    for layer in ("fc", "conv.1"):
+        matrix = activations[layer]
+        for neuron in range(matrix.shape[1]):
+            order = np.lexsort((ids, -matrix[:, neuron]))[:k]  # ties (the zeros) by id
+            got = query(f"SELECT * FROM top_instances('{layer}', {neuron}, k := {k})")
+            assert got["instance_id"].tolist() == ids[order].tolist()
+            np.testing.assert_array_equal(got["activation"].to_numpy(), matrix[order, neuron])
+    every = query(f"SELECT * FROM neuron_exemplars('fc', {k})")
+    for neuron in range(4):
+        values = every[every["neuron"] == neuron]["activation"].to_numpy()
+        np.testing.assert_array_equal(values, np.sort(activations["fc"][:, neuron])[::-1][:k])
 
 
 def test_neurons_view_summarises_every_neuron(query, handmade):
@@ -327,14 +348,35 @@ def test_a_moved_run_queries_through_both_paths(handmade, tmp_path):
     os.chdir(tmp_path)
     try:
         stock = duckdb.connect(str(moved / "catalog.duckdb"), read_only=True)
-        assert stock.execute("SELECT count(*) FROM activations_fc").fetchall() == [(N,)]
-        with pytest.raises(duckdb.IOException):
-            stock.execute("SELECT count(*) FROM attributions_saliency").fetchall()
+        assert stock.execute("SELECT count(*) FROM instances").fetchall() == [(N,)]
+        assert stock.execute("SELECT count(*) FROM neuron_matrix_by('fc')").fetchall() == [(CLASSES * 4,)]
+        for view in ("activations_fc", "attributions_saliency"):
+            with pytest.raises(duckdb.IOException):
+                stock.execute(f"SELECT count(*) FROM {view}").fetchall()
         stock.execute("SET file_search_path = ?", [str(moved)])
-        assert stock.execute("SELECT count(*) FROM attributions_saliency").fetchall() == [(N,)]
+        for view in ("activations_fc", "attributions_saliency"):
+            assert stock.execute(f"SELECT count(*) FROM {view}").fetchall() == [(N,)]
         stock.close()
     finally:
         os.chdir(cwd)
+
+
+def test_native_activation_tables_for_the_stock_cli(handmade, tmp_path):
+    """`netloupe catalog RUN --native-activations` copies the wide parts into the catalog:
+    the stock CLI's operators then scan native tables, with the same answers."""
+    from netloupe.pipeline.cli import main as cli_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(handmade[0], copy)
+    assert cli_main(["catalog", str(copy), "--native-activations"]) == 0
+    stock = stock_connection(copy)
+    tables = {row[0] for row in stock.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert {"activations_fc", "activations_conv_1"} <= tables
+    frame, activations = handmade[1], handmade[2]
+    got = stock.sql("SELECT mean FROM neuron_matrix('fc', 'label = 2') ORDER BY neuron").df()["mean"]
+    np.testing.assert_allclose(got, activations["fc"][(frame["label"] == 2).to_numpy()].mean(axis=0), rtol=1e-5)
+    fast = run_query(open_catalog(copy), "SELECT mean FROM neuron_matrix('fc', 'label = 2')")["mean"].to_numpy()
+    np.testing.assert_allclose(fast, got, rtol=1e-6)
 
 
 def test_catalog_holds_no_absolute_path(handmade):

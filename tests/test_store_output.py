@@ -108,9 +108,15 @@ def test_run_to_s3_is_published_whole_and_equals_a_local_run(ray_store, tmp_path
                          if p.is_file())
     assert [o[len("s3run/"):] for o in objects] == local_files
     assert {MANIFEST, "catalog.duckdb"} <= set(local_files)
-    # The driver's work directory is gone: the finished run became the read cache.
+    # The driver's work directory is gone: what it held became the start of the read cache.
     assert not any((stored.layout.root.parents[2] / "work").iterdir())
     assert stored.layout.root == cached_run_dir(stored.location)
+    # The driver never held the bulk: of each bulk table one part (its view's columns),
+    # of the index none; the parts went from the staging to the run inside the store.
+    held = stored.layout.root
+    for table in ("activations/fc", "wide/fc", "attributions/saliency", "attributions/integrated_gradients"):
+        assert len(list((held / table).glob("part-*"))) == 1 < len([o for o in objects if o.startswith(f"s3run/{table}/")])
+    assert not (held / "index" / "layers").exists()
 
     # Read back from the store into a fresh cache: the same rows as the local run.
     os.environ["NETLOUPE_CACHE"] = str(tmp_path / "reader-cache")
@@ -190,8 +196,8 @@ def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp
     assert seen <= timings["resumed_parts"] < 10
     assert 0 < timings["resumed_rows"] < 160
     # The kept batches' sizes were read from the store: the run's bytes are all its parts'.
-    explained = [p for d in ("instances", "activations", "attributions", "fidelity")
-                 for p in (reader.layout.root / d).rglob("part-*.parquet")]
+    explained = [p for d in ("instances", "activations", "attributions", "fidelity", "stats", "wide", "index")
+                 for p in (reader.layout.root / d).rglob("part-*")]
     assert reader.manifest.counts.bytes == sum(p.stat().st_size for p in explained)
     objects = _objects(ray_store)
     assert "t/job.json" not in objects and f"t/{MANIFEST}" in objects

@@ -24,8 +24,17 @@ from torch import nn
 from netloupe.contract.errors import DatasetError, MethodError, ModelError, NetloupeError
 from netloupe.contract.spec import JobSpec
 from netloupe.storage import schema as S
-from netloupe.storage.layout import RunLayout, part_key, worker_layout, write_part
+from netloupe.storage.layout import (
+    WIDE_PARQUET_OPTIONS,
+    RunLayout,
+    part_key,
+    part_name,
+    worker_layout,
+    write_npy,
+    write_part,
+)
 from netloupe.storage.manifest import BatchReport, ModelFacts
+from netloupe.storage.part_statistics import candidate_fraction, derive_parts, projection_candidates
 from netloupe.workers import fidelity as fid
 from netloupe.workers.capture import LayerCapture
 from netloupe.workers.inputs import InputDecoder, ResolvedDataset
@@ -74,8 +83,22 @@ class ExplainedBatch:
 
     instance_ids: list
     num_classes: int
-    tables: dict[Path, pa.Table] = field(default_factory=dict)
-    """Table directory (relative to the run) → the batch's rows."""
+    instances: pa.Table | None = None
+    activations: dict[str, pa.Table] = field(default_factory=dict)
+    """Per recorded layer."""
+    attributions: dict[str, pa.Table] = field(default_factory=dict)
+    """Per method (its table name)."""
+    fidelity: dict[str, pa.Table] = field(default_factory=dict)
+    """Per method with sampled rows in this batch."""
+
+    @property
+    def tables(self) -> dict[Path, pa.Table]:
+        """Table directory (relative to the run) → the batch's rows."""
+        run = RunLayout(Path("."))
+        return {run.instances_dir: self.instances,
+                **{run.activations_dir(name): table for name, table in self.activations.items()},
+                **{run.attributions_dir(name): table for name, table in self.attributions.items()},
+                **{run.fidelity_dir(name): table for name, table in self.fidelity.items()}}
 
 
 class BatchExplainer:
@@ -231,14 +254,13 @@ class BatchExplainer:
         for column in ds.metadata_columns:
             instance_columns[column] = table[column]
         out = ExplainedBatch(instance_ids=ids.to_pylist(), num_classes=num_classes)
-        run = RunLayout(Path("."))
-        out.tables[run.instances_dir] = S.table_from_columns(
+        out.instances = S.table_from_columns(
             S.instances_schema(num_classes, ds.id_type, ds.metadata_fields),
             instance_columns,
         )
         for name, values in activations.items():
             width = values.shape[1]
-            out.tables[run.activations_dir(name)] = S.table_from_columns(
+            out.activations[name] = S.table_from_columns(
                 S.activations_schema(width, ds.id_type),
                 {"instance_id": instance_columns["instance_id"], "activation": S.fixed_vectors(values.cpu().numpy(), width)},
             )
@@ -252,9 +274,9 @@ class BatchExplainer:
             for method in self.bind_methods(x):
                 table, sampled = self._attribute(method, x, targets, instance_columns["instance_id"], key, chosen,
                                                  ends)
-                out.tables[run.attributions_dir(method.table_name)] = table
+                out.attributions[method.table_name] = table
                 if sampled is not None:
-                    out.tables[run.fidelity_dir(method.table_name)] = sampled
+                    out.fidelity[method.table_name] = sampled
         return out
 
     def _attribute(self, method: BoundMethod, x, targets, ids: pa.Array, key: str,
@@ -455,12 +477,49 @@ class ExplainWorker:
                 f"on {self.device}: {type(error).__name__}: {error}"
             ) from error
         computed = time.perf_counter()
-        # The instances part last: its presence tells a resumed run that the batch is whole.
-        ordered = sorted(explained.tables.items(), key=lambda item: item[0] == Path(S.INSTANCES))
-        size = sum(write_part(self.layout.root / rel, key, table, self.filesystem, self.layout.root)
-                   for rel, table in ordered)
+        size = self._write(key, explained)
         return BatchReport(
             part=key, rows=len(ids), bytes=size, compute_seconds=computed - started,
             write_seconds=time.perf_counter() - computed, device=str(self.device), gpu_ids=",".join(self.gpu_ids),
             node_id=self.explainer.node_id, chunk_rows=self.explainer.chunk_rows or 0,
+            id_digest=S.id_digest(explained.instances["instance_id"], self.explainer.dataset.id_type),
+            fidelity_rows=[explained.fidelity[m.table_name].num_rows if m.table_name in explained.fidelity else 0
+                           for m in self.spec.attributions],
         ).to_arrow()
+
+    def _write(self, key: str, explained: ExplainedBatch) -> int:
+        """Write every part of the batch, the statistics and index rows derived from it and
+        its projection-sample candidates; return their bytes. The instances part last: its
+        presence tells a resumed run that the batch is whole."""
+        dataset, projection = self.explainer.dataset, self.spec.projection
+        derived = derive_parts(explained.instances,
+                               {name: S.vectors_to_numpy(t["activation"]) for name, t in explained.activations.items()},
+                               explained.attributions, explained.fidelity, dataset.id_type)
+        vectors = {(kind, name): S.vectors_to_numpy(_source_vectors(explained, kind, name))
+                   for kind, name in self.spec.projection_sources}
+        candidates = projection_candidates(explained.instances["instance_id"], vectors, dataset.id_type,
+                                           projection.seed, candidate_fraction(projection.sample_size,
+                                                                               dataset.num_rows))
+        tables = {**explained.tables, **derived.tables}
+        instances = tables.pop(Path(S.INSTANCES))
+        run = RunLayout(Path("."))
+        wide = {run.wide_activations_dir(name) for name in explained.activations}
+        root, filesystem = self.layout.root, self.filesystem
+        for relative, table in candidates.items():  # not the run's bytes: removed at the commit
+            write_part(root / relative, key, table, filesystem, root)
+        size = 0
+        for relative, table in tables.items():
+            options = WIDE_PARQUET_OPTIONS if relative in wide else None
+            size += write_part(root / relative, key, table, filesystem, root, options)
+        for relative, matrix in derived.matrices.items():
+            size += write_npy(root / relative / part_name(key, ".npy"), matrix, filesystem, root)
+        return size + write_part(root / S.INSTANCES, key, instances, filesystem, root)
+
+
+def _source_vectors(explained: ExplainedBatch, kind: str, name: str) -> pa.ChunkedArray:
+    """The vectors a projection of ``(kind, name)`` is fitted on: a layer's activations, or a
+    method's maps for the first target, in instances order."""
+    if kind == S.ACTIVATIONS:
+        return explained.activations[name]["activation"]
+    table = explained.attributions[name]
+    return table.filter(pc.equal(table["target_rank"], 0))["attribution"]

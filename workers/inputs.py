@@ -33,6 +33,9 @@ class ResolvedDataset:
     metadata_fields: tuple[pa.Field, ...]
     preprocess: PreprocessSpec
     """The spec's preprocessing, or the built-in set's own when the spec gives none."""
+    id_digest: int | None = None
+    """The digest of every id explained (:func:`netloupe.storage.schema.id_digest_sql`); None
+    when only the first ``limit`` rows are (the workers' reports are then counted only)."""
 
     @property
     def columns(self) -> list[str]:

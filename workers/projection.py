@@ -20,6 +20,7 @@ on which other instances share its batch, so the workers' output equals the driv
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from netloupe.contract.names import PROJECTION_ALGORITHMS
 from netloupe.storage import schema as S
-from netloupe.storage.layout import worker_layout, write_part
+from netloupe.storage.layout import part_name, worker_layout, write_part
 
 SOURCE_COLUMNS = {S.ACTIVATIONS: "activation", S.ATTRIBUTIONS: "attribution"}
 """The vector column a projection reads from each kind of source table."""
@@ -175,14 +176,32 @@ class ProjectWorker:
 
     def project(self, projection: Projection, key: str) -> tuple[pa.Table, int]:
         """The coordinates of one part of ``projection``'s source table, and its row count."""
-        source = self.layout.source_dir(projection.kind, projection.name) / f"part-{key}.parquet"
+        ids, vectors = self._vectors(projection, key)
+        coords = projection.transform(vectors)
+        schema = S.projections_schema(projection.algorithms, self.id_type)
+        return S.table_from_columns(schema, {"instance_id": ids, **coords}), len(ids)
+
+    def _vectors(self, projection: Projection, key: str) -> tuple[pa.ChunkedArray, np.ndarray]:
+        """A part's instance ids and vectors: a layer's from its index matrix (plain floats,
+        rows in the order of the part's instances; 2-3x faster to read than the Parquet
+        vectors) when it has one, else from the table."""
+        if projection.kind == S.ACTIVATIONS:
+            matrix = self.layout.index_layer_dir(projection.name) / part_name(key, ".npy")
+            try:
+                with self.filesystem.open_input_file(str(matrix)) as stream:
+                    vectors = np.load(io.BytesIO(stream.read()), allow_pickle=False)
+            except FileNotFoundError:
+                pass  # a layer too wide for the index
+            else:
+                instances = self.layout.instances_dir / part_name(key)
+                return pq.read_table(str(instances), columns=["instance_id"], filesystem=self.filesystem)[
+                    "instance_id"], vectors
+        source = self.layout.source_dir(projection.kind, projection.name) / part_name(key)
         columns = ["instance_id", projection.column] + (["target_rank"] if projection.kind == S.ATTRIBUTIONS else [])
         table = pq.read_table(str(source), columns=columns, filesystem=self.filesystem)
         if projection.kind == S.ATTRIBUTIONS:
             table = table.filter(pc.equal(table["target_rank"], 0))
-        coords = projection.transform(S.vectors_to_numpy(table[projection.column]))
-        schema = S.projections_schema(projection.algorithms, self.id_type)
-        return S.table_from_columns(schema, {"instance_id": table["instance_id"], **coords}), table.num_rows
+        return table["instance_id"], S.vectors_to_numpy(table[projection.column])
 
     def __call__(self, batch: dict) -> dict:
         out = {"part": [], "table": [], "rows": [], "seconds": []}

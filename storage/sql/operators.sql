@@ -112,17 +112,26 @@ CREATE MACRO compare_subsets(layer_name, predicate_a, predicate_b) AS TABLE
     FROM compare_subsets_ids(layer_name, subset_ids(predicate_a), subset_ids(predicate_b));
 COMMENT ON MACRO TABLE compare_subsets IS 'Two subsets (predicates) compared per neuron: means, difference, Cohen''s d; largest |d| first';
 
--- Exemplars: the k instances that activate one neuron most, highest first.
-CREATE MACRO top_instances(layer_name, neuron, k := 10) AS TABLE
+-- Exemplars: the k instances that activate one neuron most, highest first (NaN above every
+-- number, ties by id). Up to _neuron_top_kept() they come from neuron_top, which the
+-- workers' per-part top lists fill; a larger k scans the layer.
+CREATE MACRO _top_instances_scan(layer_name, neuron, k) AS TABLE
     SELECT row_number() OVER (ORDER BY activation DESC, instance_id) AS rank, instance_id, activation
     FROM (SELECT instance_id, COLUMNS('^n' || neuron || '$') AS activation
           FROM query_table(_activations_view(layer_name)))
     ORDER BY rank
     LIMIT k;
+
+CREATE MACRO top_instances(layer_name, neuron, k := 10) AS TABLE
+    FROM query(CASE WHEN k <= _neuron_top_kept()
+        THEN 'SELECT rank, instance_id, activation FROM neuron_top WHERE layer = ' || _literal(layer_name)
+             || ' AND neuron = ' || neuron::INTEGER || ' AND rank <= ' || k::BIGINT || ' ORDER BY rank'
+        ELSE 'FROM _top_instances_scan(' || _literal(layer_name) || ', ' || neuron::INTEGER || ', ' || k::BIGINT || ')'
+    END);
 COMMENT ON MACRO TABLE top_instances IS 'The k instances that activate one neuron most (exemplars)';
 
--- Exemplars of every neuron of a layer in one scan: (neuron, rank, instance_id, activation).
-CREATE MACRO neuron_exemplars(layer_name, k := 5) AS TABLE
+-- Exemplars of every neuron of a layer: (neuron, rank, instance_id, activation).
+CREATE MACRO _neuron_exemplars_scan(layer_name, k) AS TABLE
     WITH tops AS (
         SELECT max_by(instance_id, COLUMNS('^n\d+$'), k) AS 'ids_\0', max(COLUMNS('^n\d+$'), k) AS 'values_\0'
         FROM query_table(_activations_view(layer_name))
@@ -133,14 +142,26 @@ CREATE MACRO neuron_exemplars(layer_name, k := 5) AS TABLE
     SELECT neuron, unnest(range(1, len(ids) + 1)) AS rank, unnest(ids) AS instance_id, unnest(vals) AS activation
     FROM per_neuron
     ORDER BY neuron, rank;
-COMMENT ON MACRO TABLE neuron_exemplars IS 'The k top instances of every neuron of a layer, in one scan';
+
+CREATE MACRO neuron_exemplars(layer_name, k := 5) AS TABLE
+    FROM query(CASE WHEN k <= _neuron_top_kept()
+        THEN 'SELECT neuron, rank, instance_id, activation FROM neuron_top WHERE layer = ' || _literal(layer_name)
+             || ' AND rank <= ' || k::BIGINT || ' ORDER BY neuron, rank'
+        ELSE 'FROM _neuron_exemplars_scan(' || _literal(layer_name) || ', ' || k::BIGINT || ')'
+    END);
+COMMENT ON MACRO TABLE neuron_exemplars IS 'The k top instances of every neuron of a layer';
+
+-- One instance's activations of a layer, one row per neuron (fast.sql serves it from the
+-- activation index; this pure-SQL form scans the layer for the id).
+CREATE MACRO _instance_activations(layer_name, instance) AS TABLE
+    SELECT unnest(range(len(v)))::INTEGER AS neuron, unnest(v) AS activation
+    FROM (SELECT list_value(*COLUMNS('^n\d+$')) AS v
+          FROM query_table(_activations_view(layer_name)) WHERE instance_id = instance);
 
 -- The k neurons of a layer most active for one instance, highest first.
 CREATE MACRO top_neurons(layer_name, instance, k := 10) AS TABLE
     SELECT neuron, activation
-    FROM (SELECT unnest(range(len(v)))::INTEGER AS neuron, unnest(v) AS activation
-          FROM (SELECT list_value(*COLUMNS('^n\d+$')) AS v
-                FROM query_table(_activations_view(layer_name)) WHERE instance_id = instance))
+    FROM _instance_activations(layer_name, instance)
     ORDER BY activation DESC, neuron
     LIMIT k;
 COMMENT ON MACRO TABLE top_neurons IS 'The k most active neurons of a layer for one instance';

@@ -13,6 +13,21 @@ CREATE TABLE attribution_cells (
 );
 COMMENT ON TABLE attribution_cells IS 'Per method, target rank, (label, prediction) cell and stored map position: size, sum and sum of absolute attributions. Serves attribution_map_by.';
 
+CREATE TABLE neuron_top AS
+    SELECT ''::VARCHAR AS layer, 0::INTEGER AS neuron, 0::BIGINT AS rank, instance_id, 0::FLOAT AS activation
+    FROM instances LIMIT 0;
+COMMENT ON TABLE neuron_top IS 'Per layer and neuron, the instances that activate it most (rank 1 highest; NaN above every number, ties by id), as many as _neuron_top_kept(): serves top_instances and neuron_exemplars.';
+
+CREATE TABLE activation_index_parts (part VARCHAR, first_row BIGINT, "rows" BIGINT);
+COMMENT ON TABLE activation_index_parts IS 'Where each part''s rows lie in the activation index (index/layers/<layer>/part-<part>.npy): parts in key order, numbered from first_row.';
+
+CREATE TABLE fidelity_summary (
+    method VARCHAR, instances BIGINT, mean_abs_convergence_delta DOUBLE, max_abs_convergence_delta DOUBLE,
+    mean_deletion_auc DOUBLE, mean_insertion_auc DOUBLE, sampled BIGINT, mean_infidelity DOUBLE,
+    mean_sensitivity_max DOUBLE, mean_randomization_spearman DOUBLE, mean_randomization_spearman_abs DOUBLE
+);
+COMMENT ON TABLE fidelity_summary IS 'Per method, how faithful its explanations are: Integrated Gradients/DeepLift convergence delta, mean deletion AUC (lower is better) and insertion AUC (higher is better) over every instance; on the sampled instances (fidelity_<method> views) mean infidelity and sensitivity-max (lower is better) and the rank correlation of each map with the map of a randomly re-initialised model (near 0 passes the model-randomization check)';
+
 CREATE TABLE layers (layer VARCHAR, view VARCHAR, vectors_view VARCHAR, neurons BIGINT, output_shape VARCHAR);
 COMMENT ON TABLE layers IS 'Recorded layers: the wide table (one column n<i> per neuron; NULL if too wide), the Parquet vector view, neurons, output shape before pooling.';
 

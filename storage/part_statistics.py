@@ -1,0 +1,341 @@
+"""What a worker writes beside each batch's parts so that no pass on the driver reads them again.
+
+Every statistic the catalog serves without a scan is a *mergeable* reduction (sizes, sums,
+sums of squares, counts, minima, maxima, top-k lists): each worker reduces its own batch and
+writes the result as a small Parquet part; :func:`netloupe.storage.catalog.build_catalog`
+adds the parts up in DuckDB (``storage/sql/build.sql``). The driver's cost then grows with
+the number of parts and cells, not with the instances or the width of their vectors.
+
+Beside the statistics, each batch's recorded layers (up to ``WIDE_NEURON_LIMIT`` neurons)
+are written twice more, in the two layouts the readers need:
+
+* ``wide/<layer>/part-<key>.parquet``: one FLOAT column per neuron, uncompressed: the
+  ``activations_<layer>`` view, for SQL;
+* ``index/layers/<layer>/part-<key>.npy``: the same rows as a row-major ``float32`` matrix,
+  memory-mapped by :class:`netloupe.storage.activation_index.ActivationIndex`, which gathers
+  a subset's rows from them.
+
+Rows of both are in the order of the batch's ``instances`` part. The same functions serve
+the workers (:class:`netloupe.workers.explain.ExplainWorker`) and runs written by hand
+(:mod:`netloupe.storage.handmade`), so both produce the same files.
+
+NaN follows DuckDB's rules, so that a merged statistic equals the one DuckDB would compute
+over every row: sums propagate NaN, ``active`` counts values > 0 that are not NaN, ``min``
+ignores NaN unless every value is NaN, ``max`` and the top-k rank NaN above every number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from netloupe.storage import schema as S
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
+
+WIDE_NEURON_LIMIT = 4096
+"""Widest layer given one column per neuron (``wide/``) and an index matrix; wider ones (a
+conv map kept with ``pooling: none``) stay Parquet vectors only."""
+
+NEURON_TOP_KEPT = 16
+"""Instances kept per neuron in ``neuron_top``: ``top_instances`` and ``neuron_exemplars``
+answer ``k`` up to this from it; a larger ``k`` scans the layer."""
+
+
+NEURON_CELLS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("label", pa.int64()), ("prediction", pa.int64()), ("neuron", pa.int32()),
+    ("size", pa.int64()), ("total", pa.float64()), ("total_sq", pa.float64()), ("active", pa.int64()),
+    ("minimum", pa.float64()), ("maximum", pa.float64()),
+])
+ATTRIBUTION_CELLS_SCHEMA = pa.schema([
+    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("size", pa.int64()), ("total", pa.list_(pa.float64())), ("total_abs", pa.list_(pa.float64())),
+])
+"""One row per (method, target rank, label, prediction) with the sums of every stored map
+position as lists: a row per position would be 800x the rows (slow to write and to merge);
+the catalog adds the lists up (:func:`merge_attribution_cells`) into its long table."""
+METHOD_SUMMARY_SCHEMA = pa.schema(
+    [("method", pa.string()), ("rows", pa.int64())]
+    + [(f"{column}_{part}", kind) for column in ("abs_delta", "deletion_auc", "insertion_auc")
+       for part, kind in (("count", pa.int64()), ("sum", pa.float64()))]
+    + [("abs_delta_max", pa.float64()), ("sampled", pa.int64())]
+    + [(f"{column}_{part}", kind) for column in S.FIDELITY_SAMPLE_COLUMNS
+       for part, kind in (("count", pa.int64()), ("sum", pa.float64()))]
+)
+"""Per method, over its rows of target rank 0 (and its sampled fidelity rows): counts and
+sums of the non-null values, whose quotients are the run's means."""
+
+
+def neuron_top_schema(id_type: str) -> pa.Schema:
+    return pa.schema([("layer", pa.string()), ("neuron", pa.int32()), ("instance_id", S.ID_TYPES[id_type]),
+                      ("activation", pa.float32())])
+
+
+def wide_schema(neurons: int, id_type: str) -> pa.Schema:
+    """``instance_id, n0 .. n<d-1>``: the columns of ``activations_<layer>``."""
+    return pa.schema([pa.field("instance_id", S.ID_TYPES[id_type], nullable=False)]
+                     + [pa.field(f"n{j}", pa.float32()) for j in range(neurons)])
+
+
+@dataclass
+class DerivedParts:
+    """One batch's statistics and index rows, by directory relative to the run."""
+
+    tables: dict[Path, pa.Table] = field(default_factory=dict)
+    matrices: dict[Path, np.ndarray] = field(default_factory=dict)
+    """Row-major ``float32`` matrices, written as ``.npy``."""
+
+
+def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attributions: dict[str, pa.Table],
+                 fidelity: dict[str, pa.Table], id_type: str) -> DerivedParts:
+    """Everything a batch adds besides its tables: ``activations`` maps each recorded layer
+    to its ``(n, neurons)`` matrix (rows in ``instances`` order), ``attributions`` and
+    ``fidelity`` each method to the batch's rows of that table."""
+    run = RunLayout(Path("."))
+    out = DerivedParts()
+    cells = _Cells(instances)
+    ids = instances["instance_id"]
+    neuron_cells, tops = [], []
+    for layer, values in activations.items():
+        if values.shape[1] > WIDE_NEURON_LIMIT:
+            continue
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        neuron_cells.append(_neuron_cells(layer, values, cells))
+        tops.append(_neuron_top(layer, ids, values, id_type))
+        out.matrices[run.index_layer_dir(layer)] = values
+        columns = np.ascontiguousarray(values.T)  # every neuron's column contiguous: no copy per column
+        out.tables[run.wide_activations_dir(layer)] = pa.Table.from_arrays(
+            [ids.cast(S.ID_TYPES[id_type])] + [pa.array(c) for c in columns],
+            schema=wide_schema(values.shape[1], id_type))
+    attribution_cells, summaries = [], []
+    for method, table in attributions.items():
+        if "attribution" in table.column_names:
+            attribution_cells.append(_attribution_cells(method, table, cells, instances))
+        summaries.append(_method_summary(method, table, fidelity.get(method)))
+    for name, pieces, schema in ((NEURON_CELLS, neuron_cells, NEURON_CELLS_SCHEMA),
+                                 (NEURON_TOP, tops, neuron_top_schema(id_type)),
+                                 (ATTRIBUTION_CELLS, attribution_cells, ATTRIBUTION_CELLS_SCHEMA),
+                                 (METHOD_SUMMARY, summaries, METHOD_SUMMARY_SCHEMA)):
+        if pieces:
+            out.tables[run.statistics_dir(name)] = pa.concat_tables(pieces).cast(schema)
+    return out
+
+
+def statistics_of(layer_neurons: dict[str, int], attribution_shapes: dict[str, tuple | None]) -> list[str]:
+    """The statistics tables every batch of a run with these layers and methods writes a part
+    of (what :func:`derive_parts` returns)."""
+    wide = any(neurons <= WIDE_NEURON_LIMIT for neurons in layer_neurons.values())
+    maps = any(shape is not None for shape in attribution_shapes.values())
+    return (([NEURON_CELLS, NEURON_TOP] if wide else []) + ([ATTRIBUTION_CELLS] if maps else [])
+            + ([METHOD_SUMMARY] if attribution_shapes else []))
+
+
+class _Cells:
+    """The (label, prediction) cell of each row of a batch; a null label is a cell of its own."""
+
+    def __init__(self, instances: pa.Table):
+        label = instances["label"].combine_chunks()
+        keys = np.stack([label.is_null().to_numpy(zero_copy_only=False).astype(np.int64),
+                         pc.fill_null(label, 0).to_numpy(zero_copy_only=False).astype(np.int64),
+                         instances["prediction"].to_numpy().astype(np.int64)], axis=1)
+        self.keys, inverse = np.unique(keys, axis=0, return_inverse=True)
+        self.inverse = inverse.reshape(-1)
+
+    def columns(self, repeat: int) -> tuple[pa.Array, pa.Array]:
+        """``label`` and ``prediction`` of each cell, each repeated ``repeat`` times."""
+        label = np.repeat(self.keys[:, 1], repeat)
+        null = np.repeat(self.keys[:, 0].astype(bool), repeat)
+        return pa.array(label, mask=null), pa.array(np.repeat(self.keys[:, 2], repeat))
+
+    def reduce(self, values: np.ndarray, inverse: np.ndarray | None = None):
+        """Per cell: ``(order, starts)`` so that ``np.<ufunc>.reduceat(values[order], starts)``
+        reduces each cell's rows (every cell present in ``inverse`` has a row)."""
+        inverse = self.inverse if inverse is None else inverse
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(len(self.keys)))
+        return values[order], starts
+
+
+def _neuron_cells(layer: str, values: np.ndarray, cells: _Cells) -> pa.Table:
+    ordered, starts = cells.reduce(values)
+    wide = ordered.astype(np.float64)
+    total = np.add.reduceat(wide, starts, axis=0)
+    total_sq = np.add.reduceat(np.square(wide), starts, axis=0)
+    active = np.add.reduceat((ordered > 0).astype(np.int64), starts, axis=0)  # NaN > 0 is False
+    minimum = np.fmin.reduceat(wide, starts, axis=0)  # fmin: NaN only when every value is NaN
+    maximum = np.maximum.reduceat(wide, starts, axis=0)  # NaN wins, as in DuckDB's max
+    size = np.diff(np.append(starts, len(ordered)))
+    neurons = values.shape[1]
+    label, prediction = cells.columns(neurons)
+    return pa.table({
+        "layer": pa.array([layer] * total.size), "label": label, "prediction": prediction,
+        "neuron": np.tile(np.arange(neurons, dtype=np.int32), len(size)),
+        "size": np.repeat(size, neurons), "total": total.ravel(), "total_sq": total_sq.ravel(),
+        "active": active.ravel(), "minimum": minimum.ravel(), "maximum": maximum.ravel(),
+    })
+
+
+def _neuron_top(layer: str, ids: pa.ChunkedArray, values: np.ndarray, id_type: str) -> pa.Table:
+    """Each neuron's ``NEURON_TOP_KEPT`` highest rows: NaN first (DuckDB ranks NaN above every
+    number), then by value descending, ties by instance id."""
+    n, neurons = values.shape
+    kept = min(NEURON_TOP_KEPT, n)
+    id_values = ids.combine_chunks().to_numpy(zero_copy_only=False)
+    by_id = np.argsort(id_values.astype(str) if id_values.dtype == object else id_values, kind="stable")
+    ordered = values[by_id]
+    nan = np.isnan(ordered)
+    # A stable sort of the rows in id order keeps ties in id order; NaN first as the
+    # largest key of all (+inf and NaN in one column, which this would tie, sort apart below).
+    key = np.where(nan, -np.inf, -ordered)
+    rows = by_id[np.argsort(key, axis=0, kind="stable")[:kept]]
+    for j in np.flatnonzero(nan.any(axis=0) & np.isinf(ordered).any(axis=0)):
+        rows[:, j] = by_id[np.lexsort((-np.where(nan[:, j], 0, ordered[:, j]), ~nan[:, j]))[:kept]]
+    chosen = values[rows, np.arange(neurons)]
+    return pa.table({
+        "layer": pa.array([layer] * rows.size),
+        "neuron": np.repeat(np.arange(neurons, dtype=np.int32), kept),
+        "instance_id": ids.combine_chunks().take(pa.array(rows.T.ravel())).cast(S.ID_TYPES[id_type]),
+        "activation": chosen.T.ravel(),
+    })
+
+
+def _attribution_cells(method: str, table: pa.Table, cells: _Cells, instances: pa.Table) -> pa.Table:
+    """Sums of each stored map position per (target rank, label, prediction)."""
+    row_of = pc.index_in(table["instance_id"], value_set=instances["instance_id"].combine_chunks())
+    ranks = table["target_rank"].to_numpy().astype(np.int64)
+    keys = np.stack([ranks, cells.inverse[row_of.to_numpy(zero_copy_only=False)]], axis=1)
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    maps = S.vectors_to_numpy(table["attribution"])[order]
+    starts = np.searchsorted(inverse[order], np.arange(len(unique)))
+    # Summed in float64 without a float64 copy of the maps.
+    total = np.add.reduceat(maps, starts, axis=0, dtype=np.float64)
+    total_abs = np.add.reduceat(np.abs(maps), starts, axis=0, dtype=np.float64)
+    size = np.diff(np.append(starts, len(order)))
+    width = maps.shape[1]
+    cell = cells.keys[unique[:, 1]]
+    return pa.table({
+        "method": pa.array([method] * len(size)),
+        "target_rank": unique[:, 0].astype(np.int16),
+        "label": pa.array(cell[:, 1], mask=cell[:, 0].astype(bool)),
+        "prediction": cell[:, 2],
+        "size": size,
+        "total": pa.ListArray.from_arrays(np.arange(0, total.size + 1, width, dtype=np.int32), total.ravel()),
+        "total_abs": pa.ListArray.from_arrays(np.arange(0, total.size + 1, width, dtype=np.int32), total_abs.ravel()),
+    })
+
+
+ATTRIBUTION_CELLS_LONG_SCHEMA = pa.schema([
+    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("position", pa.int32()), ("size", pa.int64()), ("total", pa.float64()), ("total_abs", pa.float64()),
+])
+"""The catalog's ``attribution_cells``: one row per stored map position."""
+
+
+def merge_attribution_cells(parts: pa.Table) -> pa.Table:
+    """Every part's attribution cells (:data:`ATTRIBUTION_CELLS_SCHEMA` rows) added up per
+    (method, target rank, label, prediction), one row per map position. In numpy: DuckDB has
+    no element-wise sum of lists, and unnesting every part's lists first costs 10x more."""
+    pieces = []
+    for method in pc.unique(parts["method"]).to_pylist():
+        rows = parts.filter(pc.equal(parts["method"], method))
+        label = rows["label"].combine_chunks()
+        keys = np.stack([rows["target_rank"].to_numpy().astype(np.int64),
+                         label.is_null().to_numpy(zero_copy_only=False).astype(np.int64),
+                         pc.fill_null(label, 0).to_numpy(zero_copy_only=False).astype(np.int64),
+                         rows["prediction"].to_numpy().astype(np.int64)], axis=1)
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(len(unique)))
+        sums = {}
+        for column in ("total", "total_abs"):
+            flat = rows[column].combine_chunks()
+            matrix = flat.values.to_numpy().reshape(len(flat), -1)
+            sums[column] = np.add.reduceat(matrix[order], starts, axis=0)
+        size = np.add.reduceat(rows["size"].to_numpy()[order], starts)
+        width = sums["total"].shape[1]
+        pieces.append(pa.table({
+            "method": pa.array([method] * sums["total"].size),
+            "target_rank": np.repeat(unique[:, 0], width).astype(np.int16),
+            "label": pa.array(np.repeat(unique[:, 2], width), mask=np.repeat(unique[:, 1].astype(bool), width)),
+            "prediction": np.repeat(unique[:, 3], width),
+            "position": np.tile(np.arange(width, dtype=np.int32), len(unique)),
+            "size": np.repeat(size, width), "total": sums["total"].ravel(), "total_abs": sums["total_abs"].ravel(),
+        }, schema=ATTRIBUTION_CELLS_LONG_SCHEMA))
+    return pa.concat_tables(pieces) if pieces else ATTRIBUTION_CELLS_LONG_SCHEMA.empty_table()
+
+
+def _count_sum(column: pa.ChunkedArray | pa.Array, absolute: bool = False) -> tuple[int, float]:
+    """Count and sum of the non-null values (NaN counts and makes the sum NaN, as in DuckDB)."""
+    values = pc.drop_null(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    return len(values), float(np.sum(np.abs(values) if absolute else values))
+
+
+def _method_summary(method: str, table: pa.Table, sampled: pa.Table | None) -> pa.Table:
+    first = table.filter(pc.equal(table["target_rank"], 0))
+    row = {"method": method, "rows": first.num_rows}
+    row["abs_delta_count"], row["abs_delta_sum"] = _count_sum(first["convergence_delta"], absolute=True)
+    deltas = np.abs(pc.drop_null(first["convergence_delta"]).to_numpy(zero_copy_only=False))
+    row["abs_delta_max"] = float(np.max(deltas)) if len(deltas) else None
+    for column in ("deletion_auc", "insertion_auc"):
+        present = column in first.column_names
+        row[f"{column}_count"], row[f"{column}_sum"] = _count_sum(first[column]) if present else (0, 0.0)
+    row["sampled"] = sampled.num_rows if sampled is not None else 0
+    for column in S.FIDELITY_SAMPLE_COLUMNS:
+        row[f"{column}_count"], row[f"{column}_sum"] = _count_sum(sampled[column]) if sampled is not None else (0, 0.0)
+    return pa.Table.from_pylist([row], schema=METHOD_SUMMARY_SCHEMA)
+
+
+# -- projection sample candidates ------------------------------------------------------------
+
+SAMPLE_HASH_SQL = "hash(instance_id, ?::BIGINT)"
+"""The projection sample's order: an instance's place depends on its id and the seed only
+(:func:`netloupe.storage.reader.sample_instance_ids` takes the ``size`` first)."""
+
+
+def candidate_fraction(sample_size: int, rows: int) -> float:
+    """The share of instances each worker keeps as sample candidates: enough that the run's
+    ``sample_size`` first by hash are all among them except with negligible probability
+    (six standard deviations of the binomial count over the mean)."""
+    wanted = sample_size + 6 * sample_size ** 0.5 + 16
+    return min(1.0, wanted / max(1, rows))
+
+
+def sample_hashes(ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """Each id's place in the projection sample order (``uint64``); ``ids`` of the run's id type."""
+    con = S.hashing_connection()
+    con.register("batch_ids", pa.table({"instance_id": ids}))
+    try:
+        hashes = con.sql(f"SELECT {SAMPLE_HASH_SQL} FROM batch_ids", params=[seed]).to_arrow_table()
+    finally:
+        con.unregister("batch_ids")
+    return hashes.column(0).to_numpy().astype(np.uint64)
+
+
+def candidates_schema(width: int, id_type: str) -> pa.Schema:
+    return pa.schema([pa.field("instance_id", S.ID_TYPES[id_type], nullable=False),
+                      pa.field("sample_hash", pa.uint64(), nullable=False),
+                      pa.field("vector", S.vector_type(width), nullable=False)])
+
+
+def projection_candidates(ids: pa.Array, vectors: dict[tuple[str, str], np.ndarray], id_type: str,
+                          seed: int, fraction: float) -> dict[Path, pa.Table]:
+    """The batch's rows whose sample hash falls in the first ``fraction`` of the hash range,
+    with their vectors of each projected table (``(kind, name)`` → ``(n, d)``)."""
+    if not vectors or fraction <= 0:
+        return {}
+    ids = (ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids).cast(S.ID_TYPES[id_type])
+    hashes = sample_hashes(ids, seed)
+    keep = np.flatnonzero(hashes <= np.uint64(min(2**64 - 1, int(fraction * 2**64))))
+    run = RunLayout(Path("."))
+    taken = pa.array(keep)
+    return {run.projection_sample_dir(kind, name): pa.Table.from_arrays(
+                [ids.take(taken), pa.array(hashes[keep]), S.fixed_vectors(matrix[keep], matrix.shape[1])],
+                schema=candidates_schema(matrix.shape[1], id_type))
+            for (kind, name), matrix in vectors.items()}

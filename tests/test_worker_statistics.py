@@ -1,0 +1,190 @@
+"""A run's statistics come from its workers (issue 20): a pipeline run written in many small
+parts by two workers answers every operator as numpy does over the run's own tables, through
+the fast path and the stock CLI's, and the driver checks exactly-once from the reports alone.
+
+tests/test_operators.py checks the operators on a hand-made run; this checks what the
+workers write: per-part cells, top lists, method summaries, index matrices, wide parts and
+projection-sample candidates, merged by the catalog.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from netloupe.contract.errors import RunError
+from netloupe.pipeline.driver import _check_exactly_once, run_job
+from netloupe.storage import schema as S
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.manifest import BatchReport
+from netloupe.storage.reader import RunReader, sample_instance_ids
+from tests.helpers import tabular_spec
+
+N, BATCH, SAMPLE = 150, 8, 40
+
+
+def _data() -> pa.Table:
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 3, N).astype(object)
+    label[::11] = None  # unlabeled instances: a cell of their own
+    return pa.table({
+        "key": pa.array([f"r-{i:03d}" for i in rng.permutation(N)]),  # string ids, not in batch order
+        **{f"f{j}": rng.normal(size=N).astype(np.float32) for j in range(8)},
+        "label": pa.array(label, pa.int64()),
+        "group": pa.array(np.where(np.arange(N) % 3 == 0, "a", "b").astype(object)),
+    })
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("statsrun")
+    pq.write_table(_data(), root / "data.parquet")
+    spec = tabular_spec(
+        root / "data.parquet", root / "runs",
+        model={"factory": "tests.tiny_models:seeded_mlp"},
+        dataset={"source": str(root / "data.parquet"), "feature_columns": [f"f{j}" for j in range(8)],
+                 "id_column": "key", "label_column": "label", "metadata_columns": ["group"]},
+        layers=[{"name": "fc1"}, {"name": "relu"}],
+        attributions=[{"method": "integrated_gradients", "params": {"n_steps": 8}}, {"method": "saliency"}],
+        fidelity={"curve_steps": 4, "sample_size": 12},
+        projection={"sample_size": SAMPLE, "seed": 5},
+        execution={"batch_size": BATCH, "num_workers": 2},
+    )
+    result = run_job(spec)
+    reader = RunReader(result.layout.root)
+    instances = reader.instances().to_pandas().set_index("instance_id")
+    return result, reader, instances
+
+
+def _paths(run_dir):
+    stock = duckdb.connect(str(run_dir / "catalog.duckdb"), read_only=True)
+    stock.execute("SET file_search_path = ?", [str(run_dir)])
+    fast = open_catalog(run_dir)
+    return {"fast": lambda sql: run_query(fast, sql).to_pandas(), "stock": lambda sql: stock.sql(sql).df()}
+
+
+def test_the_run_is_written_in_many_parts(run):
+    result, _, instances = run
+    assert result.manifest.counts.parts == -(-N // BATCH) and len(instances) == N
+    layout = result.layout
+    parts = {p.name for p in layout.instances_dir.glob("part-*.parquet")}
+    for layer in ("fc1", "relu"):
+        assert {p.name for p in layout.wide_activations_dir(layer).glob("*.parquet")} == parts
+        assert len(list(layout.index_layer_dir(layer).glob("part-*.npy"))) == len(parts)
+    assert not (layout.root / S.PROJECTIONS / "candidates").exists()  # staging only
+    assert result.manifest.timings["driver_tail_seconds"] > 0
+
+
+@pytest.mark.parametrize("path", ["fast", "stock"])
+def test_neuron_operators_equal_numpy(run, path):
+    result, reader, instances = run
+    query = _paths(result.layout.root)[path]
+    for layer in ("fc1", "relu"):
+        ids, matrix = reader.activation_matrix(layer)
+        frame = instances.loc[ids.to_pylist()]
+        for subsets, keys in (("label", frame["label"]), ("prediction", frame["prediction"])):
+            got = query(f"SELECT * FROM neuron_matrix_by('{layer}', '{subsets}')")
+            for value in keys.dropna().unique():
+                rows = (keys == value).to_numpy()
+                part = got[got["subset"] == f"{subsets}={int(value)}"].sort_values("neuron")
+                assert (part["size"] == rows.sum()).all()
+                np.testing.assert_allclose(part["mean"], matrix[rows].mean(axis=0), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(part["frac_active"], (matrix[rows] > 0).mean(axis=0))
+                if rows.sum() > 1:
+                    np.testing.assert_allclose(part["std"], matrix[rows].std(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+        rows = (frame["group"] == "a").to_numpy()
+        got = query(f"SELECT * FROM neuron_matrix('{layer}', '\"group\" = ''a''')").sort_values("neuron")
+        np.testing.assert_allclose(got["mean"], matrix[rows].mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["std"], matrix[rows].std(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+        everything = query(f"SELECT * FROM neurons WHERE layer = '{layer}' ORDER BY neuron")
+        np.testing.assert_allclose(everything["minimum"], matrix.min(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(everything["maximum"], matrix.max(axis=0), rtol=1e-6)
+        id_values = np.asarray(ids.to_pylist())
+        for k in (3, 20):  # from the merged per-part lists, and from a scan
+            for neuron in range(matrix.shape[1]):
+                order = np.lexsort((id_values, -matrix[:, neuron]))[:k]
+                got = query(f"SELECT * FROM top_instances('{layer}', {neuron}, k := {k})")
+                assert got["instance_id"].tolist() == id_values[order].tolist()
+        one = id_values[17]
+        tops = query(f"SELECT * FROM top_neurons('{layer}', '{one}', k := 6)")
+        np.testing.assert_array_equal(tops["activation"].to_numpy(), np.sort(matrix[17])[::-1])
+
+
+@pytest.mark.parametrize("path", ["fast", "stock"])
+def test_attribution_maps_and_fidelity_equal_numpy(run, path):
+    result, reader, instances = run
+    query = _paths(result.layout.root)[path]
+    table, maps = reader.attribution_maps("saliency")
+    frame = instances.loc[table["instance_id"].to_pylist()]
+    maps = maps.reshape(len(maps), -1)
+    got = query("SELECT * FROM attribution_map_by('saliency', 'prediction')")
+    for prediction in frame["prediction"].unique():
+        rows = (frame["prediction"] == prediction).to_numpy()
+        row = got[got["subset"] == f"prediction={prediction}"].iloc[0]
+        assert row["size"] == rows.sum()
+        np.testing.assert_allclose(row["mean_abs"], np.abs(maps[rows]).mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(row["mean"], maps[rows].mean(axis=0), rtol=1e-5, atol=1e-7)
+    summary = query("SELECT * FROM fidelity_summary").set_index("method")
+    assert summary.index.tolist() == ["integrated_gradients", "saliency"]  # the spec's order
+    for method in summary.index:
+        rows = reader.attributions(method).to_pandas()
+        sampled = pd.read_parquet(result.layout.fidelity_dir(method))
+        assert summary.loc[method, "instances"] == N
+        assert summary.loc[method, "sampled"] == len(sampled) == result.manifest.fidelity.sampled_rows[method] > 0
+        np.testing.assert_allclose(summary.loc[method, "mean_deletion_auc"], rows["deletion_auc"].mean(), rtol=1e-6)
+        np.testing.assert_allclose(summary.loc[method, "mean_insertion_auc"], rows["insertion_auc"].mean(), rtol=1e-6)
+        np.testing.assert_allclose(summary.loc[method, "mean_randomization_spearman"],
+                                   sampled["randomization_spearman"].mean(), rtol=1e-6)
+        delta = rows["convergence_delta"].abs()
+        if method == "integrated_gradients":
+            np.testing.assert_allclose(summary.loc[method, "mean_abs_convergence_delta"], delta.mean(), rtol=1e-6)
+            np.testing.assert_allclose(summary.loc[method, "max_abs_convergence_delta"], delta.max(), rtol=1e-6)
+        else:
+            assert pd.isna(summary.loc[method, "mean_abs_convergence_delta"])
+
+
+def test_the_projection_sample_is_the_one_drawn_from_the_tables(run):
+    """The workers' candidates give exactly the sample a scan of the instances would."""
+    result, _, _ = run
+    layout = result.layout
+    kept = pq.read_table(layout.projection_sample_path)["instance_id"].to_pylist()
+    assert kept == sample_instance_ids(layout.instances_dir, SAMPLE, 5).to_pylist()
+    assert result.manifest.projections.sample_rows == SAMPLE
+
+
+def _reports(batches: list[list[str]]) -> list[BatchReport]:
+    return [BatchReport(part=f"p{i}", rows=len(ids), bytes=0, compute_seconds=0, write_seconds=0, device="cpu",
+                        gpu_ids="", node_id="n", chunk_rows=0, id_digest=S.id_digest(pa.array(ids), "string"),
+                        fidelity_rows=[]) for i, ids in enumerate(batches)]
+
+
+def test_exactly_once_is_checked_from_the_reports():
+    ids = [f"r-{i}" for i in range(10)]
+    dataset = SimpleNamespace(num_rows=10, id_digest=S.id_digest(pa.array(ids), "string"))
+    _check_exactly_once(_reports([ids[:4], ids[4:]]), dataset)
+    with pytest.raises(RunError, match=r"the run's 1 batches hold 6 instances, expected 10"):
+        _check_exactly_once(_reports([ids[4:]]), dataset)
+    # Right count, wrong instances: r-0 twice, r-9 never.
+    with pytest.raises(RunError, match="some instance was explained twice and another not at all"):
+        _check_exactly_once(_reports([ids[:5], ids[:1] + ids[5:9]]), dataset)
+
+
+def test_a_committed_run_of_the_previous_format_is_refused(run, tmp_path):
+    import json
+    import shutil
+
+    result, _, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(result.layout.root, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["netloupe_manifest"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match=r"manifest format 2\); this netloupe reads format 3"):
+        RunLayout(old).read_manifest()
