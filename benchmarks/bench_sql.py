@@ -125,6 +125,7 @@ def bench(n: int, neurons: int, repeats: int, workdir: Path, rows_per_part: int)
 
     ours = open_catalog(layout.root)
     stock = duckdb.connect(str(layout.catalog_path), read_only=True)
+    stock.execute("SET file_search_path = ?", [str(layout.root)])  # its Parquet views are relative to the run
     naive = duckdb.connect()
     questions = {
         "10 class subsets": (

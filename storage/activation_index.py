@@ -37,9 +37,6 @@ from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT
 
 IDS_FILE = "instance_ids.npy"
 ROWS_FILE = "instance_rows.npy"
-GATHER_ROWS = 2048
-"""Rows gathered per step: about 2 MB at 256 neurons, so each step's reductions run from
-cache (1-2k rows measured fastest on this machine's 2 cores)."""
 THREADS = min(4, os.cpu_count() or 1)
 """Threads that gather and reduce a subset's rows (numpy releases the GIL for both)."""
 
@@ -156,8 +153,14 @@ class ActivationIndex:
         width = self.part_matrix(layer, 0).shape[1]
         total, total_sq = np.zeros(width), np.zeros(width)
         active = np.zeros(width, np.int64)
-        for start in range(0, len(rows), GATHER_ROWS):
-            block = self.take(layer, rows[start:start + GATHER_ROWS])
+        if len(rows) == 0:
+            return total, total_sq, active
+        # Part by part (a part's rows are a few hundred KB: reduced from cache), no concatenation.
+        parts = np.searchsorted(self.first_rows, rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(parts)) + 1
+        for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
+            part = int(parts[start])
+            block = self.part_matrix(layer, part)[rows[start:stop] - self.first_rows[part]]
             total += block.sum(axis=0, dtype=np.float64)
             # Squared in float64, as the SQL path does: float32 squares lose the spread of
             # values far from zero (a std 10-15% off at mean 100, std 0.01).
