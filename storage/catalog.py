@@ -45,7 +45,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from netloupe.contract.errors import NetloupeError, RunError
 from netloupe.contract.names import PROJECTION_ALGORITHMS
@@ -230,7 +229,7 @@ def _merge_statistics(con, layout: RunLayout) -> None:
         if parts is not None:
             con.execute(f"INSERT INTO {name} SELECT * FROM _merged_{name}(?)", [parts]).fetchall()
     if _statistics_parts(layout, ATTRIBUTION_CELLS) is not None:
-        parts = pads.dataset(layout.statistics_dir(ATTRIBUTION_CELLS), format="parquet").to_table()
+        parts = sorted(layout.statistics_dir(ATTRIBUTION_CELLS).glob("part-*.parquet"))
         con.from_arrow(merge_attribution_cells(parts)).insert_into(ATTRIBUTION_CELLS)
 
 

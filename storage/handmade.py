@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog
-from netloupe.storage.layout import WIDE_PARQUET_OPTIONS, RunLayout, RunStaging, part_name, write_npy, write_part
+from netloupe.storage.layout import RunLayout, RunStaging, part_name, write_npy, write_part
 from netloupe.storage.manifest import (
     Counts,
     DatasetInfo,
@@ -109,8 +109,7 @@ def write_handmade_run(
             derived = derive_parts(part_instances, {layer: m[start:stop] for layer, m in activations.items()},
                                    part_attributions, {}, id_type)
             for relative, table in derived.tables.items():
-                wide = relative.parts[0] == S.WIDE
-                write_part(layout.root / relative, key, table, options=WIDE_PARQUET_OPTIONS if wide else None)
+                write_part(layout.root / relative, key, table, options=derived.options.get(relative))
             for relative, matrix in derived.matrices.items():
                 write_npy(layout.root / relative / part_name(key, ".npy"), matrix)
             for layer, coordinates in projections.items():

@@ -200,6 +200,8 @@ class RunLayout:
 
 PARQUET_OPTIONS = dict(compression="zstd")
 """How parts are written: zstd is the best size/speed trade for float vectors measured so far."""
+PLAIN_PARQUET_OPTIONS = dict(compression="none")
+"""Parts of floats that compress poorly and are read whole (summed statistics)."""
 WIDE_PARQUET_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["instance_id"])
 """The wide activation parts (one column per neuron): DuckDB scans plain floats fastest, and
 statistics of every neuron's column would only swell the footer."""

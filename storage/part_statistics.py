@@ -26,21 +26,25 @@ ignores NaN unless every value is NaN, ``max`` and the top-k rank NaN above ever
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from netloupe.storage import schema as S
-from netloupe.storage.layout import RunLayout
+from netloupe.storage.layout import PLAIN_PARQUET_OPTIONS, WIDE_PARQUET_OPTIONS, RunLayout
 from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
 
 WIDE_NEURON_LIMIT = 4096
 """Widest layer given one column per neuron (``wide/``) and an index matrix; wider ones (a
 conv map kept with ``pooling: none``) stay Parquet vectors only."""
 
+READ_THREADS = 4
+"""Threads reading statistics parts while the catalog adds them up."""
 NEURON_TOP_KEPT = 16
 """Instances kept per neuron in ``neuron_top``: ``top_instances`` and ``neuron_exemplars``
 answer ``k`` up to this from it; a larger ``k`` scans the layer."""
@@ -88,6 +92,8 @@ class DerivedParts:
     tables: dict[Path, pa.Table] = field(default_factory=dict)
     matrices: dict[Path, np.ndarray] = field(default_factory=dict)
     """Row-major ``float32`` matrices, written as ``.npy``."""
+    options: dict[Path, dict] = field(default_factory=dict)
+    """Parquet options of the tables not written as parts usually are (zstd)."""
 
 
 def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attributions: dict[str, pa.Table],
@@ -108,6 +114,7 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
         tops.append(_neuron_top(layer, ids, values, id_type))
         out.matrices[run.index_layer_dir(layer)] = values
         columns = np.ascontiguousarray(values.T)  # every neuron's column contiguous: no copy per column
+        out.options[run.wide_activations_dir(layer)] = WIDE_PARQUET_OPTIONS
         out.tables[run.wide_activations_dir(layer)] = pa.Table.from_arrays(
             [ids.cast(S.ID_TYPES[id_type])] + [pa.array(c) for c in columns],
             schema=wide_schema(values.shape[1], id_type))
@@ -122,6 +129,9 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
                                  (METHOD_SUMMARY, summaries, METHOD_SUMMARY_SCHEMA)):
         if pieces:
             out.tables[run.statistics_dir(name)] = pa.concat_tables(pieces).cast(schema)
+    # Sums of floats hardly compress (1.2 MB zstd, 1.7 MB plain) and decoding zstd was most of
+    # the catalog's merge.
+    out.options[run.statistics_dir(ATTRIBUTION_CELLS)] = PLAIN_PARQUET_OPTIONS
     return out
 
 
@@ -237,38 +247,53 @@ ATTRIBUTION_CELLS_LONG_SCHEMA = pa.schema([
 """The catalog's ``attribution_cells``: one row per stored map position."""
 
 
-def merge_attribution_cells(parts: pa.Table) -> pa.Table:
-    """Every part's attribution cells (:data:`ATTRIBUTION_CELLS_SCHEMA` rows) added up per
-    (method, target rank, label, prediction), one row per map position. In numpy: DuckDB has
-    no element-wise sum of lists, and unnesting every part's lists first costs 10x more."""
-    pieces = []
-    for method in pc.unique(parts["method"]).to_pylist():
-        rows = parts.filter(pc.equal(parts["method"], method))
-        label = rows["label"].combine_chunks()
-        keys = np.stack([rows["target_rank"].to_numpy().astype(np.int64),
-                         label.is_null().to_numpy(zero_copy_only=False).astype(np.int64),
-                         pc.fill_null(label, 0).to_numpy(zero_copy_only=False).astype(np.int64),
-                         rows["prediction"].to_numpy().astype(np.int64)], axis=1)
-        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        order = np.argsort(inverse, kind="stable")
-        starts = np.searchsorted(inverse[order], np.arange(len(unique)))
-        sums = {}
-        for column in ("total", "total_abs"):
-            flat = rows[column].combine_chunks()
-            matrix = flat.values.to_numpy().reshape(len(flat), -1)
-            sums[column] = np.add.reduceat(matrix[order], starts, axis=0)
-        size = np.add.reduceat(rows["size"].to_numpy()[order], starts)
-        width = sums["total"].shape[1]
-        pieces.append(pa.table({
-            "method": pa.array([method] * sums["total"].size),
-            "target_rank": np.repeat(unique[:, 0], width).astype(np.int16),
-            "label": pa.array(np.repeat(unique[:, 2], width), mask=np.repeat(unique[:, 1].astype(bool), width)),
-            "prediction": np.repeat(unique[:, 3], width),
-            "position": np.tile(np.arange(width, dtype=np.int32), len(unique)),
-            "size": np.repeat(size, width), "total": sums["total"].ravel(), "total_abs": sums["total_abs"].ravel(),
-        }, schema=ATTRIBUTION_CELLS_LONG_SCHEMA))
-    return pa.concat_tables(pieces) if pieces else ATTRIBUTION_CELLS_LONG_SCHEMA.empty_table()
+def merge_attribution_cells(parts: list[Path]) -> pa.Table:
+    """The attribution cells of every part file (:data:`ATTRIBUTION_CELLS_SCHEMA` rows) added
+    up per (method, target rank, label, prediction), one row per map position. In numpy, a
+    few files at a time: DuckDB has no element-wise sum of lists, and unnesting every part's
+    lists costs 10x more; reading every part into one table first cost 9 s at 1M in copies."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # reading releases the GIL; adding up stays here
+        window = READ_THREADS * 4  # parts held at once
+        tables = (table for start in range(0, len(parts), window)
+                  for table in pool.map(lambda path: pq.read_table(path, use_threads=False),
+                                        parts[start:start + window]))
+        sums = _add_up_attribution_cells(tables)
+    columns = {name: [] for name in ATTRIBUTION_CELLS_LONG_SCHEMA.names}
+    for (method, rank, label, prediction), (size, total, total_abs) in sums.items():
+        width = len(total)
+        columns["method"] += [method] * width
+        columns["target_rank"] += [rank] * width
+        columns["label"] += [label] * width
+        columns["prediction"] += [prediction] * width
+        columns["position"].append(np.arange(width, dtype=np.int32))
+        columns["size"] += [size] * width
+        columns["total"].append(total)
+        columns["total_abs"].append(total_abs)
+    for name in ("position", "total", "total_abs"):
+        columns[name] = np.concatenate(columns[name]) if columns[name] else np.empty(0)
+    return pa.table(columns, schema=ATTRIBUTION_CELLS_LONG_SCHEMA)
+
+
+def _add_up_attribution_cells(tables) -> dict[tuple, list]:
+    """``(method, rank, label, prediction)`` → ``[size, total, total_abs]`` over the part tables."""
+    sums: dict[tuple, list] = {}
+    for table in tables:
+        lists = [table[column].combine_chunks() for column in ("total", "total_abs")]
+        offsets = lists[0].offsets.to_numpy()  # both lists of a row have the map's width
+        values = [column.values.to_numpy() for column in lists]
+        keys = zip(table["method"].to_pylist(), table["target_rank"].to_pylist(), table["label"].to_pylist(),
+                   table["prediction"].to_pylist(), table["size"].to_pylist())
+        for row, (method, rank, label, prediction, size) in enumerate(keys):
+            total = values[0][offsets[row]:offsets[row + 1]]
+            total_abs = values[1][offsets[row]:offsets[row + 1]]
+            entry = sums.get((method, rank, label, prediction))
+            if entry is None:
+                sums[(method, rank, label, prediction)] = [size, total.copy(), total_abs.copy()]
+            else:
+                entry[0] += size
+                entry[1] += total
+                entry[2] += total_abs
+    return sums
 
 
 def _count_sum(column: pa.ChunkedArray | pa.Array, absolute: bool = False) -> tuple[int, float]:

@@ -25,7 +25,6 @@ from netloupe.contract.errors import DatasetError, MethodError, ModelError, Netl
 from netloupe.contract.spec import JobSpec
 from netloupe.storage import schema as S
 from netloupe.storage.layout import (
-    WIDE_PARQUET_OPTIONS,
     RunLayout,
     part_key,
     part_name,
@@ -502,15 +501,12 @@ class ExplainWorker:
                                                                                dataset.num_rows))
         tables = {**explained.tables, **derived.tables}
         instances = tables.pop(Path(S.INSTANCES))
-        run = RunLayout(Path("."))
-        wide = {run.wide_activations_dir(name) for name in explained.activations}
         root, filesystem = self.layout.root, self.filesystem
         for relative, table in candidates.items():  # not the run's bytes: removed at the commit
             write_part(root / relative, key, table, filesystem, root)
         size = 0
         for relative, table in tables.items():
-            options = WIDE_PARQUET_OPTIONS if relative in wide else None
-            size += write_part(root / relative, key, table, filesystem, root, options)
+            size += write_part(root / relative, key, table, filesystem, root, derived.options.get(relative))
         for relative, matrix in derived.matrices.items():
             size += write_npy(root / relative / part_name(key, ".npy"), matrix, filesystem, root)
         return size + write_part(root / S.INSTANCES, key, instances, filesystem, root)
