@@ -1,6 +1,6 @@
 """Driver tail: the wall seconds from the end of the explain pass to the committed run, before and after.
 
-    .venv/bin/python benchmarks/bench_driver.py [--sizes 100000,1000000] [--repeats 2] [--before a220364]
+    .venv/bin/python benchmarks/bench_driver.py [--sizes 100000,1000000] [--repeats 2] [--before a220364] [--after COMMIT]
     .venv/bin/python benchmarks/bench_driver.py --simulated-cluster [--sim-rows 200000] [--sim-workers 8]
 
 The driver tail of a run is what the driver does alone after the last explain batch:
@@ -13,7 +13,8 @@ lines after that one say where the tail goes.
 Two versions run side by side, interleaved (before, after, before, after, ...: this VM's
 speed drifts 2x within minutes): "before" is the commit ``--before`` (default a220364),
 checked out in a temporary git worktree; "after" is this working tree as it is now
-(uncommitted changes included). Both run ``python -m netloupe.pipeline.cli run`` with this
+(uncommitted changes included), or with ``--after`` another commit from a worktree of its own
+(so the working tree can change while this runs). Both run ``python -m netloupe.pipeline.cli run`` with this
 venv's python on this repository's ``examples/mnist-scale.yaml`` (``--simulated-cluster``:
 a small MLP on a generated 30-feature Parquet file, ``--sim-workers`` workers sharing the
 cores with fractional ``execution.cpus_per_worker``; reports the driver's share of the
@@ -561,6 +562,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="instances per run (mnist-scale)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each version per size")
     parser.add_argument("--before", default="a220364", help="the commit to compare the working tree with")
+    parser.add_argument("--after", default=None,
+                        help="a commit to run as 'after' from a worktree of its own (default: the working tree, "
+                             "which must then stay untouched while this runs)")
     parser.add_argument("--probe-rows", type=int, default=2048,
                         help="rows of the untimed warm-up run that checks which code each version ran")
     parser.add_argument("--simulated-cluster", action="store_true",
@@ -577,18 +581,27 @@ def main() -> None:
 
     commit = git("rev-parse", "--short", args.before)
     head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    print(f"before: {args.before} ({commit}); after: the working tree at {ROOT} (HEAD {head}"
-          + (f" + uncommitted changes in {len(dirty.splitlines())} files)" if dirty else ", no uncommitted changes)"),
+    after_commit = git("rev-parse", "--short", args.after) if args.after else None
+    print(f"before: {args.before} ({commit}); after: "
+          + (f"{args.after} ({after_commit})" if after_commit else
+             f"the working tree at {ROOT} (HEAD {head}"
+             + (f" + uncommitted changes in {len(dirty.splitlines())} files)" if dirty else ", no uncommitted changes)")),
           flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-driver-", dir=args.tmp_dir) as tmp:
         work = Path(tmp)
-        worktree = work / "before-checkout"
-        git("worktree", "add", "--detach", str(worktree), commit)
+        worktrees = []
+
+        def checkout(name: str, at: str) -> Version:
+            worktree = work / f"{name}-checkout"
+            git("worktree", "add", "--detach", str(worktree), at)
+            worktrees.append(worktree)
+            tree = package_tree(worktree, work / f"{name}-package")
+            return Version(name, worktree, cwd=tree, pythonpath=[str(tree)])
+
         try:
-            tree = package_tree(worktree, work / "before-package")
-            before = Version("before", worktree, cwd=tree, pythonpath=[str(tree)])
-            after = Version("after", ROOT, cwd=ROOT)
+            before = checkout("before", commit)
+            after = checkout("after", after_commit) if after_commit else Version("after", ROOT, cwd=ROOT)
             versions = [before, after]
             check_imports(before, after)
             check_imports(after, before)
@@ -600,7 +613,8 @@ def main() -> None:
             else:
                 scale(args, sizes, versions, work, site_dir)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+            for worktree in worktrees:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
 
 
 def scale(args, sizes: list[int], versions: list[Version], work: Path, site_dir: Path) -> None:
@@ -619,7 +633,7 @@ def scale(args, sizes: list[int], versions: list[Version], work: Path, site_dir:
             versions, args.repeats,
             lambda v, i, rows=rows: run_once(v, SCALE_SPEC, [f"dataset.rows={rows}"], work, f"{v.name}-{rows}-{i}"))
     print(f"\nDriver tail (the explain pass's last line to the process's exit), `examples/mnist-scale.yaml`, "
-          f"median of {args.repeats} interleaved runs each; before = {args.before}, after = the working tree\n")
+          f"median of {args.repeats} interleaved runs each; before = {args.before}, after = {args.after or 'the working tree'}\n")
     print("| instances | tail before (s) | tail after (s) | after/before | tail per 1M before (s) "
           "| tail per 1M after (s) | wall before (s) | wall after (s) | wall after/before | others' CPU share, max |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -649,7 +663,7 @@ def simulated(args, versions: list[Version], work: Path, site_dir: Path) -> None
     results = interleaved(versions, args.repeats, lambda v, i: run_once(v, spec, [], work, f"{v.name}-sim-{i}"))
     print(f"\nDriver share of the wall, {workers} workers x {cpus:g} CPUs on a local Ray, {args.sim_rows:,} instances "
           f"of a small MLP, median of {args.repeats} interleaved runs each; before = {args.before}, "
-          "after = the working tree\n")
+          f"after = {args.after or 'the working tree'}\n")
     print("| version | explain pass (s) | driver tail (s) | tail / (explain pass + tail) | wall (s) "
           "| others' CPU share, max |")
     print("|---|---:|---:|---:|---:|---:|")

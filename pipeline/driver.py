@@ -3,7 +3,8 @@
     validate          the spec against the data and the model, on a few rows, no Ray
     start_ray         connect, or start a local Ray; check the workers fit
     stage             the staged run, its spec and model fingerprint first (for --resume)
-    explain           the Ray Data pass: ExplainWorker actors write every batch's parts
+    explain           the Ray Data pass: ExplainWorker actors write every batch's parts;
+                      their statistics are added up on a thread as the reports arrive
     settle            keep the reported parts, check every instance is there exactly once
     project           fit 2-D projections on a sample, apply them in the workers
     catalog           the run's SQL catalog, part of the staged run
@@ -45,7 +46,7 @@ from netloupe.pipeline.ray_cluster import (
 )
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog
-from netloupe.storage.layout import CANDIDATES, RunExistsError, RunLayout, RunStaging, staged_job
+from netloupe.storage.layout import CANDIDATES, RunExistsError, RunLayout, RunStaging, staged_job, worker_layout
 from netloupe.storage.manifest import (
     BatchReport,
     Counts,
@@ -59,6 +60,7 @@ from netloupe.storage.manifest import (
     WorkerInfo,
 )
 from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT, statistics_of
+from netloupe.storage.statistics_merge import StatisticsMerge
 from netloupe.workers.explain import BatchExplainer, ExplainWorker
 from netloupe.workers.inputs import ResolvedDataset
 from netloupe.workers.model_identity import ModelFingerprint, model_fingerprint
@@ -190,6 +192,8 @@ class JobRun:
     """Seconds per stage, for the manifest."""
     checked: Validated | None = None
     started: float = field(default_factory=time.perf_counter)
+    statistics: StatisticsMerge | None = None
+    """The workers' statistics added up as their reports arrive (None: the catalog adds them)."""
 
     @property
     def layout(self) -> RunLayout:
@@ -257,6 +261,8 @@ class JobRun:
         """The explain pass: every batch not kept from an interrupted run, by the workers;
         returns every batch's report, kept ones included."""
         parts = self._kept_parts()
+        self.statistics = self._statistics_merge()
+        self.statistics.add_soon(part.part for part in parts)
         computed = self.checked.dataset.num_rows - self.timings.get("resumed_rows", 0)
         self.progress.stage(f"explaining {count(computed, 'instance')} with {_workers_text(self.spec.execution)}"
                             + (f" ({self.timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
@@ -273,6 +279,7 @@ class JobRun:
                         self.timings["first_result_seconds"] = time.perf_counter() - explain_started
                         first_rows = sum(r.rows for r in reports)
                     parts.extend(reports)
+                    self.statistics.add_soon(report.part for report in reports)
                     self.progress.explained(sum(r.rows for r in reports))
         finally:
             self.progress.explaining_done()
@@ -282,6 +289,13 @@ class JobRun:
         steady = seconds - self.timings.get("first_result_seconds", seconds)
         self.timings["steady_instances_per_second"] = (computed - first_rows) / steady if steady > 0 else None
         return parts
+
+    def _statistics_merge(self) -> StatisticsMerge:
+        """The merge of the statistics the workers write, read where they write them."""
+        facts = self.checked.facts
+        layout, filesystem = worker_layout(self.staging.worker_root)
+        return StatisticsMerge(layout, statistics_of(facts.layer_neurons, facts.attribution_shapes),
+                               self.checked.dataset.id_type, filesystem)
 
     def _explain_plan(self, kept: list[BatchReport]):
         """The Ray Data plan: read the dataset (less the kept instances), map ExplainWorker."""
@@ -365,6 +379,10 @@ class JobRun:
         self.staging.remove_unlisted_parts(every, keys)
         _check_exactly_once(reports, self.checked.dataset)
         _check_every_part_written(self.staging, _tables_of_every_batch(layout, facts, self.spec), keys)
+        started = time.perf_counter()
+        if not self.statistics.finish(keys):
+            self.statistics = None  # an add on the merge's thread failed: the catalog adds every part
+        self.timings["statistics_finish_seconds"] = time.perf_counter() - started
         methods = [m.table_name for m in self.spec.attributions]
         sampled = {method: sum(part.fidelity_rows[i] for part in reports) for i, method in enumerate(methods)}
         return reports, {method: rows for method, rows in sampled.items() if rows}
@@ -434,7 +452,7 @@ class JobRun:
         """The run's SQL catalog, built in the staged run (a committed run always answers
         SQL); returns the manifest with its timings."""
         self.progress.stage("building the SQL catalog")
-        timings = build_catalog(self.layout, manifest, self.memory_mib)
+        timings = build_catalog(self.layout, manifest, self.memory_mib, statistics=self.statistics)
         self.progress.stage(f"built the SQL catalog in {duration(timings['total'])}")
         return manifest.model_copy(update={"timings": {**manifest.timings, "catalog": timings}})
 

@@ -9,8 +9,8 @@ Runs after every explained part is staged and checked, before the catalog is bui
    (:func:`netloupe.storage.part_statistics.projection_candidates`), so the driver reads those
    few rows, never the tables;
 2. per projected table, fit on the sample's vectors (:func:`netloupe.workers.projection.fit_projection`);
-3. a Ray Data pass over the run's part keys: :class:`netloupe.workers.projection.ProjectWorker`
-   actors read each part, transform it and write its coordinates beside it.
+3. Ray tasks over chunks of the run's part keys (:func:`netloupe.workers.projection.project_parts`)
+   read each part, transform it and write its coordinates beside it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from netloupe.storage import schema as S
 from netloupe.storage.layout import RunLayout, write_parquet
 from netloupe.storage.manifest import Projections, ProjectionTable
 from netloupe.storage.reader import read_vectors, sample_instance_ids
-from netloupe.workers.projection import SOURCE_COLUMNS, Projection, ProjectWorker, fit_projection
+from netloupe.workers.projection import SOURCE_COLUMNS, Projection, fit_projection, project_parts
 
-PARTS_PER_TASK = 8
-"""Parts a ProjectWorker call transforms."""
+TASKS_PER_WORKER = 4
+"""Projection tasks per worker: enough for one slow node not to hold up the pass, few enough
+that a task's overhead (~ms) is small beside its parts (a few ms each)."""
 SAMPLE_BYTES = 512 * 2**20
 """Most float64 sample bytes fitted per table on the driver: wide vectors (an unpooled conv
 map, a full attribution map) are fitted on the first rows of the sample that fit in it."""
@@ -106,16 +107,13 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, rows: dict[str, int],
     ids, projections = fit_projections(spec, layout, sum(rows.values()))
     fitted = time.perf_counter()
     execution = spec.execution
-    results = ray.data.from_items([{"part": key} for key in sorted(rows)]).map_batches(
-        ProjectWorker,
-        fn_constructor_kwargs={"projections": projections, "worker_root": worker_root or str(layout.root.resolve()),
-                               "id_type": id_type, "threads": threads},
-        # Parts a few at a time: one part is milliseconds of work, less than a task's overhead.
-        batch_size=PARTS_PER_TASK,
-        compute=ray.data.ActorPoolStrategy(size=execution.num_workers),
-        num_cpus=execution.cpus_per_worker,
-    )
-    reported = {(row["table"], row["part"]): row["rows"] for row in results.iter_rows()}
+    keys = sorted(rows)
+    tasks = max(1, min(len(keys), execution.num_workers * TASKS_PER_WORKER))
+    shipped = ray.put(projections)
+    task = ray.remote(project_parts).options(num_cpus=execution.cpus_per_worker, scheduling_strategy="SPREAD")
+    pending = [task.remote(shipped, worker_root or str(layout.root.resolve()), id_type, threads, keys[i::tasks])
+               for i in range(tasks)]
+    reported = {(table, key): written for done in ray.get(pending) for table, key, written in done}
     wrong = [(f"{kind}/{name}", key) for kind, name in sources for key in rows
              if reported.get((f"{kind}/{name}", key)) != rows[key]]
     if wrong:

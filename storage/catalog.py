@@ -52,8 +52,9 @@ from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage.activation_index import ActivationIndex, write_id_index
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
-from netloupe.storage.part_statistics import NEURON_TOP_KEPT, WIDE_NEURON_LIMIT, merge_attribution_cells
-from netloupe.storage.schema import ATTRIBUTION_CELLS, ID_SQL_TYPES, ID_TYPES, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
+from netloupe.storage.part_statistics import NEURON_TOP_KEPT, WIDE_NEURON_LIMIT, statistics_of
+from netloupe.storage.schema import ID_SQL_TYPES, ID_TYPES
+from netloupe.storage.statistics_merge import StatisticsMerge
 
 
 class QueryError(NetloupeError):
@@ -127,7 +128,7 @@ def driver_connection(memory_mib: int, spill_dir: Path) -> Iterator[duckdb.DuckD
 
 
 def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DRIVER_SQL_MEMORY_MIB,
-                  native_activations: bool = False) -> dict:
+                  native_activations: bool = False, statistics: StatisticsMerge | None = None) -> dict:
     """Write ``catalog.duckdb`` for the run at ``layout`` (atomically); return timings.
 
     Called by the driver on the staged run before its commit, so a committed run always
@@ -149,8 +150,9 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
 
     def timed(name: str, step, *args):
         step_started = time.perf_counter()
-        step(*args)
+        result = step(*args)
         timings[name] = time.perf_counter() - step_started
+        return result
 
     try:
         with driver_connection(memory_mib, layout.root / ".duckdb-spill") as con:
@@ -167,10 +169,12 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
             con.execute(f"CREATE MACRO _neuron_top_kept() AS {NEURON_TOP_KEPT}").fetchall()
             for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
                 _run_statements(con, sql)
-            timed("statistics", _merge_statistics, con, layout)
+            if statistics is None:
+                statistics = timed("statistics", StatisticsMerge.of_run, layout, statistics_of(
+                    model.layer_neurons, model.attribution_shapes), manifest.dataset.id_type)
+            timed("statistics tables", _insert_statistics, con, statistics)
             timed("activation index", _write_index, con, layout)
             timed("projections", _build_projections, con, layout, manifest.projections.tables, id_type)
-            timed("fidelity summary", _build_fidelity_summary, con, layout)
             parquet_views, layers, methods = [], [], []
             for layer, neurons in model.layer_neurons.items():
                 wide = neurons <= WIDE_NEURON_LIMIT
@@ -215,22 +219,11 @@ def _copy_wide_layer(con, layout: RunLayout, layer: str) -> None:
                 [_relative_parts(layout, layout.wide_activations_dir(layer))]).fetchall()
 
 
-def _statistics_parts(layout: RunLayout, name: str) -> str | None:
-    """The glob of one statistics table's parts, None when no batch wrote one."""
-    directory = layout.statistics_dir(name)
-    return str(directory / "*.parquet") if directory.is_dir() and any(directory.glob("part-*.parquet")) else None
-
-
-def _merge_statistics(con, layout: RunLayout) -> None:
-    """``neuron_cells``, ``neuron_top`` and ``attribution_cells``: the workers' per-part
-    statistics added up (``_merged_*`` of build.sql; the attribution cells' lists in numpy)."""
-    for name in (NEURON_CELLS, NEURON_TOP):
-        parts = _statistics_parts(layout, name)
-        if parts is not None:
-            con.execute(f"INSERT INTO {name} SELECT * FROM _merged_{name}(?)", [parts]).fetchall()
-    if _statistics_parts(layout, ATTRIBUTION_CELLS) is not None:
-        parts = sorted(layout.statistics_dir(ATTRIBUTION_CELLS).glob("part-*.parquet"))
-        con.from_arrow(merge_attribution_cells(parts)).insert_into(ATTRIBUTION_CELLS)
+def _insert_statistics(con, statistics: StatisticsMerge) -> None:
+    """``neuron_cells``, ``neuron_top``, ``attribution_cells`` and ``fidelity_summary``: the
+    workers' per-part statistics, added up."""
+    for name, table in statistics.tables().items():
+        con.from_arrow(table).insert_into(name)
 
 
 def _write_index(con, layout: RunLayout) -> None:
@@ -240,14 +233,6 @@ def _write_index(con, layout: RunLayout) -> None:
     con.execute("INSERT INTO activation_index_parts SELECT * FROM _index_parts(?)", [parts]).fetchall()
     rows = con.sql("SELECT * FROM _index_rows(?)", params=[parts]).to_arrow_table()
     write_id_index(layout, rows["instance_id"].combine_chunks(), rows["row"].combine_chunks())
-
-
-def _build_fidelity_summary(con, layout: RunLayout) -> None:
-    """``fidelity_summary``: one row per method, its fidelity checks averaged over the run,
-    from the workers' per-part method summaries."""
-    parts = _statistics_parts(layout, METHOD_SUMMARY)
-    if parts is not None:
-        con.execute("INSERT INTO fidelity_summary SELECT * FROM _merged_method_summary(?)", [parts]).fetchall()
 
 
 def _build_projections(con, layout: RunLayout, tables: list[ProjectionTable], id_type: pa.DataType) -> None:

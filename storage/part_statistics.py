@@ -2,8 +2,8 @@
 
 Every statistic the catalog serves without a scan is a *mergeable* reduction (sizes, sums,
 sums of squares, counts, minima, maxima, top-k lists): each worker reduces its own batch and
-writes the result as a small Parquet part; :func:`netloupe.storage.catalog.build_catalog`
-adds the parts up in DuckDB (``storage/sql/build.sql``). The driver's cost then grows with
+writes the result as a small Parquet part; :class:`netloupe.storage.statistics_merge.StatisticsMerge`
+adds the parts up (``storage/sql/merge.sql``), as they arrive. The driver's cost then grows with
 the number of parts and cells, not with the instances or the width of their vectors.
 
 Beside the statistics, each batch's recorded layers (up to ``WIDE_NEURON_LIMIT`` neurons)
@@ -26,14 +26,12 @@ ignores NaN unless every value is NaN, ``max`` and the top-k rank NaN above ever
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from netloupe.storage import schema as S
 from netloupe.storage.layout import PLAIN_PARQUET_OPTIONS, WIDE_PARQUET_OPTIONS, RunLayout
@@ -43,8 +41,6 @@ WIDE_NEURON_LIMIT = 4096
 """Widest layer given one column per neuron (``wide/``) and an index matrix; wider ones (a
 conv map kept with ``pooling: none``) stay Parquet vectors only."""
 
-READ_THREADS = 4
-"""Threads reading statistics parts while the catalog adds them up."""
 NEURON_TOP_KEPT = 16
 """Instances kept per neuron in ``neuron_top``: ``top_instances`` and ``neuron_exemplars``
 answer ``k`` up to this from it; a larger ``k`` scans the layer."""
@@ -61,7 +57,7 @@ ATTRIBUTION_CELLS_SCHEMA = pa.schema([
 ])
 """One row per (method, target rank, label, prediction) with the sums of every stored map
 position as lists: a row per position would be 800x the rows (slow to write and to merge);
-the catalog adds the lists up (:func:`merge_attribution_cells`) into its long table."""
+the catalog adds the lists up (:class:`~netloupe.storage.statistics_merge.StatisticsMerge`) into its long table."""
 METHOD_SUMMARY_SCHEMA = pa.schema(
     [("method", pa.string()), ("rows", pa.int64())]
     + [(f"{column}_{part}", kind) for column in ("abs_delta", "deletion_auc", "insertion_auc")
@@ -238,62 +234,6 @@ def _attribution_cells(method: str, table: pa.Table, cells: _Cells, instances: p
         "total": pa.ListArray.from_arrays(np.arange(0, total.size + 1, width, dtype=np.int32), total.ravel()),
         "total_abs": pa.ListArray.from_arrays(np.arange(0, total.size + 1, width, dtype=np.int32), total_abs.ravel()),
     })
-
-
-ATTRIBUTION_CELLS_LONG_SCHEMA = pa.schema([
-    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
-    ("position", pa.int32()), ("size", pa.int64()), ("total", pa.float64()), ("total_abs", pa.float64()),
-])
-"""The catalog's ``attribution_cells``: one row per stored map position."""
-
-
-def merge_attribution_cells(parts: list[Path]) -> pa.Table:
-    """The attribution cells of every part file (:data:`ATTRIBUTION_CELLS_SCHEMA` rows) added
-    up per (method, target rank, label, prediction), one row per map position. In numpy, a
-    few files at a time: DuckDB has no element-wise sum of lists, and unnesting every part's
-    lists costs 10x more; reading every part into one table first cost 9 s at 1M in copies."""
-    with ThreadPoolExecutor(READ_THREADS) as pool:  # reading releases the GIL; adding up stays here
-        window = READ_THREADS * 4  # parts held at once
-        tables = (table for start in range(0, len(parts), window)
-                  for table in pool.map(lambda path: pq.read_table(path, use_threads=False),
-                                        parts[start:start + window]))
-        sums = _add_up_attribution_cells(tables)
-    columns = {name: [] for name in ATTRIBUTION_CELLS_LONG_SCHEMA.names}
-    for (method, rank, label, prediction), (size, total, total_abs) in sums.items():
-        width = len(total)
-        columns["method"] += [method] * width
-        columns["target_rank"] += [rank] * width
-        columns["label"] += [label] * width
-        columns["prediction"] += [prediction] * width
-        columns["position"].append(np.arange(width, dtype=np.int32))
-        columns["size"] += [size] * width
-        columns["total"].append(total)
-        columns["total_abs"].append(total_abs)
-    for name in ("position", "total", "total_abs"):
-        columns[name] = np.concatenate(columns[name]) if columns[name] else np.empty(0)
-    return pa.table(columns, schema=ATTRIBUTION_CELLS_LONG_SCHEMA)
-
-
-def _add_up_attribution_cells(tables) -> dict[tuple, list]:
-    """``(method, rank, label, prediction)`` → ``[size, total, total_abs]`` over the part tables."""
-    sums: dict[tuple, list] = {}
-    for table in tables:
-        lists = [table[column].combine_chunks() for column in ("total", "total_abs")]
-        offsets = lists[0].offsets.to_numpy()  # both lists of a row have the map's width
-        values = [column.values.to_numpy() for column in lists]
-        keys = zip(table["method"].to_pylist(), table["target_rank"].to_pylist(), table["label"].to_pylist(),
-                   table["prediction"].to_pylist(), table["size"].to_pylist())
-        for row, (method, rank, label, prediction, size) in enumerate(keys):
-            total = values[0][offsets[row]:offsets[row + 1]]
-            total_abs = values[1][offsets[row]:offsets[row + 1]]
-            entry = sums.get((method, rank, label, prediction))
-            if entry is None:
-                sums[(method, rank, label, prediction)] = [size, total.copy(), total_abs.copy()]
-            else:
-                entry[0] += size
-                entry[1] += total
-                entry[2] += total_abs
-    return sums
 
 
 def _count_sum(column: pa.ChunkedArray | pa.Array, absolute: bool = False) -> tuple[int, float]:

@@ -9,12 +9,14 @@ projection-sample candidates, merged by the catalog.
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,7 +26,9 @@ from netloupe.storage import schema as S
 from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import BatchReport
+from netloupe.storage.part_statistics import statistics_of
 from netloupe.storage.reader import RunReader, sample_instance_ids
+from netloupe.storage.statistics_merge import StatisticsMerge
 from tests.helpers import tabular_spec
 
 N, BATCH, SAMPLE = 150, 8, 40
@@ -79,7 +83,54 @@ def test_the_run_is_written_in_many_parts(run):
         assert {p.name for p in layout.wide_activations_dir(layer).glob("*.parquet")} == parts
         assert len(list(layout.index_layer_dir(layer).glob("part-*.npy"))) == len(parts)
     assert not (layout.root / S.PROJECTIONS / "candidates").exists()  # staging only
-    assert result.manifest.timings["driver_tail_seconds"] > 0
+    timings = result.manifest.timings
+    assert timings["driver_tail_seconds"] > 0
+    # The catalog took the statistics the driver added up during the pass: it added none itself.
+    assert "statistics_finish_seconds" in timings and "statistics" not in timings["catalog"]
+
+
+def _assert_same_tables(got: dict[str, pa.Table], expected: dict[str, pa.Table]) -> None:
+    """Same rows (in any order); sums to the last few bits, which their order of addition moves."""
+    assert got.keys() == expected.keys()
+    for name, table in expected.items():
+        keys = [c for c in table.column_names if not pa.types.is_floating(table[c].type)]
+        a, b = (t.to_pandas().sort_values(keys, na_position="first").reset_index(drop=True)
+                for t in (got[name], table))
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_added_as_they_arrive_equal_every_part_added_at_once(run, tmp_path):
+    """What the driver adds up part by part while the pass runs (a few at a time, on a thread,
+    in arrival order, some twice) is what adding every part at once gives; a merge that added
+    a part the run does not have, or whose thread failed, says so instead of answering."""
+    result, _, _ = run
+    layout, model = result.layout, result.manifest.model
+    names = statistics_of(model.layer_neurons, model.attribution_shapes)
+    keys = sorted(p.name[len("part-"):-len(".parquet")] for p in layout.instances_dir.glob("part-*.parquet"))
+    at_once = StatisticsMerge.of_run(layout, names, "string").tables()
+    assert set(at_once) == {"neuron_cells", "neuron_top", "attribution_cells", "fidelity_summary"}
+    assert at_once["fidelity_summary"]["method"].to_pylist() == ["integrated_gradients", "saliency"]
+    cells = at_once["neuron_cells"].to_pandas()
+    assert cells[(cells.layer == "fc1") & (cells.neuron == 0)]["size"].sum() == N
+
+    arriving = StatisticsMerge(layout, names, "string")
+    for key in reversed(keys):
+        arriving.add_soon([key])
+    arriving.add_soon(keys[:3])  # a batch reported twice
+    assert arriving.finish(set(keys))
+    assert arriving.added == set(keys)
+    _assert_same_tables(arriving.tables(), at_once)
+
+    too_many = StatisticsMerge(layout, names, "string")
+    too_many.add(keys)
+    assert not too_many.finish(set(keys[1:]))
+
+    broken = RunLayout(tmp_path / "broken")
+    shutil.copytree(layout.statistics_dir("neuron_cells"), broken.statistics_dir("neuron_cells"))
+    (broken.statistics_dir("neuron_cells") / f"part-{keys[5]}.parquet").write_bytes(b"not parquet")
+    unreadable = StatisticsMerge(broken, names, "string", pafs.LocalFileSystem())
+    unreadable.add_soon(keys)
+    assert not unreadable.finish(set(keys))
 
 
 @pytest.mark.parametrize("path", ["fast", "stock"])
@@ -178,7 +229,6 @@ def test_exactly_once_is_checked_from_the_reports():
 
 def test_a_committed_run_of_the_previous_format_is_refused(run, tmp_path):
     import json
-    import shutil
 
     result, _, _ = run
     old = tmp_path / "old"

@@ -2,7 +2,7 @@
 
 A :class:`Projection` is fitted once on the driver (:func:`fit_projection`) from a sample
 of one table's vectors (a layer's activations or a method's attribution maps) and shipped
-to the :class:`ProjectWorker` actors, which transform every part of that table and write
+to the projection tasks (:func:`project_parts`), which transform every part of that table and write
 ``projections/<kind>/<name>/part-<key>.parquet`` beside it.
 
 Every instance's coordinates depend on its own vector and the fitted projection only, never
@@ -160,16 +160,11 @@ def _place_in_umap(fit: UmapFit, vectors: np.ndarray) -> np.ndarray:
     return np.einsum("nk,nkj->nj", weights, fit.embedding[neighbors])
 
 
-class ProjectWorker:
-    """The Ray Data actor of the projection pass: for each part key it reads that part of
-    every projected table, transforms it, and writes the coordinates; it returns one small
-    row per part and table, as :class:`~netloupe.workers.explain.ExplainWorker` does."""
+class PartProjector:
+    """What a projection task does with its parts: for each part key it reads that part of
+    every projected table, transforms it, and writes the coordinates beside it."""
 
-    def __init__(self, projections: list[Projection], worker_root: str, id_type: str, threads: int):
-        from threadpoolctl import threadpool_limits
-
-        # BLAS threads as the explain workers' torch threads: the cores shared by the workers.
-        threadpool_limits(threads)
+    def __init__(self, projections: list[Projection], worker_root: str, id_type: str):
         self.projections = projections
         self.layout, self.filesystem = worker_layout(worker_root)
         self.id_type = id_type
@@ -203,16 +198,24 @@ class ProjectWorker:
             table = table.filter(pc.equal(table["target_rank"], 0))
         return table["instance_id"], S.vectors_to_numpy(table[projection.column])
 
-    def __call__(self, batch: dict) -> dict:
-        out = {"part": [], "table": [], "rows": [], "seconds": []}
-        for key in batch["part"]:
+    def project_parts(self, keys: list[str]) -> list[tuple[str, str, int]]:
+        """Project and write every table's part of each key; (table, key, rows) per part written."""
+        written = []
+        for key in keys:
             for projection in self.projections:
-                started = time.perf_counter()
                 table, rows = self.project(projection, key)
                 write_part(self.layout.projections_dir(projection.kind, projection.name), key, table,
                            self.filesystem, self.layout.root)
-                out["part"].append(key)
-                out["table"].append(f"{projection.kind}/{projection.name}")
-                out["rows"].append(rows)
-                out["seconds"].append(time.perf_counter() - started)
-        return out
+                written.append((f"{projection.kind}/{projection.name}", key, rows))
+        return written
+
+
+def project_parts(projections: list[Projection], worker_root: str, id_type: str, threads: int,
+                  keys: list[str]) -> list[tuple[str, str, int]]:
+    """The body of one projection task (a plain Ray task, not an actor pool: the pass is a
+    few milliseconds per part, and starting a Ray Data actor pool cost ~5 s of the run's tail)."""
+    from threadpoolctl import threadpool_limits
+
+    # BLAS threads as the explain workers' torch threads: the cores shared by the workers.
+    with threadpool_limits(threads):
+        return PartProjector(projections, worker_root, id_type).project_parts(keys)

@@ -1,0 +1,214 @@
+"""The workers' per-part statistics added up into the catalog's tables, as the parts arrive.
+
+Every statistics table the workers write (:mod:`netloupe.storage.part_statistics`) is a
+mergeable reduction, and so is any sum of its parts: :class:`StatisticsMerge` keeps the
+running totals of the parts added so far, in the parts' own schema, and adds newly arrived
+parts to them. The driver adds each batch's part while the explain pass runs (on a thread,
+as the reports come in), so that at the end of the pass only the last few parts are left to
+add: the run's tail no longer grows with its parts. ``netloupe catalog RUN`` adds every part
+at once through the same code.
+
+Sizes, sums, counts and the top lists add up in DuckDB (``storage/sql/merge.sql``); the
+attribution cells' lists of per-position sums in numpy (DuckDB has no element-wise sum of
+lists, and unnesting every part's lists costs 10x more).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from netloupe.storage.layout import RunLayout, key_of_part, part_name
+from netloupe.storage.part_statistics import (
+    ATTRIBUTION_CELLS_SCHEMA,
+    METHOD_SUMMARY_SCHEMA,
+    NEURON_CELLS_SCHEMA,
+    NEURON_TOP_KEPT,
+    neuron_top_schema,
+)
+from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
+
+MERGE_SQL = Path(__file__).parent / "sql" / "merge.sql"
+READ_THREADS = 4
+"""Threads reading statistics parts (reading releases the GIL; adding up stays on one)."""
+PARTS_AT_ONCE = 64
+"""Most parts read into memory before they are added to the totals."""
+ADD_EVERY_PARTS = 16
+"""Parts :meth:`StatisticsMerge.add_soon` gathers before adding them on its thread: each add
+also re-reduces the totals (small, but not free)."""
+
+ATTRIBUTION_CELLS_LONG_SCHEMA = pa.schema([
+    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("position", pa.int32()), ("size", pa.int64()), ("total", pa.float64()), ("total_abs", pa.float64()),
+])
+"""The catalog's ``attribution_cells``: one row per stored map position."""
+
+
+class StatisticsMerge:
+    """The running totals of the statistics tables ``names`` over the parts added so far.
+
+    ``layout`` is the staged or committed run whose ``stats/`` parts are read, on
+    ``filesystem`` (default local). :meth:`add` adds parts now; :meth:`add_soon` on a thread
+    of its own, a few at a time, while the caller goes on (the driver, during the explain
+    pass); :meth:`finish` waits for that thread and adds the rest. :meth:`tables` gives the
+    catalog's tables over exactly the parts added.
+    """
+
+    def __init__(self, layout: RunLayout, names: Iterable[str], id_type: str,
+                 filesystem: pafs.FileSystem | None = None):
+        self.layout = layout
+        self.names = [name for name in (NEURON_CELLS, NEURON_TOP, ATTRIBUTION_CELLS, METHOD_SUMMARY)
+                      if name in set(names)]
+        self.filesystem = filesystem or pafs.LocalFileSystem()
+        self.schemas = {NEURON_CELLS: NEURON_CELLS_SCHEMA, NEURON_TOP: neuron_top_schema(id_type),
+                        ATTRIBUTION_CELLS: ATTRIBUTION_CELLS_SCHEMA, METHOD_SUMMARY: METHOD_SUMMARY_SCHEMA}
+        self.totals = {name: self.schemas[name].empty_table() for name in self.names
+                       if name != ATTRIBUTION_CELLS}
+        self.cell_sums: dict[tuple, list] = {}
+        self.added: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="netloupe-statistics")
+        self._waiting: list[str] = []
+        self._running: Future | None = None
+        self._failed: BaseException | None = None
+        self._con = duckdb.connect(config={"threads": 1})  # beside the workers, not instead of them
+        self._con.execute(f"CREATE TEMP MACRO _neuron_top_kept() AS {NEURON_TOP_KEPT}").fetchall()
+        for statement in duckdb.extract_statements(MERGE_SQL.read_text()):
+            self._con.execute(statement).fetchall()
+
+    @classmethod
+    def of_run(cls, layout: RunLayout, names: Iterable[str], id_type: str) -> StatisticsMerge:
+        """Every part of a run on local disk added up (its instances parts name the parts)."""
+        merge = cls(layout, names, id_type)
+        merge.add(sorted(key for path in layout.instances_dir.glob("part-*.parquet")
+                         if (key := key_of_part(path.name)) is not None))
+        return merge
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Add the statistics parts of ``keys`` (each once: a key added before is skipped)."""
+        with self._lock:
+            keys = sorted(set(keys) - self.added)
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                for start in range(0, len(keys), PARTS_AT_ONCE):
+                    window = keys[start:start + PARTS_AT_ONCE]
+                    for name in self.names:
+                        parts = [table for table in pool.map(lambda key: self._read(name, key), window)
+                                 if table is not None]
+                        if name == ATTRIBUTION_CELLS:
+                            _add_up_attribution_cells(self.cell_sums, parts)
+                        elif parts:
+                            self.totals[name] = self._summed(name, [self.totals[name], *parts])
+                    self.added.update(window)
+
+    def add_soon(self, keys: Iterable[str]) -> None:
+        """Add ``keys`` on the merge's thread, once enough are waiting and the last add is done."""
+        self._waiting.extend(keys)
+        if len(self._waiting) >= ADD_EVERY_PARTS and (self._running is None or self._running.done()):
+            self._collect()
+            self._running, self._waiting = self._thread.submit(self.add, self._waiting), []
+
+    def finish(self, keys: set[str]) -> bool:
+        """Wait for the thread, then add what is left of ``keys``; False (and nothing added)
+        when an add on the thread failed or added a part not in ``keys``: the totals are not
+        those of ``keys`` then, and the caller starts over."""
+        self._thread.shutdown(wait=True)
+        self._collect()
+        if self._failed is not None or not self.added <= keys:
+            return False
+        self.add(keys)
+        return True
+
+    def close(self) -> None:
+        """Stop the thread (an add under way finishes), for a caller that gives up."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def _collect(self) -> None:
+        if self._running is not None and self._running.done() and self._running.exception() is not None:
+            self._failed = self._running.exception()
+
+    def tables(self) -> dict[str, pa.Table]:
+        """The catalog's ``neuron_cells``, ``neuron_top``, ``attribution_cells`` and
+        ``fidelity_summary`` over the parts added, by table name (those the run has)."""
+        with self._lock:
+            out = {}
+            if NEURON_CELLS in self.totals:
+                out[NEURON_CELLS] = self.totals[NEURON_CELLS]
+            if NEURON_TOP in self.totals:
+                out[NEURON_TOP] = self._query("SELECT * FROM _ranked_neuron_top('_parts')", self.totals[NEURON_TOP])
+            if ATTRIBUTION_CELLS in self.names:
+                out[ATTRIBUTION_CELLS] = _long_attribution_cells(self.cell_sums)
+            if METHOD_SUMMARY in self.totals:
+                out["fidelity_summary"] = self._query("SELECT * FROM _merged_method_summary('_parts')",
+                                                  _positioned(self.totals[METHOD_SUMMARY]))
+            return out
+
+    def _read(self, name: str, key: str) -> pa.Table | None:
+        path = self.layout.statistics_dir(name) / part_name(key)
+        try:
+            return pq.read_table(str(path), filesystem=self.filesystem, use_threads=False)
+        except FileNotFoundError:
+            return None  # a batch with nothing for this table (e.g. no stored maps)
+
+    def _summed(self, name: str, tables: list[pa.Table]) -> pa.Table:
+        schema = self.schemas[name]
+        stacked = pa.concat_tables([table.cast(schema) for table in tables])
+        if name == METHOD_SUMMARY:
+            stacked = _positioned(stacked)
+        return self._query(f"SELECT * FROM _summed_{name}('_parts')", stacked).cast(schema)
+
+    def _query(self, sql: str, parts: pa.Table) -> pa.Table:
+        self._con.register("_parts", parts)
+        try:
+            return self._con.sql(sql).to_arrow_table()
+        finally:
+            self._con.unregister("_parts")
+
+
+def _positioned(table: pa.Table) -> pa.Table:
+    return table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def _add_up_attribution_cells(sums: dict[tuple, list], tables: Iterable[pa.Table]) -> None:
+    """Add each part's rows to ``sums``: ``(method, rank, label, prediction)`` → ``[size, total, total_abs]``."""
+    for table in tables:
+        lists = [table[column].combine_chunks() for column in ("total", "total_abs")]
+        offsets = lists[0].offsets.to_numpy()  # both lists of a row have the map's width
+        values = [column.values.to_numpy() for column in lists]
+        keys = zip(table["method"].to_pylist(), table["target_rank"].to_pylist(), table["label"].to_pylist(),
+                   table["prediction"].to_pylist(), table["size"].to_pylist())
+        for row, (method, rank, label, prediction, size) in enumerate(keys):
+            total = values[0][offsets[row]:offsets[row + 1]]
+            total_abs = values[1][offsets[row]:offsets[row + 1]]
+            entry = sums.get((method, rank, label, prediction))
+            if entry is None:
+                sums[(method, rank, label, prediction)] = [size, total.copy(), total_abs.copy()]
+            else:
+                entry[0] += size
+                entry[1] += total
+                entry[2] += total_abs
+
+
+def _long_attribution_cells(sums: dict[tuple, list]) -> pa.Table:
+    """The summed cells as the catalog's table: one row per map position."""
+    columns = {name: [] for name in ATTRIBUTION_CELLS_LONG_SCHEMA.names}
+    for (method, rank, label, prediction), (size, total, total_abs) in sums.items():
+        width = len(total)
+        columns["method"] += [method] * width
+        columns["target_rank"] += [rank] * width
+        columns["label"] += [label] * width
+        columns["prediction"] += [prediction] * width
+        columns["position"].append(np.arange(width, dtype=np.int32))
+        columns["size"] += [size] * width
+        columns["total"].append(total)
+        columns["total_abs"].append(total_abs)
+    for name in ("position", "total", "total_abs"):
+        columns[name] = np.concatenate(columns[name]) if columns[name] else np.empty(0)
+    return pa.table(columns, schema=ATTRIBUTION_CELLS_LONG_SCHEMA)
