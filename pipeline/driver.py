@@ -383,6 +383,8 @@ class JobRun:
         if not self.statistics.finish(keys):
             self.statistics = None  # an add on the merge's thread failed: the catalog adds every part
         self.timings["statistics_finish_seconds"] = time.perf_counter() - started
+        if self.statistics is not None:
+            self.timings["statistics_merge_seconds"] = self.statistics.seconds  # during the pass, mostly
         methods = [m.table_name for m in self.spec.attributions]
         sampled = {method: sum(part.fidelity_rows[i] for part in reports) for i, method in enumerate(methods)}
         return reports, {method: rows for method, rows in sampled.items() if rows}

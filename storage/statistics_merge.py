@@ -16,6 +16,7 @@ lists, and unnesting every part's lists costs 10x more).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +75,8 @@ class StatisticsMerge:
                        if name != ATTRIBUTION_CELLS}
         self.cell_sums: dict[tuple, list] = {}
         self.added: set[str] = set()
+        self.seconds = 0.0
+        """Spent adding parts (on whichever thread): the driver's cost per part, for the manifest."""
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="netloupe-statistics")
         self._waiting: list[str] = []
@@ -95,6 +98,7 @@ class StatisticsMerge:
     def add(self, keys: Iterable[str]) -> None:
         """Add the statistics parts of ``keys`` (each once: a key added before is skipped)."""
         with self._lock:
+            started = time.perf_counter()
             keys = sorted(set(keys) - self.added)
             with ThreadPoolExecutor(READ_THREADS) as pool:
                 for start in range(0, len(keys), PARTS_AT_ONCE):
@@ -107,6 +111,7 @@ class StatisticsMerge:
                         elif parts:
                             self.totals[name] = self._summed(name, [self.totals[name], *parts])
                     self.added.update(window)
+            self.seconds += time.perf_counter() - started
 
     def add_soon(self, keys: Iterable[str]) -> None:
         """Add ``keys`` on the merge's thread, once enough are waiting and the last add is done."""
