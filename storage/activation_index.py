@@ -25,6 +25,7 @@ client (the stock CLI) runs the same operators in pure SQL.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class ActivationIndex:
         self.part_keys = [key for key, _ in parts]
         self.first_rows = np.array([first for _, first in parts], dtype=np.int64)
         self._matrices: dict[str, list[np.ndarray | None]] = {}
+        # np.load parses each header with ast.literal_eval, and CPython 3.11's AST builder is
+        # not thread-safe ("AST constructor recursion depth mismatch" when the gather threads
+        # opened parts at once): one thread opens parts at a time.
+        self._opening = threading.Lock()
 
     @property
     def rows(self) -> int:
@@ -88,7 +93,9 @@ class ActivationIndex:
         matrices = self._matrices.setdefault(layer, [None] * len(self.part_keys))
         if matrices[part] is None:
             path = self.layout.index_layer_dir(layer) / part_name(self.part_keys[part], ".npy")
-            matrices[part] = np.load(path, mmap_mode="r")
+            with self._opening:
+                if matrices[part] is None:
+                    matrices[part] = np.load(path, mmap_mode="r")
         return matrices[part]
 
     def take(self, layer: str, rows: np.ndarray) -> np.ndarray:

@@ -38,8 +38,6 @@ from netloupe.storage.part_statistics import (
 from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
 
 MERGE_SQL = Path(__file__).parent / "sql" / "merge.sql"
-READ_THREADS = 4
-"""Threads reading statistics parts (reading releases the GIL; adding up stays on one)."""
 PARTS_AT_ONCE = 64
 """Most parts read into memory before they are added to the totals."""
 ADD_EVERY_PARTS = 16
@@ -100,17 +98,15 @@ class StatisticsMerge:
         with self._lock:
             started = time.perf_counter()
             keys = sorted(set(keys) - self.added)
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                for start in range(0, len(keys), PARTS_AT_ONCE):
-                    window = keys[start:start + PARTS_AT_ONCE]
-                    for name in self.names:
-                        parts = [table for table in pool.map(lambda key: self._read(name, key), window)
-                                 if table is not None]
-                        if name == ATTRIBUTION_CELLS:
-                            _add_up_attribution_cells(self.cell_sums, parts)
-                        elif parts:
-                            self.totals[name] = self._summed(name, [self.totals[name], *parts])
-                    self.added.update(window)
+            for start in range(0, len(keys), PARTS_AT_ONCE):
+                window = keys[start:start + PARTS_AT_ONCE]
+                for name in self.names:
+                    parts = self._read(name, window)
+                    if name == ATTRIBUTION_CELLS:
+                        _add_up_attribution_cells(self.cell_sums, [parts])
+                    else:
+                        self.totals[name] = self._summed(name, [self.totals[name], parts])
+                self.added.update(window)
             self.seconds += time.perf_counter() - started
 
     def add_soon(self, keys: Iterable[str]) -> None:
@@ -155,12 +151,11 @@ class StatisticsMerge:
                                                   _positioned(self.totals[METHOD_SUMMARY]))
             return out
 
-    def _read(self, name: str, key: str) -> pa.Table | None:
-        path = self.layout.statistics_dir(name) / part_name(key)
-        try:
-            return pq.read_table(str(path), filesystem=self.filesystem, use_threads=False)
-        except FileNotFoundError:
-            return None  # a batch with nothing for this table (e.g. no stored maps)
+    def _read(self, name: str, keys: list[str]) -> pa.Table:
+        """One table's parts of ``keys``, in one read (Arrow reads the files in its own
+        threads: half the time of a file at a time from Python)."""
+        paths = [str(self.layout.statistics_dir(name) / part_name(key)) for key in keys]
+        return pq.ParquetDataset(paths, filesystem=self.filesystem).read(use_threads=True)
 
     def _summed(self, name: str, tables: list[pa.Table]) -> pa.Table:
         schema = self.schemas[name]

@@ -26,7 +26,7 @@ from netloupe.storage import schema as S
 from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import BatchReport
-from netloupe.storage.part_statistics import statistics_of
+from netloupe.storage.part_statistics import NEURON_TOP_KEPT, _neuron_top, statistics_of
 from netloupe.storage.reader import RunReader, sample_instance_ids
 from netloupe.storage.statistics_merge import StatisticsMerge
 from tests.helpers import tabular_spec
@@ -238,3 +238,34 @@ def test_a_committed_run_of_the_previous_format_is_refused(run, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunError, match=r"manifest format 2\); this netloupe reads format 3"):
         RunLayout(old).read_manifest()
+
+
+def test_a_parts_top_lists_rank_as_duckdb_does():
+    """Each part's top rows per neuron, chosen by a partition rather than a sort, are DuckDB's
+    `ORDER BY activation DESC, instance_id` (NaN first) whatever the ties: many equal values
+    (ReLU zeros, rounded values), NaN beside +inf, -inf, int and string ids."""
+    rng = np.random.default_rng(1)
+    for trial in range(24):
+        n, d = int(rng.integers(1, 300)), int(rng.integers(1, 12))
+        values = np.round(rng.normal(size=(n, d)), 1).astype(np.float32)
+        values[rng.random((n, d)) < 0.3] = 0
+        if trial % 3 == 0:
+            values[rng.random((n, d)) < 0.05] = np.nan
+        if trial % 4 == 0:
+            values[rng.random((n, d)) < 0.05] = np.inf
+            values[rng.random((n, d)) < 0.05] = -np.inf
+        if trial % 2:
+            ids, id_type = pa.array([f"id-{i}" for i in rng.permutation(n)]), "string"
+        else:
+            ids, id_type = pa.array(rng.permutation(3 * n)[:n].astype(np.int64)), "int64"
+        got = _neuron_top("l", pa.chunked_array([ids]), values, id_type)
+        long = pa.table({"instance_id": pa.chunked_array([ids] * d), "neuron": np.repeat(np.arange(d), n),
+                         "activation": values.T.ravel()})
+        con = duckdb.connect()
+        con.register("long", long)
+        expected = con.sql(
+            "SELECT neuron, instance_id FROM long QUALIFY row_number() OVER "
+            f"(PARTITION BY neuron ORDER BY activation DESC, instance_id) <= {NEURON_TOP_KEPT} "
+            "ORDER BY neuron, activation DESC, instance_id").to_arrow_table()
+        assert got["instance_id"].to_pylist() == expected["instance_id"].to_pylist(), trial
+        assert got["neuron"].to_pylist() == expected["neuron"].to_pylist()

@@ -168,6 +168,7 @@ class PartProjector:
         self.projections = projections
         self.layout, self.filesystem = worker_layout(worker_root)
         self.id_type = id_type
+        self._ids: tuple[str, pa.ChunkedArray] | None = None
 
     def project(self, projection: Projection, key: str) -> tuple[pa.Table, int]:
         """The coordinates of one part of ``projection``'s source table, and its row count."""
@@ -188,15 +189,21 @@ class PartProjector:
             except FileNotFoundError:
                 pass  # a layer too wide for the index
             else:
-                instances = self.layout.instances_dir / part_name(key)
-                return pq.read_table(str(instances), columns=["instance_id"], filesystem=self.filesystem)[
-                    "instance_id"], vectors
+                return self._instance_ids(key), vectors
         source = self.layout.source_dir(projection.kind, projection.name) / part_name(key)
         columns = ["instance_id", projection.column] + (["target_rank"] if projection.kind == S.ATTRIBUTIONS else [])
         table = pq.read_table(str(source), columns=columns, filesystem=self.filesystem)
         if projection.kind == S.ATTRIBUTIONS:
             table = table.filter(pc.equal(table["target_rank"], 0))
         return table["instance_id"], S.vectors_to_numpy(table[projection.column])
+
+    def _instance_ids(self, key: str) -> pa.ChunkedArray:
+        """The ids of a part's instances, read once for all the layers projected."""
+        if self._ids is None or self._ids[0] != key:
+            instances = self.layout.instances_dir / part_name(key)
+            self._ids = key, pq.read_table(str(instances), columns=["instance_id"],
+                                           filesystem=self.filesystem)["instance_id"]
+        return self._ids[1]
 
     def project_parts(self, keys: list[str]) -> list[tuple[str, str, int]]:
         """Project and write every table's part of each key; (table, key, rows) per part written."""
