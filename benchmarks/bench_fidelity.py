@@ -1,17 +1,14 @@
 """Fidelity benchmark (issue 7): what the fidelity checks cost the demo, side by side.
 
-    .venv/bin/python benchmarks/bench_fidelity.py [--rows 5000] [--repeats 1] [--summary-rows 1000000]
+    .venv/bin/python benchmarks/bench_fidelity.py [--rows 5000] [--repeats 1]
 
 Runs ``netloupe run examples/mnist.yaml`` (eight attribution methods over the MNIST digits,
 as shipped: fidelity on, deletion/insertion curves of 4 steps for every instance and
 method, infidelity, sensitivity-max and model randomization on a ~32-instance sample) and
 the same spec with fidelity off (``curve_steps=0, sample_size=0``), alternating, each as a
 subprocess on its own local Ray. Prints wall time, the explain pass, the catalog build and
-its fidelity-summary step for each, and the ratio on / off.
-
-``--summary-rows N`` also times the catalog's ``fidelity_summary`` step alone over N rows
-of eight methods' attribution tables (synthetic parts with the columns it reads, 64k rows
-each), against a plain count of the same files, to show what it costs at scale.
+the driver's statistics merge (``fidelity_summary`` is added up from the workers' per-part
+method summaries as they arrive, with the other statistics) for each, and the ratio on / off.
 
 Not a test: prints figures for benchmarks/RESULTS.md.
 """
@@ -44,54 +41,15 @@ def run_demo(root: Path, name: str, rows: int, extra: list[str]) -> dict:
     manifest = RunLayout(root / name).read_manifest()
     timings = manifest.timings
     return {"wall": wall, "explain": timings["explain_seconds"], "catalog": timings["catalog"]["total"],
-            "summary": timings["catalog"]["fidelity summary"],
+            "merge": timings.get("statistics_merge_seconds", 0.0),
             "sampled": sum(manifest.fidelity.sampled_rows.values())}
-
-
-def summary_at(rows: int) -> None:
-    import duckdb
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sys.path.insert(0, str(ROOT))
-    from netloupe.storage.catalog import _build_fidelity_summary
-    from netloupe.storage.layout import RunLayout
-
-    methods = [f"m{i}" for i in range(8)]
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="netloupe-bench-summary-") as tmp:
-        layout = RunLayout(Path(tmp))
-        for method in methods:
-            layout.attributions_dir(method).mkdir(parents=True)
-            for start in range(0, rows, 65536):
-                n = min(65536, rows - start)
-                pq.write_table(pa.table({"instance_id": np.arange(start, start + n),
-                                         "target_rank": np.zeros(n, np.int16),
-                                         "convergence_delta": rng.normal(size=n),
-                                         "deletion_auc": rng.random(n, dtype=np.float32),
-                                         "insertion_auc": rng.random(n, dtype=np.float32)}),
-                               layout.attributions_dir(method) / f"part-{start:012d}.parquet", compression="zstd")
-        con = duckdb.connect()
-        started = time.perf_counter()
-        _build_fidelity_summary(con, layout, methods, 4, {})
-        summary = time.perf_counter() - started
-        started = time.perf_counter()
-        for method in methods:
-            con.execute("SELECT count(*) FROM read_parquet(?)", [str(layout.attributions_dir(method) / "*.parquet")]).fetchall()
-        count = time.perf_counter() - started
-        print(f"fidelity_summary over {rows:,} rows x {len(methods)} methods: {summary:.2f} s "
-              f"(a bare count(*) of the same files: {count:.2f} s, ratio {summary / count:.1f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--summary-rows", type=int, default=0)
     args = parser.parse_args()
-    if args.summary_rows:
-        summary_at(args.summary_rows)
     results = {label: [] for label in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="netloupe-bench-fidelity-") as tmp:
         for repeat in range(args.repeats):
@@ -99,12 +57,12 @@ def main() -> None:
                 results[label].append(run_demo(Path(tmp), f"r{repeat}v{i}", args.rows, extra))
                 print(f"{label:>26}: {results[label][-1]}", flush=True)
     print(f"\n{args.rows} rows, median of {args.repeats}")
-    print(f"{'':>26} {'wall s':>8} {'explain s':>10} {'catalog s':>10} {'summary s':>10} {'sampled':>8}")
+    print(f"{'':>26} {'wall s':>8} {'explain s':>10} {'catalog s':>10} {'merge s':>10} {'sampled':>8}")
     medians = {}
     for label, runs in results.items():
         medians[label] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         m = medians[label]
-        print(f"{label:>26} {m['wall']:8.1f} {m['explain']:10.1f} {m['catalog']:10.2f} {m['summary']:10.3f} "
+        print(f"{label:>26} {m['wall']:8.1f} {m['explain']:10.1f} {m['catalog']:10.2f} {m['merge']:10.3f} "
               f"{m['sampled']:8.0f}")
     on, off = medians.values()
     print(f"{'ratio on / off':>26} {on['wall'] / off['wall']:8.2f} {on['explain'] / off['explain']:10.2f} "

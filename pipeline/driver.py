@@ -138,10 +138,13 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
     job.start_ray()
     job.stage()
     with failure_policy(job.staging):
-        parts, sampled = job.settle(job.explain())
-        projections = job.project(parts)
-        manifest = job.catalog(job.manifest(parts, projections, sampled))
-        final, manifest = job.commit(manifest)
+        try:
+            parts, sampled = job.settle(job.explain())
+            projections = job.project(parts)
+            manifest = job.catalog(job.manifest(parts, projections, sampled))
+            final, manifest = job.commit(manifest)
+        finally:
+            job.close()
     return RunResult(final, manifest, job.staging.location)
 
 
@@ -295,7 +298,12 @@ class JobRun:
         facts = self.checked.facts
         layout, filesystem = worker_layout(self.staging.worker_root)
         return StatisticsMerge(layout, statistics_of(facts.layer_neurons, facts.attribution_shapes),
-                               self.checked.dataset.id_type, filesystem)
+                               self.checked.dataset.id_type, filesystem, self.memory_mib)
+
+    def close(self) -> None:
+        """Stop what the run started on the driver (the statistics merge's thread), failed or not."""
+        if self.statistics is not None:
+            self.statistics.close()
 
     def _explain_plan(self, kept: list[BatchReport]):
         """The Ray Data plan: read the dataset (less the kept instances), map ExplainWorker."""
@@ -365,26 +373,33 @@ class JobRun:
         facts = self.checked.facts
         reports = list({part.part: part for part in parts}.values())  # a batch reported twice is one batch
         keys = {part.part for part in reports}
+        started = time.perf_counter()
+        merge = self.statistics
+        if merge.finish(keys):
+            self.timings["statistics_merge_seconds"] = merge.seconds  # during the pass, mostly
+        else:
+            # Say so: the catalog then adds every part up in the tail, what the merge is for avoiding.
+            self.progress.stage(f"adding up the statistics as they arrived failed ({merge.error}); "
+                                "the catalog adds up every part instead")
+            self.timings["statistics_merge_error"] = str(merge.error)
+            self.statistics = None
+            merge.close()
+        self.timings["statistics_finish_seconds"] = time.perf_counter() - started
         # From an object store, what the catalog is built from comes to the driver's disk (a
-        # few dozen bytes per instance), and one part of each bulk table, for its view.
+        # few dozen bytes per instance: the statistics only if their merge, which read them
+        # where the workers wrote them, failed), and one part of each bulk table, for its view.
         layout = self.layout
         viewed = [layout.activations_dir(layer) for layer in facts.layer_neurons]
         viewed += [layout.wide_activations_dir(layer) for layer in facts.layer_neurons]
         viewed += [layout.attributions_dir(method) for method in facts.attribution_shapes]
         viewed += [layout.fidelity_dir(method) for method in facts.attribution_shapes]
-        self.timings["pull_bytes"] = (self.staging.pull(S.INSTANCES, S.STATISTICS, S.PROJECTIONS)
-                                      + self.staging.pull_one_part(viewed, keys))
+        pulled = (S.INSTANCES, S.PROJECTIONS) + ((S.STATISTICS,) if self.statistics is None else ())
+        self.timings["pull_bytes"] = self.staging.pull(*pulled) + self.staging.pull_one_part(viewed, keys)
         every = layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES,
                                   self.spec.projection_sources)
         self.staging.remove_unlisted_parts(every, keys)
         _check_exactly_once(reports, self.checked.dataset)
         _check_every_part_written(self.staging, _tables_of_every_batch(layout, facts, self.spec), keys)
-        started = time.perf_counter()
-        if not self.statistics.finish(keys):
-            self.statistics = None  # an add on the merge's thread failed: the catalog adds every part
-        self.timings["statistics_finish_seconds"] = time.perf_counter() - started
-        if self.statistics is not None:
-            self.timings["statistics_merge_seconds"] = self.statistics.seconds  # during the pass, mostly
         methods = [m.table_name for m in self.spec.attributions]
         sampled = {method: sum(part.fidelity_rows[i] for part in reports) for i, method in enumerate(methods)}
         return reports, {method: rows for method, rows in sampled.items() if rows}
@@ -400,7 +415,7 @@ class JobRun:
             self.progress.stage(f"projecting {count(len(sources), 'table')} to 2-D")
         rows = {part.part: part.rows for part in reports}
         projections = run_projection_stage(self.spec, self.layout, rows, self.checked.dataset.id_type,
-                                           default_threads(self.spec), self.staging.worker_root)
+                                           self.staging.worker_root)
         projected = [self.layout.projections_dir(kind, name) for kind, name in sources]
         self.timings["pull_bytes"] += self.staging.pull(*(str(d.relative_to(self.layout.root)) for d in projected))
         self.staging.remove_unlisted_parts(projected, set(rows))

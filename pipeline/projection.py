@@ -9,7 +9,7 @@ Runs after every explained part is staged and checked, before the catalog is bui
    (:func:`netloupe.storage.part_statistics.projection_candidates`), so the driver reads those
    few rows, never the tables;
 2. per projected table, fit on the sample's vectors (:func:`netloupe.workers.projection.fit_projection`);
-3. Ray tasks over chunks of the run's part keys (:func:`netloupe.workers.projection.project_parts`)
+3. Ray tasks over chunks of the run's part keys (:func:`netloupe.workers.projection.projection_task`)
    read each part, transform it and write its coordinates beside it.
 """
 
@@ -28,7 +28,7 @@ from netloupe.storage import schema as S
 from netloupe.storage.layout import RunLayout, write_parquet
 from netloupe.storage.manifest import Projections, ProjectionTable
 from netloupe.storage.reader import read_vectors, sample_instance_ids
-from netloupe.workers.projection import SOURCE_COLUMNS, Projection, fit_projection, project_parts
+from netloupe.workers.projection import SOURCE_COLUMNS, Projection, fit_projection, projection_task
 
 TASKS_PER_WORKER = 4
 """Projection tasks per worker: enough for one slow node not to hold up the pass, few enough
@@ -92,7 +92,7 @@ def _fitted_rows(layout: RunLayout, kind: str, name: str) -> int:
 
 
 def run_projection_stage(spec: JobSpec, layout: RunLayout, rows: dict[str, int], id_type: str,
-                         threads: int, worker_root: str | None = None) -> Projections:
+                         worker_root: str | None = None) -> Projections:
     """Fit and apply every projection of the spec; return the manifest's ``projections``.
 
     The driver fits on ``layout`` (local); the workers read and write the staged run at
@@ -110,10 +110,20 @@ def run_projection_stage(spec: JobSpec, layout: RunLayout, rows: dict[str, int],
     keys = sorted(rows)
     tasks = max(1, min(len(keys), execution.num_workers * TASKS_PER_WORKER))
     shipped = ray.put(projections)
-    task = ray.remote(project_parts).options(num_cpus=execution.cpus_per_worker, scheduling_strategy="SPREAD")
+    # A whole CPU at least: with fractional workers (many per core) as many task processes
+    # would start at once, each importing numpy, pyarrow and scikit-learn for milliseconds of work.
+    cpus = max(1.0, execution.cpus_per_worker)
+    task = ray.remote(projection_task).options(num_cpus=cpus, scheduling_strategy="SPREAD")
+    threads = round(cpus)  # BLAS threads: the CPUs a task holds (more tasks than workers may run at once)
     pending = [task.remote(shipped, worker_root or str(layout.root.resolve()), id_type, threads, keys[i::tasks])
                for i in range(tasks)]
-    reported = {(table, key): written for done in ray.get(pending) for table, key, written in done}
+    try:
+        done = ray.get(pending)
+    except BaseException:
+        for ref in pending:  # none may go on writing into a staging the failure removes
+            ray.cancel(ref, force=True)
+        raise
+    reported = {(table, key): written for parts in done for table, key, written in parts}
     wrong = [(f"{kind}/{name}", key) for kind, name in sources for key in rows
              if reported.get((f"{kind}/{name}", key)) != rows[key]]
     if wrong:

@@ -42,6 +42,12 @@ THREADS = min(4, os.cpu_count() or 1)
 """Threads that gather and reduce a subset's rows (numpy releases the GIL for both)."""
 
 
+_NP_LOAD = threading.Lock()
+"""Held around every np.load here: it parses each header with ast.literal_eval, and CPython
+3.11's AST builder is not thread-safe across threads ("AST constructor recursion depth
+mismatch" when the gather threads, or two dashboard sessions, opened parts at once)."""
+
+
 def write_id_index(layout: RunLayout, instance_ids: pa.Array, rows: pa.Array) -> None:
     """Write ``index/instance_ids.npy`` (sorted) and ``index/instance_rows.npy`` (each id's
     row in the parts' key order) from every instance's id and row, in any order."""
@@ -62,16 +68,13 @@ class ActivationIndex:
         ``parts``: each part's key and first row, in row order (``activation_index_parts``)."""
         self.layout = RunLayout(run_root)
         # In memory (8 bytes per int id): searching a memory-mapped array was 10x slower.
-        self.sorted_ids = np.load(self.layout.index_dir / IDS_FILE)
-        self.rows_of_sorted = np.load(self.layout.index_dir / ROWS_FILE)
+        with _NP_LOAD:
+            self.sorted_ids = np.load(self.layout.index_dir / IDS_FILE)
+            self.rows_of_sorted = np.load(self.layout.index_dir / ROWS_FILE)
         self.totals = totals
         self.part_keys = [key for key, _ in parts]
         self.first_rows = np.array([first for _, first in parts], dtype=np.int64)
         self._matrices: dict[str, list[np.ndarray | None]] = {}
-        # np.load parses each header with ast.literal_eval, and CPython 3.11's AST builder is
-        # not thread-safe ("AST constructor recursion depth mismatch" when the gather threads
-        # opened parts at once): one thread opens parts at a time.
-        self._opening = threading.Lock()
 
     @property
     def rows(self) -> int:
@@ -93,7 +96,7 @@ class ActivationIndex:
         matrices = self._matrices.setdefault(layer, [None] * len(self.part_keys))
         if matrices[part] is None:
             path = self.layout.index_layer_dir(layer) / part_name(self.part_keys[part], ".npy")
-            with self._opening:
+            with _NP_LOAD:
                 if matrices[part] is None:
                     matrices[part] = np.load(path, mmap_mode="r")
         return matrices[part]

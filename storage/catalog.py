@@ -170,9 +170,14 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
             for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
                 _run_statements(con, sql)
             if statistics is None:
-                statistics = timed("statistics", StatisticsMerge.of_run, layout, statistics_of(
-                    model.layer_neurons, model.attribution_shapes), manifest.dataset.id_type)
-            timed("statistics tables", _insert_statistics, con, statistics)
+                merged = timed("statistics", StatisticsMerge.of_run, layout, statistics_of(
+                    model.layer_neurons, model.attribution_shapes), manifest.dataset.id_type, memory_mib)
+                try:
+                    timed("statistics tables", _insert_statistics, con, merged)
+                finally:
+                    merged.close()
+            else:
+                timed("statistics tables", _insert_statistics, con, statistics)
             timed("activation index", _write_index, con, layout)
             timed("projections", _build_projections, con, layout, manifest.projections.tables, id_type)
             parquet_views, layers, methods = [], [], []

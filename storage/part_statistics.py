@@ -41,6 +41,8 @@ WIDE_NEURON_LIMIT = 4096
 """Widest layer given one column per neuron (``wide/``) and an index matrix; wider ones (a
 conv map kept with ``pooling: none``) stay Parquet vectors only."""
 
+ATTRIBUTION_COLUMNS_AT_ONCE = 1024
+"""Map positions summed at a time (a float64 block of a batch's rows: 8 MB at 1,024 rows)."""
 NEURON_TOP_KEPT = 16
 """Instances kept per neuron in ``neuron_top``: ``top_instances`` and ``neuron_exemplars``
 answer ``k`` up to this from it; a larger ``k`` scans the layer."""
@@ -236,13 +238,18 @@ def _attribution_cells(method: str, table: pa.Table, cells: _Cells, instances: p
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
-    # Summed in float64 (one copy: reduceat converting each float32 as it adds is 2x slower).
-    maps = S.vectors_to_numpy(table["attribution"])[order].astype(np.float64)
+    maps = S.vectors_to_numpy(table["attribution"])
     starts = np.searchsorted(inverse[order], np.arange(len(unique)))
-    total = np.add.reduceat(maps, starts, axis=0)
-    total_abs = np.add.reduceat(np.abs(maps, out=maps), starts, axis=0)
-    size = np.diff(np.append(starts, len(order)))
     width = maps.shape[1]
+    total, total_abs = np.empty((len(unique), width)), np.empty((len(unique), width))
+    # Summed in float64 from a float64 copy (reduceat converting each float32 as it adds is
+    # 2x slower), made a few columns at a time: a copy of a large map batch would double it.
+    for first in range(0, width, ATTRIBUTION_COLUMNS_AT_ONCE):
+        columns = slice(first, first + ATTRIBUTION_COLUMNS_AT_ONCE)
+        block = maps[order, columns].astype(np.float64)
+        total[:, columns] = np.add.reduceat(block, starts, axis=0)
+        total_abs[:, columns] = np.add.reduceat(np.abs(block, out=block), starts, axis=0)
+    size = np.diff(np.append(starts, len(order)))
     cell = cells.keys[unique[:, 1]]
     return pa.table({
         "method": pa.array([method] * len(size)),

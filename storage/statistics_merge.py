@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage.layout import RunLayout, key_of_part, part_name
 from netloupe.storage.part_statistics import (
     ATTRIBUTION_CELLS_SCHEMA,
@@ -57,15 +58,17 @@ class StatisticsMerge:
     ``layout`` is the staged or committed run whose ``stats/`` parts are read, on
     ``filesystem`` (default local). :meth:`add` adds parts now; :meth:`add_soon` on a thread
     of its own, a few at a time, while the caller goes on (the driver, during the explain
-    pass); :meth:`finish` waits for that thread and adds the rest. :meth:`tables` gives the
-    catalog's tables over exactly the parts added.
+    pass; call it from one thread); :meth:`finish` waits for that thread and adds the rest.
+    :meth:`tables` gives the catalog's tables over exactly the parts added; :meth:`close`
+    stops the thread and frees the merge's DuckDB.
     """
 
     def __init__(self, layout: RunLayout, names: Iterable[str], id_type: str,
-                 filesystem: pafs.FileSystem | None = None):
+                 filesystem: pafs.FileSystem | None = None, memory_mib: int = DRIVER_SQL_MEMORY_MIB):
         self.layout = layout
+        wanted = set(names)
         self.names = [name for name in (NEURON_CELLS, NEURON_TOP, ATTRIBUTION_CELLS, METHOD_SUMMARY)
-                      if name in set(names)]
+                      if name in wanted]
         self.filesystem = filesystem or pafs.LocalFileSystem()
         self.schemas = {NEURON_CELLS: NEURON_CELLS_SCHEMA, NEURON_TOP: neuron_top_schema(id_type),
                         ATTRIBUTION_CELLS: ATTRIBUTION_CELLS_SCHEMA, METHOD_SUMMARY: METHOD_SUMMARY_SCHEMA}
@@ -79,16 +82,21 @@ class StatisticsMerge:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="netloupe-statistics")
         self._waiting: list[str] = []
         self._running: Future | None = None
-        self._failed: BaseException | None = None
-        self._con = duckdb.connect(config={"threads": 1})  # beside the workers, not instead of them
+        self.error: BaseException | None = None
+        """Why an add failed, if one did (the totals are then not to be used)."""
+        self._closed = False
+        # One thread and the driver's memory bound: beside the workers, not instead of them
+        # (Arrow reads a window's files in its own threads: the merge must keep up with them).
+        self._con = duckdb.connect(config={"threads": 1, "memory_limit": f"{memory_mib}MiB"})
         self._con.execute(f"CREATE TEMP MACRO _neuron_top_kept() AS {NEURON_TOP_KEPT}").fetchall()
         for statement in duckdb.extract_statements(MERGE_SQL.read_text()):
             self._con.execute(statement).fetchall()
 
     @classmethod
-    def of_run(cls, layout: RunLayout, names: Iterable[str], id_type: str) -> StatisticsMerge:
+    def of_run(cls, layout: RunLayout, names: Iterable[str], id_type: str,
+               memory_mib: int = DRIVER_SQL_MEMORY_MIB) -> StatisticsMerge:
         """Every part of a run on local disk added up (its instances parts name the parts)."""
-        merge = cls(layout, names, id_type)
+        merge = cls(layout, names, id_type, memory_mib=memory_mib)
         merge.add(sorted(key for path in layout.instances_dir.glob("part-*.parquet")
                          if (key := key_of_part(path.name)) is not None))
         return merge
@@ -99,6 +107,8 @@ class StatisticsMerge:
             started = time.perf_counter()
             keys = sorted(set(keys) - self.added)
             for start in range(0, len(keys), PARTS_AT_ONCE):
+                if self._closed:
+                    break
                 window = keys[start:start + PARTS_AT_ONCE]
                 for name in self.names:
                     parts = self._read(name, window)
@@ -112,28 +122,37 @@ class StatisticsMerge:
     def add_soon(self, keys: Iterable[str]) -> None:
         """Add ``keys`` on the merge's thread, once enough are waiting and the last add is done."""
         self._waiting.extend(keys)
+        if self.error is not None or self._closed:
+            return
         if len(self._waiting) >= ADD_EVERY_PARTS and (self._running is None or self._running.done()):
             self._collect()
-            self._running, self._waiting = self._thread.submit(self.add, self._waiting), []
+            if self.error is None:
+                self._running, self._waiting = self._thread.submit(self.add, self._waiting), []
 
     def finish(self, keys: set[str]) -> bool:
-        """Wait for the thread, then add what is left of ``keys``; False (and nothing added)
-        when an add on the thread failed or added a part not in ``keys``: the totals are not
-        those of ``keys`` then, and the caller starts over."""
+        """Wait for the thread, then add what is left of ``keys``; False (and :attr:`error`
+        says why) when an add failed, a part missing or unreadable, or added a part not in
+        ``keys``: the totals are not those of ``keys`` then, and the caller starts over."""
         self._thread.shutdown(wait=True)
         self._collect()
-        if self._failed is not None or not self.added <= keys:
-            return False
-        self.add(keys)
-        return True
+        if self.error is None and not self.added <= keys:
+            self.error = RuntimeError(f"parts were added that the run does not have: {sorted(self.added - keys)[:3]}")
+        if self.error is None:
+            try:
+                self.add(keys)
+            except Exception as error:  # noqa: BLE001 - the caller starts over; its own checks say what is wrong
+                self.error = error
+        return self.error is None
 
     def close(self) -> None:
-        """Stop the thread (an add under way finishes), for a caller that gives up."""
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        """Stop the thread (after the window it is adding) and free the merge's DuckDB."""
+        self._closed = True
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._con.close()
 
     def _collect(self) -> None:
         if self._running is not None and self._running.done() and self._running.exception() is not None:
-            self._failed = self._running.exception()
+            self.error = self._running.exception()
 
     def tables(self) -> dict[str, pa.Table]:
         """The catalog's ``neuron_cells``, ``neuron_top``, ``attribution_cells`` and
@@ -155,14 +174,15 @@ class StatisticsMerge:
         """One table's parts of ``keys``, in one read (Arrow reads the files in its own
         threads: half the time of a file at a time from Python)."""
         paths = [str(self.layout.statistics_dir(name) / part_name(key)) for key in keys]
-        return pq.ParquetDataset(paths, filesystem=self.filesystem).read(use_threads=True)
+        # No partitioning: a run under a directory like `lr=0.1/` would otherwise add a column.
+        return pq.ParquetDataset(paths, filesystem=self.filesystem, partitioning=None).read(use_threads=True)
 
     def _summed(self, name: str, tables: list[pa.Table]) -> pa.Table:
         schema = self.schemas[name]
         stacked = pa.concat_tables([table.cast(schema) for table in tables])
         if name == METHOD_SUMMARY:
             stacked = _positioned(stacked)
-        return self._query(f"SELECT * FROM _summed_{name}('_parts')", stacked).cast(schema)
+        return self._query(f"SELECT * FROM _summed_{name}('_parts')", stacked).select(schema.names).cast(schema)
 
     def _query(self, sql: str, parts: pa.Table) -> pa.Table:
         self._con.register("_parts", parts)

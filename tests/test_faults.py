@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import save_file
 
 from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.reader import RunReader
 from netloupe.workers.model_identity import model_fingerprint
 from tests.helpers import tabular_spec, tabular_table
@@ -68,6 +69,11 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     # resume took the staging over), and not all of them.
     assert len(kept) <= manifest.timings["resumed_parts"] < 10
     assert 0 < manifest.timings["resumed_rows"] < 160
+    # The kept batches' statistics were added up with the new ones as they arrived (the
+    # catalog added none itself), each once: every instance counts once per neuron.
+    assert "statistics_merge_seconds" in manifest.timings and "statistics" not in manifest.timings["catalog"]
+    sizes = run_query(open_catalog(run), "SELECT sum(size) AS n FROM neuron_cells WHERE neuron = 0 GROUP BY layer")
+    assert sizes["n"].to_pylist() == [160] * len(manifest.model.layer_neurons)
     # The finished batches were kept as they were, not computed again.
     for name, mtime in kept.items():
         assert (run / "instances" / name).stat().st_mtime_ns == mtime

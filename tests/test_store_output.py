@@ -117,6 +117,8 @@ def test_run_to_s3_is_published_whole_and_equals_a_local_run(ray_store, tmp_path
     for table in ("activations/fc", "wide/fc", "attributions/saliency", "attributions/integrated_gradients"):
         assert len(list((held / table).glob("part-*"))) == 1 < len([o for o in objects if o.startswith(f"s3run/{table}/")])
     assert not (held / "index" / "layers").exists()
+    # The statistics were added up where the workers wrote them, as they arrived.
+    assert not (held / "stats").exists() and "statistics" not in stored.manifest.timings["catalog"]
 
     # Read back from the store into a fresh cache: the same rows as the local run.
     os.environ["NETLOUPE_CACHE"] = str(tmp_path / "reader-cache")

@@ -4,7 +4,7 @@ the fast path and the stock CLI's, and the driver checks exactly-once from the r
 
 tests/test_operators.py checks the operators on a hand-made run; this checks what the
 workers write: per-part cells, top lists, method summaries, index matrices, wide parts and
-projection-sample candidates, merged by the catalog.
+projection-sample candidates, added up by the driver as they arrive.
 """
 
 from __future__ import annotations
@@ -120,17 +120,29 @@ def test_statistics_added_as_they_arrive_equal_every_part_added_at_once(run, tmp
     assert arriving.finish(set(keys))
     assert arriving.added == set(keys)
     _assert_same_tables(arriving.tables(), at_once)
+    assert arriving.tables()["fidelity_summary"]["method"].to_pylist() == ["integrated_gradients", "saliency"]
+
+    # A run under a directory named like a Hive partition reads as any other.
+    elsewhere = RunLayout(tmp_path / "lr=0.1" / "run")
+    shutil.copytree(layout.root / "stats", elsewhere.root / "stats")
+    shutil.copytree(layout.instances_dir, elsewhere.instances_dir)
+    _assert_same_tables(StatisticsMerge.of_run(elsewhere, names, "string").tables(), at_once)
+
+    missing = StatisticsMerge(layout, names, "string")
+    assert not missing.finish(set(keys) | {"999999999999"})  # a reported part whose statistics are not there
 
     too_many = StatisticsMerge(layout, names, "string")
     too_many.add(keys)
     assert not too_many.finish(set(keys[1:]))
 
     broken = RunLayout(tmp_path / "broken")
-    shutil.copytree(layout.statistics_dir("neuron_cells"), broken.statistics_dir("neuron_cells"))
+    shutil.copytree(layout.root / "stats", broken.root / "stats")
     (broken.statistics_dir("neuron_cells") / f"part-{keys[5]}.parquet").write_bytes(b"not parquet")
     unreadable = StatisticsMerge(broken, names, "string", pafs.LocalFileSystem())
     unreadable.add_soon(keys)
     assert not unreadable.finish(set(keys))
+    assert "parquet" in str(unreadable.error).lower()
+    unreadable.close()
 
 
 @pytest.mark.parametrize("path", ["fast", "stock"])

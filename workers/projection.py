@@ -2,7 +2,7 @@
 
 A :class:`Projection` is fitted once on the driver (:func:`fit_projection`) from a sample
 of one table's vectors (a layer's activations or a method's attribution maps) and shipped
-to the projection tasks (:func:`project_parts`), which transform every part of that table and write
+to the projection tasks (:func:`projection_task`), which transform every part of that table and write
 ``projections/<kind>/<name>/part-<key>.parquet`` beside it.
 
 Every instance's coordinates depend on its own vector and the fitted projection only, never
@@ -217,8 +217,8 @@ class PartProjector:
         return written
 
 
-def project_parts(projections: list[Projection], worker_root: str, id_type: str, threads: int,
-                  keys: list[str]) -> list[tuple[str, str, int]]:
+def projection_task(projections: list[Projection], worker_root: str, id_type: str, threads: int,
+                    keys: list[str]) -> list[tuple[str, str, int]]:
     """The body of one projection task (a plain Ray task, not an actor pool: the pass is a
     few milliseconds per part, and starting a Ray Data actor pool cost ~5 s of the run's tail)."""
     from threadpoolctl import threadpool_limits

@@ -2,11 +2,13 @@
 -- macro adds up `parts`, the name of a relation of one statistics table's rows in the
 -- workers' per-part schema (storage/part_statistics.py): the running totals so far and the
 -- newly arrived parts. The _summed_* macros return that same schema (so that totals can be
--- added to again), the _merged_* ones the catalog's tables. `position` is the row's place
--- in the input, the running totals first: first-seen order.
+-- added to again; _summed_method_summary also its rows' first position), _ranked_neuron_top
+-- and _merged_method_summary the catalog's neuron_top and fidelity_summary (neuron_cells
+-- totals are already the catalog's). `position` is a row's place in the input, the running
+-- totals first: first-seen order.
 
 -- Per (label, prediction) cell and neuron: sizes, sums and counts add, minima and maxima
--- take their extremes (NaN as DuckDB orders it: above every number). Already the catalog's.
+-- take their extremes (NaN as DuckDB orders it: above every number).
 CREATE TEMP MACRO _summed_neuron_cells(parts) AS TABLE
     SELECT layer, label, prediction, neuron, sum(size)::BIGINT AS size, sum(total) AS total,
            sum(total_sq) AS total_sq, sum(active)::BIGINT AS active, min(minimum) AS minimum, max(maximum) AS maximum
@@ -34,10 +36,11 @@ CREATE TEMP MACRO _summed_method_summary(parts) AS TABLE
            sum(randomization_spearman_count)::BIGINT AS randomization_spearman_count,
            sum(randomization_spearman_sum) AS randomization_spearman_sum,
            sum(randomization_spearman_abs_count)::BIGINT AS randomization_spearman_abs_count,
-           sum(randomization_spearman_abs_sum) AS randomization_spearman_abs_sum
+           sum(randomization_spearman_abs_sum) AS randomization_spearman_abs_sum,
+           min(position) AS position  -- each part lists the methods in the spec's order
     FROM query_table(parts)
     GROUP BY method
-    ORDER BY min(position), method;  -- each part lists the methods in the spec's order
+    ORDER BY position, method;
 
 -- Means from counts and sums of the non-null values (as avg() skips nulls).
 CREATE TEMP MACRO _merged_method_summary(parts) AS TABLE
@@ -52,4 +55,5 @@ CREATE TEMP MACRO _merged_method_summary(parts) AS TABLE
            randomization_spearman_sum / nullif(randomization_spearman_count, 0) AS mean_randomization_spearman,
            randomization_spearman_abs_sum / nullif(randomization_spearman_abs_count, 0)
                AS mean_randomization_spearman_abs
-    FROM _summed_method_summary(parts);
+    FROM _summed_method_summary(parts)
+    ORDER BY position, method;
