@@ -369,7 +369,8 @@ class JobRun:
         """Keep only the parts a finished batch reported (a retried batch's leftovers go) and
         check, from the workers' reports, that every instance was explained exactly once and
         every table has each batch's part; return the reports (one per batch) and the rows of
-        each method's sampled fidelity table. No part is read."""
+        each method's sampled fidelity table. No part is read but the statistics of the last
+        few batches, which the merge had not added yet."""
         facts = self.checked.facts
         reports = list({part.part: part for part in parts}.values())  # a batch reported twice is one batch
         keys = {part.part for part in reports}
