@@ -217,18 +217,22 @@ def _add_up_attribution_cells(sums: dict[tuple, list], tables: Iterable[pa.Table
 
 
 def _long_attribution_cells(sums: dict[tuple, list]) -> pa.Table:
-    """The summed cells as the catalog's table: one row per map position."""
-    columns = {name: [] for name in ATTRIBUTION_CELLS_LONG_SCHEMA.names}
-    for (method, rank, label, prediction), (size, total, total_abs) in sums.items():
-        width = len(total)
-        columns["method"] += [method] * width
-        columns["target_rank"] += [rank] * width
-        columns["label"] += [label] * width
-        columns["prediction"] += [prediction] * width
-        columns["position"].append(np.arange(width, dtype=np.int32))
-        columns["size"] += [size] * width
-        columns["total"].append(total)
-        columns["total_abs"].append(total_abs)
-    for name in ("position", "total", "total_abs"):
-        columns[name] = np.concatenate(columns[name]) if columns[name] else np.empty(0)
-    return pa.table(columns, schema=ATTRIBUTION_CELLS_LONG_SCHEMA)
+    """The summed cells as the catalog's table: one row per map position (built by repeating
+    each cell's key, not a Python value per row: a 224×224×3 map has 150,528 positions)."""
+    if not sums:
+        return ATTRIBUTION_CELLS_LONG_SCHEMA.empty_table()
+    keys, entries = zip(*sums.items())
+    widths = np.array([len(total) for _, total, _ in entries])
+    method, rank, label, prediction = (list(column) for column in zip(*keys))
+    cell = np.repeat(np.arange(len(keys)), widths)
+    take = pa.array(cell)
+    return pa.table({
+        "method": pa.array(method).take(take),
+        "target_rank": pa.array(rank, pa.int16()).take(take),
+        "label": pa.array(label, pa.int64()).take(take),
+        "prediction": pa.array(prediction, pa.int64()).take(take),
+        "position": np.concatenate([np.arange(width, dtype=np.int32) for width in widths]),
+        "size": np.repeat(np.array([size for size, _, _ in entries], dtype=np.int64), widths),
+        "total": np.concatenate([total for _, total, _ in entries]),
+        "total_abs": np.concatenate([total_abs for _, _, total_abs in entries]),
+    }, schema=ATTRIBUTION_CELLS_LONG_SCHEMA)
