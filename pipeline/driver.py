@@ -6,7 +6,8 @@
     explain           the Ray Data pass: ExplainWorker actors write every batch's parts;
                       their statistics are added up on a thread as the reports arrive
     settle            keep the reported parts, check every instance is there exactly once
-    project           fit 2-D projections on a sample, apply them in the workers
+    part_pass         fit 2-D projections on a sample; Ray tasks apply them to every part and
+                      write each layer's wide form in segments of many parts
     catalog           the run's SQL catalog, part of the staged run
     commit            manifest last, then the run appears at once
 
@@ -35,8 +36,9 @@ from netloupe.contract.errors import RunError, netloupe_cause
 from netloupe.contract.spec import JobSpec, spec_to_dict
 from netloupe.pipeline.datasets import resolve_dataset
 from netloupe.pipeline.model_graph import model_graph
+from netloupe.pipeline.part_pass import run_part_pass
 from netloupe.pipeline.progress import RunProgress, count, duration, size
-from netloupe.pipeline.projection import check_umap_available, run_projection_stage
+from netloupe.pipeline.projection import check_umap_available, fit_projection_stage
 from netloupe.pipeline.ray_cluster import (
     WORKER_START_TIMEOUT_S,
     check_cluster_fits,
@@ -61,6 +63,7 @@ from netloupe.storage.manifest import (
 )
 from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT, statistics_of
 from netloupe.storage.statistics_merge import StatisticsMerge
+from netloupe.storage.wide_segments import WideSegment
 from netloupe.workers.explain import BatchExplainer, ExplainWorker
 from netloupe.workers.inputs import ResolvedDataset
 from netloupe.workers.model_identity import ModelFingerprint, model_fingerprint
@@ -140,8 +143,8 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
     with failure_policy(job.staging):
         try:
             parts, sampled = job.settle(job.explain())
-            projections = job.project(parts)
-            manifest = job.catalog(job.manifest(parts, projections, sampled))
+            projections, segments = job.part_pass(parts)
+            manifest = job.catalog(job.manifest(parts, projections, segments, sampled))
             final, manifest = job.commit(manifest)
         finally:
             job.close()
@@ -388,14 +391,14 @@ class JobRun:
         self.timings["statistics_finish_seconds"] = time.perf_counter() - started
         # From an object store, what the catalog is built from comes to the driver's disk (a
         # few dozen bytes per instance: the statistics only if their merge, which read them
-        # where the workers wrote them, failed), and one part of each bulk table, for its view.
+        # where the workers wrote them, failed), and of each bulk table an empty part with its
+        # columns, for its view.
         layout = self.layout
         viewed = [layout.activations_dir(layer) for layer in facts.layer_neurons]
-        viewed += [layout.wide_activations_dir(layer) for layer in facts.layer_neurons]
         viewed += [layout.attributions_dir(method) for method in facts.attribution_shapes]
         viewed += [layout.fidelity_dir(method) for method in facts.attribution_shapes]
         pulled = (S.INSTANCES, S.PROJECTIONS) + ((S.STATISTICS,) if self.statistics is None else ())
-        self.timings["pull_bytes"] = self.staging.pull(*pulled) + self.staging.pull_one_part(viewed, keys)
+        self.timings["pull_bytes"] = self.staging.pull(*pulled) + self.staging.stand_in_parts(viewed, keys)
         every = layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES,
                                   self.spec.projection_sources)
         self.staging.remove_unlisted_parts(every, keys)
@@ -405,30 +408,39 @@ class JobRun:
         sampled = {method: sum(part.fidelity_rows[i] for part in reports) for i, method in enumerate(methods)}
         return reports, {method: rows for method, rows in sampled.items() if rows}
 
-    # -- project ----------------------------------------------------------------------------
+    # -- the part pass ----------------------------------------------------------------------
 
-    def project(self, reports: list[BatchReport]) -> Projections:
-        """Fit each projection on the sample the workers gathered and apply it to every part
-        in the workers; each part's coordinates are checked against its batch's report."""
-        sources = self.spec.projection_sources
+    def part_pass(self, reports: list[BatchReport]) -> tuple[Projections, list[WideSegment]]:
+        """Fit each projection on the sample the workers gathered, then pass over every part in
+        the workers: its coordinates, and each layer's wide form in segments of many parts
+        (:mod:`netloupe.pipeline.part_pass`); what they wrote is checked against the batches' reports."""
+        sources, layout = self.spec.projection_sources, self.layout
         started = time.perf_counter()
         if sources:
             self.progress.stage(f"projecting {count(len(sources), 'table')} to 2-D")
         rows = {part.part: part.rows for part in reports}
-        projections = run_projection_stage(self.spec, self.layout, rows, self.checked.dataset.id_type,
-                                           self.staging.worker_root)
-        projected = [self.layout.projections_dir(kind, name) for kind, name in sources]
-        self.timings["pull_bytes"] += self.staging.pull(*(str(d.relative_to(self.layout.root)) for d in projected))
+        projections, described = fit_projection_stage(self.spec, layout, sum(rows.values()))
+        wide = {layer: neurons for layer, neurons in self.checked.facts.layer_neurons.items()
+                if neurons <= WIDE_NEURON_LIMIT}
+        wide_dirs = [layout.wide_activations_dir(layer) for layer in wide]
+        self.staging.clear(wide_dirs)  # an interrupted attempt's segments would hold some parts twice
+        segments = run_part_pass(self.spec, projections, wide, rows, self.checked.dataset.id_type,
+                                 self.staging.worker_root)
+        projected = [layout.projections_dir(kind, name) for kind, name in sources]
+        self.timings["pull_bytes"] += (self.staging.pull(*(str(d.relative_to(layout.root)) for d in projected))
+                                       + self.staging.stand_in_parts(wide_dirs, {s.key for s in segments}))
         self.staging.remove_unlisted_parts(projected, set(rows))
         _check_every_part_written(self.staging, projected, set(rows))
-        self.timings["projection_seconds"] = time.perf_counter() - started
+        _check_every_part_written(self.staging, wide_dirs, {s.key for s in segments})
+        self.timings["part_pass_seconds"] = time.perf_counter() - started
         if sources:
-            self.progress.stage(f"projected in {duration(self.timings['projection_seconds'])}")
-        return projections
+            self.progress.stage(f"projected in {duration(self.timings['part_pass_seconds'])}")
+        return described, segments
 
     # -- the manifest, the catalog, the commit ----------------------------------------------
 
-    def manifest(self, parts: list[BatchReport], projections: Projections, sampled: dict[str, int]) -> RunManifest:
+    def manifest(self, parts: list[BatchReport], projections: Projections, segments: list[WideSegment],
+                 sampled: dict[str, int]) -> RunManifest:
         """The run's self-description (written last: its presence marks a committed run)."""
         spec, checked = self.spec, self.checked
         facts, dataset, instances = checked.facts, checked.dataset, checked.dataset.num_rows
@@ -442,7 +454,8 @@ class JobRun:
                 label_column=dataset.label_column, input_column=dataset.input_column,
                 feature_columns=list(dataset.feature_columns or []), metadata_columns=list(dataset.metadata_columns),
             ),
-            counts=Counts(instances=instances, parts=len(parts), bytes=sum(p.bytes for p in parts),
+            counts=Counts(instances=instances, parts=len(parts),
+                          bytes=sum(p.bytes for p in parts) + sum(s.bytes for s in segments),
                           attribution_rows_per_method=instances * spec.target.per_instance),
             class_names=checked.class_names,
             model=facts,
@@ -523,7 +536,7 @@ def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) 
     wide = [layer for layer, neurons in facts.layer_neurons.items() if neurons <= WIDE_NEURON_LIMIT]
     return ([layout.instances_dir] + [layout.activations_dir(layer) for layer in facts.layer_neurons]
             + [layout.attributions_dir(method) for method in facts.attribution_shapes]
-            + [layout.wide_activations_dir(layer) for layer in wide] + [layout.index_layer_dir(layer) for layer in wide]
+            + [layout.index_layer_dir(layer) for layer in wide]
             + [layout.statistics_dir(name) for name in statistics_of(facts.layer_neurons, facts.attribution_shapes)]
             + [layout.projection_sample_dir(kind, name) for kind, name in spec.projection_sources])
 

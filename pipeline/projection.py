@@ -1,6 +1,7 @@
-"""The projection stage of a run: sample, fit on the driver, transform in the workers.
+"""The projection stage's fit: the sample, and the projections fitted on the driver.
 
-Runs after every explained part is staged and checked, before the catalog is built:
+Runs after every explained part is staged and checked, before the part pass applies the
+projections in the workers (:mod:`netloupe.pipeline.part_pass`):
 
 1. draw the sample: the ``projection.sample_size`` instances first by a seeded hash of their
    ids (:func:`netloupe.storage.reader.sample_instance_ids`' order), kept as
@@ -8,9 +9,7 @@ Runs after every explained part is staged and checked, before the catalog is bui
    each batch's rows early in that order, with their vectors
    (:func:`netloupe.storage.part_statistics.projection_candidates`), so the driver reads those
    few rows, never the tables;
-2. per projected table, fit on the sample's vectors (:func:`netloupe.workers.projection.fit_projection`);
-3. Ray tasks over chunks of the run's part keys (:func:`netloupe.workers.projection.projection_task`)
-   read each part, transform it and write its coordinates beside it.
+2. per projected table, fit on the sample's vectors (:func:`netloupe.workers.projection.fit_projection`).
 """
 
 from __future__ import annotations
@@ -28,11 +27,8 @@ from netloupe.storage import schema as S
 from netloupe.storage.layout import RunLayout, write_parquet
 from netloupe.storage.manifest import Projections, ProjectionTable
 from netloupe.storage.reader import read_vectors, sample_instance_ids
-from netloupe.workers.projection import SOURCE_COLUMNS, Projection, fit_projection, projection_task
+from netloupe.workers.projection import SOURCE_COLUMNS, Projection, fit_projection
 
-TASKS_PER_WORKER = 4
-"""Projection tasks per worker: enough for one slow node not to hold up the pass, few enough
-that a task's overhead (~ms) is small beside its parts (a few ms each)."""
 SAMPLE_BYTES = 512 * 2**20
 """Most float64 sample bytes fitted per table on the driver: wide vectors (an unpooled conv
 map, a full attribution map) are fitted on the first rows of the sample that fit in it."""
@@ -91,46 +87,15 @@ def _fitted_rows(layout: RunLayout, kind: str, name: str) -> int:
     return max(2, SAMPLE_BYTES // (8 * field.type.list_size))
 
 
-def run_projection_stage(spec: JobSpec, layout: RunLayout, rows: dict[str, int], id_type: str,
-                         worker_root: str | None = None) -> Projections:
-    """Fit and apply every projection of the spec; return the manifest's ``projections``.
-
-    The driver fits on ``layout`` (local); the workers read and write the staged run at
-    ``worker_root`` (:attr:`netloupe.storage.layout.RunStaging.worker_root`; default ``layout``).
-    """
-    import ray
-
-    sources = spec.projection_sources
-    if not sources:
-        return Projections(seed=spec.projection.seed)
+def fit_projection_stage(spec: JobSpec, layout: RunLayout, instances: int) -> tuple[list[Projection], Projections]:
+    """Fit every projection of the spec on the driver; return them (for the part pass) and the
+    manifest's ``projections`` (without the pass's timings)."""
+    if not spec.projection_sources:
+        return [], Projections(seed=spec.projection.seed)
     started = time.perf_counter()
-    ids, projections = fit_projections(spec, layout, sum(rows.values()))
-    fitted = time.perf_counter()
-    execution = spec.execution
-    keys = sorted(rows)
-    tasks = max(1, min(len(keys), execution.num_workers * TASKS_PER_WORKER))
-    shipped = ray.put(projections)
-    # A whole CPU at least: with fractional workers (many per core) as many task processes
-    # would start at once, each importing numpy, pyarrow and scikit-learn for milliseconds of work.
-    cpus = max(1.0, execution.cpus_per_worker)
-    task = ray.remote(projection_task).options(num_cpus=cpus, scheduling_strategy="SPREAD")
-    threads = round(cpus)  # BLAS threads: the CPUs a task holds (more tasks than workers may run at once)
-    pending = [task.remote(shipped, worker_root or str(layout.root.resolve()), id_type, threads, keys[i::tasks])
-               for i in range(tasks)]
-    try:
-        done = ray.get(pending)
-    except BaseException:
-        for ref in pending:  # none may go on writing into a staging the failure removes
-            ray.cancel(ref, force=True)
-        raise
-    reported = {(table, key): written for parts in done for table, key, written in parts}
-    wrong = [(f"{kind}/{name}", key) for kind, name in sources for key in rows
-             if reported.get((f"{kind}/{name}", key)) != rows[key]]
-    if wrong:
-        raise RunError(f"the projection pass did not report {len(wrong)} parts with their batch's rows "
-                       f"(e.g. {wrong[:3]}); nothing was committed")
-    return Projections(
+    ids, projections = fit_projections(spec, layout, instances)
+    return projections, Projections(
         sample_rows=len(ids), seed=spec.projection.seed,
         tables=[ProjectionTable.model_validate(p.describe()) for p in projections],
-        timings={"fit_seconds": fitted - started, "transform_seconds": time.perf_counter() - fitted},
+        timings={"fit_seconds": time.perf_counter() - started},
     )

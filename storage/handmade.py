@@ -27,7 +27,8 @@ from netloupe.storage.manifest import (
     RunManifest,
     Tables,
 )
-from netloupe.storage.part_statistics import derive_parts
+from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT, derive_parts
+from netloupe.storage.wide_segments import WideSegmentWriter
 
 
 def write_handmade_run(
@@ -119,6 +120,7 @@ def write_handmade_run(
                      "pca_x": coordinates[start:stop, 0].astype(np.float32),
                      "pca_y": coordinates[start:stop, 1].astype(np.float32)}))
             write_part(layout.instances_dir, key, part_instances)
+        _write_wide_segments(layout, instance_table["instance_id"], activations, rows_per_part, id_type)
         fitted = [ProjectionTable(kind=S.ACTIVATIONS, name=layer, algorithms=["pca"],
                                   dimensions=int(activations[layer].shape[1]), sample_rows=n,
                                   explained_variance_ratio=[0.0, 0.0]) for layer in projections]
@@ -152,3 +154,16 @@ def write_handmade_run(
     except BaseException:
         staging.abort()
         raise
+
+
+def _write_wide_segments(layout: RunLayout, ids: pa.ChunkedArray, activations: Mapping[str, np.ndarray],
+                         rows_per_part: int, id_type: str) -> None:
+    """Each layer's wide form as one segment of every part (as a part pass of one task writes it)."""
+    n = len(ids)
+    for layer, matrix in activations.items():
+        if matrix.shape[1] > WIDE_NEURON_LIMIT or n == 0:
+            continue
+        with WideSegmentWriter(layout, layer, matrix.shape[1], id_type, f"{0:012d}") as segment:
+            for start in range(0, n, rows_per_part):
+                stop = min(n, start + rows_per_part)
+                segment.add(f"{start:012d}", ids.slice(start, stop - start), matrix[start:stop])

@@ -12,9 +12,11 @@
         projections/sample.parquet            the instances the projections were fitted on
         projections/<kind>/<name>/part-<key>.parquet   kind: activations | attributions
         fidelity/<method>/part-<key>.parquet    sampled instances' fidelity checks
-        wide/<layer>/part-<key>.parquet         the layer, one column per neuron    } written by the
-        index/layers/<layer>/part-<key>.npy     the layer as a row-major matrix     } workers beside
-        stats/<statistic>/part-<key>.parquet    mergeable per-part statistics       } every batch
+        index/layers/<layer>/part-<key>.npy     the layer as a row-major matrix     } written by the
+        stats/<statistic>/part-<key>.parquet    mergeable per-part statistics       } workers beside
+                                                                                    } every batch
+        wide/<layer>/part-<key>.parquet         the layer, one column per neuron, in segments of
+                                                many parts (named after the first; wide_segments.py)
         index/instance_ids.npy, index/instance_rows.npy   the ids sorted, and where each one's row lies
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
@@ -30,6 +32,7 @@ staged in the store, finished on the driver's disk and published manifest last
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -179,12 +182,12 @@ class RunLayout:
 
     def table_dirs(self, layers, methods, statistics=(), projected=()) -> list[Path]:
         """Every directory of parts the explain pass writes (a method's fidelity table only
-        when sampled; the wide and index forms of the ``layers`` that have them):
+        when sampled; the index matrices of the ``layers`` that have them):
         ``statistics`` names the statistics tables, ``projected`` the ``(kind, name)`` of
         the tables whose projection-sample candidates the workers gather."""
         return ([self.instances_dir] + [self.activations_dir(l) for l in layers]
                 + [self.attributions_dir(m) for m in methods] + [self.fidelity_dir(m) for m in methods]
-                + [self.wide_activations_dir(l) for l in layers] + [self.index_layer_dir(l) for l in layers]
+                + [self.index_layer_dir(l) for l in layers]
                 + [self.statistics_dir(s) for s in statistics]
                 + [self.projection_sample_dir(kind, name) for kind, name in projected])
 
@@ -229,10 +232,37 @@ def write_npy(path: Path, matrix: np.ndarray, filesystem: pafs.FileSystem | None
 
 
 def _write_whole(path: Path, write, filesystem: pafs.FileSystem | None, run_root: Path | None) -> int:
+    with whole_file(path, filesystem, run_root) as sink:
+        write(sink.stream)
+    return sink.size
+
+
+class _WholeSink:
+    """What :func:`whole_file` yields: the open file, and its size once the file is whole."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.size = 0
+
+
+@contextlib.contextmanager
+def whole_file(path: Path, filesystem: pafs.FileSystem | None = None, run_root: Path | None = None):
+    """A file written at ``path`` that appears whole when the block ends, or not at all if it
+    raises (:func:`write_parquet`'s rules); yields a sink: write to its ``stream``; its ``size``
+    is set when the file is whole."""
     if filesystem is not None and not isinstance(filesystem, pafs.LocalFileSystem):
-        with filesystem.open_output_stream(str(path)) as stream:
-            write(stream)
-        return filesystem.get_file_info(str(path)).size
+        # An object appears only once its upload completes; pyarrow cannot abort an upload
+        # (closing completes it), so what an error left is deleted.
+        try:
+            with filesystem.open_output_stream(str(path)) as stream:
+                sink = _WholeSink(stream)
+                yield sink
+        except BaseException:
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(str(path))
+            raise
+        sink.size = filesystem.get_file_info(str(path)).size
+        return
     path = Path(path)
     if run_root is None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,10 +275,15 @@ def _write_whole(path: Path, write, filesystem: pafs.FileSystem | None, run_root
             raise RunError(f"the staged run {run_root} is gone (committed, aborted or resumed elsewhere); "
                            "this worker's batch is not written") from None
     tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}{path.suffix}"
-    with open(tmp, "wb") as sink:
-        write(sink)
-    os.replace(tmp, path)
-    return path.stat().st_size
+    try:
+        with open(tmp, "wb") as stream:
+            sink = _WholeSink(stream)
+            yield sink
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sink.size = path.stat().st_size
 
 
 def part_name(key: str, suffix: str = ".parquet") -> str:
@@ -394,6 +429,12 @@ class RunStaging(ABC):
                     removed.append(path)
         return removed
 
+    def clear(self, table_dirs: list[Path]) -> None:
+        """Delete everything in ``table_dirs``, here and where the workers wrote: tables each
+        attempt of a run rewrites whole (the wide segments)."""
+        for directory in table_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
     def commit(self, manifest: RunManifest) -> RunLayout:
         """Write the manifest, then make the run visible at once; return the run on local disk."""
         (self.layout.root / JOB_FILE).unlink(missing_ok=True)  # only a resume needed it
@@ -412,10 +453,11 @@ class RunStaging(ABC):
         the bytes copied."""
 
     @abstractmethod
-    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
-        """Bring one part (of a batch in ``keys``) of each of ``table_dirs`` into the local
-        staged run (the catalog's views over a table bind to its columns there); return the
-        bytes copied."""
+    def stand_in_parts(self, table_dirs: list[Path], keys: set[str]) -> int:
+        """Make sure each of ``table_dirs`` holds a part (one of ``keys``) in the local staged
+        run, for the catalog's views to bind to its columns; return the bytes written. A store
+        run's are empty stand-ins with the schema of one of the workers' parts (its footer is
+        all that is read): the parts themselves are published from the store, never through the driver."""
 
     @abstractmethod
     def part_keys(self, directory: Path) -> set[str]:
@@ -481,8 +523,8 @@ class LocalStaging(RunStaging):
     def pull(self, *relative_dirs: str) -> int:
         return 0  # the workers wrote into the staged directory itself
 
-    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
-        return 0
+    def stand_in_parts(self, table_dirs: list[Path], keys: set[str]) -> int:
+        return 0  # the parts are here
 
     def part_keys(self, directory: Path) -> set[str]:
         return {key_of_part(path.name) for path in directory.glob("part-*")} if directory.is_dir() else set()
@@ -550,6 +592,9 @@ class StoreStaging(RunStaging):
         self.store_staging = self.store.child(STAGING_DIR, staged_name)
         self.published_keys: set[str] | None = None
         """The parts a finished batch reported (:meth:`remove_unlisted_parts`): what is published."""
+        self.stand_ins: list[Path] = []
+        """Local empty parts the catalog's views bound to (:meth:`stand_in_parts`): removed
+        before publishing, so that the parts in the store are published instead."""
         self.worker_root = join_uri(self.store.uri, STAGING_DIR, staged_name)
 
     @classmethod
@@ -595,17 +640,16 @@ class StoreStaging(RunStaging):
         return sum(download_tree(self.store.filesystem, f"{self.store_staging}/{d}", self.layout.root / d)
                    for d in relative_dirs)
 
-    def pull_one_part(self, table_dirs: list[Path], keys: set[str]) -> int:
-        copied = 0
+    def stand_in_parts(self, table_dirs: list[Path], keys: set[str]) -> int:
+        written = 0
         for directory in table_dirs:
             listed = [info for info in self._listed(directory.relative_to(self.layout.root).as_posix())
                       if key_of_part(info.base_name) in keys]
             if listed:
-                directory.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(listed[0].path, str(directory / listed[0].base_name),
-                                source_filesystem=self.store.filesystem, destination_filesystem=pafs.LocalFileSystem())
-                copied += listed[0].size or 0
-        return copied
+                schema = pq.read_schema(listed[0].path, filesystem=self.store.filesystem)
+                written += write_parquet(directory / listed[0].base_name, schema.empty_table())
+                self.stand_ins.append(directory / listed[0].base_name)
+        return written
 
     def part_keys(self, directory: Path) -> set[str]:
         listed = self._listed(directory.relative_to(self.layout.root).as_posix())
@@ -618,6 +662,11 @@ class StoreStaging(RunStaging):
         # (publish_run copies them there, never through the driver).
         self.published_keys = set(keys)
         return super().remove_unlisted_parts(table_dirs, keys)
+
+    def clear(self, table_dirs: list[Path]) -> None:
+        super().clear(table_dirs)
+        for directory in table_dirs:
+            self.store.delete_tree(f"{self.store_staging}/{directory.relative_to(self.layout.root).as_posix()}")
 
     def _published_parts(self) -> list[str]:
         """The staged parts the run is published with that the driver does not hold (paths
@@ -646,6 +695,8 @@ class StoreStaging(RunStaging):
         return sizes
 
     def _make_visible(self) -> RunLayout:
+        for stand_in in self.stand_ins:
+            stand_in.unlink(missing_ok=True)
         try:
             publish_run(self.layout.root, self.store, self.run_name, self.force, self.store_staging,
                         self._published_parts())

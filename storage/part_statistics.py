@@ -7,17 +7,13 @@ adds the parts up (``storage/sql/merge.sql``), as they arrive. The driver's cost
 the number of parts and cells, not with the instances or the width of their vectors.
 
 Beside the statistics, each batch's recorded layers (up to ``WIDE_NEURON_LIMIT`` neurons)
-are written twice more, in the two layouts the readers need:
+are written as ``index/layers/<layer>/part-<key>.npy``: the batch's rows (in the order of
+its ``instances`` part) as a row-major ``float32`` matrix, memory-mapped by :class:`netloupe.storage.activation_index.ActivationIndex`,
+which gathers a subset's rows from them, and read again after the explain pass to write the
+layer's wide form for SQL in segments of many parts (:mod:`netloupe.storage.wide_segments`).
 
-* ``wide/<layer>/part-<key>.parquet``: one FLOAT column per neuron, uncompressed: the
-  ``activations_<layer>`` view, for SQL;
-* ``index/layers/<layer>/part-<key>.npy``: the same rows as a row-major ``float32`` matrix,
-  memory-mapped by :class:`netloupe.storage.activation_index.ActivationIndex`, which gathers
-  a subset's rows from them.
-
-Rows of both are in the order of the batch's ``instances`` part. The same functions serve
-the workers (:class:`netloupe.workers.explain.ExplainWorker`) and runs written by hand
-(:mod:`netloupe.storage.handmade`), so both produce the same files.
+The same functions serve the workers (:class:`netloupe.workers.explain.ExplainWorker`) and
+runs written by hand (:mod:`netloupe.storage.handmade`), so both produce the same files.
 
 NaN follows DuckDB's rules, so that a merged statistic equals the one DuckDB would compute
 over every row: sums propagate NaN, ``active`` counts values > 0 that are not NaN, ``min``
@@ -34,11 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from netloupe.storage import schema as S
-from netloupe.storage.layout import PLAIN_PARQUET_OPTIONS, WIDE_PARQUET_OPTIONS, RunLayout
+from netloupe.storage.layout import PLAIN_PARQUET_OPTIONS, RunLayout
 from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
 
 WIDE_NEURON_LIMIT = 4096
-"""Widest layer given one column per neuron (``wide/``) and an index matrix; wider ones (a
+"""Widest layer given an index matrix and one column per neuron (``wide/``); wider ones (a
 conv map kept with ``pooling: none``) stay Parquet vectors only."""
 
 ATTRIBUTION_COLUMNS_AT_ONCE = 1024
@@ -77,12 +73,6 @@ def neuron_top_schema(id_type: str) -> pa.Schema:
                       ("activation", pa.float32())])
 
 
-def wide_schema(neurons: int, id_type: str) -> pa.Schema:
-    """``instance_id, n0 .. n<d-1>``: the columns of ``activations_<layer>``."""
-    return pa.schema([pa.field("instance_id", S.ID_TYPES[id_type], nullable=False)]
-                     + [pa.field(f"n{j}", pa.float32()) for j in range(neurons)])
-
-
 @dataclass
 class DerivedParts:
     """One batch's statistics and index rows, by directory relative to the run."""
@@ -111,11 +101,6 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
         neuron_cells.append(_neuron_cells(layer, values, cells))
         tops.append(_neuron_top(layer, ids, values, id_type))
         out.matrices[run.index_layer_dir(layer)] = values
-        columns = np.ascontiguousarray(values.T)  # every neuron's column contiguous: no copy per column
-        out.options[run.wide_activations_dir(layer)] = WIDE_PARQUET_OPTIONS
-        out.tables[run.wide_activations_dir(layer)] = pa.Table.from_arrays(
-            [ids.cast(S.ID_TYPES[id_type])] + [pa.array(c) for c in columns],
-            schema=wide_schema(values.shape[1], id_type))
     attribution_cells, summaries = [], []
     for method, table in attributions.items():
         if "attribution" in table.column_names:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import save_file
@@ -54,6 +55,12 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     stop_afterwards.append(killed)
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
     kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
+    # As if the killed attempt had reached the part pass: a segment of its, named after a kept
+    # part, that the resumed attempt must not keep (its parts are cut otherwise).
+    [staged] = staging_root.glob("t-*")
+    stale = staged / "wide" / "fc" / sorted(kept)[0]
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"instance_id": pa.array([1000, 1001, 1002], pa.int64())}), stale)
 
     # Resumed at once: any of the killed driver's Ray workers still finishing a batch must not
     # stop the run (test_a_staging_taken_over_by_resume_refuses_late_writes shows their writes fail).
@@ -74,6 +81,8 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     assert "statistics_merge_seconds" in manifest.timings and "statistics" not in manifest.timings["catalog"]
     sizes = run_query(open_catalog(run), "SELECT sum(size) AS n FROM neuron_cells WHERE neuron = 0 GROUP BY layer")
     assert sizes["n"].to_pylist() == [160] * len(manifest.model.layer_neurons)
+    wide = run_query(open_catalog(run), "SELECT count(*) AS n, count(DISTINCT instance_id) AS d FROM activations_fc")
+    assert wide.to_pylist() == [{"n": 160, "d": 160}]
     # The finished batches were kept as they were, not computed again.
     for name, mtime in kept.items():
         assert (run / "instances" / name).stat().st_mtime_ns == mtime

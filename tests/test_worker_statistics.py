@@ -3,8 +3,9 @@ parts by two workers answers every operator as numpy does over the run's own tab
 the fast path and the stock CLI's, and the driver checks exactly-once from the reports alone.
 
 tests/test_operators.py checks the operators on a hand-made run; this checks what the
-workers write: per-part cells, top lists, method summaries, index matrices, wide parts and
-projection-sample candidates, added up by the driver as they arrive.
+workers write: per-part cells, top lists, method summaries, index matrices and
+projection-sample candidates, added up by the driver as they arrive, and the wide segments the
+part pass writes.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import pytest
 
 from netloupe.contract.errors import RunError
 from netloupe.pipeline.driver import _check_exactly_once, run_job
+from netloupe.pipeline.part_pass import _check_segments
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import open_catalog, run_query
-from netloupe.storage.layout import RunLayout
+from netloupe.storage.layout import RunLayout, key_of_part
 from netloupe.storage.manifest import BatchReport
 from netloupe.storage.part_statistics import NEURON_TOP_KEPT, _neuron_top, statistics_of
 from netloupe.storage.reader import RunReader, sample_instance_ids
 from netloupe.storage.statistics_merge import StatisticsMerge
+from netloupe.storage.wide_segments import WideSegment, WideSegmentWriter
 from tests.helpers import tabular_spec
 
 N, BATCH, SAMPLE = 150, 8, 40
@@ -61,7 +64,10 @@ def run(ray_local, tmp_path_factory):
         projection={"sample_size": SAMPLE, "seed": 5},
         execution={"batch_size": BATCH, "num_workers": 2},
     )
-    result = run_job(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        # Segments of a few parts each (a small run is otherwise one segment per layer).
+        patch.setattr("netloupe.pipeline.part_pass.MIN_TASK_ROWS", 16)
+        result = run_job(spec)
     reader = RunReader(result.layout.root)
     instances = reader.instances().to_pandas().set_index("instance_id")
     return result, reader, instances
@@ -75,13 +81,23 @@ def _paths(run_dir):
 
 
 def test_the_run_is_written_in_many_parts(run):
-    result, _, instances = run
+    result, reader, instances = run
     assert result.manifest.counts.parts == -(-N // BATCH) and len(instances) == N
     layout = result.layout
     parts = {p.name for p in layout.instances_dir.glob("part-*.parquet")}
     for layer in ("fc1", "relu"):
-        assert {p.name for p in layout.wide_activations_dir(layer).glob("*.parquet")} == parts
         assert len(list(layout.index_layer_dir(layer).glob("part-*.npy"))) == len(parts)
+        # The wide form: one segment per part-pass task (2 workers x 4), each named after the
+        # first of its run of parts in key order, together every instance once, as recorded.
+        segments = sorted(layout.wide_activations_dir(layer).glob("*.parquet"))
+        assert len(segments) == 8 and {p.name for p in segments} < parts
+        keys = sorted(key_of_part(name) for name in parts)
+        wide = pa.concat_tables([pq.read_table(p) for p in segments])
+        ids = pa.concat_tables([pq.read_table(layout.instances_dir / f"part-{k}.parquet") for k in keys])["instance_id"]
+        assert wide["instance_id"].to_pylist() == ids.to_pylist()  # key order, each part's own order
+        recorded = reader.activations(layer).to_pandas().set_index("instance_id").loc[ids.to_pylist()]
+        np.testing.assert_array_equal(wide.drop(["instance_id"]).to_pandas().to_numpy(),
+                                      np.stack(recorded["activation"].to_numpy()))
     assert not (layout.root / S.PROJECTIONS / "candidates").exists()  # staging only
     timings = result.manifest.timings
     assert timings["driver_tail_seconds"] > 0
@@ -238,6 +254,41 @@ def test_exactly_once_is_checked_from_the_reports():
     # Right count, wrong instances: r-0 twice, r-9 never.
     with pytest.raises(RunError, match="some instance was explained twice and another not at all"):
         _check_exactly_once(_reports([ids[:5], ids[:1] + ids[5:9]]), dataset)
+
+
+def test_the_wide_segments_are_checked_to_hold_every_batch_once():
+    rows = {"a": 3, "b": 2, "c": 4}
+
+    def segment(key, keys, n):
+        return WideSegment("fc", key, tuple(keys), n, 0)
+
+    _check_segments([segment("a", "ab", 5), segment("c", "c", 4)], {"fc": 4}, rows)
+    for wrong in ([segment("a", "ab", 5)],  # c in no segment
+                  [segment("a", "ab", 5), segment("b", "bc", 6)],  # b twice
+                  [segment("a", "ab", 5), segment("c", "c", 3)]):  # a row short
+        with pytest.raises(RunError, match="do not hold each of the 3 batches once"):
+            _check_segments(wrong, {"fc": 4}, rows)
+
+
+def test_a_wide_segment_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setattr("netloupe.storage.wide_segments.SEGMENT_ROW_GROUP_BYTES", 16)  # 2 rows of 2 neurons
+    layout = RunLayout(tmp_path / "run")
+    ids = pa.array([7, 8, 9], pa.int64())
+    with pytest.raises(ValueError, match=r"expected a \(3, 2\) matrix, got \(3, 5\)"):
+        with WideSegmentWriter(layout, "fc", 2, "int64", "k1") as writer:
+            writer.add("k1", ids, np.ones((3, 2), np.float32))
+            writer.add("k2", ids, np.ones((3, 5), np.float32))
+    assert not list(layout.wide_activations_dir("fc").iterdir())  # neither the segment nor a temporary
+    with WideSegmentWriter(layout, "fc", 2, "int64", "k1") as writer:
+        writer.add("k1", ids, np.arange(6, dtype=np.float32).reshape(3, 2))
+        writer.add("k2", pa.chunked_array([ids]), -np.arange(6, dtype=np.float64).reshape(3, 2))
+    assert writer.segment.keys == ("k1", "k2") and writer.segment.rows == 6
+    [path] = layout.wide_activations_dir("fc").iterdir()
+    assert path.name == "part-k1.parquet" and writer.segment.bytes == path.stat().st_size
+    assert pq.ParquetFile(path).num_row_groups == 2  # a group as soon as 2 rows are pending
+    table = pq.read_table(path)
+    assert table.schema.names == ["instance_id", "n0", "n1"] and table["n1"].type == pa.float32()
+    assert table.to_pydict() == {"instance_id": [7, 8, 9] * 2, "n0": [0, 2, 4, 0, -2, -4], "n1": [1, 3, 5, -1, -3, -5]}
 
 
 def test_a_committed_run_of_the_previous_format_is_refused(run, tmp_path):

@@ -2,8 +2,8 @@
 
 A :class:`Projection` is fitted once on the driver (:func:`fit_projection`) from a sample
 of one table's vectors (a layer's activations or a method's attribution maps) and shipped
-to the projection tasks (:func:`projection_task`), which transform every part of that table and write
-``projections/<kind>/<name>/part-<key>.parquet`` beside it.
+to the part pass's tasks (:mod:`netloupe.workers.part_pass`), which transform every part of that
+table (:class:`PartProjector`) and write ``projections/<kind>/<name>/part-<key>.parquet`` beside it.
 
 Every instance's coordinates depend on its own vector and the fitted projection only, never
 on which other instances share its batch, so the workers' output equals the driver's
@@ -20,18 +20,18 @@ on which other instances share its batch, so the workers' output equals the driv
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from netloupe.contract.names import PROJECTION_ALGORITHMS
 from netloupe.storage import schema as S
-from netloupe.storage.layout import part_name, worker_layout, write_part
+from netloupe.storage.layout import RunLayout, part_name, write_part
 
 SOURCE_COLUMNS = {S.ACTIVATIONS: "activation", S.ATTRIBUTIONS: "attribution"}
 """The vector column a projection reads from each kind of source table."""
@@ -161,68 +161,42 @@ def _place_in_umap(fit: UmapFit, vectors: np.ndarray) -> np.ndarray:
 
 
 class PartProjector:
-    """What a projection task does with its parts: for each part key it reads that part of
-    every projected table, transforms it, and writes the coordinates beside it."""
+    """What the part pass does with each projection: for each part it transforms that part of
+    every projected table and writes the coordinates beside it."""
 
-    def __init__(self, projections: list[Projection], worker_root: str, id_type: str):
+    def __init__(self, projections: list[Projection], layout: RunLayout, filesystem: pafs.FileSystem, id_type: str):
         self.projections = projections
-        self.layout, self.filesystem = worker_layout(worker_root)
+        self.layout, self.filesystem = layout, filesystem
         self.id_type = id_type
-        self._ids: tuple[str, pa.ChunkedArray] | None = None
 
-    def project(self, projection: Projection, key: str) -> tuple[pa.Table, int]:
-        """The coordinates of one part of ``projection``'s source table, and its row count."""
-        ids, vectors = self._vectors(projection, key)
+    def project_part(self, key: str, ids: pa.ChunkedArray, matrices: dict[str, np.ndarray]) -> list[tuple[str, str, int]]:
+        """Project and write every table's part ``key``; ``ids`` are its instances' ids and
+        ``matrices`` its layers' index matrices (rows in the same order). Returns (table, key,
+        rows) per part written."""
+        written = []
+        for projection in self.projections:
+            table = self.project(projection, key, ids, matrices)
+            write_part(self.layout.projections_dir(projection.kind, projection.name), key, table,
+                       self.filesystem, self.layout.root)
+            written.append((f"{projection.kind}/{projection.name}", key, table.num_rows))
+        return written
+
+    def project(self, projection: Projection, key: str, ids: pa.ChunkedArray,
+                matrices: dict[str, np.ndarray]) -> pa.Table:
+        """The coordinates of one part of ``projection``'s source table."""
+        if projection.kind == S.ACTIVATIONS and projection.name in matrices:
+            # The index matrix: plain floats, 2-3x faster to read than the Parquet vectors.
+            vectors = matrices[projection.name]
+        else:  # an attribution map, or a layer too wide for the index
+            ids, vectors = self._vectors_of_table(projection, key)
         coords = projection.transform(vectors)
         schema = S.projections_schema(projection.algorithms, self.id_type)
-        return S.table_from_columns(schema, {"instance_id": ids, **coords}), len(ids)
+        return S.table_from_columns(schema, {"instance_id": ids, **coords})
 
-    def _vectors(self, projection: Projection, key: str) -> tuple[pa.ChunkedArray, np.ndarray]:
-        """A part's instance ids and vectors: a layer's from its index matrix (plain floats,
-        rows in the order of the part's instances; 2-3x faster to read than the Parquet
-        vectors) when it has one, else from the table."""
-        if projection.kind == S.ACTIVATIONS:
-            matrix = self.layout.index_layer_dir(projection.name) / part_name(key, ".npy")
-            try:
-                with self.filesystem.open_input_file(str(matrix)) as stream:
-                    vectors = np.load(io.BytesIO(stream.read()), allow_pickle=False)
-            except FileNotFoundError:
-                pass  # a layer too wide for the index
-            else:
-                return self._instance_ids(key), vectors
+    def _vectors_of_table(self, projection: Projection, key: str) -> tuple[pa.ChunkedArray, np.ndarray]:
         source = self.layout.source_dir(projection.kind, projection.name) / part_name(key)
         columns = ["instance_id", projection.column] + (["target_rank"] if projection.kind == S.ATTRIBUTIONS else [])
         table = pq.read_table(str(source), columns=columns, filesystem=self.filesystem)
         if projection.kind == S.ATTRIBUTIONS:
             table = table.filter(pc.equal(table["target_rank"], 0))
         return table["instance_id"], S.vectors_to_numpy(table[projection.column])
-
-    def _instance_ids(self, key: str) -> pa.ChunkedArray:
-        """The ids of a part's instances, read once for all the layers projected."""
-        if self._ids is None or self._ids[0] != key:
-            instances = self.layout.instances_dir / part_name(key)
-            self._ids = key, pq.read_table(str(instances), columns=["instance_id"],
-                                           filesystem=self.filesystem)["instance_id"]
-        return self._ids[1]
-
-    def project_parts(self, keys: list[str]) -> list[tuple[str, str, int]]:
-        """Project and write every table's part of each key; (table, key, rows) per part written."""
-        written = []
-        for key in keys:
-            for projection in self.projections:
-                table, rows = self.project(projection, key)
-                write_part(self.layout.projections_dir(projection.kind, projection.name), key, table,
-                           self.filesystem, self.layout.root)
-                written.append((f"{projection.kind}/{projection.name}", key, rows))
-        return written
-
-
-def projection_task(projections: list[Projection], worker_root: str, id_type: str, threads: int,
-                    keys: list[str]) -> list[tuple[str, str, int]]:
-    """The body of one projection task (a plain Ray task, not an actor pool: the pass is a
-    few milliseconds per part, and starting a Ray Data actor pool cost ~5 s of the run's tail)."""
-    from threadpoolctl import threadpool_limits
-
-    # BLAS threads as the explain workers' torch threads: the cores shared by the workers.
-    with threadpool_limits(threads):
-        return PartProjector(projections, worker_root, id_type).project_parts(keys)
