@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
-	$(PY) -m pip install --quiet -e ".[test,dashboard,umap]"
+	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers]"
 	touch $@
 
 # `make demo ROWS=1000000`: the scale demo on generated MNIST variants of that size.

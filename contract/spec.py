@@ -56,6 +56,16 @@ class ModelSpec(StrictModel):
     holds: set this only for files you trust."""
     torchscript: str | None = None
     """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
+    huggingface: str | None = None
+    """A local Hugging Face checkpoint directory (``config.json`` and weights as
+    ``save_pretrained`` writes them) of a model for image or sequence classification, instead
+    of ``factory``: loaded with ``transformers``' Auto classes from that directory only (nothing
+    is downloaded; a hub name is refused). Layer names are the checkpoint's own
+    (``vit.layers.0``)."""
+    trust_remote_code: bool = False
+    """Let a ``huggingface`` checkpoint that ships its own modelling code run it (``auto_map``
+    in its config): the code runs in the driver and every worker. Set it only for checkpoints
+    you trust."""
     class_names: list[str] | None = None
     """Names of the output classes, in output order; default ``"0"``, ``"1"``, ..."""
     output: Literal["logits", "probabilities", "log_probabilities"] = "logits"
@@ -66,12 +76,19 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.factory is None) == (self.torchscript is None):
+        sources = {"factory": self.factory, "torchscript": self.torchscript, "huggingface": self.huggingface}
+        if sum(value is not None for value in sources.values()) != 1:
+            given = ", ".join(f"{key}={value!r}" for key, value in sources.items() if value is not None)
             raise ValueError(
-                "give exactly one of 'factory' (an entry point such as "
-                "'netloupe.pipeline.zoo:mnist_cnn') or 'torchscript' (a .pt file); "
-                f"got factory={self.factory!r}, torchscript={self.torchscript!r}"
+                "give exactly one of 'factory' (an entry point such as 'netloupe.pipeline.zoo:mnist_cnn'), "
+                "'torchscript' (a .pt file) or 'huggingface' (a local checkpoint directory); "
+                f"got {given or 'none'}"
             )
+        if self.trust_remote_code and self.huggingface is None:
+            raise ValueError("trust_remote_code applies to a 'huggingface' checkpoint, and none is given")
+        if self.huggingface is not None and (self.weights is not None or self.kwargs):
+            raise ValueError("'weights' and 'kwargs' apply to a factory model; a Hugging Face checkpoint "
+                             "carries its own weights and config")
         if self.allow_unsafe_pickle and self.weights is None:
             raise ValueError("allow_unsafe_pickle applies to a 'weights' file, and none is given")
         if self.torchscript is not None and self.weights is not None:
@@ -150,9 +167,12 @@ class LayerSpec(StrictModel):
 
     name: str
     """Module name as in ``model.named_modules()`` (e.g. ``conv2`` or ``features.3``)."""
-    pooling: Literal["mean", "max", "none"] = "mean"
-    """For outputs with spatial dimensions: average or max over them, one value per
-    channel, or ``none`` to keep every unit."""
+    pooling: Literal["mean", "max", "none", "token_mean", "first_token"] | None = None
+    """For outputs with spatial dimensions ``(n, channels, ...)``: average (``mean``) or max
+    over them, one value per channel, or ``none`` to keep every unit. For a transformer's
+    token vectors ``(n, tokens, hidden)``: their mean (``token_mean``) or the first token's
+    (``first_token``: [CLS] where the model has one). Default: ``token_mean`` for a
+    ``huggingface`` model's layers, ``mean`` otherwise."""
 
 
 class NoiseTunnelSpec(StrictModel):
@@ -401,6 +421,12 @@ class JobSpec(StrictModel):
                 "set it to 'full' or 'heatmap', or drop projection.attributions"
             )
         return self
+
+    def pooling_of(self, layer: LayerSpec) -> str:
+        """How ``layer``'s output is pooled (the default resolved for this spec's model)."""
+        if layer.pooling is not None:
+            return layer.pooling
+        return "token_mean" if self.model.huggingface is not None else "mean"
 
     @property
     def projected_layers(self) -> list[str]:

@@ -5,6 +5,8 @@ tests/test_run_tabular.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -129,6 +131,34 @@ CASES = {
         {"model": {"torchscript": "{tmp}/garbage.torchscript"}},
         ["cannot load TorchScript file", "garbage.torchscript"],
     ),
+    "Hugging Face hub name": (
+        {"model": {"huggingface": "bert-base-uncased"}},
+        ["'bert-base-uncased' is not a local directory", "downloads nothing", "save_pretrained(DIR)"],
+    ),
+    "Hugging Face directory without a config": (
+        {"model": {"huggingface": "{tmp}/no-config"}},
+        ["no-config holds no config.json"],
+    ),
+    "Hugging Face checkpoint with its own code, no opt-in": (
+        {"model": {"huggingface": "{tmp}/remote-code"}},
+        ["ships its own modelling code", "model.trust_remote_code: true"],
+    ),
+    "Hugging Face model that is not a classifier": (
+        {"model": {"huggingface": "{tmp}/bare-encoder"}},
+        ["is a BertModel", "netloupe explains classifiers", "...ForSequenceClassification"],
+    ),
+    "token pooling of a layer without tokens": (
+        {"layers": [{"name": "fc", "pooling": "first_token"}]},
+        ["layer 'fc'", "pooling 'first_token' takes token vectors (n, tokens, hidden)", "shape (4, 2)"],
+    ),
+    "Hugging Face text classifier (no text column yet)": (
+        {"model": {"huggingface": "{tmp}/text-classifier"}},
+        ["is a text classifier (BertForSequenceClassification)", "does not yet read text columns"],
+    ),
+    "trust_remote_code without a checkpoint": (
+        {"model": {"factory": "tests.tiny_models:linear", "trust_remote_code": True}},
+        ["trust_remote_code applies to a 'huggingface' checkpoint"],
+    ),
     "input of the wrong dtype": (
         {"dataset__feature_columns": ["x0", "x1", "group"]},
         ["'group'", "string", "numeric"],
@@ -152,6 +182,15 @@ def data_path(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
     (tmp_path / "garbage.torchscript").write_bytes(b"PK\x03\x04 not a zip")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not really parquet")
+    (tmp_path / "no-config").mkdir()
+    (tmp_path / "no-config" / "model.safetensors").write_bytes(b"{}")
+    for name, config in (("remote-code", {"architectures": ["NovelForImageClassification"],
+                                          "auto_map": {"AutoConfig": "modeling_novel.NovelConfig"}}),
+                         ("bare-encoder", {"architectures": ["BertModel"], "model_type": "bert"}),
+                         ("text-classifier", {"architectures": ["BertForSequenceClassification"],
+                                              "model_type": "bert"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "manifest.json").write_text("{}")
     table = tabular_table(12)

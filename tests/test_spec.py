@@ -45,7 +45,7 @@ def test_spec_is_frozen():
     ({**MINIMAL, "model": {}}, ["exactly one of 'factory'"]),
     ({"model": MINIMAL["model"], "dataset": MINIMAL["dataset"]}, ["output: required key is missing"]),
     ({**MINIMAL, "execution": {"batch_size": 0}}, ["execution.batch_size", "greater than 0"]),
-    ({**MINIMAL, "layers": [{"name": "fc1", "pooling": "median"}]}, ["layers.0.pooling", "'mean', 'max' or 'none'"]),
+    ({**MINIMAL, "layers": [{"name": "fc1", "pooling": "median"}]}, ["layers.0.pooling", "'mean', 'max', 'none', 'token_mean' or 'first_token'"]),
     ({**MINIMAL, "attributions": [{"method": "saliency"}, {"method": "saliency"}]}, ["['saliency'] repeat"]),
     ({**MINIMAL, "dataset": {"source": "d.parquet", "input_column": "x", "feature_columns": ["a"]}},
      ["exactly one of 'input_column'"]),

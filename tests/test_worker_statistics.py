@@ -256,6 +256,33 @@ def test_exactly_once_is_checked_from_the_reports():
         _check_exactly_once(_reports([ids[:5], ids[:1] + ids[5:9]]), dataset)
 
 
+def test_a_merge_that_fails_during_the_pass_falls_back_to_adding_every_part(ray_local, tmp_path, monkeypatch):
+    """A read of the merge's thread fails once (as a store read can): the run says so, the
+    catalog adds every part itself, and the answers are the same."""
+    pq.write_table(_data(), tmp_path / "data.parquet")
+    failures = []
+    read = StatisticsMerge._read
+
+    def failing_once(self, name, keys):
+        if not failures:
+            failures.append(name)
+            raise OSError("the store did not answer")
+        return read(self, name, keys)
+
+    monkeypatch.setattr(StatisticsMerge, "_read", failing_once)
+    spec = tabular_spec(
+        tmp_path / "data.parquet", tmp_path / "runs", model={"factory": "tests.tiny_models:seeded_mlp"},
+        dataset={"source": str(tmp_path / "data.parquet"), "feature_columns": [f"f{j}" for j in range(8)],
+                 "id_column": "key", "label_column": "label"},
+        layers=[{"name": "fc1"}], execution={"batch_size": BATCH, "num_workers": 1})
+    result = run_job(spec)
+    timings = result.manifest.timings
+    assert failures and timings["statistics_merge_error"] == "the store did not answer"
+    assert "statistics" in timings["catalog"]  # the catalog added every part itself
+    cells = run_query(open_catalog(result.layout.root), "SELECT sum(size) AS n FROM neuron_cells GROUP BY neuron")
+    assert set(cells["n"].to_pylist()) == {N}
+
+
 def test_the_wide_segments_are_checked_to_hold_every_batch_once():
     rows = {"a": 3, "b": 2, "c": 4}
 

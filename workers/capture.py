@@ -9,12 +9,21 @@ from torch import nn
 
 from netloupe.contract.errors import ModelError, did_you_mean
 
+TOKEN_POOLINGS = ("token_mean", "first_token")
+"""Poolings over the tokens of a transformer's ``(n, tokens, hidden)`` vectors."""
+
 
 def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``(n, c, *spatial)`` → ``(n, c)`` by mean or max, or ``(n, c·spatial)`` for ``none``.
+    """``(n, c, *spatial)`` → ``(n, c)`` by mean or max, or ``(n, c·spatial)`` for ``none``;
+    ``(n, tokens, hidden)`` → ``(n, hidden)`` by ``token_mean`` or ``first_token``.
 
     Outputs without spatial dimensions (``(n, features)``) pass through unchanged.
     """
+    if pooling in TOKEN_POOLINGS:
+        if output.dim() != 3:
+            raise ValueError(f"pooling {pooling!r} takes token vectors (n, tokens, hidden), "
+                             f"got an output of shape {tuple(output.shape)}")
+        return output.mean(dim=1) if pooling == "token_mean" else output[:, 0]
     if output.dim() <= 2 or pooling == "none":
         return output.reshape(output.shape[0], -1)
     flat = output.reshape(output.shape[0], output.shape[1], -1)
@@ -22,7 +31,7 @@ def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:
         return flat.mean(dim=2)
     if pooling == "max":
         return flat.amax(dim=2)
-    raise ValueError(f"pooling must be 'mean', 'max' or 'none', got {pooling!r}")
+    raise ValueError(f"pooling must be 'mean', 'max', 'none', 'token_mean' or 'first_token', got {pooling!r}")
 
 
 def find_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -78,6 +87,8 @@ class LayerCapture:
 
     def _hook(self, name: str, pooling: str):
         def hook(_module, _inputs, output):
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                output = output[0]  # a transformer block's (hidden states, attentions, ...)
             if not isinstance(output, torch.Tensor):
                 raise ModelError(
                     f"layer {name!r} returns {type(output).__name__}, not a tensor; "
@@ -89,5 +100,9 @@ class LayerCapture:
                     "ambiguous; record a module that is used once"
                 )
             self.output_shapes[name] = tuple(output.shape[1:])
-            self.activations[name] = pool_activation(output.detach(), pooling).float()
+            try:
+                self.activations[name] = pool_activation(output.detach(), pooling).float()
+            except ValueError as error:
+                raise ModelError(f"layer {name!r}: {error}; choose its pooling among mean, max and none "
+                                 "(channels first), or token_mean and first_token (tokens)") from None
         return hook

@@ -110,7 +110,7 @@ class BatchExplainer:
         self.model = model
         self.device = device
         self.decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
-        self.capture = LayerCapture(model, [(layer.name, layer.pooling) for layer in spec.layers])
+        self.capture = LayerCapture(model, [(layer.name, spec.pooling_of(layer)) for layer in spec.layers])
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
         self.raw_attribution_shapes: dict[str, tuple[int, ...]] = {}

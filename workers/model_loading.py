@@ -1,5 +1,6 @@
 """Loading the model a spec names, as the driver (to validate) and every worker do: an entry
-point (plus optional weights) or a TorchScript file → ``nn.Module`` in eval mode.
+point (plus optional weights), a TorchScript file or a local Hugging Face checkpoint
+(:mod:`netloupe.workers.huggingface`) → ``nn.Module`` in eval mode.
 
 Weights are read without executing code: safetensors, or ``torch.load(weights_only=True)``;
 full pickle only when the spec opts in by name (``model.allow_unsafe_pickle``).
@@ -154,7 +155,11 @@ def load_model_reporting(spec: ModelSpec) -> tuple[nn.Module, list[str]]:
     """:func:`load_model`, and the names of the parameters and buffers ``model.weights``
     did not set (:func:`load_weights`)."""
     unset: list[str] = []
-    if spec.torchscript is not None:
+    if spec.huggingface is not None:
+        from netloupe.workers.huggingface import load_huggingface_model
+
+        model = load_huggingface_model(spec)
+    elif spec.torchscript is not None:
         path = Path(spec.torchscript)
         if not path.is_file():
             raise ModelError(f"TorchScript file {path} does not exist; check model.torchscript")

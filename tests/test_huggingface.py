@@ -1,0 +1,198 @@
+"""Hugging Face checkpoints (issue 16): a vision transformer saved with ``save_pretrained`` is
+explained end to end on a real local Ray from its directory alone, its layers named as in its
+own code; token layers pooled over tokens equal the model's own hidden states, and every
+stored attribution equals Captum's called directly on the checkpoint model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+from captum.attr import IntegratedGradients, Saliency
+
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.reader import RunReader
+from netloupe.workers.huggingface import HuggingFaceClassifier
+from netloupe.workers.model_loading import load_model
+
+N, SIDE, CLASSES = 24, 8, 3
+
+
+def _images() -> pa.Table:
+    rng = np.random.default_rng(4)
+    pixels = rng.uniform(0, 1, size=(N, SIDE * SIDE)).astype(np.float32)
+    return pa.table({
+        "key": pa.array([f"img-{i:02d}" for i in range(N)]),
+        "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), SIDE * SIDE),
+        "label": pa.array(rng.integers(0, CLASSES, N).astype(np.int64)),
+    })
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A two-block ViT on 8×8 one-channel images (4 patches of 4×4 and [CLS]), saved as
+    ``save_pretrained`` writes it: what a user's own fine-tuned checkpoint looks like."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=SIDE, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                    num_labels=CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    directory = tmp_path_factory.mktemp("vit") / "checkpoint"
+    transformers.ViTForImageClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vit_run(ray_local, checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vitrun")
+    pq.write_table(_images(), root / "images.parquet")
+    spec = parse_spec({
+        "model": {"huggingface": str(checkpoint)},
+        "dataset": {"source": str(root / "images.parquet"), "input_column": "pixels", "id_column": "key"},
+        "preprocess": {"shape": [1, SIDE, SIDE]},
+        "layers": [{"name": "vit.layers.1"}, {"name": "vit.layernorm", "pooling": "first_token"}],
+        "attributions": [{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 16}}],
+        "execution": {"batch_size": 8, "num_workers": 2, "threads_per_worker": 1, "chunk_rows": 10_000},
+        "output": {"root": str(root / "runs"), "run_name": "vit"},
+    })
+    return RunReader(run_job(spec).layout.root)
+
+
+def _checkpoint_model(checkpoint):
+    return transformers.ViTForImageClassification.from_pretrained(checkpoint, local_files_only=True).eval()
+
+
+def _pixels(ids: list[str]) -> torch.Tensor:
+    table = _images()
+    row = {key: i for i, key in enumerate(table["key"].to_pylist())}
+    pixels = np.stack(table["pixels"].to_numpy(zero_copy_only=False))[[row[i] for i in ids]]
+    return torch.from_numpy(pixels.reshape(-1, 1, SIDE, SIDE))
+
+
+def test_the_checkpoint_loads_under_its_own_layer_names(checkpoint):
+    spec = parse_spec({"model": {"huggingface": str(checkpoint)}, "dataset": {"source": "x.parquet"},
+                       "output": {"run_name": "t"}})
+    model = load_model(spec.model)
+    own = _checkpoint_model(checkpoint)
+    assert isinstance(model, HuggingFaceClassifier) and not model.training
+    assert [name for name, _ in model.named_modules()][1:] == [name for name, _ in own.named_modules()][1:]
+    assert model.state_dict().keys() == own.state_dict().keys()
+    x = _pixels(["img-00", "img-01"])
+    torch.testing.assert_close(model(x), own(pixel_values=x).logits, rtol=0, atol=0)
+
+
+def test_token_layers_pool_the_models_own_hidden_states(vit_run, checkpoint):
+    model = _checkpoint_model(checkpoint)
+    assert vit_run.manifest.model.layer_output_shapes["vit.layers.1"] == (5, 16)  # [CLS] + 4 patches
+    assert vit_run.manifest.model_identity.fingerprint is not None
+    for layer, expected in (
+        ("vit.layers.1", lambda out: out.hidden_states[2].mean(dim=1)),  # the mean over its 5 tokens
+        ("vit.layernorm", lambda out: model.vit.layernorm(out.hidden_states[2])[:, 0]),  # [CLS] after the norm
+    ):
+        ids, stored = vit_run.activation_matrix(layer)
+        with torch.no_grad():
+            want = expected(model(pixel_values=_pixels(ids.to_pylist()), output_hidden_states=True))
+        np.testing.assert_allclose(stored, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_stored_attributions_equal_captum_on_the_checkpoint(vit_run, checkpoint):
+    model = _checkpoint_model(checkpoint)
+
+    def logits(x):
+        return model(pixel_values=x).logits
+
+    instances = vit_run.instances()
+    ids = instances["instance_id"].to_pylist()
+    x = _pixels(ids).requires_grad_(True)
+    target = torch.tensor(instances["prediction"].to_pylist())
+    expected = {
+        "saliency": Saliency(logits).attribute(x, target=target, abs=True),
+        "integrated_gradients": IntegratedGradients(logits).attribute(
+            x, target=target, baselines=0.0, n_steps=16, method="gausslegendre"),
+    }
+    for method, maps in expected.items():
+        table = vit_run.attributions(method)
+        assert table["instance_id"].to_pylist() == ids
+        stored = np.stack(table["attribution"].to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(stored, maps.detach().reshape(len(ids), -1).numpy(), rtol=1e-4, atol=1e-6)
+    # Completeness: IG's maps sum to the logit's rise from the black image, up to the stored delta.
+    table = vit_run.attributions("integrated_gradients")
+    with torch.no_grad():
+        rise = (logits(x) - logits(torch.zeros_like(x))).gather(1, target[:, None])[:, 0].numpy()
+    delta = np.array(table["convergence_delta"].to_pylist())
+    np.testing.assert_allclose(np.array(table["attr_sum"].to_pylist()) - rise, delta, atol=1e-5)
+
+
+CONFIGURATION_CODE = '''
+from transformers import PretrainedConfig
+
+
+class NovelConfig(PretrainedConfig):
+    model_type = "novel"
+
+    def __init__(self, side=2, **kwargs):
+        self.side = side
+        super().__init__(**kwargs)
+'''
+MODELING_CODE = '''
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .configuration_novel import NovelConfig
+
+
+class NovelForImageClassification(PreTrainedModel):
+    config_class = NovelConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = torch.nn.Linear(config.side * config.side, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values, **kwargs):
+        return ImageClassifierOutput(logits=self.head(pixel_values.flatten(1)))
+'''
+
+
+def test_a_checkpoint_with_its_own_code_loads_only_when_the_spec_opts_in(tmp_path):
+    """A checkpoint that ships its modelling code (``auto_map``), as save_pretrained writes it
+    for a class registered for an Auto class: refused by default, loaded with the opt-in."""
+    import importlib
+    import sys
+
+    from netloupe.contract.errors import ModelError
+
+    package = tmp_path / "novel_code"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "configuration_novel.py").write_text(CONFIGURATION_CODE)
+    (package / "modeling_novel.py").write_text(MODELING_CODE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        configuration = importlib.import_module("novel_code.configuration_novel")
+        modeling = importlib.import_module("novel_code.modeling_novel")
+        configuration.NovelConfig.register_for_auto_class()
+        modeling.NovelForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+        torch.manual_seed(1)
+        saved = modeling.NovelForImageClassification(configuration.NovelConfig(num_labels=2)).eval()
+        saved.save_pretrained(tmp_path / "checkpoint")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n.startswith("novel_code")]:
+            del sys.modules[name]
+
+    def spec(**model):
+        return parse_spec({"model": {"huggingface": str(tmp_path / "checkpoint"), **model},
+                           "dataset": {"source": "x.parquet"}, "output": {"run_name": "t"}}).model
+
+    with pytest.raises(ModelError, match="ships its own modelling code"):
+        load_model(spec())
+    model = load_model(spec(trust_remote_code=True))
+    x = torch.arange(8, dtype=torch.float32).reshape(2, 1, 2, 2)
+    expected = x.flatten(1) @ saved.head.weight.T + saved.head.bias
+    torch.testing.assert_close(model(x), expected)
+    assert [name for name, _ in model.named_modules()] == ["", "head"]
