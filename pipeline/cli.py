@@ -283,6 +283,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_zoo(args) -> int:
+    from netloupe.contract.errors import RunError
+    from netloupe.pipeline.zoo import write_checkpoint
+
+    try:
+        out = write_checkpoint(args.name, args.out)
+    except (FileExistsError, KeyError) as error:
+        raise RunError(error.args[0]) from None
+    print(f"wrote the {args.name} checkpoint to {out}; explain it with model.huggingface: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloupe", description="Explain neural networks at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="directory to create (must not exist)")
     generate.add_argument("--seed", type=int, default=0, help="same seed and rows, same instances")
     generate.set_defaults(func=cmd_generate)
+    zoo = sub.add_parser("zoo", help="write a demo model's Hugging Face checkpoint (trained once, then cached)")
+    zoo.add_argument("name", help="which demo model: mnist-vit (a small vision transformer on mnist-5k)")
+    zoo.add_argument("--out", required=True, help="directory to create (must not exist)")
+    zoo.set_defaults(func=cmd_zoo)
     submit = sub.add_parser("submit", help="run a spec on a Ray cluster as a Ray job (Job Submission API)")
     submit.add_argument("spec", help="job spec YAML; its directory is uploaded as the job's working directory")
     submit.add_argument("--address", help="the job server, http://HOST:8265 (else RAY_API_SERVER_ADDRESS or "

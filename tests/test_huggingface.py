@@ -196,3 +196,27 @@ def test_a_checkpoint_with_its_own_code_loads_only_when_the_spec_opts_in(tmp_pat
     expected = x.flatten(1) @ saved.head.weight.T + saved.head.bias
     torch.testing.assert_close(model(x), expected)
     assert [name for name, _ in model.named_modules()] == ["", "head"]
+
+
+def test_the_vit_demo_through_the_cli(ray_local, tmp_path, capsys):
+    """README's second example: the zoo writes a trained ViT checkpoint, the example spec
+    explains the digits from that directory (here the first 400), and the model it explains is
+    the trained one (most predictions right)."""
+    from netloupe.pipeline.cli import main as cli_main
+    from netloupe.storage.catalog import open_catalog, run_query
+
+    checkpoint = tmp_path / "checkpoints" / "mnist-vit"
+    assert cli_main(["zoo", "mnist-vit", "--out", str(checkpoint)]) == 0
+    assert (checkpoint / "config.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    assert cli_main(["zoo", "mnist-vit", "--out", str(checkpoint)]) == 2  # never over a directory
+    assert "exists; give a directory that does not" in capsys.readouterr().err
+    code = cli_main(["run", "examples/mnist-vit.yaml", "--no-progress", "--set", f"model.huggingface={checkpoint}",
+                     "--set", "dataset.limit=400", "--set", f"output.root={tmp_path}"])
+    assert code == 0
+    assert "run 'mnist-vit' committed: 400 instances explained" in capsys.readouterr().out
+    catalog = open_catalog(tmp_path / "mnist-vit")
+    accuracy = run_query(catalog, "SELECT avg(correct::INT) AS a FROM instances")["a"][0].as_py()
+    assert accuracy > 0.8
+    layers = run_query(catalog, "SELECT layer, neurons FROM layers ORDER BY layer").to_pylist()
+    assert layers == [{"layer": "vit.layernorm", "neurons": 64}, {"layer": "vit.layers.0", "neurons": 64},
+                      {"layer": "vit.layers.1", "neurons": 64}]
