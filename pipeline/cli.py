@@ -86,7 +86,9 @@ def cmd_methods(_args) -> int:
 
     for method in METHODS.values():
         flags = [name for name, on in flags_of(method).items() if on]
-        print(f"{method.name}  (captum.attr.{method.captum_class.__name__})" + (f"  [{', '.join(flags)}]" if flags else ""))
+        home = method.captum_class.__module__
+        home = "captum.attr" if home.startswith("captum.") else home  # Captum's public path, not its _core
+        print(f"{method.name}  ({home}.{method.captum_class.__name__})" + (f"  [{', '.join(flags)}]" if flags else ""))
         if method.takes_baselines:
             print(f"    {'baseline':24s} {baseline_default()!r}, the method's own 'baseline' field (a constant input)")
         for parameter in method.parameter_defaults():

@@ -155,6 +155,10 @@ CASES = {
         {"model": {"huggingface": "{tmp}/text-classifier"}},
         ["is a text classifier (BertForSequenceClassification)", "does not yet read text columns"],
     ),
+    "attention rollout of a model without attention": (
+        {"attributions": [{"method": "attention_rollout"}]},
+        ["attention_rollout explains a Hugging Face vision transformer"],
+    ),
     "trust_remote_code without a checkpoint": (
         {"model": {"factory": "tests.tiny_models:linear", "trust_remote_code": True}},
         ["trust_remote_code applies to a 'huggingface' checkpoint"],

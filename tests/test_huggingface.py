@@ -54,7 +54,8 @@ def vit_run(ray_local, checkpoint, tmp_path_factory):
         "dataset": {"source": str(root / "images.parquet"), "input_column": "pixels", "id_column": "key"},
         "preprocess": {"shape": [1, SIDE, SIDE]},
         "layers": [{"name": "vit.layers.1"}, {"name": "vit.layernorm", "pooling": "first_token"}],
-        "attributions": [{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 16}}],
+        "attributions": [{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 16}},
+                         {"method": "attention_rollout"}],
         "execution": {"batch_size": 8, "num_workers": 2, "threads_per_worker": 1, "chunk_rows": 10_000},
         "output": {"root": str(root / "runs"), "run_name": "vit"},
     })
@@ -220,3 +221,44 @@ def test_the_vit_demo_through_the_cli(ray_local, tmp_path, capsys):
     layers = run_query(catalog, "SELECT layer, neurons FROM layers ORDER BY layer").to_pylist()
     assert layers == [{"layer": "vit.layernorm", "neurons": 64}, {"layer": "vit.layers.0", "neurons": 64},
                       {"layer": "vit.layers.1", "neurons": 64}]
+
+
+def _rollout_by_formula(attentions) -> torch.Tensor:
+    """Abnar & Zuidema's rollout from the model's own attentions: heads averaged, the identity
+    added for the residual, rows renormalised, layers multiplied; [CLS]'s row over the patches."""
+    rollout = None
+    for attention in attentions:
+        a = attention.mean(dim=1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1])
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout[:, 0, 1:]
+
+
+def test_attention_rollout_is_stored_on_the_patch_grid(vit_run, checkpoint):
+    model = transformers.ViTForImageClassification.from_pretrained(
+        checkpoint, local_files_only=True, attn_implementation="eager").eval()
+    table, maps = vit_run.attribution_maps("attention_rollout")
+    assert vit_run.manifest.model.attribution_shapes["attention_rollout"] == (1, 2, 2)  # 8x8 in 4x4 patches
+    with torch.no_grad():
+        attentions = model(pixel_values=_pixels(table["instance_id"].to_pylist()), output_attentions=True).attentions
+    np.testing.assert_allclose(maps.reshape(len(table), -1), _rollout_by_formula(attentions).numpy(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_attention_rollout_of_uniform_attention_is_known(checkpoint):
+    """With every query and key weight zero, each head attends uniformly (1/5 to each of the
+    5 tokens), so each layer's flow is 0.5·U + 0.5·I and two layers give [CLS] 0.25 of itself
+    and (1 - 0.25) / 5 = 0.15 from every patch, whatever the image."""
+    from netloupe.workers.attention import AttentionRollout
+
+    spec = parse_spec({"model": {"huggingface": str(checkpoint)}, "dataset": {"source": "x.parquet"},
+                       "output": {"run_name": "t"}})
+    model = load_model(spec.model)
+    for name, parameter in model.named_parameters():
+        if any(part in name for part in ("q_proj", "k_proj", "query", "key")):
+            parameter.data.zero_()
+    rollout = AttentionRollout(model).attribute(_pixels(["img-03", "img-07"]))
+    torch.testing.assert_close(rollout, torch.full((2, 1, 2, 2), 0.15))
+    with pytest.raises(Exception, match="head_fusion must be one of"):
+        AttentionRollout(model).attribute(_pixels(["img-03"]), head_fusion="median")

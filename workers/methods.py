@@ -1,4 +1,6 @@
-"""The attribution-method registry: a name → a thin wrapper around one Captum class.
+"""The attribution-method registry: a name → a thin wrapper around one Captum class (or, for
+attention rollout, which no Captum class computes, netloupe's own in Captum's shape:
+:mod:`netloupe.workers.attention`).
 
 Each :class:`AttributionMethod` declares what the method needs (a layer, a baseline) and
 what it gives (a convergence delta, randomness) as flags, so the rest of netloupe asks
@@ -27,6 +29,7 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from torch import nn
 
 from netloupe.contract.errors import MethodError, did_you_mean
+from netloupe.workers.attention import AttentionRollout
 
 #: Working-set budget (module outputs) of one forward/backward pass inside a method, used
 #: until a worker has measured its own best chunk (:func:`tune_chunk_rows`). On 2 CPU cores
@@ -203,6 +206,8 @@ METHODS: dict[str, AttributionMethod] = {
             "occlusion", Occlusion, takes_baselines=True, sliding_window=True,
             perturbations_parameter="perturbations_per_eval",
         ),
+        # Not Captum (none computes it): a Hugging Face vision transformer's attention rollout.
+        AttributionMethod("attention_rollout", AttentionRollout),
     ]
 }
 
