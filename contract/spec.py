@@ -58,7 +58,8 @@ class ModelSpec(StrictModel):
     """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
     huggingface: str | None = None
     """A local Hugging Face checkpoint directory (``config.json`` and weights as
-    ``save_pretrained`` writes them) of a model for image or sequence classification, instead
+    ``save_pretrained`` writes them) of a model for image classification (text classifiers are refused until
+    text columns are read), instead
     of ``factory``: loaded with ``transformers``' Auto classes from that directory only (nothing
     is downloaded; a hub name is refused). Layer names are the checkpoint's own
     (``vit.layers.0``)."""
@@ -162,6 +163,10 @@ class PreprocessSpec(StrictModel):
         return value
 
 
+AUTO_POOLING = "auto"
+"""A checkpoint layer's default pooling, by its output's rank (``pool_activation``); not a spec value."""
+
+
 class LayerSpec(StrictModel):
     """A layer whose activations are recorded."""
 
@@ -171,8 +176,9 @@ class LayerSpec(StrictModel):
     """For outputs with spatial dimensions ``(n, channels, ...)``: average (``mean``) or max
     over them, one value per channel, or ``none`` to keep every unit. For a transformer's
     token vectors ``(n, tokens, hidden)``: their mean (``token_mean``) or the first token's
-    (``first_token``: [CLS] where the model has one). Default: ``token_mean`` for a
-    ``huggingface`` model's layers, ``mean`` otherwise."""
+    (``first_token``: [CLS] where the model has one). Default: ``mean``; for a
+    ``huggingface`` model's layers, ``token_mean`` for token vectors and ``mean`` for others
+    (a pooler's or a head's ``(n, features)`` is kept as it is)."""
 
 
 class NoiseTunnelSpec(StrictModel):
@@ -427,7 +433,7 @@ class JobSpec(StrictModel):
         """How ``layer``'s output is pooled (the default resolved for this spec's model)."""
         if layer.pooling is not None:
             return layer.pooling
-        return "token_mean" if self.model.huggingface is not None else "mean"
+        return AUTO_POOLING if self.model.huggingface is not None else "mean"
 
     @property
     def projected_layers(self) -> list[str]:

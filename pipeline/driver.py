@@ -430,6 +430,8 @@ class JobRun:
         self.timings["pull_bytes"] += (self.staging.pull(*(str(d.relative_to(layout.root)) for d in projected))
                                        + self.staging.stand_in_parts(wide_dirs, {s.key for s in segments}))
         self.staging.remove_unlisted_parts(projected, set(rows))
+        # Only the reported segments: a task of an interrupted attempt may outlive the clear above.
+        self.staging.remove_unlisted_parts(wide_dirs, {s.key for s in segments})
         _check_every_part_written(self.staging, projected, set(rows))
         _check_every_part_written(self.staging, wide_dirs, {s.key for s in segments})
         self.timings["part_pass_seconds"] = time.perf_counter() - started

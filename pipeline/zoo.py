@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netloupe.contract.errors import RunError
 from netloupe.pipeline.builtin_datasets import builtin
 from netloupe.storage.location import cache_root
 
@@ -149,7 +150,11 @@ MNIST_VIT = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=64, nu
 def mnist_vit_checkpoint() -> Path:
     """A ViT (:data:`MNIST_VIT`) trained for 12 epochs on ``mnist-5k`` (about 10 s on 2 cores;
     ~0.9 accuracy on digits it did not see), cached as a Hugging Face checkpoint directory."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise RunError("the mnist-vit checkpoint needs the transformers package: "
+                       "pip install 'netloupe[transformers]'") from None
 
     from netloupe.workers.huggingface import HuggingFaceClassifier
 

@@ -13,8 +13,8 @@
   build reads no activation or attribution;
 * ``activation_index_parts``: where each part's rows lie in the activation index (whose
   sorted ids it writes beside the catalog, ``index/``);
-* views over the Parquet parts (``activations_<layer>``: the workers' *wide* parts, one
-  uncompressed FLOAT column per neuron; ``activation_vectors_<layer>``,
+* views over the Parquet parts (``activations_<layer>``: the part pass's *wide* segments, one
+  uncompressed FLOAT column per neuron, many parts each; ``activation_vectors_<layer>``,
   ``attributions_<method>``, ``fidelity_<method>``), by paths relative to the run, so a
   moved or copied run keeps working; ``layers``, ``methods``, ``neurons``, ``parquet_views``;
 * the explanation operators of ``storage/sql/operators.sql`` as table macros.

@@ -273,7 +273,7 @@ def whole_file(path: Path, filesystem: pafs.FileSystem | None = None, run_root: 
                 run_root.joinpath(*below[:depth]).mkdir(exist_ok=True)
         except FileNotFoundError:
             raise RunError(f"the staged run {run_root} is gone (committed, aborted or resumed elsewhere); "
-                           "this worker's batch is not written") from None
+                           f"{path.name} is not written there") from None
     tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}{path.suffix}"
     try:
         with open(tmp, "wb") as stream:
@@ -590,8 +590,10 @@ class StoreStaging(RunStaging):
             )
         self.layout = RunLayout(work_dir(run_name) / run_name)
         self.store_staging = self.store.child(STAGING_DIR, staged_name)
-        self.published_keys: set[str] | None = None
-        """The parts a finished batch reported (:meth:`remove_unlisted_parts`): what is published."""
+        self.published_keys: dict[str, set[str]] = {}
+        """Per table directory (relative to the run), the keys of the parts that are published
+        (:meth:`remove_unlisted_parts`): the batches' for their tables, the segments' for the
+        wide tables; whatever else a late writer left in the staged prefix stays there."""
         self.stand_ins: list[Path] = []
         """Local empty parts the catalog's views bound to (:meth:`stand_in_parts`): removed
         before publishing, so that the parts in the store are published instead."""
@@ -657,10 +659,10 @@ class StoreStaging(RunStaging):
         return keys - {None}
 
     def remove_unlisted_parts(self, table_dirs: list[Path], keys: set[str]) -> list[Path]:
-        # In the store they stay in the staged prefix, which goes whole: only the parts of the
-        # last call's batches (every batch of the run, at its settling) are published
-        # (publish_run copies them there, never through the driver).
-        self.published_keys = set(keys)
+        # In the store they stay in the staged prefix, which goes whole: only the listed parts
+        # are published (publish_run copies them there, never through the driver).
+        for directory in table_dirs:
+            self.published_keys[directory.relative_to(self.layout.root).as_posix()] = set(keys)
         return super().remove_unlisted_parts(table_dirs, keys)
 
     def clear(self, table_dirs: list[Path]) -> None:
@@ -670,11 +672,12 @@ class StoreStaging(RunStaging):
 
     def _published_parts(self) -> list[str]:
         """The staged parts the run is published with that the driver does not hold (paths
-        relative to the run): those of reported batches, but not the projection candidates."""
+        relative to the run): the listed parts of each table, but not the projection candidates."""
         here = {path.relative_to(self.layout.root).as_posix() for path in self.layout.root.rglob("*")}
-        keys, parts = self.published_keys or set(), []
+        parts = []
         for info in files_under(self.store.filesystem, self.store_staging):
             relative = info.path[len(self.store_staging.rstrip("/")) + 1:]
+            keys = self.published_keys.get(relative.rpartition("/")[0], set())
             if (key_of_part(info.base_name) in keys and relative not in here
                     and not relative.startswith(f"{PROJECTIONS}/{CANDIDATES}/")):
                 parts.append(relative)

@@ -10,9 +10,10 @@ and the manifest is written last**.
    (each object appears whole when its upload ends, so no temporary names are needed);
 2. the driver downloads what the catalog is built from into a local work directory: the
    instances, the workers' per-part statistics, the projection sample's candidates and the
-   projections (a few dozen bytes per instance), and one part of each bulk table (a view
-   binds to its columns). The bulk itself (activations, attributions, their wide and index
-   forms) never passes through the driver;
+   projections (a few dozen bytes per instance), and of each bulk table an empty stand-in
+   with one part's columns (its footer read in place; a view binds to it). The bulk itself
+   (activations, attributions, their index forms, the part pass's wide segments) never
+   passes through the driver;
 3. it publishes the run to ``<root>/<run>/`` (:func:`publish_run`): the reported parts copied
    inside the store (server-side copies, in parallel), the driver's files uploaded, manifest
    last;

@@ -22,7 +22,7 @@ from netloupe.storage.schema import SCHEMA_VERSION
 
 MANIFEST_FORMAT = 3
 """Version of ``manifest.json``'s layout (2: typed, model identity and output kind; 3: per-part
-statistics, wide and index parts written by the workers)."""
+statistics and index parts written by the workers, wide segments by the part pass)."""
 
 
 class Record(BaseModel):

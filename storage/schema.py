@@ -41,7 +41,8 @@ METHOD_SUMMARY = "method_summary"
 STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY)
 """The statistics tables, each ``stats/<name>/part-<key>.parquet``."""
 WIDE = "wide"
-"""Per-part wide activations, one column per neuron (the ``activations_<layer>`` views)."""
+"""Wide activations, one column per neuron, in segments of many parts written by the part pass
+(the ``activations_<layer>`` views)."""
 INDEX = "index"
 """Per-part row-major activation matrices and the id index (:mod:`netloupe.storage.activation_index`)."""
 

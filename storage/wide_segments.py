@@ -73,7 +73,11 @@ class WideSegmentWriter:
 
     def __enter__(self) -> WideSegmentWriter:
         self._sink = self._file.__enter__()
-        self._writer = pq.ParquetWriter(self._sink.stream, self.schema, **WIDE_PARQUET_OPTIONS)
+        try:
+            self._writer = pq.ParquetWriter(self._sink.stream, self.schema, **WIDE_PARQUET_OPTIONS)
+        except BaseException as failed:  # no temporary file or open upload is left behind
+            self._file.__exit__(type(failed), failed, failed.__traceback__)
+            raise
         return self
 
     def add(self, key: str, ids: pa.Array | pa.ChunkedArray, matrix: np.ndarray) -> None:

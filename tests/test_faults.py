@@ -55,10 +55,11 @@ def test_a_killed_driver_is_resumed_computing_only_what_is_missing(ray_local, tm
     stop_afterwards.append(killed)
     assert not (tmp_path / "runs" / "t").exists()  # nothing visible
     kept = {p.name: p.stat().st_mtime_ns for p in staging_root.glob("t-*/instances/part-*.parquet")}
-    # As if the killed attempt had reached the part pass: a segment of its, named after a kept
-    # part, that the resumed attempt must not keep (its parts are cut otherwise).
+    # As if the killed attempt had reached the part pass: a segment of its that the resumed
+    # attempt must not keep (its parts would count twice). Named so that no segment of the
+    # resumed attempt can overwrite it.
     [staged] = staging_root.glob("t-*")
-    stale = staged / "wide" / "fc" / sorted(kept)[0]
+    stale = staged / "wide" / "fc" / "part-zzzzzzzz.parquet"
     stale.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"instance_id": pa.array([1000, 1001, 1002], pa.int64())}), stale)
 

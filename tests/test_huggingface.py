@@ -262,3 +262,63 @@ def test_attention_rollout_of_uniform_attention_is_known(checkpoint):
     torch.testing.assert_close(rollout, torch.full((2, 1, 2, 2), 0.15))
     with pytest.raises(Exception, match="head_fusion must be one of"):
         AttentionRollout(model).attribute(_pixels(["img-03"]), head_fusion="median")
+
+
+def _resnet_checkpoint(directory):
+    """A tiny convolutional checkpoint (Hugging Face's ResNet): no tokens, no attention."""
+    torch.manual_seed(1)
+    config = transformers.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
+                                       layer_type="basic", num_labels=CLASSES)
+    transformers.ResNetForImageClassification(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_checkpoint_s_default_pooling_follows_each_layer_s_output(checkpoint, tmp_path):
+    """Token blocks are averaged over tokens, a conv stage over its positions, a head's
+    (n, features) kept as it is: one default for every layer of any checkpoint."""
+    from netloupe.workers.capture import LayerCapture
+
+    pixels = _pixels(["img-01", "img-02", "img-05"])
+    for directory, layers, expected in (
+        (checkpoint, ["vit.layers.0", "classifier"],
+         lambda model, out: [out.hidden_states[1].mean(dim=1), out.logits]),
+        (_resnet_checkpoint(tmp_path / "resnet"), ["resnet.encoder.stages.1", "classifier.1"],
+         lambda model, out: [out.hidden_states[2].mean(dim=(2, 3)), out.logits]),
+    ):
+        spec = parse_spec({"model": {"huggingface": str(directory)}, "dataset": {"source": "x.parquet"},
+                           "layers": [{"name": name} for name in layers], "output": {"run_name": "t"}})
+        model = load_model(spec.model).eval()
+        with torch.no_grad():
+            want = expected(model, model.checkpoint_model(pixel_values=pixels, output_hidden_states=True))
+            with LayerCapture(model, [(layer.name, spec.pooling_of(layer)) for layer in spec.layers]) as capture:
+                model(pixels)
+        for name, value in zip(layers, want):
+            torch.testing.assert_close(capture.activations[name], value)
+
+
+def test_attention_rollout_refuses_what_it_cannot_explain(checkpoint, tmp_path):
+    from netloupe.contract.errors import MethodError
+    from netloupe.workers.attention import AttentionRollout
+    from netloupe.workers.methods import bind_method
+
+    spec = parse_spec({"model": {"huggingface": str(_resnet_checkpoint(tmp_path / "resnet"))},
+                       "dataset": {"source": "x.parquet"}, "output": {"run_name": "t"}})
+    with pytest.raises(MethodError, match="whose config has image_size and patch_size.*ResNetForImageClassification"):
+        AttentionRollout(load_model(spec.model))
+    spec = parse_spec({"model": {"huggingface": str(checkpoint)}, "dataset": {"source": "x.parquet"},
+                       "attributions": [{"method": "attention_rollout", "noise_tunnel": {}}],
+                       "output": {"run_name": "t"}})
+    with pytest.raises(MethodError, match="attention_rollout takes no noise_tunnel.*'saliency'"):
+        bind_method(spec.attributions[0], load_model(spec.model), (1, SIDE, SIDE), 100)
+
+
+def test_a_checkpoint_saved_without_return_dict_is_explained_alike(checkpoint, tmp_path):
+    model, pixels = _checkpoint_model(checkpoint), _pixels(["img-04"])
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+    model.config.return_dict = False  # its forward then returns a tuple
+    model.save_pretrained(tmp_path / "tuple-output")
+    spec = parse_spec({"model": {"huggingface": str(tmp_path / "tuple-output")}, "dataset": {"source": "x.parquet"},
+                       "output": {"run_name": "t"}})
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(spec.model).eval()(pixels), logits)

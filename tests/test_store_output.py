@@ -180,6 +180,22 @@ def test_an_aborted_run_leaves_nothing_in_the_store(store_env, tmp_path):
     assert not layout.root.exists()
 
 
+def test_a_store_run_publishes_each_table_s_listed_parts_only(store_env):
+    # A wide table's parts are the part pass's segments (named after their first batch): a
+    # file named after another batch there is a late write of an interrupted attempt's task.
+    staging = RunStaging.open(store_env, "listed")
+    layout = staging.create()
+    worker, filesystem = worker_layout(staging.worker_root)
+    for key in ("k1", "k2"):
+        write_part(worker.instances_dir, key, pa.table({"instance_id": [1, 2]}), filesystem)
+        write_part(worker.wide_activations_dir("fc"), key, pa.table({"instance_id": [1, 2]}), filesystem)
+    staging.remove_unlisted_parts([layout.instances_dir], {"k1", "k2"})
+    staging.remove_unlisted_parts([layout.wide_activations_dir("fc")], {"k1"})
+    assert sorted(staging._published_parts()) == [
+        "instances/part-k1.parquet", "instances/part-k2.parquet", "wide/fc/part-k1.parquet"]
+    staging.abort()
+
+
 def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys, stop_afterwards):
     from tests.helpers import kill_driver_mid_run, slow_run_spec
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from netloupe.contract.errors import ModelError, did_you_mean
+from netloupe.contract.spec import AUTO_POOLING
 
 TOKEN_POOLINGS = ("token_mean", "first_token")
 """Poolings over the tokens of a transformer's ``(n, tokens, hidden)`` vectors."""
@@ -18,7 +19,11 @@ def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:
     ``(n, tokens, hidden)`` → ``(n, hidden)`` by ``token_mean`` or ``first_token``.
 
     Outputs without spatial dimensions (``(n, features)``) pass through unchanged.
+    ``auto`` (a checkpoint's layers by default: they mix token blocks, poolers and heads) is
+    ``token_mean`` for token vectors and ``mean`` for any other output.
     """
+    if pooling == AUTO_POOLING:
+        pooling = "token_mean" if output.dim() == 3 else "mean"
     if pooling in TOKEN_POOLINGS:
         if output.dim() != 3:
             raise ValueError(f"pooling {pooling!r} takes token vectors (n, tokens, hidden), "

@@ -84,7 +84,8 @@ def load_huggingface_model(spec: ModelSpec) -> HuggingFaceClassifier:
     try:
         import transformers
     except ImportError:
-        raise ModelError("model.huggingface needs the transformers package: pip install transformers") from None
+        raise ModelError("model.huggingface needs the transformers package: "
+                         "pip install 'netloupe[transformers]'") from None
     auto_class, input_name = task
     transformers.utils.logging.disable_progress_bar()  # a bar per worker on the run's output otherwise
     try:
@@ -94,6 +95,9 @@ def load_huggingface_model(spec: ModelSpec) -> HuggingFaceClassifier:
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ModelError(f"cannot load the Hugging Face checkpoint {directory}: {type(error).__name__}: "
                          f"{first_line[:400]}") from None
+    # Outputs with names (.logits, .attentions): a config saved with return_dict false gives
+    # tuples, which its own inner modules then misread (transformers 5).
+    model.config.return_dict = True
     return HuggingFaceClassifier(model, input_name)
 
 

@@ -111,6 +111,8 @@ class AttributionMethod:
     that use no per-instance forward output (no convergence delta)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Default ``attribute`` keyword arguments."""
+    takes_noise_tunnel: bool = True
+    """Captum's NoiseTunnel can wrap it (it needs a Captum attribution class)."""
 
     def attribute_parameters(self) -> list[str]:
         """Names a job spec may set in ``params`` (those of Captum's ``attribute``)."""
@@ -207,7 +209,7 @@ METHODS: dict[str, AttributionMethod] = {
             perturbations_parameter="perturbations_per_eval",
         ),
         # Not Captum (none computes it): a Hugging Face vision transformer's attention rollout.
-        AttributionMethod("attention_rollout", AttentionRollout),
+        AttributionMethod("attention_rollout", AttentionRollout, takes_noise_tunnel=False),
     ]
 }
 
@@ -390,6 +392,10 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
             f"one of {sorted(n for n, m in METHODS.items() if not m.needs_hooks)}"
         )
     allowed = method.attribute_parameters()
+    if spec.noise_tunnel is not None and not method.takes_noise_tunnel:
+        raise MethodError(f"{spec.table_name}: {spec.method} takes no noise_tunnel (Captum's NoiseTunnel wraps "
+                          f"Captum's methods only); remove it, or choose one of "
+                          f"{sorted(n for n, m in METHODS.items() if m.takes_noise_tunnel)}")
     if spec.noise_tunnel is not None:
         nt_reserved = {"nt_type", "nt_samples", "stdevs", "nt_samples_batch_size", "draw_baseline_from_distrib"}
         clash = nt_reserved & set(spec.params)
