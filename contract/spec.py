@@ -58,8 +58,8 @@ class ModelSpec(StrictModel):
     """A TorchScript file (``torch.jit.save``), instead of ``factory``."""
     huggingface: str | None = None
     """A local Hugging Face checkpoint directory (``config.json`` and weights as
-    ``save_pretrained`` writes them) of a model for image classification (text classifiers are refused until
-    text columns are read), instead
+    ``save_pretrained`` writes them) of a model for image or sequence classification (a text
+    classifier reads ``dataset.text_column``, its tokenizer saved beside it), instead
     of ``factory``: loaded with ``transformers``' Auto classes from that directory only (nothing
     is downloaded; a hub name is refused). Layer names are the checkpoint's own
     (``vit.layers.0``)."""
@@ -111,6 +111,9 @@ class DatasetSpec(StrictModel):
     """Column holding each instance's input as a list of numbers (images, tensors)."""
     feature_columns: list[str] | None = None
     """Numeric columns that together form the input (tabular models), in model order."""
+    text_column: str | None = None
+    """Column holding each instance's text (strings), tokenized in the workers with the
+    model's tokenizer (a ``huggingface`` text classifier; see ``text``)."""
     id_column: str = "instance_id"
     """Column with a unique integer or string id per instance."""
     label_column: str | None = "label"
@@ -130,11 +133,13 @@ class DatasetSpec(StrictModel):
     def _one_input(self) -> "DatasetSpec":
         # Whether a source needs either at all (a built-in has its own) is the dataset
         # registry's to say, at validation.
-        if self.input_column is not None and self.feature_columns is not None:
+        given = {key: value for key, value in (("input_column", self.input_column),
+                                               ("feature_columns", self.feature_columns),
+                                               ("text_column", self.text_column)) if value is not None}
+        if len(given) > 1:
             raise ValueError(
-                "give exactly one of 'input_column' (a list/tensor column) or 'feature_columns' "
-                f"(numeric columns); got input_column={self.input_column!r}, "
-                f"feature_columns={self.feature_columns!r}"
+                "give exactly one of 'input_column' (a list/tensor column), 'feature_columns' "
+                f"(numeric columns) or 'text_column' (strings); got {given}"
             )
         return self
 
@@ -179,6 +184,24 @@ class LayerSpec(StrictModel):
     (``first_token``: [CLS] where the model has one). Default: ``mean``; for a
     ``huggingface`` model's layers, ``token_mean`` for token vectors and ``mean`` for others
     (a pooler's or a head's ``(n, features)`` is kept as it is)."""
+
+
+class TextSpec(StrictModel):
+    """How a text column becomes tokens, and what a token's attribution is measured against."""
+
+    max_length: int | None = Field(default=None, ge=2)
+    """Most tokens per text, special tokens included; a longer text is cut (its tokens table
+    row says ``truncated``). At most, and by default, the model's ``max_position_embeddings``
+    (512 where its config does not say). Padding is per batch, so only long texts cost more."""
+    tokenizer: str | None = None
+    """A local directory with the tokenizer (``tokenizer.json``, as ``save_pretrained``
+    writes it); default: the model's checkpoint directory."""
+    baseline_token: Literal["pad", "mask"] = "pad"
+    """The token that replaces each of a text's words' tokens ([UNK] too; special tokens such
+    as [CLS] and [SEP] are kept) in the baseline of integrated gradients and in occlusion."""
+    hidden_reduction: Literal["sum", "l2"] = "sum"
+    """How a map over the embeddings ``(tokens, hidden)`` becomes one value per token:
+    ``sum`` (signed; what completeness adds up) or ``l2`` (the norm, unsigned)."""
 
 
 class NoiseTunnelSpec(StrictModel):
@@ -393,6 +416,8 @@ class JobSpec(StrictModel):
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     """Faithfulness checks of the explanations (deletion/insertion, infidelity, sensitivity,
     model randomization)."""
+    text: TextSpec = Field(default_factory=TextSpec)
+    """Tokenization and token baselines, for a ``dataset.text_column``."""
     output: OutputSpec
     """Where the run goes."""
 
@@ -422,12 +447,39 @@ class JobSpec(StrictModel):
                     f"projection.attributions names {name!r}, which is not an attribution table "
                     f"({tables or 'none'}); {did_you_mean(name, tables)}"
                 )
+        if self.dataset.text_column is not None:
+            self._check_text()
         if self.projection.attributions and self.storage.attributions == "summary":
             raise ValueError(
                 "projection.attributions needs stored maps, but storage.attributions is 'summary'; "
                 "set it to 'full' or 'heatmap', or drop projection.attributions"
             )
         return self
+
+    def _check_text(self) -> None:
+        """What a text run does not do (yet), said at once rather than deep in a worker."""
+        if self.model.huggingface is None:
+            raise ValueError("dataset.text_column explains a Hugging Face text classifier: give "
+                             "model.huggingface: DIR (a ...ForSequenceClassification checkpoint and its tokenizer)")
+        unsupported = [(key, why) for key, on, why in (
+            ("preprocess", self.preprocess != PreprocessSpec(), "texts are tokenized, not scaled"),
+            ("fidelity", self.fidelity.curve_steps > 0 or self.fidelity.sample_size > 0,
+             "the fidelity checks perturb pixels and features, not tokens, so far"),
+            ("projection.attributions", bool(self.projection.attributions),
+             "texts' token maps have no common length to project"),
+            ("storage.attributions", self.storage.attributions == "heatmap", "a heatmap needs an image"),
+        ) if on]
+        for key, why in unsupported:
+            raise ValueError(f"{key} does not apply to a text_column run ({why}); remove it")
+        for layer in self.layers:
+            if layer.pooling == "none":
+                raise ValueError(f"layer {layer.name!r}: pooling 'none' keeps every position, and texts have "
+                                 "different lengths; use token_mean, first_token, mean or max")
+
+    @property
+    def text_input(self) -> bool:
+        """The instances are texts (a text column), tokenized in the workers."""
+        return self.dataset.text_column is not None
 
     def pooling_of(self, layer: LayerSpec) -> str:
         """How ``layer``'s output is pooled (the default resolved for this spec's model)."""

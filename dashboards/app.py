@@ -11,6 +11,7 @@ matrix) shows in the others.
 
 from __future__ import annotations
 
+import html
 import io
 import time
 
@@ -331,6 +332,10 @@ class InstanceView(pn.viewable.Viewer):
         elif isinstance(inputs, dict):
             panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
                                                disabled=True, height=240, width=320, show_index=False))
+        if detail.tokens is not None:
+            panels += [pn.pane.HTML(colored_text(inputs if isinstance(inputs, str) else None, detail.tokens, values,
+                                                 method), css_classes=["token-attributions"])
+                       for method, values in detail.token_values.items()]
         for method, values in detail.maps.items():
             image = map_image(values)
             if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
@@ -353,6 +358,34 @@ class InstanceView(pn.viewable.Viewer):
     def __panel__(self):
         return pn.Column(self.id_input, pn.panel(pn.bind(self._detail, self.dashboard.param.instance_id)),
                          sizing_mode="stretch_width")
+
+
+def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str) -> str:
+    """HTML of a text with each token's characters coloured by its value (red toward the
+    explained class, blue against, as the image maps), its value in the tooltip; the tokens
+    themselves, space-separated, when the text is not at hand (the dataset moved)."""
+    bound = float(np.max(np.abs(values))) if len(values) else 0.0
+    bound = bound or 1.0
+
+    def span(content: str, value: float, token: str) -> str:
+        alpha = min(1.0, abs(value) / bound)
+        colour = f"rgba(178,24,43,{alpha:.2f})" if value > 0 else f"rgba(33,102,172,{alpha:.2f})"
+        return (f'<span style="background:{colour}" title="{html.escape(token)}: {value:.4g}">'
+                f"{html.escape(content)}</span>")
+
+    pieces, position = [], 0
+    if text is None:
+        pieces = [span(token, value, token) for token, value in zip(tokens["tokens"], values)]
+        body = " ".join(pieces)
+    else:
+        for token, start, end, value in zip(tokens["tokens"], tokens["token_start"], tokens["token_end"], values):
+            if end <= start:
+                continue  # a special token: no characters of the text
+            pieces += [html.escape(text[position:start]), span(text[start:end], float(value), token)]
+            position = end
+        body = "".join(pieces) + html.escape(text[position:])
+    cut = " (truncated: the rest was not seen)" if tokens.get("truncated") else ""
+    return f"<div><b>{html.escape(method)}</b>{cut}<p style='line-height:1.8'>{body}</p></div>"
 
 
 def fidelity_panels(checks: dict[str, dict]) -> list:

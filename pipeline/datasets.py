@@ -55,7 +55,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     spec = job.dataset
     source = spec.source
     preprocess = job.preprocess
-    input_column, feature_columns = spec.input_column, spec.feature_columns
+    input_column, feature_columns, text_column = spec.input_column, spec.feature_columns, spec.text_column
     metadata_columns = list(spec.metadata_columns)
     if spec.rows is not None and not (source in BUILTIN_DATASETS and BUILTIN_DATASETS[source].generated):
         generated = [name for name, d in BUILTIN_DATASETS.items() if d.generated]
@@ -82,10 +82,10 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
                 f"dataset {source!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
                 "nor an existing Parquet file or directory; check the path in dataset.source"
             )
-        if input_column is None and feature_columns is None:
+        if input_column is None and feature_columns is None and text_column is None:
             raise DatasetError(
-                f"for the Parquet dataset {source} give dataset.input_column (a list/tensor column) or "
-                "dataset.feature_columns (numeric columns)"
+                f"for the Parquet dataset {source} give dataset.input_column (a list/tensor column), "
+                "dataset.feature_columns (numeric columns) or dataset.text_column (strings)"
             )
         path = source
     try:
@@ -99,9 +99,12 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         ) from None
     available = schema.names
     wanted = {"dataset.id_column": [spec.id_column], "dataset.metadata_columns": metadata_columns}
-    wanted["dataset.input_column" if input_column else "dataset.feature_columns"] = (
-        [input_column] if input_column else list(feature_columns)
-    )
+    if text_column:
+        wanted["dataset.text_column"] = [text_column]
+    else:
+        wanted["dataset.input_column" if input_column else "dataset.feature_columns"] = (
+            [input_column] if input_column else list(feature_columns)
+        )
     if spec.label_column:
         wanted["dataset.label_column"] = [spec.label_column]
     for key, names in wanted.items():
@@ -119,6 +122,10 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             f"metadata columns {clashes} clash with columns netloupe writes ({sorted(RESERVED_INSTANCE_COLUMNS)}); "
             "rename them in the dataset"
         )
+    if text_column and not (pa.types.is_string(schema.field(text_column).type)
+                            or pa.types.is_large_string(schema.field(text_column).type)):
+        raise DatasetError(f"text column {text_column!r} has type {schema.field(text_column).type}; expected "
+                           "strings (one text per row)")
     if spec.label_column and not pa.types.is_integer(schema.field(spec.label_column).type):
         raise DatasetError(
             f"label column {spec.label_column!r} has type {schema.field(spec.label_column).type}; "
@@ -147,6 +154,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         id_column=spec.id_column,
         label_column=spec.label_column,
         metadata_columns=tuple(metadata_columns),
+        text_column=text_column,
         limit=spec.limit,
         num_rows=num_rows,
         id_type=id_type,

@@ -355,7 +355,8 @@ class JobRun:
         if not self.staging.resumed:
             return []
         facts = self.checked.facts
-        kept_dirs = self.layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES)
+        kept_dirs = self.layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES,
+                                           tokens=facts.input_kind == "tokens")
         parts = self.staging.finished_parts(kept_dirs, [m.table_name for m in self.spec.attributions],
                                             self.checked.dataset.id_type)
         # The candidates too: they are the projection sample's, not the run's (not in its bytes).
@@ -397,10 +398,11 @@ class JobRun:
         viewed = [layout.activations_dir(layer) for layer in facts.layer_neurons]
         viewed += [layout.attributions_dir(method) for method in facts.attribution_shapes]
         viewed += [layout.fidelity_dir(method) for method in facts.attribution_shapes]
+        viewed += [layout.tokens_dir] if facts.input_kind == "tokens" else []
         pulled = (S.INSTANCES, S.PROJECTIONS) + ((S.STATISTICS,) if self.statistics is None else ())
         self.timings["pull_bytes"] = self.staging.pull(*pulled) + self.staging.stand_in_parts(viewed, keys)
         every = layout.table_dirs(facts.layer_neurons, facts.attribution_shapes, S.STATISTICS_TABLES,
-                                  self.spec.projection_sources)
+                                  self.spec.projection_sources, tokens=facts.input_kind == "tokens")
         self.staging.remove_unlisted_parts(every, keys)
         _check_exactly_once(reports, self.checked.dataset)
         _check_every_part_written(self.staging, _tables_of_every_batch(layout, facts, self.spec), keys)
@@ -455,6 +457,7 @@ class JobRun:
                 path=str(Path(dataset.path).resolve()), id_type=dataset.id_type, id_column=dataset.id_column,
                 label_column=dataset.label_column, input_column=dataset.input_column,
                 feature_columns=list(dataset.feature_columns or []), metadata_columns=list(dataset.metadata_columns),
+                text_column=dataset.text_column,
             ),
             counts=Counts(instances=instances, parts=len(parts),
                           bytes=sum(p.bytes for p in parts) + sum(s.bytes for s in segments),
@@ -470,6 +473,7 @@ class JobRun:
                 attributions={name: f"attributions/{name}" for name in facts.attribution_shapes},
                 projections={f"{p.kind}/{p.name}": f"projections/{p.kind}/{p.name}" for p in projections.tables},
                 fidelity={name: f"fidelity/{name}" for name in sampled},
+                tokens=S.TOKENS if facts.input_kind == "tokens" else None,
             ),
             fidelity=FidelityInfo(settings=spec.fidelity, sampled_rows=sampled),
             projections=projections,
@@ -536,7 +540,8 @@ def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) 
     """The directories that hold a part of every batch (a fidelity table only of the
     batches with sampled instances)."""
     wide = [layer for layer, neurons in facts.layer_neurons.items() if neurons <= WIDE_NEURON_LIMIT]
-    return ([layout.instances_dir] + [layout.activations_dir(layer) for layer in facts.layer_neurons]
+    return ([layout.instances_dir] + ([layout.tokens_dir] if facts.input_kind == "tokens" else [])
+            + [layout.activations_dir(layer) for layer in facts.layer_neurons]
             + [layout.attributions_dir(method) for method in facts.attribution_shapes]
             + [layout.index_layer_dir(layer) for layer in wide]
             + [layout.statistics_dir(name) for name in statistics_of(facts.layer_neurons, facts.attribution_shapes)]

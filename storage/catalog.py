@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 from netloupe.contract.errors import NetloupeError, RunError
 from netloupe.contract.names import PROJECTION_ALGORITHMS
 from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
+from netloupe.storage import schema as S
 from netloupe.storage.activation_index import ActivationIndex, write_id_index
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
@@ -73,6 +74,8 @@ TABLES_SQL = SQL_DIR / "tables.sql"
 """The statistics tables the operators read."""
 BUILD_SQL = SQL_DIR / "build.sql"
 """Build-time helpers and the views over the statistics tables."""
+TOKEN_VIEW_SQL = (SQL_DIR / "token_view.sql").read_text()
+"""A text run's long token view of one method (filled in with its names)."""
 FAST_SQL = SQL_DIR / "fast.sql"
 """The analyst connection's override of ``_neuron_moments`` (storage/activation_index.py)."""
 
@@ -103,6 +106,10 @@ def attributions_view(method: str) -> str:
 
 def fidelity_view(method: str) -> str:
     return f"fidelity_{sql_identifier(method)}"
+
+
+def token_attributions_view(method: str) -> str:
+    return f"token_attributions_{sql_identifier(method)}"
 
 
 def _run_statements(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -199,8 +206,11 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 methods.append({"method": method, "view": attributions_view(method), "stored_shape": json.dumps(shape)})
             for method in manifest.tables.fidelity:
                 parquet_views.append((fidelity_view(method), _relative_parts(layout, layout.fidelity_dir(method))))
+            if manifest.tables.tokens:
+                parquet_views.append((S.TOKENS, _relative_parts(layout, layout.tokens_dir)))
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
+            _create_token_views(con, manifest)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
                                 ("layers", layers), ("methods", methods)):
                 if rows:
@@ -213,6 +223,15 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
     timings["total"] = time.perf_counter() - started
     timings["bytes"] = final.stat().st_size
     return timings
+
+
+def _create_token_views(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -> None:
+    """A text run's long token views, ``token_attributions_<method>``, over the ``tokens``
+    and ``attributions_<method>`` views of ``con``'s first schema."""
+    if manifest.tables.tokens and manifest.spec["storage"]["attributions"] != "summary":
+        for method in manifest.model.attribution_shapes:
+            con.execute(TOKEN_VIEW_SQL.format(view=token_attributions_view(method),
+                                              attributions=attributions_view(method))).fetchall()
 
 
 def _relative_parts(layout: RunLayout, directory: Path) -> str:
@@ -291,6 +310,7 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     metadata = [{"key": key, "value": json.dumps(value)} for key, value in sorted(manifest.model_dump(mode="json").items())]
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
+    _create_token_views(con, manifest)  # over the views above, not the catalog's own
     _register_fast_moments(con, layout, manifest.dataset.id_type)
     input_dirs, input_files = _create_inputs_view(con, manifest.dataset)
     # No spill directory: DuckDB would add it to the allowed directories, writable.
@@ -310,7 +330,8 @@ def _create_inputs_view(con: duckdb.DuckDBPyConnection, dataset: DatasetInfo) ->
     the directories and files the sandbox must then allow (read only: nothing in the sandbox
     writes)."""
     path = Path(dataset.path or "")
-    columns = [dataset.input_column] if dataset.input_column else dataset.feature_columns
+    columns = ([dataset.input_column] if dataset.input_column else [dataset.text_column] if dataset.text_column
+               else dataset.feature_columns)
     if not dataset.path or not dataset.id_column or not columns or not path.exists():
         return [], []
     pattern = str(path / "**" / "*.parquet") if path.is_dir() else str(path)

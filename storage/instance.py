@@ -36,6 +36,10 @@ class InstanceRecord:
     """Each recorded layer's (pooled) activation vector."""
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each method's fidelity checks of this instance (curves, areas, sampled checks)."""
+    tokens: dict[str, Any] | None = None
+    """A text's row of the tokens table (its tokens, ids and character spans), else None."""
+    token_values: dict[str, np.ndarray] = field(default_factory=dict)
+    """A text's value per own token for each method, of the first target."""
 
     @property
     def instance_id(self):
@@ -52,7 +56,11 @@ def read_instance(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instanc
                      [instance_id]).to_pylist()
     if not rows:
         raise NoSuchInstance(f"no instance with id {instance_id!r} in this run")
-    record = InstanceRecord(row=rows[0], input=_input_of(con, manifest, instance_id))
+    tokens = None
+    if manifest.tables.tokens:
+        found = run_query(con, "SELECT * EXCLUDE (instance_id) FROM tokens WHERE instance_id = ?", [instance_id])
+        tokens = found.to_pylist()[0] if found.num_rows else None
+    record = InstanceRecord(row=rows[0], input=_input_of(con, manifest, instance_id), tokens=tokens)
     for method, shape in manifest.model.attribution_shapes.items():
         view = run_query(con, "SELECT view FROM methods WHERE method = ?", [method])["view"][0].as_py()
         found = run_query(con, f"SELECT * FROM {view} WHERE instance_id = ? AND target_rank = 0",
@@ -61,6 +69,8 @@ def read_instance(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instanc
             continue
         if shape is not None:
             record.maps[method] = np.asarray(found[0]["attribution"], np.float32).reshape(shape)
+        if found[0].get("token_attribution") is not None:
+            record.token_values[method] = np.asarray(found[0]["token_attribution"], np.float32)
         checks = {key: found[0].get(key) for key in FIDELITY_COLUMNS if key in found[0]}
         if method in manifest.tables.fidelity:
             sampled = run_query(con, f"SELECT * EXCLUDE (instance_id, target) FROM {fidelity_view(method)} "
@@ -88,6 +98,8 @@ def _input_of(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instance_id
     row.pop("instance_id")
     if len(row) == 1:
         (values,) = row.values()
+        if isinstance(values, str):
+            return values  # a text
         shape = manifest.preprocess.shape
         array = np.asarray(values, np.float32)
         return array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array

@@ -73,6 +73,7 @@ from netloupe.storage.schema import (
     METHOD_SUMMARY,
     PROJECTIONS,
     STATISTICS,
+    TOKENS,
     WIDE,
     id_digest,
 )
@@ -128,6 +129,10 @@ class RunLayout:
     def instances_dir(self) -> Path:
         return self.root / INSTANCES
 
+    @property
+    def tokens_dir(self) -> Path:
+        return self.root / TOKENS
+
     def activations_dir(self, layer: str) -> Path:
         return self.root / ACTIVATIONS / table_dir_name(layer)
 
@@ -180,12 +185,12 @@ class RunLayout:
         """The sampled instance ids the projections were fitted on, in sample order."""
         return self.root / PROJECTIONS / "sample.parquet"
 
-    def table_dirs(self, layers, methods, statistics=(), projected=()) -> list[Path]:
+    def table_dirs(self, layers, methods, statistics=(), projected=(), tokens: bool = False) -> list[Path]:
         """Every directory of parts the explain pass writes (a method's fidelity table only
         when sampled; the index matrices of the ``layers`` that have them):
         ``statistics`` names the statistics tables, ``projected`` the ``(kind, name)`` of
-        the tables whose projection-sample candidates the workers gather."""
-        return ([self.instances_dir] + [self.activations_dir(l) for l in layers]
+        the tables whose projection-sample candidates the workers gather; ``tokens``: a text run's."""
+        return ([self.instances_dir] + ([self.tokens_dir] if tokens else []) + [self.activations_dir(l) for l in layers]
                 + [self.attributions_dir(m) for m in methods] + [self.fidelity_dir(m) for m in methods]
                 + [self.index_layer_dir(l) for l in layers]
                 + [self.statistics_dir(s) for s in statistics]

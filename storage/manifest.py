@@ -82,6 +82,9 @@ class ModelFacts(Record):
     """Per-instance shape of each method's map as Captum returns it."""
     per_instance_bytes: int
     """Bytes of all module outputs for one instance: sizes the methods' internal chunks."""
+    input_kind: Literal["array", "tokens"] = "array"
+    """``tokens`` when the instances are texts: the run has a tokens table and per-token
+    attributions (``token_attribution``) instead of maps over the input."""
 
 
 class ModelIdentity(Record):
@@ -112,6 +115,8 @@ class DatasetInfo(Record):
     """The column holding each instance's input (images, tensors), if one does."""
     feature_columns: list[str] = []
     """The numeric columns forming the input (tabular models), in model order."""
+    text_column: str | None = None
+    """The column holding each instance's text, if the instances are texts."""
     metadata_columns: list[str] = []
     """Columns copied into ``instances`` for slicing."""
 
@@ -142,6 +147,8 @@ class Tables(Record):
     """``<kind>/<name>`` → directory."""
     fidelity: dict[str, str] = {}
     """Method table → directory of its sampled fidelity checks."""
+    tokens: str | None = None
+    """A text run's tokens table's directory."""
 
 
 class FidelityInfo(Record):

@@ -39,6 +39,12 @@ class RunReader:
     def instances(self) -> pa.Table:
         return self._read(self.layout.instances_dir, ["instance_id"])
 
+    def tokens(self) -> pa.Table:
+        """A text run's tokens table (:func:`netloupe.storage.schema.tokens_schema`), by instance."""
+        if not self.manifest.tables.tokens:
+            raise RunError(f"the run at {self.layout.root} explained no texts, so it has no tokens table")
+        return self._read(self.layout.root / self.manifest.tables.tokens, ["instance_id"])
+
     def activations(self, layer: str) -> pa.Table:
         if layer not in self.layers:
             raise RunError(f"run has no activations of layer {layer!r}; {did_you_mean(layer, self.layers)}")

@@ -43,6 +43,8 @@ STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY
 WIDE = "wide"
 """Wide activations, one column per neuron, in segments of many parts written by the part pass
 (the ``activations_<layer>`` views)."""
+TOKENS = "tokens"
+"""A text run's tokens, one row per instance (:func:`tokens_schema`)."""
 INDEX = "index"
 """Per-part row-major activation matrices and the id index (:mod:`netloupe.storage.activation_index`)."""
 
@@ -150,7 +152,8 @@ def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:
     )
 
 
-def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_points: int | None = None) -> pa.Schema:
+def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_points: int | None = None,
+                        tokens: bool = False) -> pa.Schema:
     """Schema of one method's ``attributions/<method>`` table.
 
     With ``curve_points`` (``fidelity.curve_steps + 1``), each row also holds its deletion
@@ -164,6 +167,10 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
     instance; for sampling methods (GradientSHAP, a noise tunnel), which give one per
     sample, the largest absolute delta among the instance's samples. ``finite`` is false when the method
     returned NaN or Inf for the row.
+
+    With ``tokens`` (a text run), ``token_attribution`` holds one value per own token of the
+    instance, in the order of its ``tokens`` row (no padding); the summary columns are over
+    those values.
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
@@ -172,6 +179,8 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
     ]
     if stored_size is not None:
         fields.append(pa.field("attribution", vector_type(stored_size), nullable=False))
+    if tokens:
+        fields.append(pa.field("token_attribution", pa.list_(pa.float32()), nullable=False))
     fields += [pa.field(name, pa.float32(), nullable=False) for name in ATTRIBUTION_SUMMARY_COLUMNS]
     fields += [
         pa.field("convergence_delta", pa.float64(), nullable=True),
@@ -183,6 +192,22 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
                    pa.field("deletion_auc", pa.float32(), nullable=True),
                    pa.field("insertion_auc", pa.float32(), nullable=True)]
     return pa.schema(fields)
+
+
+def tokens_schema(id_type: str = "int64") -> pa.Schema:
+    """Schema of a text run's ``tokens`` table: per instance, its own tokens as the model saw
+    them (``length`` of them, special tokens included, after truncation to ``text.max_length``:
+    ``truncated`` says the text had more), their ids, and each token's characters in the
+    text, ``text[token_start:token_end]`` (both 0 for a special token)."""
+    return pa.schema([
+        pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+        pa.field("length", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("tokens", pa.list_(pa.string()), nullable=False),
+        pa.field("token_start", pa.list_(pa.int32()), nullable=False),
+        pa.field("token_end", pa.list_(pa.int32()), nullable=False),
+    ])
 
 
 FIDELITY_SAMPLE_COLUMNS = ("infidelity", "sensitivity_max", "randomization_spearman", "randomization_spearman_abs")

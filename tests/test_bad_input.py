@@ -36,7 +36,8 @@ CASES = {
     ),
     "no input columns named": (
         {"dataset__feature_columns": None},
-        ["give dataset.input_column (a list/tensor column) or dataset.feature_columns"],
+        ["give dataset.input_column (a list/tensor column), dataset.feature_columns (numeric columns) or "
+         "dataset.text_column (strings)"],
     ),
     "rows for a dataset that is not generated": (
         {"dataset__rows": 100},
@@ -151,9 +152,9 @@ CASES = {
         {"layers": [{"name": "fc", "pooling": "first_token"}]},
         ["layer 'fc'", "pooling 'first_token' takes token vectors (n, tokens, hidden)", "shape (4, 2)"],
     ),
-    "Hugging Face text classifier (no text column yet)": (
+    "Hugging Face checkpoint without weights": (
         {"model": {"huggingface": "{tmp}/text-classifier"}},
-        ["is a text classifier (BertForSequenceClassification)", "does not yet read text columns"],
+        ["cannot load the Hugging Face checkpoint", "text-classifier", "no file named model.safetensors"],
     ),
     "attention rollout of a model without attention": (
         {"attributions": [{"method": "attention_rollout"}]},

@@ -14,16 +14,28 @@ TOKEN_POOLINGS = ("token_mean", "first_token")
 """Poolings over the tokens of a transformer's ``(n, tokens, hidden)`` vectors."""
 
 
-def pool_activation(output: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool_activation(output: torch.Tensor, pooling: str, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(n, c, *spatial)`` → ``(n, c)`` by mean or max, or ``(n, c·spatial)`` for ``none``;
     ``(n, tokens, hidden)`` → ``(n, hidden)`` by ``token_mean`` or ``first_token``.
 
     Outputs without spatial dimensions (``(n, features)``) pass through unchanged.
     ``auto`` (a checkpoint's layers by default: they mix token blocks, poolers and heads) is
     ``token_mean`` for token vectors and ``mean`` for any other output.
+
+    With ``token_mask`` (a padded batch of texts, ``(n, tokens)``), token vectors are pooled
+    over each instance's own tokens only: a plain mean would count the padding, which depends
+    on the batch.
     """
     if pooling == AUTO_POOLING:
         pooling = "token_mean" if output.dim() == 3 else "mean"
+    if token_mask is not None and output.dim() == 3 and output.shape[1] == token_mask.shape[1]:
+        if pooling == "first_token":
+            return output[:, 0]
+        if pooling != "token_mean":
+            raise ValueError(f"pooling {pooling!r} of token vectors {tuple(output.shape)} would depend on the "
+                             "batch's padding; use token_mean or first_token")
+        weights = token_mask.to(output.dtype).unsqueeze(-1)
+        return (output * weights).sum(dim=1) / weights.sum(dim=1)
     if pooling in TOKEN_POOLINGS:
         if output.dim() != 3:
             raise ValueError(f"pooling {pooling!r} takes token vectors (n, tokens, hidden), "
@@ -72,6 +84,8 @@ class LayerCapture:
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         """Per-instance output shape of each layer before pooling (from the last pass)."""
         self._handles = []
+        self.token_mask: torch.Tensor | None = None
+        """The attention mask of the batch of texts being run (masked token pooling), else None."""
 
     def __enter__(self) -> "LayerCapture":
         self.activations = {}
@@ -106,7 +120,7 @@ class LayerCapture:
                 )
             self.output_shapes[name] = tuple(output.shape[1:])
             try:
-                self.activations[name] = pool_activation(output.detach(), pooling).float()
+                self.activations[name] = pool_activation(output.detach(), pooling, self.token_mask).float()
             except ValueError as error:
                 raise ModelError(f"layer {name!r}: {error}; choose its pooling among mean, max and none "
                                  "(channels first), or token_mean and first_token (tokens)") from None

@@ -46,6 +46,8 @@ from netloupe.workers.methods import (
 )
 from netloupe.workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
 from netloupe.workers.model_output import check_output_kind, output_probabilities
+from netloupe.workers.text import TextEncoder, TokenBatch, load_tokenizer
+from netloupe.workers.token_methods import bind_token_method
 
 
 def batch_seed(seed: int, key: str, table_name: str) -> int:
@@ -55,8 +57,13 @@ def batch_seed(seed: int, key: str, table_name: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def module_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
+def module_output_bytes(model: nn.Module, x: torch.Tensor | TokenBatch) -> int:
     """Bytes of every leaf module's output for one instance of ``x``."""
+    if isinstance(x, TokenBatch):
+        x = x.rows(0, 1)
+        arguments, x = (x.input_ids, x.attention_mask), x.input_ids
+    else:
+        arguments = (x[:1],)
     if isinstance(model, torch.jit.ScriptModule):
         # No hooks on TorchScript: assume activations 64× the input, a conv net's order.
         return 64 * x[:1].numel() * x.element_size()
@@ -69,7 +76,7 @@ def module_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(add) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(*arguments)
     finally:
         for handle in handles:
             handle.remove()
@@ -89,12 +96,15 @@ class ExplainedBatch:
     """Per method (its table name)."""
     fidelity: dict[str, pa.Table] = field(default_factory=dict)
     """Per method with sampled rows in this batch."""
+    tokens: pa.Table | None = None
+    """A text run's tokens of the batch."""
 
     @property
     def tables(self) -> dict[Path, pa.Table]:
         """Table directory (relative to the run) → the batch's rows."""
         run = RunLayout(Path("."))
         return {run.instances_dir: self.instances,
+                **({run.tokens_dir: self.tokens} if self.tokens is not None else {}),
                 **{run.activations_dir(name): table for name, table in self.activations.items()},
                 **{run.attributions_dir(name): table for name, table in self.attributions.items()},
                 **{run.fidelity_dir(name): table for name, table in self.fidelity.items()}}
@@ -110,6 +120,9 @@ class BatchExplainer:
         self.model = model
         self.device = device
         self.decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
+        self.text = text_encoder(spec, model) if spec.text_input else None
+        """Tokenizes the text column (a text run), else None."""
+        _check_input_kind(spec, model)
         self.capture = LayerCapture(model, [(layer.name, spec.pooling_of(layer)) for layer in spec.layers])
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
@@ -127,17 +140,25 @@ class BatchExplainer:
 
     # -- the model's answers -------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def model_input(self, table: pa.Table) -> torch.Tensor | TokenBatch:
+        """The model's input for a batch of rows, on the device: a tensor, or a text run's tokens."""
+        if self.text is not None:
+            return self.text(table).to(self.device)
+        return torch.from_numpy(self.decoder(table)).to(self.device)
+
+    def forward(self, x: torch.Tensor | TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The model's outputs (``model.output``: logits, probabilities or log-probabilities)
         and pooled activations of the recorded layers, in one forward pass."""
+        texts = isinstance(x, TokenBatch)
+        self.capture.token_mask = x.attention_mask if texts else None
         with torch.inference_mode(), self.capture:
-            outputs = self.model(x)
+            outputs = self.model(x.input_ids, x.attention_mask) if texts else self.model(x)
             activations = dict(self.capture.activations)
-        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != x.shape[0]:
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != len(x):
             got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ModelError(
                 f"the model must return one score per class, shape (batch, classes); for an input of shape "
-                f"{tuple(x.shape)} it returned {got}"
+                f"{_shape(x)} it returned {got}"
             )
         return outputs.float(), activations
 
@@ -174,14 +195,18 @@ class BatchExplainer:
             pinned = self.spec.execution.chunk_rows
             if pinned is not None:
                 self.chunk_rows = pinned
-            elif self.tune_chunks and not isinstance(self.model, torch.jit.ScriptModule):
+            elif self.tune_chunks and self.text is None and not isinstance(self.model, torch.jit.ScriptModule):
                 with torch.enable_grad():
                     self.chunk_rows = tune_chunk_rows(self.model, x, per_instance)
             else:
                 self.chunk_rows = default_chunk_rows(per_instance)
-            self.methods = [
-                bind_method(m, self.model, tuple(x.shape[1:]), self.chunk_rows) for m in self.spec.attributions
-            ]
+            if self.text is not None:
+                text = self.spec.text
+                self.methods = [bind_token_method(m, self.model, self.text, text.baseline_token, text.hidden_reduction,
+                                                  self.chunk_rows) for m in self.spec.attributions]
+            else:
+                self.methods = [bind_method(m, self.model, tuple(x.shape[1:]), self.chunk_rows)
+                                for m in self.spec.attributions]
         return self.methods
 
     # -- storing ---------------------------------------------------------------------------
@@ -213,6 +238,20 @@ class BatchExplainer:
         }
         return {k: v.float().cpu().numpy() for k, v in stats.items()}
 
+    @staticmethod
+    def token_summary(values: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """:meth:`summary` over each instance's own tokens (``values`` is 0 at padding)."""
+        own = mask.bool()
+        values = values.double()
+        stats = {
+            "attr_sum": values.sum(dim=1),
+            "attr_abs_sum": values.abs().sum(dim=1),
+            "attr_min": values.masked_fill(~own, float("inf")).min(dim=1).values,
+            "attr_max": values.masked_fill(~own, float("-inf")).max(dim=1).values,
+            "attr_l2": values.norm(dim=1),
+        }
+        return {k: v.float().cpu().numpy() for k, v in stats.items()}
+
     # -- the whole batch -------------------------------------------------------------------
 
     def explain(self, table: pa.Table, key: str | None = None) -> ExplainedBatch:
@@ -223,9 +262,10 @@ class BatchExplainer:
         if ids.null_count:
             raise DatasetError(f"id column {ds.id_column!r} has null values; every instance needs an id")
         key = key or part_key(ids.to_pylist())
-        x_np = self.decoder(table)
-        x = torch.from_numpy(x_np).to(self.device)
-        finite_inputs = torch.isfinite(x.reshape(n, -1)).all(dim=1)
+        x = self.model_input(table)
+        texts = isinstance(x, TokenBatch)
+        finite_inputs = (torch.ones(n, dtype=torch.bool) if texts  # token ids are always finite
+                         else torch.isfinite(x.reshape(n, -1)).all(dim=1))
         outputs, activations = self.forward(x)
         probabilities = output_probabilities(outputs, self.spec.model.output)
         confidence, prediction = probabilities.max(dim=1)
@@ -253,6 +293,8 @@ class BatchExplainer:
         for column in ds.metadata_columns:
             instance_columns[column] = table[column]
         out = ExplainedBatch(instance_ids=ids.to_pylist(), num_classes=num_classes)
+        if texts:
+            out.tokens = self.text.tokens_table(instance_columns["instance_id"], x, ds.id_type)
         out.instances = S.table_from_columns(
             S.instances_schema(num_classes, ds.id_type, ds.metadata_fields),
             instance_columns,
@@ -294,13 +336,16 @@ class BatchExplainer:
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
                 attributions, delta = method(x, target)
             attributions = attributions.detach()
-            self.raw_attribution_shapes[method.table_name] = tuple(attributions.shape[1:])
-            stored = self.stored_map(attributions)
+            texts = isinstance(x, TokenBatch)
+            # A text's map has as many values as it has tokens: at most max_length.
+            self.raw_attribution_shapes[method.table_name] = ((self.text.max_length,) if texts
+                                                              else tuple(attributions.shape[1:]))
+            stored = None if texts else self.stored_map(attributions)
             columns = {
                 "instance_id": ids,
                 "target_rank": pa.array(np.full(len(ids), rank, np.int16)),
                 "target": pa.array(target.cpu().numpy().astype(np.int64)),
-                **self.summary(attributions),
+                **(self.token_summary(attributions, x.attention_mask) if texts else self.summary(attributions)),
                 "convergence_delta": pa.array(delta.detach().double().cpu().numpy()) if delta is not None else pa.nulls(len(ids), pa.float64()),
                 "finite": pa.array(torch.isfinite(attributions.reshape(len(ids), -1)).all(dim=1).cpu().numpy()),
             }
@@ -310,7 +355,10 @@ class BatchExplainer:
             if stored is not None:
                 width = stored.shape[1]
                 columns["attribution"] = S.fixed_vectors(stored.cpu().numpy(), width)
-            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None)
+            tokens = texts and self.spec.storage.attributions != "summary"
+            if tokens:
+                columns["token_attribution"] = x.own(attributions)
+            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens)
             pieces.append(S.table_from_columns(schema, columns))
             if rank == 0 and chosen.any():
                 sampled = self._sampled_checks(method, x, attributions, target, ids, key, chosen)
@@ -376,10 +424,11 @@ class BatchExplainer:
         This is the driver's validation: any error a worker would hit on the first batch
         (a missing layer, a shape mismatch, a method that cannot run) is raised here.
         """
-        x = torch.from_numpy(self.decoder(table)).to(self.device)
+        x = self.model_input(table)
         try:
             check_output_kind(self.forward(x)[0], self.spec.model.output)
-            deeplifts = [b.table_name for b in self.bind_methods(x) if b.method.needs_unique_nonlinearities]
+            deeplifts = [b.table_name for b in self.bind_methods(x)
+                         if isinstance(b, BoundMethod) and b.method.needs_unique_nonlinearities]
             reused = reused_nonlinearities(self.model, x) if deeplifts else []
             if reused:
                 raise MethodError(
@@ -396,29 +445,64 @@ class BatchExplainer:
             # integration method...): those are the spec's method parameters.
             raise MethodError(
                 f"an attribution method rejected its parameters on a validation batch of shape "
-                f"{tuple(x.shape)}: {error or 'Captum assertion failed'}. Check each method's "
+                f"{_shape(x)}: {error or 'Captum assertion failed'}. Check each method's "
                 "params against `netloupe methods` and Captum's documentation"
             ) from None
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise ModelError(
-                f"the model failed on a validation batch of shape {tuple(x.shape)}: "
+                f"the model failed on a validation batch of shape {_shape(x)}: "
                 f"{type(error).__name__}: {error}. Check preprocess.shape and that the layers "
                 "and methods fit the model"
             ) from None
         mode = self.spec.storage.attributions
         stored_shapes = {
-            name: None if mode == "summary" else tuple(self.spec.storage.heatmap_size) if mode == "heatmap" else shape
+            name: None if mode == "summary" or self.text is not None  # a text's values: token_attribution
+            else tuple(self.spec.storage.heatmap_size) if mode == "heatmap" else shape
             for name, shape in self.raw_attribution_shapes.items()
         }
         return ModelFacts(
             num_classes=explained.num_classes,
-            input_shape=tuple(x.shape[1:]),
+            input_shape=(self.text.max_length,) if self.text is not None else tuple(x.shape[1:]),
+            input_kind="tokens" if self.text is not None else "array",
             layer_neurons={name: int(v.shape[1]) for name, v in self.capture.activations.items()},
             layer_output_shapes=dict(self.capture.output_shapes),
             attribution_shapes=stored_shapes,
             attribution_raw_shapes=dict(self.raw_attribution_shapes),
             per_instance_bytes=self.per_instance_bytes,
         )
+
+
+DEFAULT_MAX_LENGTH = 512
+"""Tokens per text when neither the spec nor the model's config says (BERT's)."""
+
+
+def _shape(x: torch.Tensor | TokenBatch) -> tuple[int, ...]:
+    return tuple((x.input_ids if isinstance(x, TokenBatch) else x).shape)
+
+
+def text_encoder(spec: JobSpec, model: nn.Module) -> TextEncoder:
+    """The tokenizer of a text run: ``text.tokenizer``, else the checkpoint's own directory."""
+    text = spec.text
+    tokenizer = load_tokenizer(text.tokenizer or spec.model.huggingface)
+    if text.baseline_token == "mask" and tokenizer.mask_token_id is None:
+        raise ModelError("text.baseline_token is 'mask' but the tokenizer has no mask token; use 'pad'")
+    positions = getattr(getattr(model, "checkpoint_model", None), "config", None)
+    positions = getattr(positions, "max_position_embeddings", None)
+    if positions is not None and text.max_length is not None and text.max_length > positions:
+        raise ModelError(f"text.max_length is {text.max_length} but the model has {positions} positions "
+                         f"(max_position_embeddings); set text.max_length to at most {positions}")
+    return TextEncoder(spec.dataset.text_column, tokenizer, text.max_length or positions or DEFAULT_MAX_LENGTH)
+
+
+def _check_input_kind(spec: JobSpec, model: nn.Module) -> None:
+    """A text classifier reads a text column, and only a text classifier does."""
+    reads_text = bool(getattr(model, "reads_text", False))
+    if reads_text and not spec.text_input:
+        raise ModelError(f"the model in {spec.model.huggingface} is a text classifier (it takes token ids); give "
+                         "dataset.text_column: the column of texts to explain")
+    if spec.text_input and not reads_text:
+        raise ModelError(f"dataset.text_column needs a text classifier, but the checkpoint {spec.model.huggingface} "
+                         "takes images (...ForImageClassification); give a ...ForSequenceClassification checkpoint")
 
 
 def pick_device() -> torch.device:

@@ -46,8 +46,17 @@ class HuggingFaceClassifier(nn.Module):
         object.__setattr__(self, "checkpoint_model", model)  # not a submodule: its children are ours
         self.input_name = input_name
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint_model(**{self.input_name: inputs}).logits
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``inputs`` (pixel values or token ids, with their attention mask)."""
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.checkpoint_model(**{self.input_name: inputs}, **extra).logits
+
+    @property
+    def reads_text(self) -> bool:
+        return self.input_name == "input_ids"
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.checkpoint_model.get_input_embeddings()
 
     def train(self, mode: bool = True) -> HuggingFaceClassifier:
         self.checkpoint_model.training = mode  # its own flag too: its forward reads it
@@ -66,14 +75,6 @@ def load_huggingface_model(spec: ModelSpec) -> HuggingFaceClassifier:
             f"(config.json's 'architectures'); netloupe explains classifiers: "
             f"{' or '.join('...' + suffix for suffix in TASKS)}. Save the classification model "
             "(e.g. AutoModelForSequenceClassification) with save_pretrained"
-        )
-    if task[1] == "input_ids":
-        # Until the text path reads a text column into token ids (issue 16), a text model would
-        # fail on float inputs with a message about embeddings: say what is missing instead.
-        raise ModelError(
-            f"the Hugging Face checkpoint {directory} is a text classifier ({', '.join(architectures)}); "
-            "netloupe does not yet read text columns into token ids, so it explains image classifiers "
-            "from checkpoints for now (...ForImageClassification)"
         )
     if config.get("auto_map") and not spec.trust_remote_code:
         raise ModelError(

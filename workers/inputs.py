@@ -33,6 +33,8 @@ class ResolvedDataset:
     metadata_fields: tuple[pa.Field, ...]
     preprocess: PreprocessSpec
     """The spec's preprocessing, or the built-in set's own when the spec gives none."""
+    text_column: str | None = None
+    """The column of texts, when the instances are texts (tokenized in the workers)."""
     id_digest: int | None = None
     """The digest of every id explained (:func:`netloupe.storage.schema.id_digest_sql`); None
     when only the first ``limit`` rows are (the workers' reports are then counted only)."""
@@ -41,7 +43,10 @@ class ResolvedDataset:
     def columns(self) -> list[str]:
         """Columns the workers read."""
         cols = [self.id_column]
-        cols += [self.input_column] if self.input_column else list(self.feature_columns)
+        if self.text_column:
+            cols.append(self.text_column)
+        else:
+            cols += [self.input_column] if self.input_column else list(self.feature_columns)
         if self.label_column:
             cols.append(self.label_column)
         return cols + [c for c in self.metadata_columns if c not in cols]

@@ -322,3 +322,51 @@ CREATE MACRO attribution_map(method_name, predicate, rank := 0) AS TABLE
            list(mean_abs ORDER BY position) AS mean_abs, list(mean ORDER BY position) AS mean
     FROM per_position;
 COMMENT ON MACRO TABLE attribution_map IS 'Mean |attribution| and mean attribution map of the subset where predicate holds';
+
+-- ---------------------------------------------------------------------------------------
+-- Tokens (a text run): each method's long token view token_attributions_<method> has a row
+-- per instance, target rank and own token (docs/sql.md).
+
+CREATE MACRO _token_attributions_view(method_name) AS
+    'token_attributions_' || regexp_replace(method_name, '\W', '_', 'g');
+
+-- Per token, over the instances where `predicate` holds: how often it occurs (tokens and
+-- instances) and its total, mean and mean absolute value; tokens seen fewer than
+-- `min_count` times are left out (a rare token's mean says little). Most positive first:
+-- the tokens that push most toward the explained class in that subset.
+CREATE MACRO top_tokens(method_name, predicate := 'true', min_count := 1, rank := 0) AS TABLE
+    SELECT token,
+           count(*) AS occurrences,
+           count(DISTINCT instance_id) AS instances,
+           sum(value) AS total,
+           avg(value) AS mean,
+           avg(abs(value)) AS mean_abs
+    FROM query_table(_token_attributions_view(method_name))
+    WHERE target_rank = rank
+      AND instance_id IN (SELECT instance_id FROM query('SELECT instance_id FROM instances WHERE ' || predicate))
+    GROUP BY token
+    HAVING count(*) >= min_count
+    ORDER BY mean DESC, token;
+COMMENT ON MACRO TABLE top_tokens IS 'Per token over the subset where predicate holds: occurrences, instances, total, mean and mean |value| of its attribution (at least min_count occurrences), most positive first';
+
+-- The tokens whose mean value differs most between subset A and subset B (e.g. the
+-- mistakes and the rest): each seen at least `min_count` times in both.
+CREATE MACRO token_difference(method_name, predicate_a, predicate_b, min_count := 1, rank := 0) AS TABLE
+    WITH a AS (SELECT token, occurrences, mean FROM top_tokens(method_name, predicate_a, min_count, rank)),
+         b AS (SELECT token, occurrences, mean FROM top_tokens(method_name, predicate_b, min_count, rank))
+    SELECT token, a.occurrences AS occurrences_a, b.occurrences AS occurrences_b,
+           a.mean AS mean_a, b.mean AS mean_b, a.mean - b.mean AS difference
+    FROM a JOIN b USING (token)
+    ORDER BY abs(a.mean - b.mean) DESC, token;
+COMMENT ON MACRO TABLE token_difference IS 'Tokens whose mean attribution differs most between the subsets where predicate_a and predicate_b hold (at least min_count occurrences in each)';
+
+-- The instances whose tokens include `token` (as the tokenizer wrote it: "##s" for a
+-- word piece), with the positions where it occurs. (`tokens_table` is a parameter so that the
+-- macro binds where a run has no tokens table.)
+CREATE MACRO instances_with_token(token_text, tokens_table := 'tokens') AS TABLE
+    SELECT instance_id, list(position ORDER BY position) AS positions, count(*) AS occurrences
+    FROM (SELECT instance_id, unnest(tokens) AS token, unnest(range(length)) AS position FROM query_table(tokens_table))
+    WHERE token = token_text
+    GROUP BY instance_id
+    ORDER BY instance_id;
+COMMENT ON MACRO TABLE instances_with_token IS 'Instances of a text run whose tokens include token_text, with its positions';

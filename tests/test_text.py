@@ -1,0 +1,329 @@
+"""Text classifiers (issue 16): a BERT checkpoint saved with its WordPiece tokenizer is
+explained end to end from a text column on a real local Ray. An instance's tokens, activations
+and attributions do not depend on the batch it is in (padding); stored token attributions
+equal Captum's own on the instance alone; completeness holds for integrated gradients; the
+occlusion of a token is the output's drop when that token is replaced, worked out directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+from captum.attr import LayerIntegratedGradients
+
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.reader import RunReader
+
+WORDS = "the a movie film was is great good bad awful boring fun and not very plot acting".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TEXTS = [
+    "the movie was great", "a boring film", "not very good acting and bad plot", "fun",
+    "The FILM is awful, the acting is bad and the plot is boring and not fun at all",  # truncated at 12
+    "great great great", "an unknown word", "good", "the plot was not awful", "acting",
+    "bad movie", "very very fun film and a great plot",
+]
+MAX_LENGTH = 12
+
+
+def _texts() -> pa.Table:
+    return pa.table({"key": [f"t{i:02d}" for i in range(len(TEXTS))], "text": TEXTS,
+                     "label": pa.array([i % 2 for i in range(len(TEXTS))], pa.int64())})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A two-layer BERT sentiment classifier and its WordPiece tokenizer, saved together as
+    ``save_pretrained`` writes them (weights large enough that attributions are not ~0)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                                     cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.5)
+    directory = tmp_path_factory.mktemp("bert") / "checkpoint"
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2):
+    return parse_spec({
+        "model": {"huggingface": str(checkpoint)},
+        "dataset": {"source": str(root / "texts.parquet"), "text_column": "text", "id_column": "key"},
+        "text": {"max_length": MAX_LENGTH},
+        "layers": [{"name": "bert.encoder.layer.1"}, {"name": "bert.encoder.layer.0", "pooling": "first_token"},
+                   {"name": "bert.pooler"}],
+        "attributions": [{"method": "integrated_gradients", "params": {"n_steps": 64}}, {"method": "saliency"},
+                         {"method": "input_x_gradient"}, {"method": "occlusion"}],
+        "execution": {"batch_size": batch_size, "num_workers": workers, "threads_per_worker": 1},
+        "output": {"root": str(root / "runs"), "run_name": run_name},
+    })
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, checkpoint, tmp_path_factory):
+    """The same texts in batches of 5 and of 2 (other neighbours, other padding)."""
+    root = tmp_path_factory.mktemp("textrun")
+    pq.write_table(_texts(), root / "texts.parquet")
+    return [RunReader(run_job(_spec(checkpoint, root, size, f"b{size}")).layout.root) for size in (5, 2)]
+
+
+def _model(checkpoint):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint, local_files_only=True).eval()
+
+
+def _tokenizer(checkpoint):
+    return transformers.AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+
+
+def _kept_ids(tokenizer) -> list[int]:
+    """The tokens a baseline keeps: the special ones but [UNK], which stands for a word."""
+    return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
+
+
+def _alone(checkpoint, text: str) -> dict:
+    """One text tokenized by itself (no padding)."""
+    return _tokenizer(checkpoint)(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+
+
+def test_tokens_are_the_tokenizer_s_own_with_spans_into_the_text(runs, checkpoint):
+    tokens = runs[0].tokens().to_pylist()
+    assert [row["instance_id"] for row in tokens] == sorted(f"t{i:02d}" for i in range(len(TEXTS)))
+    tokenizer = _tokenizer(checkpoint)
+    for row in tokens:
+        text = TEXTS[int(row["instance_id"][1:])]
+        ids = _alone(checkpoint, text)["input_ids"][0].tolist()
+        assert row["token_ids"] == ids and row["tokens"] == tokenizer.convert_ids_to_tokens(ids)
+        assert row["length"] == len(ids)
+        words = [text[start:end].lower() for start, end in zip(row["token_start"], row["token_end"]) if end > start]
+        assert words == [t for t in row["tokens"] if t not in SPECIAL or t == "[UNK]"] or "[UNK]" in row["tokens"]
+    by_id = {row["instance_id"]: row for row in tokens}
+    assert by_id["t04"]["truncated"] and by_id["t04"]["length"] == MAX_LENGTH
+    assert not any(row["truncated"] for key, row in by_id.items() if key != "t04")
+    assert by_id["t00"]["tokens"] == ["[CLS]", "the", "movie", "was", "great", "[SEP]"]
+    assert (by_id["t00"]["token_start"], by_id["t00"]["token_end"]) == ([0, 0, 4, 10, 14, 0], [0, 3, 9, 13, 19, 0])
+
+
+def test_nothing_depends_on_the_batch_an_instance_is_in(runs):
+    five, two = runs
+    for layer in ("bert.encoder.layer.1", "bert.encoder.layer.0", "bert.pooler"):
+        (ids_a, a), (ids_b, b) = five.activation_matrix(layer), two.activation_matrix(layer)
+        assert ids_a.to_pylist() == ids_b.to_pylist()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for method in ("integrated_gradients", "saliency", "input_x_gradient", "occlusion"):
+        a, b = five.attributions(method), two.attributions(method)
+        assert a["instance_id"].to_pylist() == b["instance_id"].to_pylist()
+        for x, y in zip(a["token_attribution"].to_pylist(), b["token_attribution"].to_pylist()):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)  # float noise of other batchings
+
+
+def test_masked_pooling_is_the_mean_over_the_instance_s_own_tokens(runs, checkpoint):
+    model = _model(checkpoint)
+    ids, stored = runs[0].activation_matrix("bert.encoder.layer.1")
+    for key, row in zip(ids.to_pylist(), stored):
+        with torch.no_grad():
+            out = model(**_alone(checkpoint, TEXTS[int(key[1:])]), output_hidden_states=True)
+        np.testing.assert_allclose(row, out.hidden_states[2][0].mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_token_attributions_equal_captum_on_each_text_alone(runs, checkpoint):
+    model = _model(checkpoint)
+    tokenizer = _tokenizer(checkpoint)
+
+    def forward(input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    table = runs[0].attributions("integrated_gradients").to_pylist()
+    lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
+    for row in table:
+        alone = _alone(checkpoint, TEXTS[int(row["instance_id"][1:])])
+        ids, mask = alone["input_ids"], alone["attention_mask"]
+        special = torch.isin(ids, torch.tensor(_kept_ids(tokenizer)))
+        baseline = torch.where(special, ids, torch.full_like(ids, tokenizer.pad_token_id))
+        want, delta = lig.attribute(ids, baselines=baseline, additional_forward_args=(mask,), target=row["target"],
+                                    n_steps=64, return_convergence_delta=True)
+        np.testing.assert_allclose(row["token_attribution"], want.sum(dim=-1)[0].detach().numpy(), rtol=1e-4, atol=1e-6)
+        # Completeness: the tokens' values add up to f(text) - f(baseline), up to the delta stored.
+        with torch.no_grad():
+            gap = (forward(ids, mask) - forward(baseline, mask))[0, row["target"]].item()
+        assert abs(sum(row["token_attribution"]) - gap) <= abs(row["convergence_delta"]) + 1e-5
+        assert abs(row["convergence_delta"]) < 0.05 * max(abs(gap), 1e-3)
+        assert row["attr_sum"] == pytest.approx(sum(row["token_attribution"]), rel=1e-5, abs=1e-6)
+
+
+def test_occlusion_is_the_drop_when_a_token_is_replaced(runs, checkpoint):
+    model = _model(checkpoint)
+    tokenizer = _tokenizer(checkpoint)
+    row = next(r for r in runs[1].attributions("occlusion").to_pylist() if r["instance_id"] == "t00")
+    alone = _alone(checkpoint, TEXTS[0])
+    ids, mask = alone["input_ids"], alone["attention_mask"]
+    expected = []
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits[0, row["target"]]
+        for position, token in enumerate(ids[0].tolist()):
+            if token in _kept_ids(tokenizer):
+                expected.append(0.0)  # [CLS] and [SEP] are kept in the baseline
+                continue
+            replaced = ids.clone()
+            replaced[0, position] = tokenizer.pad_token_id
+            expected.append((whole - model(input_ids=replaced, attention_mask=mask).logits[0, row["target"]]).item())
+    np.testing.assert_allclose(row["token_attribution"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_saliency_and_gradient_times_input_reduce_the_embedding_gradient(runs, checkpoint):
+    model = _model(checkpoint)
+    alone = _alone(checkpoint, TEXTS[2])
+    embeddings = model.get_input_embeddings()(alone["input_ids"]).detach().requires_grad_(True)
+    rows = {m: next(r for r in runs[0].attributions(m).to_pylist() if r["instance_id"] == "t02")
+            for m in ("saliency", "input_x_gradient")}
+    output = model(inputs_embeds=embeddings, attention_mask=alone["attention_mask"]).logits[0, rows["saliency"]["target"]]
+    (gradient,) = torch.autograd.grad(output, embeddings)
+    np.testing.assert_allclose(rows["saliency"]["token_attribution"], gradient.abs().sum(dim=-1)[0].numpy(),
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(rows["input_x_gradient"]["token_attribution"],
+                               (gradient * embeddings).sum(dim=-1)[0].detach().numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_long_token_view_gives_one_row_per_token(runs):
+    catalog = open_catalog(runs[0].layout.root)
+    rows = run_query(catalog, "SELECT instance_id, position, token, value FROM token_attributions_occlusion "
+                              "WHERE instance_id = 't00' ORDER BY position").to_pylist()
+    stored = next(r for r in runs[0].attributions("occlusion").to_pylist() if r["instance_id"] == "t00")
+    assert [r["token"] for r in rows] == ["[CLS]", "the", "movie", "was", "great", "[SEP]"]
+    assert [r["value"] for r in rows] == pytest.approx(stored["token_attribution"])
+    total = run_query(catalog, "SELECT count(*) AS n FROM token_attributions_saliency").to_pylist()[0]["n"]
+    assert total == sum(row["length"] for row in runs[0].tokens().to_pylist())
+
+
+BAD_TEXT_INPUT = {
+    "a text classifier given an input column": (
+        {"dataset": {"input_column": "label", "text_column": None}},
+        ["is a text classifier (it takes token ids)", "give dataset.text_column"]),
+    "a text column that holds no strings": (
+        {"dataset": {"text_column": "label"}}, ["text column 'label' has type int64", "expected strings"]),
+    "fidelity checks of tokens": (
+        {"fidelity": {"curve_steps": 4}}, ["fidelity does not apply to a text_column run"]),
+    "a method that does not explain tokens": (
+        {"attributions": [{"method": "grad_cam", "layer": "bert.pooler"}]},
+        ["grad_cam does not explain text yet", "['input_x_gradient', 'integrated_gradients', 'occlusion', 'saliency']"]),
+    "a misspelt parameter": (
+        {"attributions": [{"method": "integrated_gradients", "params": {"n_step": 8}}]},
+        ["integrated_gradients on tokens has no parameter 'n_step'", "n_steps"]),
+    "more tokens than the model has positions": (
+        {"text": {"max_length": 64}}, ["text.max_length is 64 but the model has 32 positions"]),
+    "a tokenizer directory without a tokenizer": (
+        {"text": {"tokenizer": "{tmp}"}}, ["holds no tokenizer (tokenizer.json)"]),
+    "a factory model on texts": (
+        {"model": {"factory": "tests.tiny_models:linear", "huggingface": None}},
+        ["dataset.text_column explains a Hugging Face text classifier"]),
+    "a pooling that keeps every position": (
+        {"layers": [{"name": "bert.encoder.layer.1", "pooling": "none"}]},
+        ["pooling 'none' keeps every position"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXT_INPUT))
+def test_bad_text_input_fails_clearly_and_writes_nothing(case, checkpoint, tmp_path, capsys):
+    import yaml
+
+    from netloupe.pipeline.cli import main as cli_main
+
+    changes, expected = BAD_TEXT_INPUT[case]
+    pq.write_table(_texts(), tmp_path / "texts.parquet")
+    data = {"model": {"huggingface": str(checkpoint)},
+            "dataset": {"source": str(tmp_path / "texts.parquet"), "text_column": "text", "id_column": "key"},
+            "attributions": [{"method": "saliency"}],
+            "output": {"root": str(tmp_path / "runs"), "run_name": "bad"}}
+    for key, value in changes.items():
+        data[key] = ({k: v for k, v in {**data[key], **value}.items() if v is not None}
+                     if isinstance(value, dict) and key in data else value)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data).replace("{tmp}", str(tmp_path)))
+    code = cli_main(["run", str(tmp_path / "spec.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("netloupe: error: ") and "Traceback" not in err
+    for words in expected:
+        assert words in err, f"{words!r} not in: {err}"
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_an_instance_of_a_text_run_shows_its_words_coloured(runs):
+    import holoviews.plotting.bokeh  # noqa: F401 - the dashboard's plotting extension, as serve() loads it
+    from bokeh.document import Document
+
+    from netloupe.dashboards.app import Dashboard, InstanceView, colored_text
+    from netloupe.dashboards.session import RunSession
+
+    session = RunSession(runs[0].layout.root)
+    detail = session.instance("t00")
+    assert detail.input == TEXTS[0]
+    assert detail.tokens["tokens"] == ["[CLS]", "the", "movie", "was", "great", "[SEP]"]
+    stored = next(r for r in runs[0].attributions("saliency").to_pylist() if r["instance_id"] == "t00")
+    np.testing.assert_array_equal(detail.token_values["saliency"], np.float32(stored["token_attribution"]))
+    page = colored_text(detail.input, detail.tokens, detail.token_values["saliency"], "saliency")
+    # The text itself, each word in a span of its own with its token and value in the tooltip.
+    words = [(word, value) for word, value in zip(detail.tokens["tokens"][1:5], stored["token_attribution"][1:5])]
+    for word, value in words:
+        assert f'title="{word}: {value:.4g}">{word}</span>' in page
+    assert page.count("<span") == 4 and "truncated" not in page
+    truncated = session.instance("t04")
+    assert "truncated" in colored_text(truncated.input, truncated.tokens, truncated.token_values["saliency"], "s")
+    assert ">FILM</span>" in colored_text(truncated.input, truncated.tokens, truncated.token_values["saliency"], "s")
+    # Without the text (the dataset moved), the tokens.
+    assert page.count("<span") == colored_text(None, detail.tokens, detail.token_values["saliency"], "s").count("<span") - 2
+    # The instance tab renders a text run's instance: one coloured text per method.
+    dashboard = Dashboard(session)
+    view = InstanceView(dashboard)
+    dashboard.instance_id = "t00"
+    panel = view._detail("t00")
+    panel.get_root(Document())
+    htmls = [p for p in panel.objects if "token-attributions" in (p.css_classes or [])]
+    assert len(htmls) == 4
+
+
+def test_token_operators_add_up_the_long_view(runs):
+    """top_tokens, token_difference and instances_with_token against the same sums in Python."""
+    catalog = open_catalog(runs[0].layout.root)
+    labels = {row["instance_id"]: row["label"] for row in runs[0].instances().to_pylist()}
+    rows = run_query(catalog, "SELECT instance_id, token, value FROM token_attributions_occlusion "
+                              "WHERE target_rank = 0").to_pylist()
+
+    def by_token(label):
+        values = {}
+        for row in rows:
+            if labels[row["instance_id"]] == label:
+                values.setdefault(row["token"], []).append(row["value"])
+        return values
+
+    ones, zeros = by_token(1), by_token(0)
+    top = run_query(catalog, "SELECT * FROM top_tokens('occlusion', 'label = 1', min_count := 2)").to_pylist()
+    assert {r["token"] for r in top} == {token for token, values in ones.items() if len(values) >= 2}
+    for r in top:
+        values = ones[r["token"]]
+        assert r["occurrences"] == len(values) and r["total"] == pytest.approx(sum(values), abs=1e-6)
+        assert r["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+        assert r["mean_abs"] == pytest.approx(np.mean(np.abs(values)), abs=1e-6)
+    assert [r["mean"] for r in top] == sorted((r["mean"] for r in top), reverse=True)
+    great = next(r for r in top if r["token"] == "great")
+    assert (great["occurrences"], great["instances"]) == (4, 2)  # "great great great" (t05 has label 1) and t11
+    differing = run_query(catalog, "SELECT * FROM token_difference('occlusion', 'label = 1', 'label = 0')").to_pylist()
+    assert {r["token"] for r in differing} == set(ones) & set(zeros)
+    for r in differing:
+        assert r["difference"] == pytest.approx(np.mean(ones[r["token"]]) - np.mean(zeros[r["token"]]), abs=1e-6)
+    assert [abs(r["difference"]) for r in differing] == sorted((abs(r["difference"]) for r in differing), reverse=True)
+    found = run_query(catalog, "SELECT * FROM instances_with_token('great')").to_pylist()
+    assert found == [{"instance_id": "t00", "positions": [4], "occurrences": 1},
+                     {"instance_id": "t05", "positions": [1, 2, 3], "occurrences": 3},
+                     {"instance_id": "t11", "positions": [7], "occurrences": 1}]

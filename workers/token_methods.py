@@ -1,0 +1,136 @@
+"""Attribution methods on a text classifier's tokens: Captum's classes on the embedding layer
+(token ids are not differentiable), one value per token.
+
+* ``integrated_gradients``: Captum's ``LayerIntegratedGradients`` on the input embeddings, from
+  the baseline text (each own non-special token replaced by ``text.baseline_token``) with the
+  attention mask as an additional forward argument; completeness holds for the summed values,
+  and the convergence delta is stored as for images;
+* ``input_x_gradient``: ``LayerGradientXActivation`` (gradient × embedding);
+* ``saliency``: the embedding gradient (``LayerGradientXActivation`` without the
+  multiplication), its absolute value unless ``params.abs`` is false;
+* ``occlusion``: Captum's ``FeatureAblation`` with one feature per token: the target output's
+  drop when that token alone is replaced by the baseline token.
+
+An embedding-level map ``(n, tokens, hidden)`` becomes one value per token by
+``text.hidden_reduction``: ``sum`` (what completeness adds up) or ``l2`` (the norm, unsigned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegratedGradients
+
+from netloupe.contract.errors import MethodError, did_you_mean
+from netloupe.workers.text import TextEncoder, TokenBatch
+
+
+@dataclass(frozen=True)
+class TokenMethod:
+    """How one registered method runs on tokens."""
+
+    name: str
+    parameters: dict[str, Any]
+    """The ``params`` a spec may set, with netloupe's defaults."""
+    on_embeddings: bool = True
+    """Computed on the embedding layer's output (else on the token ids: occlusion)."""
+    has_convergence_delta: bool = False
+    rows_per_instance_parameter: str | None = None
+    """The parameter that multiplies an instance's rows in one pass (``n_steps``)."""
+
+
+TOKEN_METHODS = {m.name: m for m in (
+    TokenMethod("integrated_gradients", {"n_steps": 50, "method": "gausslegendre"}, has_convergence_delta=True,
+                rows_per_instance_parameter="n_steps"),
+    TokenMethod("input_x_gradient", {}),
+    TokenMethod("saliency", {"abs": True}),
+    TokenMethod("occlusion", {}, on_embeddings=False),
+)}
+"""The methods that explain text, by their registry name."""
+
+
+@dataclass
+class BoundTokenMethod:
+    """A token method bound to one model: ``(batch, target) → ((n, tokens) values, delta)``."""
+
+    method: TokenMethod
+    table_name: str
+    model: torch.nn.Module
+    encoder: TextEncoder
+    params: dict[str, Any]
+    baseline_token: str
+    hidden_reduction: str
+    chunk_rows: int
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    @property
+    def returns_delta(self) -> bool:
+        return self.method.has_convergence_delta
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    def __call__(self, batch: TokenBatch, target: torch.Tensor):
+        rows = self.params.get(self.method.rows_per_instance_parameter, 1) if self.method.rows_per_instance_parameter else 1
+        size = max(1, self.chunk_rows // max(1, rows))
+        width = batch.input_ids.shape[1]
+        values, deltas = [], []
+        for start in range(0, len(batch), size):
+            part = batch.rows(start, start + size)
+            result, delta = self._attribute(part, target[start:start + size])
+            values.append(torch.nn.functional.pad(result, (0, width - result.shape[1])))
+            if delta is not None:
+                deltas.append(delta)
+        return torch.cat(values), torch.cat(deltas) if deltas else None
+
+    def _attribute(self, batch: TokenBatch, target: torch.Tensor):
+        name, params = self.method.name, dict(self.params)
+        ids, mask = batch.input_ids, batch.attention_mask
+        embeddings = self.model.get_input_embeddings()
+        delta = None
+        if name == "integrated_gradients":
+            method = LayerIntegratedGradients(self._forward, embeddings)
+            params.setdefault("internal_batch_size", max(len(batch), self.chunk_rows))
+            result, delta = method.attribute(ids, baselines=self.encoder.baseline_ids(batch, self.baseline_token),
+                                             additional_forward_args=(mask,), target=target,
+                                             return_convergence_delta=True, **params)
+        elif name in ("input_x_gradient", "saliency"):
+            method = LayerGradientXActivation(self._forward, embeddings, multiply_by_inputs=name == "input_x_gradient")
+            result = method.attribute(ids, target=target, additional_forward_args=(mask,))
+            if name == "saliency" and params["abs"]:
+                result = result.abs()
+        else:
+            method = FeatureAblation(self._forward)
+            feature_mask = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            per_eval = max(1, min(ids.shape[1], self.chunk_rows // max(1, len(batch))))
+            return method.attribute(ids, baselines=self.encoder.baseline_ids(batch, self.baseline_token),
+                                    additional_forward_args=(mask,), target=target, feature_mask=feature_mask,
+                                    perturbations_per_eval=per_eval) * mask, None
+        reduced = result.sum(dim=-1) if self.hidden_reduction == "sum" else result.norm(dim=-1)
+        return reduced * mask, delta
+
+
+def bind_token_method(spec, model: torch.nn.Module, encoder: TextEncoder, baseline_token: str,
+                      hidden_reduction: str, chunk_rows: int) -> BoundTokenMethod:
+    """One ``MethodSpec`` bound to a text classifier, its parameters checked."""
+    method = TOKEN_METHODS.get(spec.method)
+    if method is None:
+        raise MethodError(f"{spec.table_name}: {spec.method} does not explain text yet; the methods on tokens are "
+                          f"{sorted(TOKEN_METHODS)}")
+    for field, value in (("layer", spec.layer), ("noise_tunnel", spec.noise_tunnel)):
+        if value is not None:
+            raise MethodError(f"{spec.table_name}: {field} does not apply to a method on tokens; remove it")
+    for key in spec.params:
+        if key not in method.parameters and key != "internal_batch_size":
+            raise MethodError(f"{spec.table_name}: {spec.method} on tokens has no parameter {key!r}; "
+                              f"{did_you_mean(key, list(method.parameters))}")
+    if method.on_embeddings and not hasattr(model, "get_input_embeddings"):
+        raise MethodError(f"{spec.table_name}: {spec.method} needs the model's input embeddings "
+                          "(get_input_embeddings)")
+    return BoundTokenMethod(method, spec.table_name, model, encoder, {**method.parameters, **spec.params},
+                            baseline_token, hidden_reduction, chunk_rows)
