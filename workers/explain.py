@@ -120,9 +120,9 @@ class BatchExplainer:
         self.model = model
         self.device = device
         self.decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
-        self.text = text_encoder(spec, model) if spec.text_input else None
+        self.text = text_encoder(spec, model, dataset.text_column) if dataset.text_column else None
         """Tokenizes the text column (a text run), else None."""
-        _check_input_kind(spec, model)
+        _check_input_kind(spec, model, dataset.text_column)
         self.capture = LayerCapture(model, [(layer.name, spec.pooling_of(layer)) for layer in spec.layers])
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
@@ -480,7 +480,7 @@ def _shape(x: torch.Tensor | TokenBatch) -> tuple[int, ...]:
     return tuple((x.input_ids if isinstance(x, TokenBatch) else x).shape)
 
 
-def text_encoder(spec: JobSpec, model: nn.Module) -> TextEncoder:
+def text_encoder(spec: JobSpec, model: nn.Module, column: str) -> TextEncoder:
     """The tokenizer of a text run: ``text.tokenizer``, else the checkpoint's own directory."""
     text = spec.text
     tokenizer = load_tokenizer(text.tokenizer or spec.model.huggingface)
@@ -491,16 +491,16 @@ def text_encoder(spec: JobSpec, model: nn.Module) -> TextEncoder:
     if positions is not None and text.max_length is not None and text.max_length > positions:
         raise ModelError(f"text.max_length is {text.max_length} but the model has {positions} positions "
                          f"(max_position_embeddings); set text.max_length to at most {positions}")
-    return TextEncoder(spec.dataset.text_column, tokenizer, text.max_length or positions or DEFAULT_MAX_LENGTH)
+    return TextEncoder(column, tokenizer, text.max_length or positions or DEFAULT_MAX_LENGTH)
 
 
-def _check_input_kind(spec: JobSpec, model: nn.Module) -> None:
+def _check_input_kind(spec: JobSpec, model: nn.Module, text_column: str | None) -> None:
     """A text classifier reads a text column, and only a text classifier does."""
     reads_text = bool(getattr(model, "reads_text", False))
-    if reads_text and not spec.text_input:
+    if reads_text and not text_column:
         raise ModelError(f"the model in {spec.model.huggingface} is a text classifier (it takes token ids); give "
                          "dataset.text_column: the column of texts to explain")
-    if spec.text_input and not reads_text:
+    if text_column and not reads_text:
         raise ModelError(f"dataset.text_column needs a text classifier, but the checkpoint {spec.model.huggingface} "
                          "takes images (...ForImageClassification); give a ...ForSequenceClassification checkpoint")
 
