@@ -60,7 +60,7 @@ def batch_seed(seed: int, key: str, table_name: str) -> int:
 def module_output_bytes(model: nn.Module, x: torch.Tensor | TokenBatch) -> int:
     """Bytes of every leaf module's output for one instance of ``x``."""
     if isinstance(x, TokenBatch):
-        x = x.rows(0, 1)
+        x = x.take(np.arange(1))
         arguments, x = (x.input_ids, x.attention_mask), x.input_ids
     else:
         arguments = (x[:1],)

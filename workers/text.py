@@ -42,12 +42,12 @@ class TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths,
                           self.truncated, self.spans)
 
-    def rows(self, start: int, stop: int) -> TokenBatch:
-        """Rows ``start:stop``, cut to their own longest (an instance's result does not depend
-        on the padding after it)."""
-        width = int(self.lengths[start:stop].max()) if stop > start else 0
-        return TokenBatch(self.input_ids[start:stop, :width], self.attention_mask[start:stop, :width],
-                          self.lengths[start:stop], self.truncated[start:stop], self.spans[start:stop, :width])
+    def take(self, index: np.ndarray) -> TokenBatch:
+        """The rows ``index``, in that order, cut to their longest."""
+        width = int(self.lengths[index].max()) if len(index) else 0
+        chosen = torch.as_tensor(index, device=self.input_ids.device)
+        return TokenBatch(self.input_ids[chosen, :width], self.attention_mask[chosen, :width], self.lengths[index],
+                          self.truncated[index], self.spans[index, :width])
 
     def own(self, values: torch.Tensor | np.ndarray, kind: pa.DataType = pa.float32()) -> pa.ListArray:
         """``(n, tokens, ...)`` values per position as a list per instance of its own tokens only

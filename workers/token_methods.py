@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegratedGradients
 
@@ -76,17 +77,26 @@ class BoundTokenMethod:
         return self.model(input_ids, attention_mask)
 
     def __call__(self, batch: TokenBatch, target: torch.Tensor):
+        """``(n, tokens)`` values (0 at padding) and the delta per text (or None), in the batch's order.
+
+        The texts go through Captum in chunks of similar length (shortest first), each chunk
+        padded only to its own longest: padding a whole batch to its longest text computed
+        about as many padding positions as tokens on real snippets (54% of positions, rt-bert).
+        A text's values do not depend on its chunk (the mask hides the padding).
+        """
         rows = self.params.get(self.method.rows_per_instance_parameter, 1) if self.method.rows_per_instance_parameter else 1
         size = max(1, self.chunk_rows // max(1, rows))
         width = batch.input_ids.shape[1]
+        order = np.argsort(batch.lengths, kind="stable")
         values, deltas = [], []
         for start in range(0, len(batch), size):
-            part = batch.rows(start, start + size)
-            result, delta = self._attribute(part, target[start:start + size])
+            chosen = order[start:start + size]
+            result, delta = self._attribute(batch.take(chosen), target[torch.as_tensor(chosen, device=target.device)])
             values.append(torch.nn.functional.pad(result, (0, width - result.shape[1])))
             if delta is not None:
                 deltas.append(delta)
-        return torch.cat(values), torch.cat(deltas) if deltas else None
+        back = torch.as_tensor(np.argsort(order, kind="stable"), device=target.device)
+        return torch.cat(values)[back], torch.cat(deltas)[back] if deltas else None
 
     def _attribute(self, batch: TokenBatch, target: torch.Tensor):
         name, params = self.method.name, dict(self.params)
