@@ -75,6 +75,47 @@ def tabular_spec(data_path, out_root, **changes) -> JobSpec:
     return parse_spec(tabular_spec_data(data_path, out_root, **changes))
 
 
+TEXTS = [
+    "the movie was great", "a boring film", "not very good acting and bad plot", "fun",
+    "The FILM is awful, the acting is bad and the plot is boring and not fun at all",
+    "great great great", "an unknown word", "good", "the plot was not awful", "acting",
+    "bad movie", "very very fun film and a great plot",
+]
+"""Texts of :func:`tiny_bert_checkpoint`'s vocabulary (and words it lacks: [UNK])."""
+
+
+def text_table() -> pa.Table:
+    """:data:`TEXTS` with string ids ``t00``.. and alternating labels."""
+    return pa.table({"key": [f"t{i:02d}" for i in range(len(TEXTS))], "text": TEXTS,
+                     "label": pa.array([i % 2 for i in range(len(TEXTS))], pa.int64())})
+
+
+def tiny_bert_checkpoint(directory: Path) -> Path:
+    """A two-layer BERT sentiment classifier and its WordPiece tokenizer (17 words), saved
+    together in ``directory`` as ``save_pretrained`` writes them (weights large enough that
+    attributions are not ~0)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = "the a movie film was is great good bad awful boring fun and not very plot acting".split()
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                                     cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.5)
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
     """Poll ``condition`` until it returns something true, and return that; fail the test
     with ``what`` (and the last value) if ``timeout`` seconds pass first."""

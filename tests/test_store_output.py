@@ -196,6 +196,26 @@ def test_a_store_run_publishes_each_table_s_listed_parts_only(store_env):
     staging.abort()
 
 
+def test_a_text_run_to_the_store_is_published_whole(ray_store, tmp_path):
+    """A text run's tokens table and token views work from the store as from local disk."""
+    from netloupe.contract.spec import parse_spec
+    from tests.helpers import text_table, tiny_bert_checkpoint
+
+    pq.write_table(text_table(), tmp_path / "texts.parquet")
+    spec = {"model": {"huggingface": str(tiny_bert_checkpoint(tmp_path / "bert"))},
+            "dataset": {"source": str(tmp_path / "texts.parquet"), "text_column": "text", "id_column": "key"},
+            "layers": [{"name": "bert.pooler"}], "attributions": [{"method": "saliency"}],
+            "execution": {"batch_size": 5, "num_workers": 2, "threads_per_worker": 1}}
+    local = run_job(parse_spec({**spec, "output": {"root": str(tmp_path / "runs"), "run_name": "texts"}}))
+    run_job(parse_spec({**spec, "output": {"root": ray_store, "run_name": "texts"}}))
+    stored = RunReader(local_run_dir(_uri(ray_store, "texts")))
+    assert stored.tokens().equals(RunReader(local.layout.root).tokens())
+    assert stored.attributions("saliency").equals(RunReader(local.layout.root).attributions("saliency"))
+    rows = run_query(open_catalog(stored.layout.root), "SELECT count(*) AS n FROM token_attributions_saliency")
+    assert rows["n"][0].as_py() == sum(stored.tokens()["length"].to_pylist())
+    assert any(o.startswith("texts/tokens/part-") for o in _objects(ray_store))
+
+
 def test_a_killed_driver_of_a_store_run_is_resumed_from_the_store(ray_store, tmp_path, capsys, stop_afterwards):
     from tests.helpers import kill_driver_mid_run, slow_run_spec
 

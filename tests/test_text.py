@@ -7,7 +7,6 @@ occlusion of a token is the output's drop when that token is replaced, worked ou
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,45 +17,16 @@ from netloupe.contract.spec import parse_spec
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.reader import RunReader
+from tests.helpers import TEXTS, tiny_bert_checkpoint
+from tests.helpers import text_table as _texts
 
-WORDS = "the a movie film was is great good bad awful boring fun and not very plot acting".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TEXTS = [
-    "the movie was great", "a boring film", "not very good acting and bad plot", "fun",
-    "The FILM is awful, the acting is bad and the plot is boring and not fun at all",  # truncated at 12
-    "great great great", "an unknown word", "good", "the plot was not awful", "acting",
-    "bad movie", "very very fun film and a great plot",
-]
-MAX_LENGTH = 12
-
-
-def _texts() -> pa.Table:
-    return pa.table({"key": [f"t{i:02d}" for i in range(len(TEXTS))], "text": TEXTS,
-                     "label": pa.array([i % 2 for i in range(len(TEXTS))], pa.int64())})
+MAX_LENGTH = 12  # t04 is cut
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A two-layer BERT sentiment classifier and its WordPiece tokenizer, saved together as
-    ``save_pretrained`` writes them (weights large enough that attributions are not ~0)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                                     cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, num_labels=2,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.5)
-    directory = tmp_path_factory.mktemp("bert") / "checkpoint"
-    transformers.BertForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return tiny_bert_checkpoint(tmp_path_factory.mktemp("bert") / "checkpoint")
 
 
 def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2):
