@@ -83,6 +83,7 @@ def cmd_validate(args) -> int:
 
 def cmd_methods(_args) -> int:
     from netloupe.workers.methods import METHODS, baseline_default, flags_of, noise_tunnel_defaults
+    from netloupe.workers.token_methods import TOKEN_METHODS
 
     for method in METHODS.values():
         flags = [name for name, on in flags_of(method).items() if on]
@@ -93,9 +94,13 @@ def cmd_methods(_args) -> int:
             print(f"    {'baseline':24s} {baseline_default()!r}, the method's own 'baseline' field (a constant input)")
         for parameter in method.parameter_defaults():
             print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
-    print("any method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
+    print("any Captum method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")
     for parameter in noise_tunnel_defaults():
         print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
+    print("on texts (dataset.text_column), one value per token (workers/token_methods.py):")
+    for method in TOKEN_METHODS.values():
+        print(f"    {method.name:24s} {method.description}"
+              + "".join(f"; {name} {value!r}" for name, value in method.parameters.items()))
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegratedGradients
 
 from netloupe.contract.errors import MethodError, did_you_mean
+from netloupe.workers.methods import METHODS
 from netloupe.workers.text import TextEncoder, TokenBatch
 
 
@@ -33,6 +34,8 @@ class TokenMethod:
     """How one registered method runs on tokens."""
 
     name: str
+    description: str
+    """What it computes, in Captum's terms."""
     parameters: dict[str, Any]
     """The ``params`` a spec may set, with netloupe's defaults."""
     on_embeddings: bool = True
@@ -43,11 +46,15 @@ class TokenMethod:
 
 
 TOKEN_METHODS = {m.name: m for m in (
-    TokenMethod("integrated_gradients", {"n_steps": 50, "method": "gausslegendre"}, has_convergence_delta=True,
+    TokenMethod("integrated_gradients", "LayerIntegratedGradients on the input embeddings, from text.baseline_token",
+                {"n_steps": METHODS["integrated_gradients"].defaults["n_steps"], "method": "gausslegendre"},
+                has_convergence_delta=True,
                 rows_per_instance_parameter="n_steps"),
-    TokenMethod("input_x_gradient", {}),
-    TokenMethod("saliency", {"abs": True}),
-    TokenMethod("occlusion", {}, on_embeddings=False),
+    TokenMethod("input_x_gradient", "LayerGradientXActivation on the input embeddings (gradient x embedding)", {}),
+    TokenMethod("saliency", "the input embeddings' gradient (LayerGradientXActivation, not multiplied)",
+                {"abs": True}),
+    TokenMethod("occlusion", "FeatureAblation, each token replaced by text.baseline_token in turn", {},
+                on_embeddings=False),
 )}
 """The methods that explain text, by their registry name."""
 
