@@ -91,9 +91,9 @@ class TextEncoder:
         # [UNK] stands for a word of the text: replaced in a baseline like any other word.
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) - {None, tokenizer.unk_token_id}),
                                         dtype=torch.long)
-        if tokenizer.padding_side != "right":
-            raise ModelError("the tokenizer pads on the left; netloupe stores each instance's tokens from the "
-                             "first (set tokenizer.padding_side = 'right' and save it again)")
+        # Own tokens first in every row (TokenBatch.own relies on it); a classifier reads its
+        # tokens by the attention mask, so a tokenizer saved to pad on the left loses nothing.
+        tokenizer.padding_side = "right"
 
     def __call__(self, table: pa.Table) -> TokenBatch:
         column = table[self.column]
