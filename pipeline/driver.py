@@ -300,8 +300,8 @@ class JobRun:
         """The merge of the statistics the workers write, read where they write them."""
         facts = self.checked.facts
         layout, filesystem = worker_layout(self.staging.worker_root)
-        return StatisticsMerge(layout, statistics_of(facts.layer_neurons, facts.attribution_shapes),
-                               self.checked.dataset.id_type, filesystem, self.memory_mib)
+        names = statistics_of(facts.layer_neurons, facts.attribution_shapes, _token_values(facts, self.spec))
+        return StatisticsMerge(layout, names, self.checked.dataset.id_type, filesystem, self.memory_mib)
 
     def close(self) -> None:
         """Stop what the run started on the driver (the statistics merge's thread), failed or not."""
@@ -536,6 +536,11 @@ def _check_exactly_once(reports: list[BatchReport], dataset: ResolvedDataset) ->
                        "nothing was committed")
 
 
+def _token_values(facts: ModelFacts, spec: JobSpec) -> bool:
+    """A text run whose methods' values per token are stored (not summary storage)."""
+    return facts.input_kind == "tokens" and spec.storage.attributions != "summary"
+
+
 def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) -> list[Path]:
     """The directories that hold a part of every batch (a fidelity table only of the
     batches with sampled instances)."""
@@ -544,7 +549,8 @@ def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) 
             + [layout.activations_dir(layer) for layer in facts.layer_neurons]
             + [layout.attributions_dir(method) for method in facts.attribution_shapes]
             + [layout.index_layer_dir(layer) for layer in wide]
-            + [layout.statistics_dir(name) for name in statistics_of(facts.layer_neurons, facts.attribution_shapes)]
+            + [layout.statistics_dir(name)
+               for name in statistics_of(facts.layer_neurons, facts.attribution_shapes, _token_values(facts, spec))]
             + [layout.projection_sample_dir(kind, name) for kind, name in spec.projection_sources])
 
 

@@ -178,7 +178,9 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 _run_statements(con, sql)
             if statistics is None:
                 merged = timed("statistics", StatisticsMerge.of_run, layout, statistics_of(
-                    model.layer_neurons, model.attribution_shapes), manifest.dataset.id_type, memory_mib)
+                    model.layer_neurons, model.attribution_shapes,
+                    model.input_kind == "tokens" and manifest.spec["storage"]["attributions"] != "summary"),
+                    manifest.dataset.id_type, memory_mib)
                 try:
                     timed("statistics tables", _insert_statistics, con, merged)
                 finally:

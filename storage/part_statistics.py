@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from netloupe.storage import schema as S
 from netloupe.storage.layout import PLAIN_PARQUET_OPTIONS, RunLayout
-from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
+from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP, TOKEN_CELLS
 
 WIDE_NEURON_LIMIT = 4096
 """Widest layer given an index matrix and one column per neuron (``wide/``); wider ones (a
@@ -56,6 +56,15 @@ ATTRIBUTION_CELLS_SCHEMA = pa.schema([
 """One row per (method, target rank, label, prediction) with the sums of every stored map
 position as lists: a row per position would be 800x the rows (slow to write and to merge);
 the catalog adds the lists up (:class:`~netloupe.storage.statistics_merge.StatisticsMerge`) into its long table."""
+TOKEN_CELLS_SCHEMA = pa.schema([
+    ("method", pa.string()), ("target_rank", pa.int16()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("token", pa.string()), ("occurrences", pa.int64()), ("instances", pa.int64()),
+    ("total", pa.float64()), ("total_abs", pa.float64()),
+])
+"""A text run's per-token sums: one row per (method, target rank, label, prediction, token),
+how often the token occurs (and in how many instances: the parts' instances are disjoint, so
+these add up too), the sum and the sum of absolute values of its attributions. Serves
+``top_tokens_by`` at any size without reading a token."""
 METHOD_SUMMARY_SCHEMA = pa.schema(
     [("method", pa.string()), ("rows", pa.int64())]
     + [(f"{column}_{part}", kind) for column in ("abs_delta", "deletion_auc", "insertion_auc")
@@ -85,10 +94,11 @@ class DerivedParts:
 
 
 def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attributions: dict[str, pa.Table],
-                 fidelity: dict[str, pa.Table], id_type: str) -> DerivedParts:
+                 fidelity: dict[str, pa.Table], id_type: str, tokens: pa.Table | None = None) -> DerivedParts:
     """Everything a batch adds besides its tables: ``activations`` maps each recorded layer
     to its ``(n, neurons)`` matrix (rows in ``instances`` order), ``attributions`` and
-    ``fidelity`` each method to the batch's rows of that table."""
+    ``fidelity`` each method to the batch's rows of that table; ``tokens``, a text run's
+    tokens part."""
     run = RunLayout(Path("."))
     out = DerivedParts()
     cells = _Cells(instances)
@@ -101,15 +111,18 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
         neuron_cells.append(_neuron_cells(layer, values, cells))
         tops.append(_neuron_top(layer, ids, values, id_type))
         out.matrices[run.index_layer_dir(layer)] = values
-    attribution_cells, summaries = [], []
+    attribution_cells, summaries, token_cells = [], [], []
     for method, table in attributions.items():
         if "attribution" in table.column_names:
             attribution_cells.append(_attribution_cells(method, table, cells, instances))
+        if "token_attribution" in table.column_names and tokens is not None:
+            token_cells.append(_token_cells(method, table, cells, instances, tokens))
         summaries.append(_method_summary(method, table, fidelity.get(method)))
     for name, pieces, schema in ((NEURON_CELLS, neuron_cells, NEURON_CELLS_SCHEMA),
                                  (NEURON_TOP, tops, neuron_top_schema(id_type)),
                                  (ATTRIBUTION_CELLS, attribution_cells, ATTRIBUTION_CELLS_SCHEMA),
-                                 (METHOD_SUMMARY, summaries, METHOD_SUMMARY_SCHEMA)):
+                                 (METHOD_SUMMARY, summaries, METHOD_SUMMARY_SCHEMA),
+                                 (TOKEN_CELLS, token_cells, TOKEN_CELLS_SCHEMA)):
         if pieces:
             out.tables[run.statistics_dir(name)] = pa.concat_tables(pieces).cast(schema)
     # Sums of floats hardly compress (1.2 MB zstd, 1.7 MB plain) and decoding zstd was most of
@@ -118,13 +131,16 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
     return out
 
 
-def statistics_of(layer_neurons: dict[str, int], attribution_shapes: dict[str, tuple | None]) -> list[str]:
+def statistics_of(layer_neurons: dict[str, int], attribution_shapes: dict[str, tuple | None],
+                  token_values: bool = False) -> list[str]:
     """The statistics tables every batch of a run with these layers and methods writes a part
-    of (what :func:`derive_parts` returns)."""
+    of (what :func:`derive_parts` returns); ``token_values``: a text run that stores its
+    methods' values per token."""
     wide = any(neurons <= WIDE_NEURON_LIMIT for neurons in layer_neurons.values())
     maps = any(shape is not None for shape in attribution_shapes.values())
     return (([NEURON_CELLS, NEURON_TOP] if wide else []) + ([ATTRIBUTION_CELLS] if maps else [])
-            + ([METHOD_SUMMARY] if attribution_shapes else []))
+            + ([METHOD_SUMMARY] if attribution_shapes else [])
+            + ([TOKEN_CELLS] if token_values and attribution_shapes else []))
 
 
 class _Cells:
@@ -213,6 +229,45 @@ def _smallest_rows(key: np.ndarray, kept: int) -> np.ndarray:
     rows = rows.reshape(key.shape[1], kept)
     order = np.argsort(key[rows, columns.reshape(key.shape[1], kept)], axis=1, kind="stable")
     return np.take_along_axis(rows, order, axis=1).T
+
+
+def _token_cells(method: str, table: pa.Table, cells: _Cells, instances: pa.Table, tokens: pa.Table) -> pa.Table:
+    """Per (target rank, label, prediction, token): occurrences, instances, sum and sum of
+    absolute values of the token's attributions (the lists of ``table`` and ``tokens`` have
+    one entry per own token, in order)."""
+    ids = instances["instance_id"].combine_chunks()
+    cell = cells.inverse[pc.index_in(table["instance_id"], value_set=ids).to_numpy(zero_copy_only=False)]
+    token_row = pc.index_in(table["instance_id"], value_set=tokens["instance_id"].combine_chunks()).combine_chunks()
+    values = table["token_attribution"].combine_chunks()
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+    texts = tokens["tokens"].combine_chunks().take(token_row)
+    flat = pa.table({
+        "row": np.repeat(np.arange(table.num_rows), lengths),
+        "rank": np.repeat(table["target_rank"].to_numpy(), lengths),
+        "cell": np.repeat(cell, lengths),
+        "token": texts.flatten(),
+        "value": values.flatten(),
+    })
+    con = S.hashing_connection()  # the worker's own DuckDB: a group-by over a batch's tokens
+    con.register("_token_values", flat)
+    try:
+        summed = con.sql("SELECT rank, cell, token, count(*) AS occurrences, count(DISTINCT row) AS instances, "
+                         "sum(value::DOUBLE) AS total, sum(abs(value::DOUBLE)) AS total_abs "
+                         "FROM _token_values GROUP BY ALL").to_arrow_table()
+    finally:
+        con.unregister("_token_values")
+    keys = cells.keys[summed["cell"].to_numpy()]
+    return pa.table({
+        "method": pa.array([method] * summed.num_rows),
+        "target_rank": summed["rank"].cast(pa.int16()),
+        "label": pa.array(keys[:, 1], mask=keys[:, 0].astype(bool)),
+        "prediction": keys[:, 2],
+        "token": summed["token"],
+        "occurrences": summed["occurrences"],
+        "instances": summed["instances"],
+        "total": summed["total"],
+        "total_abs": summed["total_abs"],
+    })
 
 
 def _attribution_cells(method: str, table: pa.Table, cells: _Cells, instances: pa.Table) -> pa.Table:

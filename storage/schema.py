@@ -38,7 +38,8 @@ NEURON_CELLS = "neuron_cells"
 ATTRIBUTION_CELLS = "attribution_cells"
 NEURON_TOP = "neuron_top"
 METHOD_SUMMARY = "method_summary"
-STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY)
+TOKEN_CELLS = "token_cells"
+STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY, TOKEN_CELLS)
 """The statistics tables, each ``stats/<name>/part-<key>.parquet``."""
 WIDE = "wide"
 """Wide activations, one column per neuron, in segments of many parts written by the part pass

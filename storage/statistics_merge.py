@@ -34,9 +34,10 @@ from netloupe.storage.part_statistics import (
     METHOD_SUMMARY_SCHEMA,
     NEURON_CELLS_SCHEMA,
     NEURON_TOP_KEPT,
+    TOKEN_CELLS_SCHEMA,
     neuron_top_schema,
 )
-from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP
+from netloupe.storage.schema import ATTRIBUTION_CELLS, METHOD_SUMMARY, NEURON_CELLS, NEURON_TOP, TOKEN_CELLS
 
 MERGE_SQL = Path(__file__).parent / "sql" / "merge.sql"
 PARTS_AT_ONCE = 64
@@ -67,11 +68,12 @@ class StatisticsMerge:
                  filesystem: pafs.FileSystem | None = None, memory_mib: int = DRIVER_SQL_MEMORY_MIB):
         self.layout = layout
         wanted = set(names)
-        self.names = [name for name in (NEURON_CELLS, NEURON_TOP, ATTRIBUTION_CELLS, METHOD_SUMMARY)
+        self.names = [name for name in (NEURON_CELLS, NEURON_TOP, ATTRIBUTION_CELLS, METHOD_SUMMARY, TOKEN_CELLS)
                       if name in wanted]
         self.filesystem = filesystem or pafs.LocalFileSystem()
         self.schemas = {NEURON_CELLS: NEURON_CELLS_SCHEMA, NEURON_TOP: neuron_top_schema(id_type),
-                        ATTRIBUTION_CELLS: ATTRIBUTION_CELLS_SCHEMA, METHOD_SUMMARY: METHOD_SUMMARY_SCHEMA}
+                        ATTRIBUTION_CELLS: ATTRIBUTION_CELLS_SCHEMA, METHOD_SUMMARY: METHOD_SUMMARY_SCHEMA,
+                        TOKEN_CELLS: TOKEN_CELLS_SCHEMA}
         self.totals = {name: self.schemas[name].empty_table() for name in self.names
                        if name != ATTRIBUTION_CELLS}
         self.cell_sums: dict[tuple, list] = {}
@@ -165,6 +167,8 @@ class StatisticsMerge:
                 out[NEURON_TOP] = self._query("SELECT * FROM _ranked_neuron_top('_parts')", self.totals[NEURON_TOP])
             if ATTRIBUTION_CELLS in self.names:
                 out[ATTRIBUTION_CELLS] = _long_attribution_cells(self.cell_sums)
+            if TOKEN_CELLS in self.totals:
+                out[TOKEN_CELLS] = self.totals[TOKEN_CELLS]
             if METHOD_SUMMARY in self.totals:
                 out["fidelity_summary"] = self._query("SELECT * FROM _merged_method_summary('_parts')",
                                                   _positioned(self.totals[METHOD_SUMMARY]))

@@ -325,3 +325,25 @@ def test_the_rotten_tomatoes_demo_through_the_cli(ray_local, tmp_path, capsys):
         _tokenizer(checkpoint)(first["text"])["input_ids"])
     worst = run_query(catalog, "SELECT max(abs(convergence_delta)) AS d FROM attributions_integrated_gradients")
     assert worst["d"][0].as_py() < 1e-3  # completeness on a real model with 32 steps
+
+
+def test_top_tokens_by_class_from_the_precomputed_sums_equals_the_scan(runs):
+    """top_tokens_by reads token_cells (added up from the workers' per-part sums) and equals
+    top_tokens over each class's scan of the long view, for every subsets kind."""
+    catalog = open_catalog(runs[1].layout.root)  # batches of 2: many parts added up
+    for method in ("integrated_gradients", "occlusion"):
+        for subsets, predicate in (("prediction", "prediction = {c}"), ("label", "label = {c}")):
+            by = run_query(catalog, f"SELECT * FROM top_tokens_by('{method}', '{subsets}')").to_pylist()
+            for cls in (0, 1):
+                scanned = run_query(catalog, f"SELECT * FROM top_tokens('{method}', '{predicate.format(c=cls)}')")
+                mine = [row for row in by if row["class"] == cls]
+                assert [r["token"] for r in mine] == scanned["token"].to_pylist()
+                for a, b in zip(mine, scanned.to_pylist()):
+                    assert (a["occurrences"], a["instances"]) == (b["occurrences"], b["instances"])
+                    assert a["mean"] == pytest.approx(b["mean"], abs=1e-6)
+                    assert a["total"] == pytest.approx(b["total"], abs=1e-6)
+    correct = run_query(catalog, "SELECT subset, sum(occurrences) AS n FROM top_tokens_by('saliency', 'correct') "
+                                 "GROUP BY subset ORDER BY subset").to_pylist()
+    total = run_query(catalog, "SELECT correct, count(*) AS n FROM token_attributions_saliency JOIN instances "
+                               "USING (instance_id) GROUP BY correct ORDER BY correct").to_pylist()
+    assert [r["n"] for r in correct] == [r["n"] for r in reversed(total)]  # 'correct' sorts before 'incorrect'

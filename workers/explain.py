@@ -577,7 +577,7 @@ class ExplainWorker:
         dataset, projection = self.explainer.dataset, self.spec.projection
         derived = derive_parts(explained.instances,
                                {name: S.vectors_to_numpy(t["activation"]) for name, t in explained.activations.items()},
-                               explained.attributions, explained.fidelity, dataset.id_type)
+                               explained.attributions, explained.fidelity, dataset.id_type, explained.tokens)
         vectors = {(kind, name): S.vectors_to_numpy(_source_vectors(explained, kind, name))
                    for kind, name in self.spec.projection_sources}
         candidates = projection_candidates(explained.instances["instance_id"], vectors, dataset.id_type,

@@ -57,3 +57,11 @@ CREATE TEMP MACRO _merged_method_summary(parts) AS TABLE
                AS mean_randomization_spearman_abs
     FROM _summed_method_summary(parts)
     ORDER BY position, method;
+
+-- Per (method, rank, label, prediction, token): every count and sum adds (each instance is
+-- in one part only, so the instances counts add too).
+CREATE TEMP MACRO _summed_token_cells(parts) AS TABLE
+    SELECT method, target_rank, label, prediction, token, sum(occurrences)::BIGINT AS occurrences,
+           sum(instances)::BIGINT AS instances, sum(total) AS total, sum(total_abs) AS total_abs
+    FROM query_table(parts)
+    GROUP BY ALL;

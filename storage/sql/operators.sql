@@ -370,3 +370,22 @@ CREATE MACRO instances_with_token(token_text, tokens_table := 'tokens') AS TABLE
     GROUP BY instance_id
     ORDER BY instance_id;
 COMMENT ON MACRO TABLE instances_with_token IS 'Instances of a text run whose tokens include token_text, with its positions';
+
+-- top_tokens for class subsets from the per-token sums precomputed per (label, prediction)
+-- cell (no token read: any run size). `subsets` as in _class_subset.
+CREATE MACRO top_tokens_by(method_name, subsets := 'prediction', min_count := 1, rank := 0) AS TABLE
+    WITH keyed AS (
+        SELECT _class_subset(subsets, label, prediction) AS subset,
+               _class_subset_class(subsets, label, prediction) AS class,
+               CASE subsets WHEN 'cell' THEN prediction END AS cell_prediction,
+               token, occurrences, instances, total, total_abs
+        FROM token_cells
+        WHERE method = method_name AND target_rank = rank AND (subsets = 'prediction' OR label IS NOT NULL)
+    )
+    SELECT subset, class, token, sum(occurrences)::BIGINT AS occurrences, sum(instances)::BIGINT AS instances,
+           sum(total) AS total, sum(total) / sum(occurrences) AS mean, sum(total_abs) / sum(occurrences) AS mean_abs
+    FROM keyed
+    GROUP BY subset, class, cell_prediction, token
+    HAVING sum(occurrences) >= min_count
+    ORDER BY class, cell_prediction, subset, mean DESC, token;
+COMMENT ON MACRO TABLE top_tokens_by IS 'Per class subset (subsets: label, prediction, correct, cell) and token: occurrences, instances, total, mean and mean |value| of its attribution, from precomputed sums (no scan), most positive first';

@@ -13,6 +13,12 @@ CREATE TABLE attribution_cells (
 );
 COMMENT ON TABLE attribution_cells IS 'Per method, target rank, (label, prediction) cell and stored map position: size, sum and sum of absolute attributions. Serves attribution_map_by.';
 
+CREATE TABLE token_cells (
+    method VARCHAR, target_rank SMALLINT, label BIGINT, prediction BIGINT, token VARCHAR, occurrences BIGINT,
+    instances BIGINT, total DOUBLE, total_abs DOUBLE
+);
+COMMENT ON TABLE token_cells IS 'A text run''s per-token sums: per method, target rank, (label, prediction) cell and token, its occurrences, the instances it occurs in, and the sum and sum of absolute values of its attributions. Serves top_tokens_by.';
+
 CREATE TABLE neuron_top AS
     SELECT ''::VARCHAR AS layer, 0::INTEGER AS neuron, 0::BIGINT AS rank, instance_id, 0::FLOAT AS activation
     FROM instances LIMIT 0;
