@@ -476,7 +476,7 @@ class JobSpec(StrictModel):
         for layer in self.layers:
             if layer.pooling == "none":
                 raise ValueError(f"layer {layer.name!r}: pooling 'none' keeps every position, and texts have "
-                                 "different lengths; use token_mean, first_token, mean or max")
+                                 "different lengths; use token_mean or first_token")
 
     def pooling_of(self, layer: LayerSpec) -> str:
         """How ``layer``'s output is pooled (the default resolved for this spec's model)."""

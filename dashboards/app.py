@@ -379,6 +379,7 @@ def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str
         body = " ".join(pieces)
     else:
         for token, start, end, value in zip(tokens["tokens"], tokens["token_start"], tokens["token_end"], values):
+            start = max(start, position)  # spans that overlap (some SentencePiece tokenizers): once
             if end <= start:
                 continue  # a special token: no characters of the text
             pieces += [html.escape(text[position:start]), span(text[start:end], float(value), token)]

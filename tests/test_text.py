@@ -193,7 +193,10 @@ BAD_TEXT_INPUT = {
         {"attributions": [{"method": "integrated_gradients", "params": {"n_step": 8}}]},
         ["integrated_gradients on tokens has no parameter 'n_step'", "n_steps"]),
     "more tokens than the model has positions": (
-        {"text": {"max_length": 64}}, ["text.max_length is 64 but the model has 32 positions"]),
+        {"text": {"max_length": 64}}, ["text.max_length is 64 but the model reads at most 32 tokens"]),
+    "a constant baseline on tokens": (
+        {"attributions": [{"method": "integrated_gradients", "baseline": 0.5}]},
+        ["'baseline' is a constant input value; on tokens the baseline is text.baseline_token"]),
     "a tokenizer directory without a tokenizer": (
         {"text": {"tokenizer": "{tmp}"}}, ["holds no tokenizer (tokenizer.json)"]),
     "a factory model on texts": (
@@ -347,3 +350,28 @@ def test_top_tokens_by_class_from_the_precomputed_sums_equals_the_scan(runs):
     total = run_query(catalog, "SELECT correct, count(*) AS n FROM token_attributions_saliency JOIN instances "
                                "USING (instance_id) GROUP BY correct ORDER BY correct").to_pylist()
     assert [r["n"] for r in correct] == [r["n"] for r in reversed(total)]  # 'correct' sorts before 'incorrect'
+
+
+def test_the_default_max_length_is_what_the_model_reads(checkpoint, tmp_path):
+    """The model's positions (BERT: all of them; RoBERTa: those after the pad id), or the
+    tokenizer's own limit where it states one."""
+    from netloupe.workers.explain import text_encoder
+    from netloupe.workers.model_loading import load_model
+
+    def encoder_of(directory):
+        spec = parse_spec({"model": {"huggingface": str(directory)}, "dataset": {"source": "x.parquet",
+                           "text_column": "text"}, "output": {"run_name": "t"}})
+        return text_encoder(spec, load_model(spec.model), "text")
+
+    assert encoder_of(checkpoint).max_length == 32
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=12, pad_token_id=1, num_labels=2))
+    roberta.save_pretrained(tmp_path / "roberta")
+    _tokenizer(checkpoint).save_pretrained(tmp_path / "roberta")
+    assert encoder_of(tmp_path / "roberta").max_length == 10  # 12 positions, ids from pad_token_id + 1 = 2
+    stated = _tokenizer(checkpoint)
+    stated.model_max_length = 16
+    stated.save_pretrained(checkpoint.parent / "stated")
+    _model(checkpoint).save_pretrained(checkpoint.parent / "stated")
+    assert encoder_of(checkpoint.parent / "stated").max_length == 16

@@ -57,10 +57,12 @@ def batch_seed(seed: int, key: str, table_name: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def module_output_bytes(model: nn.Module, x: torch.Tensor | TokenBatch) -> int:
-    """Bytes of every leaf module's output for one instance of ``x``."""
+def module_output_bytes(model: nn.Module, x: torch.Tensor | TokenBatch, max_length: int = 0) -> int:
+    """Bytes of every leaf module's output for one instance of ``x`` (a text padded to ``max_length``)."""
     if isinstance(x, TokenBatch):
-        x = x.take(np.arange(1))
+        # A text as long as any may be (padded to max_length): the chunk budget must hold
+        # the longest texts, and a short first text would size it 10x too large.
+        x = x.take(np.arange(1)).padded_to(max_length)
         arguments, x = (x.input_ids, x.attention_mask), x.input_ids
     else:
         arguments = (x[:1],)
@@ -120,9 +122,9 @@ class BatchExplainer:
         self.model = model
         self.device = device
         self.decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
+        _check_input_kind(spec, model, dataset.text_column)
         self.text = text_encoder(spec, model, dataset.text_column) if dataset.text_column else None
         """Tokenizes the text column (a text run), else None."""
-        _check_input_kind(spec, model, dataset.text_column)
         self.capture = LayerCapture(model, [(layer.name, spec.pooling_of(layer)) for layer in spec.layers])
         self.facts = facts
         self.methods: list[BoundMethod] | None = None
@@ -190,7 +192,7 @@ class BatchExplainer:
         this explainer tunes (workers do; the driver's validation does not)."""
         if self.methods is None:
             if self.per_instance_bytes is None:
-                self.per_instance_bytes = module_output_bytes(self.model, x)
+                self.per_instance_bytes = module_output_bytes(self.model, x, self.text.max_length if self.text else 0)
             per_instance = self.per_instance_bytes
             pinned = self.spec.execution.chunk_rows
             if pinned is not None:
@@ -474,6 +476,8 @@ class BatchExplainer:
 
 DEFAULT_MAX_LENGTH = 512
 """Tokens per text when neither the spec nor the model's config says (BERT's)."""
+OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "ibert")
+"""Model types whose position ids start after the pad id (514 positions, 512 usable)."""
 
 
 def _shape(x: torch.Tensor | TokenBatch) -> tuple[int, ...]:
@@ -486,12 +490,24 @@ def text_encoder(spec: JobSpec, model: nn.Module, column: str) -> TextEncoder:
     tokenizer = load_tokenizer(text.tokenizer or spec.model.huggingface)
     if text.baseline_token == "mask" and tokenizer.mask_token_id is None:
         raise ModelError("text.baseline_token is 'mask' but the tokenizer has no mask token; use 'pad'")
-    positions = getattr(getattr(model, "checkpoint_model", None), "config", None)
-    positions = getattr(positions, "max_position_embeddings", None)
-    if positions is not None and text.max_length is not None and text.max_length > positions:
-        raise ModelError(f"text.max_length is {text.max_length} but the model has {positions} positions "
-                         f"(max_position_embeddings); set text.max_length to at most {positions}")
-    return TextEncoder(column, tokenizer, text.max_length or positions or DEFAULT_MAX_LENGTH)
+    limit = _token_limit(model, tokenizer)
+    if limit is not None and text.max_length is not None and text.max_length > limit:
+        raise ModelError(f"text.max_length is {text.max_length} but the model reads at most {limit} tokens "
+                         f"(its positions and its tokenizer's model_max_length); set text.max_length to at most {limit}")
+    return TextEncoder(column, tokenizer, text.max_length or limit or DEFAULT_MAX_LENGTH, spec.dataset.id_column)
+
+
+def _token_limit(model: nn.Module, tokenizer) -> int | None:
+    """The most tokens the model reads: its position table, less the positions RoBERTa-style
+    models skip (their ids start after the pad id), and the tokenizer's own limit where it
+    states a real one (``model_max_length`` is 1e30 when unset)."""
+    config = getattr(getattr(model, "checkpoint_model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and getattr(config, "model_type", "") in OFFSET_POSITION_MODELS:
+        positions -= (config.pad_token_id or 0) + 1
+    stated = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
+    known = [limit for limit in (positions, stated) if limit is not None]
+    return min(known) if known else None
 
 
 def _check_input_kind(spec: JobSpec, model: nn.Module, text_column: str | None) -> None:

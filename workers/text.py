@@ -49,6 +49,15 @@ class TokenBatch:
         return TokenBatch(self.input_ids[chosen, :width], self.attention_mask[chosen, :width], self.lengths[index],
                           self.truncated[index], self.spans[index, :width])
 
+    def padded_to(self, width: int) -> TokenBatch:
+        """The batch padded (with padding masked out) to ``width`` positions."""
+        extra = width - self.input_ids.shape[1]
+        if extra <= 0:
+            return self
+        pad = torch.nn.functional.pad
+        return TokenBatch(pad(self.input_ids, (0, extra), value=0), pad(self.attention_mask, (0, extra), value=0),
+                          self.lengths, self.truncated, np.pad(self.spans, ((0, 0), (0, extra), (0, 0))))
+
     def own(self, values: torch.Tensor | np.ndarray, kind: pa.DataType = pa.float32()) -> pa.ListArray:
         """``(n, tokens, ...)`` values per position as a list per instance of its own tokens only
         (padding is never stored)."""
@@ -84,8 +93,8 @@ def load_tokenizer(directory: str):
 class TextEncoder:
     """Turns a batch's text column into a :class:`TokenBatch`."""
 
-    def __init__(self, column: str, tokenizer, max_length: int):
-        self.column, self.tokenizer, self.max_length = column, tokenizer, max_length
+    def __init__(self, column: str, tokenizer, max_length: int, id_column: str):
+        self.column, self.tokenizer, self.max_length, self.id_column = column, tokenizer, max_length, id_column
         self.vocabulary = np.array(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), dtype=object)
         """Token id → token string."""
         # [UNK] stands for a word of the text: replaced in a baseline like any other word.
@@ -107,6 +116,10 @@ class TextEncoder:
                                  return_offsets_mapping=True, return_tensors="pt")
         mask = encoded["attention_mask"]
         lengths = mask.sum(dim=1).numpy().astype(np.int64)
+        if (lengths == 0).any():
+            empty = [row for row, length in zip(table[self.id_column].to_pylist(), lengths) if length == 0]
+            raise DatasetError(f"{len(empty)} texts of this batch have no tokens (ids {empty[:5]}): the tokenizer "
+                               "adds no special tokens and the text is empty; drop them or give each some text")
         # The whole texts' token counts (once more, untruncated): exact, whatever the tokenizer
         # drops or normalises, where comparing characters would not be.
         whole = self.tokenizer(texts, truncation=False, return_length=True, return_attention_mask=False,

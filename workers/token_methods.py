@@ -92,18 +92,31 @@ class BoundTokenMethod:
         A text's values do not depend on its chunk (the mask hides the padding).
         """
         rows = self.params.get(self.method.rows_per_instance_parameter, 1) if self.method.rows_per_instance_parameter else 1
-        size = max(1, self.chunk_rows // max(1, rows))
         width = batch.input_ids.shape[1]
         order = np.argsort(batch.lengths, kind="stable")
         values, deltas = [], []
-        for start in range(0, len(batch), size):
-            chosen = order[start:start + size]
+        for chosen in self._chunks(batch.lengths[order], rows):
+            chosen = order[chosen]
             result, delta = self._attribute(batch.take(chosen), target[torch.as_tensor(chosen, device=target.device)])
             values.append(torch.nn.functional.pad(result, (0, width - result.shape[1])))
             if delta is not None:
                 deltas.append(delta)
         back = torch.as_tensor(np.argsort(order, kind="stable"), device=target.device)
         return torch.cat(values)[back], torch.cat(deltas)[back] if deltas else None
+
+    def _chunks(self, lengths: np.ndarray, rows: int) -> list[slice]:
+        """Consecutive runs of the (ascending) ``lengths`` whose rows × ``rows`` per text × their
+        longest fit the budget: ``chunk_rows`` texts of ``max_length`` tokens (what the chunk
+        size was measured for), so short texts go many at a time and long ones few."""
+        budget = self.chunk_rows * self.encoder.max_length
+        chunks, start = [], 0
+        while start < len(lengths):
+            stop = start + 1
+            while stop < len(lengths) and (stop + 1 - start) * rows * lengths[stop] <= budget:
+                stop += 1
+            chunks.append(slice(start, stop))
+            start = stop
+        return chunks
 
     def _attribute(self, batch: TokenBatch, target: torch.Tensor):
         name, params = self.method.name, dict(self.params)
@@ -112,7 +125,8 @@ class BoundTokenMethod:
         delta = None
         if name == "integrated_gradients":
             method = LayerIntegratedGradients(self._forward, embeddings)
-            params.setdefault("internal_batch_size", max(len(batch), self.chunk_rows))
+            # The chunk was cut to fit the budget with all its steps: one pass.
+            params.setdefault("internal_batch_size", len(batch) * params["n_steps"])
             result, delta = method.attribute(ids, baselines=self.encoder.baseline_ids(batch, self.baseline_token),
                                              additional_forward_args=(mask,), target=target,
                                              return_convergence_delta=True, **params)
@@ -124,7 +138,8 @@ class BoundTokenMethod:
         else:
             method = FeatureAblation(self._forward)
             feature_mask = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-            per_eval = max(1, min(ids.shape[1], self.chunk_rows // max(1, len(batch))))
+            budget = self.chunk_rows * self.encoder.max_length  # tokens per pass, as _chunks
+            per_eval = max(1, min(ids.shape[1], budget // max(1, len(batch) * ids.shape[1])))
             return method.attribute(ids, baselines=self.encoder.baseline_ids(batch, self.baseline_token),
                                     additional_forward_args=(mask,), target=target, feature_mask=feature_mask,
                                     perturbations_per_eval=per_eval) * mask, None
@@ -142,8 +157,11 @@ def bind_token_method(spec, model: torch.nn.Module, encoder: TextEncoder, baseli
     for field, value in (("layer", spec.layer), ("noise_tunnel", spec.noise_tunnel)):
         if value is not None:
             raise MethodError(f"{spec.table_name}: {field} does not apply to a method on tokens; remove it")
+    if spec.baseline != 0.0:
+        raise MethodError(f"{spec.table_name}: 'baseline' is a constant input value; on tokens the baseline is "
+                          "text.baseline_token (pad or mask)")
     for key in spec.params:
-        if key not in method.parameters and key != "internal_batch_size":
+        if key not in method.parameters and not (key == "internal_batch_size" and method.has_convergence_delta):
             raise MethodError(f"{spec.table_name}: {spec.method} on tokens has no parameter {key!r}; "
                               f"{did_you_mean(key, list(method.parameters))}")
     if method.on_embeddings and not hasattr(model, "get_input_embeddings"):
