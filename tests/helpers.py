@@ -84,6 +84,10 @@ TEXTS = [
 """Texts of :func:`tiny_bert_checkpoint`'s vocabulary (and words it lacks: [UNK])."""
 
 
+TINY_BERT_WORDS = "the a movie film was is great good bad awful boring fun and not very plot acting".split()
+"""The words of :func:`tiny_bert_checkpoint`'s vocabulary (beside its special tokens)."""
+
+
 def text_table() -> pa.Table:
     """:data:`TEXTS` with string ids ``t00``.. and alternating labels."""
     return pa.table({"key": [f"t{i:02d}" for i in range(len(TEXTS))], "text": TEXTS,
@@ -98,8 +102,7 @@ def tiny_bert_checkpoint(directory: Path) -> Path:
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    words = "the a movie film was is great good bad awful boring fun and not very plot acting".split()
-    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_BERT_WORDS)}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

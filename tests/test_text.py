@@ -18,6 +18,7 @@ from netloupe.pipeline.driver import run_job
 from netloupe.storage.catalog import open_catalog, run_query
 from netloupe.storage.reader import RunReader
 from tests.helpers import TEXTS, tiny_bert_checkpoint
+from tests.helpers import TINY_BERT_WORDS as WORDS
 from tests.helpers import text_table as _texts
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -78,8 +79,13 @@ def test_tokens_are_the_tokenizer_s_own_with_spans_into_the_text(runs, checkpoin
         ids = _alone(checkpoint, text)["input_ids"][0].tolist()
         assert row["token_ids"] == ids and row["tokens"] == tokenizer.convert_ids_to_tokens(ids)
         assert row["length"] == len(ids)
-        words = [text[start:end].lower() for start, end in zip(row["token_start"], row["token_end"]) if end > start]
-        assert words == [t for t in row["tokens"] if t not in SPECIAL or t == "[UNK]"] or "[UNK]" in row["tokens"]
+        for token, start, end in zip(row["tokens"], row["token_start"], row["token_end"]):
+            if token in SPECIAL and token != "[UNK]":
+                assert (start, end) == (0, 0)  # no characters of the text
+            elif token == "[UNK]":
+                assert end > start and text[start:end].lower() not in WORDS  # a word the vocabulary lacks
+            else:
+                assert text[start:end].lower() == token
     by_id = {row["instance_id"]: row for row in tokens}
     assert by_id["t04"]["truncated"] and by_id["t04"]["length"] == MAX_LENGTH
     assert not any(row["truncated"] for key, row in by_id.items() if key != "t04")

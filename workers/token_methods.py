@@ -76,10 +76,6 @@ class BoundTokenMethod:
     def stochastic(self) -> bool:
         return False
 
-    @property
-    def returns_delta(self) -> bool:
-        return self.method.has_convergence_delta
-
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
 
