@@ -22,7 +22,7 @@ import panel as pn
 import param
 
 from netloupe.dashboards.scatter import InstanceScatter
-from netloupe.dashboards.session import RunSession, SessionError, Subset, map_image
+from netloupe.dashboards.session import TOKEN_GROUPINGS, RunSession, SessionError, Subset, map_image
 from netloupe.storage.catalog import QueryError
 
 COLOR_FIELDS = ("label_name", "prediction_name", "outcome", "confidence")
@@ -36,6 +36,8 @@ METRICS = ("accuracy", "fpr", "fnr", "precision", "recall")
 """The subgroup metrics (FairVis), named as the SQL operators name them."""
 MATRIX_VALUES = ("mean", "neuron", "size", "frac_active")
 """What each cell of the neuron matrix holds (colored by the first, the rest on hover)."""
+TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
+"""Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
 CURRENT_SELECTION = "(current selection)"
 """The matrix row of the scatter's selection before it is kept (parentheses: a name no kept subset can take)."""
 
@@ -389,6 +391,94 @@ def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str
     return f"<div><b>{html.escape(method)}</b>{cut}<p style='line-height:1.8'>{body}</p></div>"
 
 
+class TokensView(pn.viewable.Viewer):
+    """A text run's tokens: per class (or kept subset), the tokens that push most toward the
+    explained class, as bars. A click on a bar keeps the instances that contain the token as a
+    subset (a row of the neuron matrix, a colour of the scatter) and lists them; a click on
+    one opens it."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        methods = dashboard.session.methods
+        self.method = pn.widgets.Select(name="Method", options=methods, value=methods[0] if methods else None,
+                                        width=200)
+        self.by = pn.widgets.Select(name="Per", options=self._groupings(), value="prediction", width=200)
+        self.min_count = pn.widgets.IntInput(name="Seen at least", value=5, start=1, width=120)
+        self.top = pn.widgets.IntInput(name="Tokens per subset", value=TOKENS_SHOWN, start=1, end=MAX_TOKENS_SHOWN,
+                                       width=140)
+        self.instances = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, height=260, show_index=False,
+                                              sizing_mode="stretch_width", css_classes=["token-instances"])
+        self.instances.on_click(self._on_instance)
+        self.picked = pn.pane.Markdown("Click a token's bar to select the instances that contain it.",
+                                       css_classes=["token-picked"])
+        dashboard.param.watch(lambda _e: setattr(self.by, "options", self._groupings()), "subsets_version")
+
+    def _groupings(self) -> list[str]:
+        session = self.dashboard.session
+        return list(TOKEN_GROUPINGS) + [name for name, s in session.subsets.items() if s.predicate is not None]
+
+    def _bars(self, method, by, min_count, top):
+        if method is None:
+            return pn.pane.Markdown("This run has no attribution methods.")
+        try:
+            frame = self.dashboard.session.top_tokens(method, by, min_count or 1, min(top or 1, MAX_TOKENS_SHOWN))
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        if frame.empty:
+            return pn.pane.Markdown(f"No token is seen {min_count} times in any subset: lower 'Seen at least'.")
+        figures = [self._figure(name, rows, method) for name, rows in frame.groupby("subset", sort=True)]
+        return pn.FlexBox(*[pn.pane.Bokeh(f) for f in figures], css_classes=["token-bars"])
+
+    def _figure(self, subset: str, rows: pd.DataFrame, method: str):
+        from bokeh.models import ColumnDataSource
+        from bokeh.plotting import figure
+
+        rows = rows.iloc[::-1].reset_index(drop=True)  # the largest on top
+        source = ColumnDataSource({"token": rows["token"].tolist(), "mean": rows["mean"].to_numpy(),
+                                   "occurrences": rows["occurrences"].to_numpy(),
+                                   "colour": np.where(rows["mean"].to_numpy() > 0, "#b2182b", "#2166ac")})
+        plot = figure(y_range=rows["token"].tolist(), width=320, height=60 + 22 * len(rows), title=subset,
+                      tools="tap,hover", toolbar_location=None, x_axis_label=f"mean {method}",
+                      tooltips=[("token", "@token"), ("mean", "@mean{0.0000}"), ("seen", "@occurrences")])
+        plot.hbar(y="token", right="mean", height=0.8, source=source, color="colour")
+        source.selected.on_change("indices", lambda _a, _old, new: new and self.pick(source.data["token"][new[0]]))
+        return plot
+
+    def pick(self, token: str) -> None:
+        """Select the instances whose tokens include ``token``: kept as a subset, listed."""
+        session = self.dashboard.session
+        try:
+            ids, shown = session.instances_with_token(token)
+            subset = session.add_ids_subset(session.token_subset_name(token), ids)
+        except (SessionError, QueryError) as error:
+            self.dashboard.report(str(error))
+            return
+        names = session.class_names
+        self.instances.value = shown.assign(label=[None if v is None or v != v else names[int(v)] for v in shown["label"]],
+                                            prediction=[names[int(v)] for v in shown["prediction"]])
+        self.picked.object = (f"**{subset.size:,} instances contain `{token}`**, kept as subset `{subset.name}`"
+                              f"{f' (the first {len(shown)} listed)' if len(shown) < subset.size else ''}")
+        self.dashboard.added_subset()
+        self.dashboard.report(f"subset {subset.name!r}: {subset.size:,} instances contain {token!r}")
+
+    def _on_instance(self, event) -> None:
+        frame = self.instances.value
+        if frame is not None and 0 <= event.row < len(frame):
+            self.dashboard.show_instance(frame["instance_id"].iloc[event.row])
+
+    def __panel__(self):
+        args = (self.method, self.by, self.min_count, self.top)
+        return pn.Column(
+            pn.pane.Markdown("#### The tokens that push most toward the explained class (mean attribution)"),
+            pn.Row(*args),
+            pn.panel(pn.bind(self._bars, *args), sizing_mode="stretch_width"),
+            self.picked,
+            self.instances,
+            sizing_mode="stretch_width",
+        )
+
+
 def fidelity_panels(checks: dict[str, dict]) -> list:
     """The instance's fidelity per method: a table of the numbers, and its deletion and
     insertion curves when the run stored them."""
@@ -617,6 +707,17 @@ class SqlConsole(pn.viewable.Viewer):
 LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Fidelity": FidelityView,
               "Model": ModelGraphView, "SQL": SqlConsole}
 """The tabs after the first, in order, and the view each shows."""
+TEXT_TABS = {"Tokens": TokensView}
+"""The tabs a text run adds."""
+
+
+def later_tabs(session: RunSession) -> dict:
+    """The tabs after the first for this run: a text run's after the instance's (which stays
+    second: a click on a point opens it)."""
+    tabs = list(LATER_TABS.items())
+    if session.reads_text:
+        tabs[1:1] = TEXT_TABS.items()
+    return dict(tabs)
 
 
 def _typed_id(text: str, session: RunSession):
@@ -655,11 +756,12 @@ def dashboard_views(run_dir) -> tuple[RunSession, pn.Column]:
     message = pn.pane.Alert(pn.bind(lambda m: m or "Ready.", dashboard.param.message), alert_type="info",
                             css_classes=["message"])
     # ActiVis' two linked views side by side: what is selected in one shows in the other.
+    later = later_tabs(session)
     instances_and_neurons = pn.Row(InstancesView(dashboard), pn.Column(MatrixView(dashboard), width=620),
                                    sizing_mode="stretch_width")
     tabs = pn.Tabs(
         ("Instances and neurons", instances_and_neurons),
-        *[(name, pn.Column(sizing_mode="stretch_width")) for name in LATER_TABS],
+        *[(name, pn.Column(sizing_mode="stretch_width")) for name in later],
         dynamic=True,
     )
 
@@ -668,7 +770,7 @@ def dashboard_views(run_dir) -> tuple[RunSession, pn.Column]:
         numbers when built (FairVis' subgroups over a million rows take seconds), and most
         pages are opened for the instances."""
         if event.new > 0 and not tabs[event.new].objects:
-            tabs[event.new].objects = [LATER_TABS[tabs._names[event.new]](dashboard)]
+            tabs[event.new].objects = [later[tabs._names[event.new]](dashboard)]
 
     tabs.param.watch(build_when_opened, "active")
     # A click on a point or an exemplar opens the instance.

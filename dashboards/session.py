@@ -28,6 +28,8 @@ _POINTS: dict[tuple, pd.DataFrame] = {}
 """Projected points by (run, kind, source, algorithm), shared by every session of the process:
 they are read-only, and a million of them cost a second to load and ~100 MB to hold."""
 
+TOKEN_GROUPINGS = ("prediction", "label", "correct")
+"""The class groupings of the tokens view (``top_tokens_by``'s, from precomputed sums)."""
 SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
 
 
@@ -385,6 +387,61 @@ class RunSession:
         valid = self.metadata_columns + ["label", "prediction"]
         if column not in valid:
             raise SessionError(f"no instances column {column!r} to group by; {did_you_mean(column, valid)}")
+
+    # -- tokens (text runs) ------------------------------------------------------------------
+
+    @property
+    def reads_text(self) -> bool:
+        return self.manifest.model.input_kind == "tokens"
+
+    def top_tokens(self, method: str, by: str = "prediction", min_count: int = 5, top: int = 12) -> pd.DataFrame:
+        """Per subset, the ``top`` words with the most positive mean attribution (those that push
+        most toward the explained class there): ``subset, token, mean, occurrences, instances``;
+        the tokenizer's special tokens ([CLS], [SEP]) are not words and are left out.
+
+        ``by`` is a class grouping (``prediction``, ``label``, ``correct``: from the run's
+        precomputed per-token sums, any run size) or a kept predicate subset (a scan of its tokens).
+        """
+        if method not in self.methods:
+            raise SessionError(f"no attribution method {method!r} in this run; {did_you_mean(method, self.methods)}")
+        special = list(self.manifest.model.special_tokens)
+        if by in TOKEN_GROUPINGS:
+            frame = run_query(self.con, """
+                SELECT subset, class, token, mean, occurrences, instances
+                FROM top_tokens_by(?, subsets := ?, min_count := ?)
+                WHERE NOT list_contains(?, token)
+                QUALIFY row_number() OVER (PARTITION BY subset ORDER BY mean DESC, token) <= ?
+                ORDER BY subset, mean DESC, token
+            """, [method, by, int(min_count), special, int(top)]).to_pandas()
+            named = frame["class"].notna()
+            names = np.array(self.class_names, dtype=object)
+            frame.loc[named, "subset"] = [f"{by}={names[int(c)]}" if 0 <= c < len(names) else s
+                                          for s, c in zip(frame.loc[named, "subset"], frame.loc[named, "class"])]
+            return frame.drop(columns="class")
+        subset = self.subset(by)
+        if subset.predicate is None:
+            raise SessionError(f"subset {by!r} was kept from a selection; the tokens view takes class groupings "
+                               f"{list(TOKEN_GROUPINGS)} or a subset kept by a SQL predicate")
+        frame = run_query(self.con, "SELECT token, mean, occurrences, instances FROM top_tokens(?, ?, min_count := ?) "
+                                    "WHERE NOT list_contains(?, token) LIMIT ?",
+                          [method, subset.predicate, int(min_count), special, int(top)]).to_pandas()
+        return frame.assign(subset=by)[["subset", "token", "mean", "occurrences", "instances"]]
+
+    def instances_with_token(self, token: str, limit: int = 200) -> tuple[np.ndarray, pd.DataFrame]:
+        """The ids of every instance whose tokens include ``token``, and the first ``limit`` of
+        them with their label, prediction and the token's occurrences."""
+        ids = run_query(self.con, "SELECT instance_id FROM instances_with_token(?)", [token])["instance_id"]
+        shown = run_query(self.con, """
+            SELECT w.instance_id, i.label, i.prediction, w.occurrences
+            FROM instances_with_token(?) w JOIN instances i USING (instance_id) ORDER BY w.instance_id LIMIT ?
+        """, [token, int(limit)]).to_pandas()
+        return ids.to_numpy(zero_copy_only=False), shown
+
+    @staticmethod
+    def token_subset_name(token: str) -> str:
+        """A subset name for the instances containing ``token`` (word pieces' ``##`` and
+        quotes are not name characters)."""
+        return ("token " + re.sub(r"[^\w .:=<>!-]", "_", token))[:60]
 
     # -- the SQL console ---------------------------------------------------------------------
 

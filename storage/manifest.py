@@ -85,6 +85,9 @@ class ModelFacts(Record):
     input_kind: Literal["array", "tokens"] = "array"
     """``tokens`` when the instances are texts: the run has a tokens table and per-token
     attributions (``token_attribution``) instead of maps over the input."""
+    special_tokens: list[str] = []
+    """A text run's tokens that are not words of a text ([CLS], [SEP], [PAD]...; [UNK] stands
+    for a word, so it is not one): views of words leave them out."""
 
 
 class ModelIdentity(Record):

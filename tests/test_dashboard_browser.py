@@ -310,3 +310,84 @@ def test_with_a_password_the_dashboard_asks_to_sign_in_first(browser, run_dir, t
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def text_run_dir(ray_local, tmp_path_factory):
+    """A text run of the tiny BERT: occlusion and attention rollout per token."""
+    import pyarrow.parquet as pq
+
+    from netloupe.contract.spec import parse_spec
+    from netloupe.pipeline.driver import run_job
+    from tests.helpers import text_table, tiny_bert_checkpoint
+
+    root = tmp_path_factory.mktemp("text-browser")
+    pq.write_table(text_table(), root / "texts.parquet")
+    return run_job(parse_spec({
+        "model": {"huggingface": str(tiny_bert_checkpoint(root / "checkpoint"))},
+        "dataset": {"source": str(root / "texts.parquet"), "text_column": "text", "id_column": "key"},
+        "layers": [{"name": "bert.pooler"}],
+        "attributions": [{"method": "occlusion"}, {"method": "attention_rollout"}],
+        "output": {"root": str(root / "runs"), "run_name": "texts"},
+    })).layout.root
+
+
+def _red_rows(png: bytes) -> tuple[int, int, int]:
+    """The first bar drawn in the tokens view's red (#b2182b): (row, first column, last column)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    red = (np.abs(pixels - np.array([178, 24, 43])).max(axis=2) < 12)
+    rows = np.flatnonzero(red.sum(axis=1) > 3)
+    assert len(rows), "no red bar is drawn"
+    columns = np.flatnonzero(red[rows[0] + 2])
+    return int(rows[0]) + 2, int(columns[0]), int(columns[-1])
+
+
+def test_a_text_run_s_tokens_view_selects_the_instances_of_a_clicked_token(browser, text_run_dir, tmp_path):
+    """Tokens tab: bars drawn per predicted class; a click on a bar keeps the instances that
+    contain its token (listed, a row of the matrix); a click on one opens it, its words coloured."""
+    process, url = start_dashboard(text_run_dir, tmp_path)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
+        page.goto(url, wait_until="networkidle")
+        page.locator(".scatter canvas").first.wait_for(timeout=60_000)
+        open_tab(page, "Tokens")
+        page.locator(".token-bars canvas").first.wait_for(timeout=30_000)
+        before = wait_for_plot(page, ".token-bars", min_colored=200)
+        page.get_by_label("Seen at least").fill("1")  # 12 texts: every word
+        page.get_by_label("Seen at least").press("Enter")
+        shot = wait_for_plot(page, ".token-bars", min_colored=200, differs_from=before)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "token-bars.png").write_bytes(shot)
+        first = page.locator(".token-bars canvas").first
+        shot = first.screenshot()
+        row, left, right = _red_rows(shot)
+        box, size = first.bounding_box(), Image.open(io.BytesIO(shot)).size
+        # The mouse, as a person clicks (Bokeh's event layer lies over the canvas).
+        page.mouse.click(box["x"] + (left + right) / 2 * box["width"] / size[0], box["y"] + row * box["height"] / size[1])
+        picked = wait_for_text(page, ".token-picked", "instances contain")
+        found = re.search(r"([\d,]+) instances contain (\S+), kept", picked)
+        count, token = int(found.group(1).replace(",", "")), found.group(2)
+        assert count > 0
+        page.locator(".token-instances .tabulator-row").first.wait_for(timeout=30_000)
+        assert page.locator(".token-instances .tabulator-row").count() == count
+        page.locator(".token-instances .tabulator-row").first.click()
+        page.get_by_text("Instance t").first.wait_for(timeout=30_000)
+        coloured = page.locator(".token-attributions").first
+        coloured.wait_for(timeout=30_000)
+        spans = coloured.evaluate("el => Array.from((el.shadowRoot || el).querySelectorAll('span[title]'))"
+                                  ".map(s => [s.textContent, getComputedStyle(s).backgroundColor])")
+        assert spans and any(text.lower() == token for text, _ in spans), (token, spans)
+        assert any(background not in ("rgba(0, 0, 0, 0)", "transparent") for _, background in spans)
+        open_tab(page, "Instances and neurons")
+        wait_for_text(page, ".matrix-rows", f"token {token}")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "text-run-instance.png"), full_page=True)
+        assert errors == [], errors
+        context.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

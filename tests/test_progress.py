@@ -89,7 +89,8 @@ def test_methods_lists_defaults_and_where_captum_differs(capsys):
     assert "sliding_window_shapes all channels x about 1/7 of each side <- Captum requires it" in lines
     assert "nt_samples 8 <- Captum's default: 5" in lines
     tokens = lines[lines.index("on texts (dataset.text_column), one value per token (workers/token_methods.py):") + 1:]
-    assert [line.split()[0] for line in tokens] == ["integrated_gradients", "input_x_gradient", "saliency", "occlusion"]
+    assert [line.split()[0] for line in tokens] == ["integrated_gradients", "input_x_gradient", "saliency", "occlusion",
+                                                      "attention", "attention_rollout"]
     assert "n_steps 32;" in tokens[0]  # as for images
 
 

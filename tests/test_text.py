@@ -38,7 +38,9 @@ def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2):
         "layers": [{"name": "bert.encoder.layer.1"}, {"name": "bert.encoder.layer.0", "pooling": "first_token"},
                    {"name": "bert.pooler"}],
         "attributions": [{"method": "integrated_gradients", "params": {"n_steps": 64}}, {"method": "saliency"},
-                         {"method": "input_x_gradient"}, {"method": "occlusion"}],
+                         {"method": "input_x_gradient"}, {"method": "occlusion"},
+                         {"method": "attention", "name": "attention_first", "params": {"layer": 0}},
+                         {"method": "attention_rollout", "params": {"head_fusion": "max"}}],
         "execution": {"batch_size": batch_size, "num_workers": workers, "threads_per_worker": 1},
         "output": {"root": str(root / "runs"), "run_name": run_name},
     })
@@ -99,7 +101,8 @@ def test_nothing_depends_on_the_batch_an_instance_is_in(runs):
         (ids_a, a), (ids_b, b) = five.activation_matrix(layer), two.activation_matrix(layer)
         assert ids_a.to_pylist() == ids_b.to_pylist()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for method in ("integrated_gradients", "saliency", "input_x_gradient", "occlusion"):
+    for method in ("integrated_gradients", "saliency", "input_x_gradient", "occlusion", "attention_first",
+                   "attention_rollout"):
         a, b = five.attributions(method), two.attributions(method)
         assert a["instance_id"].to_pylist() == b["instance_id"].to_pylist()
         for x, y in zip(a["token_attribution"].to_pylist(), b["token_attribution"].to_pylist()):
@@ -173,6 +176,27 @@ def test_saliency_and_gradient_times_input_reduce_the_embedding_gradient(runs, c
                                (gradient * embeddings).sum(dim=-1)[0].detach().numpy(), rtol=1e-4, atol=1e-7)
 
 
+def test_attention_and_its_rollout_are_the_model_s_own_attention_worked_out_by_hand(runs, checkpoint):
+    """Layer 0's head-averaged attention from [CLS], and the rollout (Abnar & Zuidema) with
+    heads fused by their max: ``(0.5 A + 0.5 I)`` per layer, rows renormalised, multiplied
+    from the first layer up, in numpy from the model's own attention of each text alone."""
+    model = _model(checkpoint)
+    model.set_attn_implementation("eager")
+    first = {r["instance_id"]: r for r in runs[1].attributions("attention_first").to_pylist()}
+    flow = {r["instance_id"]: r for r in runs[1].attributions("attention_rollout").to_pylist()}
+    for key in first:
+        with torch.no_grad():
+            attentions = [a[0].numpy() for a in model(**_alone(checkpoint, TEXTS[int(key[1:])]),
+                                                      output_attentions=True).attentions]
+        np.testing.assert_allclose(first[key]["token_attribution"], attentions[0].mean(axis=0)[0], rtol=1e-5, atol=1e-7)
+        rolled = np.eye(attentions[0].shape[-1])
+        for attention in attentions:
+            step = 0.5 * attention.max(axis=0) + 0.5 * np.eye(len(rolled))
+            rolled = (step / step.sum(axis=1, keepdims=True)) @ rolled
+        np.testing.assert_allclose(flow[key]["token_attribution"], rolled[0], rtol=1e-5, atol=1e-7)
+        assert sum(flow[key]["token_attribution"]) == pytest.approx(1.0, abs=1e-5)  # a flow: rows sum to 1
+
+
 def test_the_long_token_view_gives_one_row_per_token(runs):
     catalog = open_catalog(runs[0].layout.root)
     rows = run_query(catalog, "SELECT instance_id, position, token, value FROM token_attributions_occlusion "
@@ -194,7 +218,10 @@ BAD_TEXT_INPUT = {
         {"fidelity": {"curve_steps": 4}}, ["fidelity does not apply to a text_column run"]),
     "a method that does not explain tokens": (
         {"attributions": [{"method": "grad_cam", "layer": "bert.pooler"}]},
-        ["grad_cam does not explain text yet", "['input_x_gradient', 'integrated_gradients', 'occlusion', 'saliency']"]),
+        ["grad_cam does not explain text yet", "'attention_rollout', 'input_x_gradient', 'integrated_gradients'"]),
+    "an attention layer the model lacks": (
+        {"attributions": [{"method": "attention", "params": {"layer": 2}}]},
+        ["params.layer is the index of an attention layer, 0 to 1 (or -1 for the last); got 2"]),
     "a misspelt parameter": (
         {"attributions": [{"method": "integrated_gradients", "params": {"n_step": 8}}]},
         ["integrated_gradients on tokens has no parameter 'n_step'", "n_steps"]),
@@ -269,7 +296,7 @@ def test_an_instance_of_a_text_run_shows_its_words_coloured(runs):
     panel = view._detail("t00")
     panel.get_root(Document())
     htmls = [p for p in panel.objects if "token-attributions" in (p.css_classes or [])]
-    assert len(htmls) == 4
+    assert len(htmls) == 6  # one per method, the attention and its rollout included
 
 
 def test_token_operators_add_up_the_long_view(runs):
@@ -381,3 +408,53 @@ def test_the_default_max_length_is_what_the_model_reads(checkpoint, tmp_path):
     stated.save_pretrained(checkpoint.parent / "stated")
     _model(checkpoint).save_pretrained(checkpoint.parent / "stated")
     assert encoder_of(checkpoint.parent / "stated").max_length == 16
+
+
+def test_the_tokens_view_shows_the_top_tokens_per_class_and_selects_a_token_s_instances(runs):
+    """The Tokens tab's numbers (headless): per predicted class, the tokens with the highest
+    mean occlusion value, worked out in Python from the stored values; a click on a token keeps
+    the instances containing it as a subset, which the neuron matrix then shows."""
+    from bokeh.document import Document
+
+    from netloupe.dashboards.app import Dashboard, TokensView, later_tabs
+    from netloupe.dashboards.session import RunSession, SessionError
+
+    session = RunSession(runs[0].layout.root)
+    assert list(later_tabs(session))[:2] == ["Instance", "Tokens"]
+    predictions = {r["instance_id"]: r["prediction"] for r in runs[0].instances().to_pylist()}
+    tokens = {r["instance_id"]: r["tokens"] for r in runs[0].tokens().to_pylist()}
+    sums: dict = {}
+    for row in runs[0].attributions("occlusion").to_pylist():
+        for token, value in zip(tokens[row["instance_id"]], row["token_attribution"]):
+            sums.setdefault((predictions[row["instance_id"]], token), []).append(value)
+    frame = session.top_tokens("occlusion", "prediction", min_count=2, top=3)
+    for subset, rows in frame.groupby("subset"):
+        klass = session.class_names.index(subset.removeprefix("prediction="))
+        means = sorted(((np.mean(v), t) for (c, t), v in sums.items()
+                        if c == klass and len(v) >= 2 and t not in ("[CLS]", "[SEP]")),  # words only
+                       key=lambda m: (-m[0], m[1]))[:3]
+        assert rows["token"].tolist() == [t for _, t in means]
+        np.testing.assert_allclose(rows["mean"], [m for m, _ in means], rtol=1e-5, atol=1e-7)
+    # A subset kept by a predicate: its tokens by a scan, the same as top_tokens in SQL.
+    session.add_predicate_subset("fresh", "label = 1")
+    kept = session.top_tokens("occlusion", "fresh", min_count=1, top=50)
+    want = session.sql("SELECT token, mean FROM top_tokens('occlusion', 'label = 1')").to_pandas()
+    assert kept["token"].tolist() == [t for t in want["token"] if t not in ("[CLS]", "[SEP]")]
+    assert session.manifest.model.special_tokens == ["[CLS]", "[MASK]", "[PAD]", "[SEP]"]
+
+    dashboard = Dashboard(session)
+    view = TokensView(dashboard)
+    assert "fresh" in view.by.options
+    bars = view._bars("occlusion", "prediction", 2, 3)
+    bars.get_root(Document())
+    assert len(bars.objects) == frame["subset"].nunique()
+    assert all(len(figure.object.y_range.factors) <= 3 for figure in bars.objects)
+    view.pick("movie")
+    want = sorted(key for key, words in tokens.items() if "movie" in words)
+    subset = session.subsets["token movie"]
+    assert sorted(subset.ids) == want and dashboard.subsets_version == 1  # a row of the matrix now
+    assert sorted(view.instances.value["instance_id"]) == want
+    assert set(view.instances.value["prediction"]) <= set(session.class_names)
+    with pytest.raises(SessionError, match="kept from a selection"):
+        session.top_tokens("occlusion", "token movie")
+    assert "token movie" not in view.by.options  # only predicate subsets can be scanned

@@ -1,12 +1,17 @@
-"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020)
-for a Hugging Face vision transformer: how much each image patch feeds the [CLS] token
-through every layer's attention.
+"""Attention as an explanation of a Hugging Face transformer: how much each token (an image's
+patches, a text's tokens) feeds the first token ([CLS]), which the classifier reads.
 
-Each layer's attention is averaged over its heads, the residual connection added as the
-identity (``0.5·A + 0.5·I``, rows renormalised), and the layers multiplied from the first up;
-the [CLS] row over the patch tokens, laid out on the patch grid, is the map. No Captum class
-computes it, so :class:`AttentionRollout` takes Captum's shape (``attribute(inputs, target)``)
-to sit in the method registry beside the others; the map does not depend on the target.
+* :func:`first_token_attention`: one layer's attention from the first token, its heads fused
+  (averaged by default);
+* :func:`rollout` (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020): each
+  layer's fused attention with the residual connection added as the identity
+  (``0.5·A + 0.5·I``, rows renormalised), the layers multiplied from the first up; its first
+  row is the flow from every token into the first token through every layer.
+
+No Captum class computes either, so :class:`AttentionRollout` (vision transformers: the map on
+the patch grid) takes Captum's shape (``attribute(inputs, target)``) to sit in the method
+registry beside the others; text runs call the functions from
+:mod:`netloupe.workers.token_methods`. Neither depends on the target.
 """
 
 from __future__ import annotations
@@ -48,8 +53,7 @@ class AttentionRollout:
 
     def attribute(self, inputs: torch.Tensor, target=None,
                   head_fusion: Literal["mean", "max", "min"] = "mean") -> torch.Tensor:
-        if head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+        check_head_fusion(head_fusion)
         return torch.cat([self._rollout(rows, head_fusion) for rows in inputs.detach().split(self.rows_per_call)])
 
     def _rollout(self, inputs: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -65,23 +69,53 @@ class AttentionRollout:
             raise MethodError(f"attention_rollout needs every layer's attention over all {patches} patches "
                               f"(n, heads, tokens, tokens); {type(self.model).__name__} returned "
                               f"{[tuple(a.shape) for a in attentions[:2]]}...")
-        identity = torch.eye(tokens, dtype=attentions[0].dtype, device=inputs.device)
-        rollout = identity.expand(inputs.shape[0], tokens, tokens)
-        for attention in attentions:
-            fused = getattr(attention, head_fusion)(dim=1)
-            fused = fused.values if head_fusion != "mean" else fused
-            flow = 0.5 * fused + 0.5 * identity
-            rollout = (flow / flow.sum(dim=-1, keepdim=True)) @ rollout
         # The patch tokens are the last ones: a model may put more than [CLS] before them.
-        return rollout[:, 0, tokens - patches:].reshape(-1, 1, *self.grid)
+        flow = rollout(attentions, head_fusion)[:, 0, tokens - patches:]
+        return flow.reshape(-1, 1, *self.grid)
 
     def _attentions(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every layer's ``(n, heads, tokens, tokens)`` attention, from the eager implementation
-        (SDPA returns none), the model's own restored after."""
-        previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        try:
-            with torch.no_grad():
-                return self.model(pixel_values=inputs, output_attentions=True).attentions
-        finally:
-            self.model.set_attn_implementation(previous)
+        return eager_attentions(self.model, pixel_values=inputs)
+
+
+def check_head_fusion(head_fusion: str) -> None:
+    if head_fusion not in HEAD_FUSIONS:
+        raise MethodError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def fused_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    """``(n, heads, tokens, tokens)`` → ``(n, tokens, tokens)``: the heads' mean, max or min."""
+    fused = getattr(attention, head_fusion)(dim=1)
+    return fused if head_fusion == "mean" else fused.values
+
+
+def first_token_attention(attentions: tuple[torch.Tensor, ...], layer: int, head_fusion: str) -> torch.Tensor:
+    """``(n, tokens)``: layer ``layer``'s attention from the first token over every token."""
+    return fused_heads(attentions[layer], head_fusion)[:, 0, :]
+
+
+def rollout(attentions: tuple[torch.Tensor, ...], head_fusion: str) -> torch.Tensor:
+    """``(n, tokens, tokens)``: the attention flow through every layer (Abnar & Zuidema).
+
+    A padded position gets no attention (the mask), so nothing flows through it into a real
+    token's row: an instance's rollout does not depend on its batch's padding.
+    """
+    first = attentions[0]
+    tokens = first.shape[-1]
+    identity = torch.eye(tokens, dtype=first.dtype, device=first.device)
+    flowed = identity.expand(first.shape[0], tokens, tokens)
+    for attention in attentions:
+        flow = 0.5 * fused_heads(attention, head_fusion) + 0.5 * identity
+        flowed = (flow / flow.sum(dim=-1, keepdim=True)) @ flowed
+    return flowed
+
+
+def eager_attentions(model: torch.nn.Module, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every layer's ``(n, heads, tokens, tokens)`` attention, from the eager implementation
+    (SDPA returns none), the model's own restored after."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)

@@ -466,6 +466,7 @@ class BatchExplainer:
             num_classes=explained.num_classes,
             input_shape=(self.text.max_length,) if self.text is not None else tuple(x.shape[1:]),
             input_kind="tokens" if self.text is not None else "array",
+            special_tokens=self.text.special_tokens() if self.text is not None else [],
             layer_neurons={name: int(v.shape[1]) for name, v in self.capture.activations.items()},
             layer_output_shapes=dict(self.capture.output_shapes),
             attribution_shapes=stored_shapes,

@@ -127,6 +127,10 @@ class TextEncoder:
         spans = encoded["offset_mapping"].numpy().astype(np.int32)
         return TokenBatch(encoded["input_ids"], mask, lengths, np.asarray(whole) > self.max_length, spans)
 
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's tokens that are not words ([UNK] stands for one)."""
+        return sorted(t for t in self.tokenizer.all_special_tokens if t != self.tokenizer.unk_token)
+
     def baseline_ids(self, batch: TokenBatch, token: str) -> torch.Tensor:
         """The batch with each of its own words' tokens replaced by the pad or mask token
         (``token``); special tokens ([CLS], [SEP], padding) are kept, [UNK] is replaced: the

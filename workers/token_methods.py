@@ -9,7 +9,10 @@
 * ``saliency``: the embedding gradient (``LayerGradientXActivation`` without the
   multiplication), its absolute value unless ``params.abs`` is false;
 * ``occlusion``: Captum's ``FeatureAblation`` with one feature per token: the target output's
-  drop when that token alone is replaced by the baseline token.
+  drop when that token alone is replaced by the baseline token;
+* ``attention`` and ``attention_rollout`` (:mod:`netloupe.workers.attention`, not Captum): one
+  layer's attention from the first token, and the rollout's flow into it through every layer,
+  each over the text's tokens; the target plays no part.
 
 An embedding-level map ``(n, tokens, hidden)`` becomes one value per token by
 ``text.hidden_reduction``: ``sum`` (what completeness adds up) or ``l2`` (the norm, unsigned).
@@ -25,6 +28,7 @@ import torch
 from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegratedGradients
 
 from netloupe.contract.errors import MethodError, did_you_mean
+from netloupe.workers.attention import check_head_fusion, eager_attentions, first_token_attention, rollout
 from netloupe.workers.methods import METHODS
 from netloupe.workers.text import TextEncoder, TokenBatch
 
@@ -40,6 +44,8 @@ class TokenMethod:
     """The ``params`` a spec may set, with netloupe's defaults."""
     on_embeddings: bool = True
     """Computed on the embedding layer's output (else on the token ids: occlusion)."""
+    reads_attention: bool = False
+    """Reads the checkpoint's attention weights (a Hugging Face model's ``output_attentions``)."""
     has_convergence_delta: bool = False
     rows_per_instance_parameter: str | None = None
     """The parameter that multiplies an instance's rows in one pass (``n_steps``)."""
@@ -55,6 +61,11 @@ TOKEN_METHODS = {m.name: m for m in (
                 {"abs": True}),
     TokenMethod("occlusion", "FeatureAblation, each token replaced by text.baseline_token in turn", {},
                 on_embeddings=False),
+    TokenMethod("attention", "one layer's attention from the first token ([CLS]), heads fused (not Captum)",
+                {"layer": -1, "head_fusion": "mean"}, on_embeddings=False, reads_attention=True),
+    TokenMethod("attention_rollout", "the attention flow into the first token through every layer "
+                "(Abnar & Zuidema 2020; not Captum)", {"head_fusion": "mean"}, on_embeddings=False,
+                reads_attention=True),
 )}
 """The methods that explain text, by their registry name."""
 
@@ -131,6 +142,13 @@ class BoundTokenMethod:
             result = method.attribute(ids, target=target, additional_forward_args=(mask,))
             if name == "saliency" and params["abs"]:
                 result = result.abs()
+        elif self.method.reads_attention:
+            attentions = eager_attentions(self.model.checkpoint_model, input_ids=ids, attention_mask=mask)
+            if name == "attention":
+                result = first_token_attention(attentions, params["layer"], params["head_fusion"])
+            else:
+                result = rollout(attentions, params["head_fusion"])[:, 0, :]
+            return result * mask, None
         else:
             method = FeatureAblation(self._forward)
             feature_mask = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -163,5 +181,25 @@ def bind_token_method(spec, model: torch.nn.Module, encoder: TextEncoder, baseli
     if method.on_embeddings and not hasattr(model, "get_input_embeddings"):
         raise MethodError(f"{spec.table_name}: {spec.method} needs the model's input embeddings "
                           "(get_input_embeddings)")
-    return BoundTokenMethod(method, spec.table_name, model, encoder, {**method.parameters, **spec.params},
-                            baseline_token, hidden_reduction, chunk_rows)
+    params = {**method.parameters, **spec.params}
+    if method.reads_attention:
+        _check_attention(spec, model, params)
+    return BoundTokenMethod(method, spec.table_name, model, encoder, params, baseline_token, hidden_reduction,
+                            chunk_rows)
+
+
+def _check_attention(spec, model: torch.nn.Module, params: dict[str, Any]) -> None:
+    """An attention method's model (a Hugging Face checkpoint) and parameters."""
+    checkpoint = getattr(model, "checkpoint_model", None)
+    layers = getattr(getattr(checkpoint, "config", None), "num_hidden_layers", None)
+    if layers is None:
+        raise MethodError(f"{spec.table_name}: {spec.method} reads a Hugging Face transformer's attention weights "
+                          "(model.huggingface); this model is not one")
+    try:
+        check_head_fusion(params["head_fusion"])
+    except MethodError as error:
+        raise MethodError(f"{spec.table_name}: {error}") from None
+    layer = params.get("layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
+        raise MethodError(f"{spec.table_name}: params.layer is the index of an attention layer, 0 to {layers - 1} "
+                          f"(or -1 for the last); got {layer!r}")
