@@ -196,9 +196,11 @@ class TextSpec(StrictModel):
     tokenizer: str | None = None
     """A local directory with the tokenizer (``tokenizer.json``, as ``save_pretrained``
     writes it); default: the model's checkpoint directory."""
-    baseline_token: Literal["pad", "mask"] = "pad"
+    baseline_token: Literal["pad", "mask", "unk"] = "pad"
     """The token that replaces each of a text's words' tokens ([UNK] too; special tokens such
-    as [CLS] and [SEP] are kept) in the baseline of integrated gradients and in occlusion."""
+    as [CLS] and [SEP] are kept) in the baseline of integrated gradients and in occlusion. A
+    classifier that reads the last token not its pad token (GPT-2, Llama) needs one that is not
+    the pad token: ``unk`` or ``mask``."""
     hidden_reduction: Literal["sum", "l2"] = "sum"
     """How a map over the embeddings ``(tokens, hidden)`` becomes one value per token:
     ``sum`` (signed; what completeness adds up) or ``l2`` (the norm, unsigned)."""

@@ -458,3 +458,62 @@ def test_the_tokens_view_shows_the_top_tokens_per_class_and_selects_a_token_s_in
     with pytest.raises(SessionError, match="kept from a selection"):
         session.top_tokens("occlusion", "token movie")
     assert "token movie" not in view.by.options  # only predicate subsets can be scanned
+
+
+def _tiny_gpt2_checkpoint(directory):
+    """A two-layer GPT-2 classifier (it reads the last token that is not [PAD]) with a WordPiece
+    tokenizer of the tiny BERT's words and no special tokens but [PAD] and [UNK]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]"] + WORDS)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                     num_labels=2, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+                                     initializer_range=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                         pad_token="[PAD]").save_pretrained(directory)
+    return directory
+
+
+def test_a_decoder_classifier_is_explained_against_a_baseline_that_keeps_the_token_it_reads(ray_local, tmp_path):
+    """GPT-2 reads the last token that is not [PAD]: a [PAD] baseline moves that token, so
+    completeness fails (deltas of ~2 logits); it is refused, and with [UNK] as the baseline the
+    values equal Captum's on each text alone and add up to the output's change."""
+    checkpoint = _tiny_gpt2_checkpoint(tmp_path / "gpt2")
+    pq.write_table(_texts(), tmp_path / "texts.parquet")
+
+    def spec(baseline_token):
+        return parse_spec({
+            "model": {"huggingface": str(checkpoint)},
+            "dataset": {"source": str(tmp_path / "texts.parquet"), "text_column": "text", "id_column": "key"},
+            "text": {"baseline_token": baseline_token},
+            "attributions": [{"method": "integrated_gradients", "params": {"n_steps": 64}}, {"method": "occlusion"}],
+            "execution": {"batch_size": 5, "num_workers": 1},
+            "output": {"root": str(tmp_path / "runs"), "run_name": baseline_token},
+        })
+
+    from netloupe.contract.errors import MethodError
+
+    with pytest.raises(MethodError, match="reads the last token that is not its pad token.*'unk' or 'mask'"):
+        run_job(spec("pad"))
+    assert not (tmp_path / "runs" / "pad").exists()
+    run = RunReader(run_job(spec("unk")).layout.root)
+    model = _model(checkpoint)
+
+    def forward(input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
+    for row in run.attributions("integrated_gradients").to_pylist():
+        alone = _tokenizer(checkpoint)(TEXTS[int(row["instance_id"][1:])], return_tensors="pt")
+        ids, mask = alone["input_ids"], alone["attention_mask"]
+        baseline = torch.full_like(ids, 1)  # every word [UNK]
+        want = lig.attribute(ids, baselines=baseline, additional_forward_args=(mask,), target=row["target"], n_steps=64)
+        np.testing.assert_allclose(row["token_attribution"], want.sum(dim=-1)[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            gap = (forward(ids, mask) - forward(baseline, mask))[0, row["target"]].item()
+        assert abs(sum(row["token_attribution"]) - gap) < 0.02 * max(abs(gap), 0.05)

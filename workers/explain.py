@@ -205,7 +205,7 @@ class BatchExplainer:
             if self.text is not None:
                 text = self.spec.text
                 self.methods = [bind_token_method(m, self.model, self.text, text.baseline_token, text.hidden_reduction,
-                                                  self.chunk_rows) for m in self.spec.attributions]
+                                                  self.chunk_rows, x) for m in self.spec.attributions]
             else:
                 self.methods = [bind_method(m, self.model, tuple(x.shape[1:]), self.chunk_rows)
                                 for m in self.spec.attributions]
@@ -489,13 +489,13 @@ def text_encoder(spec: JobSpec, model: nn.Module, column: str) -> TextEncoder:
     """The tokenizer of a text run: ``text.tokenizer``, else the checkpoint's own directory."""
     text = spec.text
     tokenizer = load_tokenizer(text.tokenizer or spec.model.huggingface)
-    if text.baseline_token == "mask" and tokenizer.mask_token_id is None:
-        raise ModelError("text.baseline_token is 'mask' but the tokenizer has no mask token; use 'pad'")
     limit = _token_limit(model, tokenizer)
     if limit is not None and text.max_length is not None and text.max_length > limit:
         raise ModelError(f"text.max_length is {text.max_length} but the model reads at most {limit} tokens "
                          f"(its positions and its tokenizer's model_max_length); set text.max_length to at most {limit}")
-    return TextEncoder(column, tokenizer, text.max_length or limit or DEFAULT_MAX_LENGTH, spec.dataset.id_column)
+    encoder = TextEncoder(column, tokenizer, text.max_length or limit or DEFAULT_MAX_LENGTH, spec.dataset.id_column)
+    encoder.baseline_id(text.baseline_token)  # the tokenizer has it
+    return encoder
 
 
 def _token_limit(model: nn.Module, tokenizer) -> int | None:

@@ -131,11 +131,19 @@ class TextEncoder:
         """The tokenizer's tokens that are not words ([UNK] stands for one)."""
         return sorted(t for t in self.tokenizer.all_special_tokens if t != self.tokenizer.unk_token)
 
+    def baseline_id(self, token: str) -> int:
+        """The id of the baseline token ``token`` (``pad``, ``mask``, ``unk``), which the tokenizer must have."""
+        found = getattr(self.tokenizer, f"{token}_token_id")
+        if found is None:
+            has = [name for name in ("pad", "mask", "unk") if getattr(self.tokenizer, f"{name}_token_id") is not None]
+            raise ModelError(f"text.baseline_token is {token!r} but the tokenizer has no {token} token; use one of {has}")
+        return found
+
     def baseline_ids(self, batch: TokenBatch, token: str) -> torch.Tensor:
-        """The batch with each of its own words' tokens replaced by the pad or mask token
+        """The batch with each of its own words' tokens replaced by the pad, mask or unk token
         (``token``); special tokens ([CLS], [SEP], padding) are kept, [UNK] is replaced: the
         reference of integrated gradients and occlusion."""
-        replacement = self.tokenizer.pad_token_id if token == "pad" else self.tokenizer.mask_token_id
+        replacement = self.baseline_id(token)
         ids = batch.input_ids
         kept = torch.isin(ids, self.special_ids.to(ids.device)) | (batch.attention_mask == 0)
         return torch.where(kept, ids, torch.full_like(ids, replacement))

@@ -49,18 +49,19 @@ class TokenMethod:
     has_convergence_delta: bool = False
     rows_per_instance_parameter: str | None = None
     """The parameter that multiplies an instance's rows in one pass (``n_steps``)."""
+    takes_baseline_token: bool = False
+    """Compares the text with its words replaced by ``text.baseline_token``."""
 
 
 TOKEN_METHODS = {m.name: m for m in (
     TokenMethod("integrated_gradients", "LayerIntegratedGradients on the input embeddings, from text.baseline_token",
                 {"n_steps": METHODS["integrated_gradients"].defaults["n_steps"], "method": "gausslegendre"},
-                has_convergence_delta=True,
-                rows_per_instance_parameter="n_steps"),
+                has_convergence_delta=True, rows_per_instance_parameter="n_steps", takes_baseline_token=True),
     TokenMethod("input_x_gradient", "LayerGradientXActivation on the input embeddings (gradient x embedding)", {}),
     TokenMethod("saliency", "the input embeddings' gradient (LayerGradientXActivation, not multiplied)",
                 {"abs": True}),
     TokenMethod("occlusion", "FeatureAblation, each token replaced by text.baseline_token in turn", {},
-                on_embeddings=False),
+                on_embeddings=False, takes_baseline_token=True),
     TokenMethod("attention", "one layer's attention from the first token ([CLS]), heads fused (not Captum)",
                 {"layer": -1, "head_fusion": "mean"}, on_embeddings=False, reads_attention=True),
     TokenMethod("attention_rollout", "the attention flow into the first token through every layer "
@@ -162,8 +163,8 @@ class BoundTokenMethod:
 
 
 def bind_token_method(spec, model: torch.nn.Module, encoder: TextEncoder, baseline_token: str,
-                      hidden_reduction: str, chunk_rows: int) -> BoundTokenMethod:
-    """One ``MethodSpec`` bound to a text classifier, its parameters checked."""
+                      hidden_reduction: str, chunk_rows: int, example: TokenBatch) -> BoundTokenMethod:
+    """One ``MethodSpec`` bound to a text classifier, its parameters checked (on the texts of ``example``)."""
     method = TOKEN_METHODS.get(spec.method)
     if method is None:
         raise MethodError(f"{spec.table_name}: {spec.method} does not explain text yet; the methods on tokens are "
@@ -181,11 +182,28 @@ def bind_token_method(spec, model: torch.nn.Module, encoder: TextEncoder, baseli
     if method.on_embeddings and not hasattr(model, "get_input_embeddings"):
         raise MethodError(f"{spec.table_name}: {spec.method} needs the model's input embeddings "
                           "(get_input_embeddings)")
+    if (method.takes_baseline_token and encoder.baseline_id(baseline_token) == encoder.tokenizer.pad_token_id
+            and reads_last_token_not_pad(model, example, encoder.tokenizer.pad_token_id)):
+        raise MethodError(
+            f"{spec.table_name}: this classifier reads the last token that is not its pad token (as GPT-2 and Llama "
+            f"do), so a baseline of pad tokens moves the token it reads and {spec.method}'s values would not add up "
+            "to the output's change; set text.baseline_token to 'unk' or 'mask' (a token that is not the pad token)")
     params = {**method.parameters, **spec.params}
     if method.reads_attention:
         _check_attention(spec, model, params)
     return BoundTokenMethod(method, spec.table_name, model, encoder, params, baseline_token, hidden_reduction,
                             chunk_rows)
+
+
+def reads_last_token_not_pad(model: torch.nn.Module, example: TokenBatch, pad_id: int) -> bool:
+    """Whether the classifier reads the last token that is not ``pad_id`` (a decoder's
+    ``...ForSequenceClassification``: causal attention, ``config.pad_token_id``): its output
+    ignores a pad token appended unmasked, where an encoder's changes (every token sees it)."""
+    ids = example.input_ids[:1, : int(example.lengths[0])]
+    longer = torch.cat([ids, torch.full_like(ids[:, :1], pad_id)], dim=1)
+    with torch.no_grad():
+        alone, appended = model(ids, torch.ones_like(ids)), model(longer, torch.ones_like(longer))
+    return torch.allclose(alone, appended, rtol=1e-5, atol=1e-6)
 
 
 def _check_attention(spec, model: torch.nn.Module, params: dict[str, Any]) -> None:
