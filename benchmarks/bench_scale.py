@@ -76,14 +76,11 @@ def ensure_dataset(rows: int) -> None:
     print(f"dataset {path} ready in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def run_once(rows: int, workers: int, out_root: Path) -> dict:
-    name = f"scale-{rows}-w{workers}"
-    command = NETLOUPE + ["run", str(ROOT / "examples/mnist-scale.yaml"), "--force", "--no-progress",
-                          "--set", f"dataset.rows={rows}", "--set", f"execution.num_workers={workers}",
-                          "--set", f"output.root={out_root}", "--set", f"output.run_name={name}"]
-    env = {**LOCAL_RAY_ENVIRONMENT, **os.environ}
+def measured_run(command: list[str], name: str) -> tuple[float, MemorySampler]:
+    """Run ``command`` (a ``netloupe run``) with its memory sampled: wall seconds and the sampler."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, env={**LOCAL_RAY_ENVIRONMENT, **os.environ},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = MemorySampler(process.pid)
     sampler.start()
     _, stderr = process.communicate()
@@ -92,6 +89,15 @@ def run_once(rows: int, workers: int, out_root: Path) -> dict:
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{stderr.decode()[-3000:]}")
+    return wall, sampler
+
+
+def run_once(rows: int, workers: int, out_root: Path) -> dict:
+    name = f"scale-{rows}-w{workers}"
+    command = NETLOUPE + ["run", str(ROOT / "examples/mnist-scale.yaml"), "--force", "--no-progress",
+                          "--set", f"dataset.rows={rows}", "--set", f"execution.num_workers={workers}",
+                          "--set", f"output.root={out_root}", "--set", f"output.run_name={name}"]
+    wall, sampler = measured_run(command, name)
     manifest = RunLayout(out_root / name).read_manifest()
     timings = manifest.timings
     result = {

@@ -462,9 +462,10 @@ class JobSpec(StrictModel):
         """What a text run does not do (yet), said at once rather than deep in a worker: at
         validation when the spec names a text column, when the dataset is resolved for a
         built-in text set."""
-        if self.model.huggingface is None:
-            raise ValueError("dataset.text_column explains a Hugging Face text classifier: give "
-                             "model.huggingface: DIR (a ...ForSequenceClassification checkpoint and its tokenizer)")
+        if self.model.huggingface is None and (self.model.factory is None or self.text.tokenizer is None):
+            raise ValueError("dataset.text_column explains a Hugging Face text classifier (model.huggingface: DIR, a "
+                             "...ForSequenceClassification checkpoint and its tokenizer) or a factory model that takes "
+                             "token ids (model.factory, with text.tokenizer: the directory of its tokenizer)")
         unsupported = [(key, why) for key, on, why in (
             ("preprocess", self.preprocess != PreprocessSpec(), "texts are tokenized, not scaled"),
             ("fidelity", self.fidelity.curve_steps > 0 or self.fidelity.sample_size > 0,
@@ -484,7 +485,7 @@ class JobSpec(StrictModel):
         """How ``layer``'s output is pooled (the default resolved for this spec's model)."""
         if layer.pooling is not None:
             return layer.pooling
-        return AUTO_POOLING if self.model.huggingface is not None else "mean"
+        return AUTO_POOLING if self.model.huggingface is not None or self.dataset.text_column else "mean"
 
     @property
     def projected_layers(self) -> list[str]:

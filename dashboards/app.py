@@ -22,7 +22,7 @@ import panel as pn
 import param
 
 from netloupe.dashboards.scatter import InstanceScatter
-from netloupe.dashboards.session import TOKEN_GROUPINGS, RunSession, SessionError, Subset, map_image
+from netloupe.dashboards.session import TOKEN_GROUPINGS, RunSession, SessionError, Subset, blended_map, map_image
 from netloupe.storage.catalog import QueryError
 
 COLOR_FIELDS = ("label_name", "prediction_name", "outcome", "confidence")
@@ -36,6 +36,8 @@ METRICS = ("accuracy", "fpr", "fnr", "precision", "recall")
 """The subgroup metrics (FairVis), named as the SQL operators name them."""
 MATRIX_VALUES = ("mean", "neuron", "size", "frac_active")
 """What each cell of the neuron matrix holds (colored by the first, the rest on hover)."""
+MAP_SIZE = 240
+"""Pixels per side of every map in the instance view (and of its input), whatever its cells."""
 TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
 """Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
 CURRENT_SELECTION = "(current selection)"
@@ -305,8 +307,10 @@ class InstanceView(pn.viewable.Viewer):
         self.dashboard = dashboard
         self.id_input = pn.widgets.TextInput(name="Instance id", width=200)
         self.id_input.param.watch(lambda e: self.dashboard.show_instance(e.new.strip()), "value")
+        self.over_input = pn.widgets.Checkbox(name="Maps over the input", value=True, width=180)
+        self.shared_scale = pn.widgets.Checkbox(name="One colour scale for every map", value=False, width=240)
 
-    def _detail(self, instance_id):
+    def _detail(self, instance_id, over_input: bool = True, shared_scale: bool = False):
         if not instance_id:
             return pn.pane.Markdown("Click a point in the scatter, an exemplar, or type an id.")
         session = self.dashboard.session
@@ -327,10 +331,11 @@ class InstanceView(pn.viewable.Viewer):
         panels = [facts]
         inputs = detail.input
         images = []
+        picture = None
         if isinstance(inputs, np.ndarray):
-            image = map_image(inputs)
-            images.append(hv.Image(image[::-1], bounds=(0, 0, image.shape[1], image.shape[0])).opts(
-                cmap="gray", title="input", width=240, height=240, xaxis=None, yaxis=None))
+            picture = map_image(inputs)
+            images.append(hv.Image(picture[::-1], bounds=(0, 0, picture.shape[1], picture.shape[0])).opts(
+                cmap="gray", title="input", width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None))
         elif isinstance(inputs, dict):
             panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
                                                disabled=True, height=240, width=320, show_index=False))
@@ -338,16 +343,15 @@ class InstanceView(pn.viewable.Viewer):
             panels += [pn.pane.HTML(colored_text(inputs if isinstance(inputs, str) else None, detail.tokens, values,
                                                  method), css_classes=["token-attributions"])
                        for method, values in detail.token_values.items()]
-        for method, values in detail.maps.items():
-            image = map_image(values)
+        maps = {method: map_image(values) for method, values in detail.maps.items()}
+        shared = max((float(np.nanmax(np.abs(m))) for m in maps.values() if m.size), default=0.0) or 1.0
+        for method, image in maps.items():
             if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
                 images.append(hv.Bars(pd.DataFrame({"feature": range(image.shape[1]), "attribution": image[0]}),
                                       "feature", "attribution").opts(title=method, width=360, height=240))
                 continue
-            bound = float(np.nanmax(np.abs(image))) or 1.0
-            images.append(hv.Image(image[::-1], bounds=(0, 0, image.shape[1], image.shape[0])).opts(
-                cmap="RdBu_r", clim=(-bound, bound), title=method, width=240, height=240, xaxis=None, yaxis=None,
-                colorbar=True, tools=["hover"]))
+            bound = shared if shared_scale else float(np.nanmax(np.abs(image))) or 1.0
+            images.append(self._map(method, image, bound, picture if over_input else None))
         profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
                    .opts(title=f"{layer} activations", width=360, height=200)
                    for layer, v in detail.activations.items()]
@@ -357,8 +361,23 @@ class InstanceView(pn.viewable.Viewer):
             panels.append(pn.pane.HoloViews(hv.Layout(profile).cols(3)))
         return pn.Column(*panels)
 
+    @staticmethod
+    def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None):
+        """One map at the size of every other, over the input image when given (Captum's
+        blended heat map: a patch map or a Grad-CAM covers the whole image), else on its own
+        cells with a colour bar; ``bound`` is the value drawn at full colour, either sign."""
+        title = f"{method} (full colour at ±{bound:.3g})"
+        if picture is not None:
+            blended = blended_map(picture, values, bound)
+            return hv.RGB(blended[::-1], bounds=(0, 0, blended.shape[1], blended.shape[0])).opts(
+                title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None)
+        return hv.Image(values[::-1], bounds=(0, 0, values.shape[1], values.shape[0])).opts(
+            cmap="RdBu_r", clim=(-bound, bound), title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None,
+            yaxis=None, colorbar=True, tools=["hover"])
+
     def __panel__(self):
-        return pn.Column(self.id_input, pn.panel(pn.bind(self._detail, self.dashboard.param.instance_id)),
+        detail = pn.bind(self._detail, self.dashboard.param.instance_id, self.over_input, self.shared_scale)
+        return pn.Column(pn.Row(self.id_input, self.over_input, self.shared_scale), pn.panel(detail),
                          sizing_mode="stretch_width")
 
 
@@ -394,8 +413,8 @@ def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str
 class TokensView(pn.viewable.Viewer):
     """A text run's tokens: per class (or kept subset), the tokens that push most toward the
     explained class, as bars. A click on a bar keeps the instances that contain the token as a
-    subset (a row of the neuron matrix, a colour of the scatter) and lists them; a click on
-    one opens it."""
+    subset (by a predicate: a row of the neuron matrix, a colour of the scatter, a choice here)
+    and lists the first of them; a click on one opens it."""
 
     def __init__(self, dashboard: Dashboard, **params):
         super().__init__(**params)
@@ -449,8 +468,8 @@ class TokensView(pn.viewable.Viewer):
         """Select the instances whose tokens include ``token``: kept as a subset, listed."""
         session = self.dashboard.session
         try:
-            ids, shown = session.instances_with_token(token)
-            subset = session.add_ids_subset(session.token_subset_name(token), ids)
+            subset = session.add_predicate_subset(session.token_subset_name(token), session.token_predicate(token))
+            shown = session.instances_with_token(token)
         except (SessionError, QueryError) as error:
             self.dashboard.report(str(error))
             return

@@ -427,15 +427,19 @@ class RunSession:
                           [method, subset.predicate, int(min_count), special, int(top)]).to_pandas()
         return frame.assign(subset=by)[["subset", "token", "mean", "occurrences", "instances"]]
 
-    def instances_with_token(self, token: str, limit: int = 200) -> tuple[np.ndarray, pd.DataFrame]:
-        """The ids of every instance whose tokens include ``token``, and the first ``limit`` of
-        them with their label, prediction and the token's occurrences."""
-        ids = run_query(self.con, "SELECT instance_id FROM instances_with_token(?)", [token])["instance_id"]
-        shown = run_query(self.con, """
+    def instances_with_token(self, token: str, limit: int = 200) -> pd.DataFrame:
+        """The first ``limit`` instances whose tokens include ``token``, with their label,
+        prediction and the token's occurrences."""
+        return run_query(self.con, """
             SELECT w.instance_id, i.label, i.prediction, w.occurrences
             FROM instances_with_token(?) w JOIN instances i USING (instance_id) ORDER BY w.instance_id LIMIT ?
         """, [token, int(limit)]).to_pandas()
-        return ids.to_numpy(zero_copy_only=False), shown
+
+    @staticmethod
+    def token_predicate(token: str) -> str:
+        """The SQL predicate over ``instances`` of the texts whose tokens include ``token`` (a
+        predicate, not a list of ids: "the" is in most of a million texts)."""
+        return "instance_id IN (SELECT instance_id FROM instances_with_token('" + token.replace("'", "''") + "'))"
 
     @staticmethod
     def token_subset_name(token: str) -> str:
@@ -459,6 +463,43 @@ def map_image(values: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         return array
     return array.reshape(1, -1)
+
+
+TOWARD, AGAINST = np.array([178, 24, 43]), np.array([33, 102, 172])
+"""The colours of a value toward the explained class (red) and against it (blue), as in every view."""
+MAX_OPACITY = 0.85
+"""A map's opacity over its input where its value is largest (the input still shows through)."""
+
+
+def blended_map(image: np.ndarray, values: np.ndarray, bound: float) -> np.ndarray:
+    """An attribution map over its input image, as Captum's blended heat map: the input in gray,
+    the map resized to it (bilinear: a 2x2 patch map or a 7x7 Grad-CAM covers the whole image)
+    in red toward the class and blue against, opaque in proportion to ``|value| / bound``.
+    ``(H, W)`` image and ``(h, w)`` map → ``(H, W, 3)`` uint8."""
+    image = np.asarray(image, np.float64)
+    span = image.max() - image.min()
+    gray = (image - image.min()) / span if span > 0 else np.zeros_like(image)
+    resized = resize_bilinear(np.asarray(values, np.float64), image.shape)
+    alpha = (MAX_OPACITY * np.clip(np.abs(resized) / (bound or 1.0), 0, 1))[..., None]
+    colour = np.where(resized[..., None] > 0, TOWARD, AGAINST)
+    return np.round((1 - alpha) * 255 * gray[..., None] + alpha * colour).astype(np.uint8)
+
+
+def resize_bilinear(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``values`` resampled to ``shape`` by bilinear interpolation between cell centres (the
+    edges hold their cell's value), as image resizers do; unchanged when the shapes agree."""
+    if values.shape == tuple(shape):
+        return values
+
+    def axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        centres = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        low = np.floor(centres).astype(int)
+        high = np.minimum(low + 1, size_in - 1)
+        return low, high, centres - low
+
+    (r0, r1, fr), (c0, c1, fc) = axis(values.shape[0], shape[0]), axis(values.shape[1], shape[1])
+    rows = values[r0] * (1 - fr)[:, None] + values[r1] * fr[:, None]
+    return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
 
 
 def _names(codes: pd.Series, names: list[str]) -> pd.Categorical:

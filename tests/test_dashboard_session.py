@@ -10,7 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from netloupe.dashboards.session import RunSession, SessionError, map_image
+from netloupe.dashboards.session import (
+    AGAINST,
+    MAX_OPACITY,
+    TOWARD,
+    RunSession,
+    SessionError,
+    blended_map,
+    map_image,
+    resize_bilinear,
+)
 from netloupe.storage.catalog import QueryError
 from tests.dashboard_run import ROWS, dashboard_images, make_dashboard_run
 from tests.tiny_models import tiny_cnn
@@ -120,6 +129,51 @@ def test_instance_detail(session, truth):
     assert map_image(detail.maps["saliency"]).shape == (4, 4)
     with pytest.raises(SessionError, match="no instance with id 99999"):
         session.instance(99999)
+
+
+def test_a_map_is_resized_bilinearly_and_blended_over_its_input_by_hand():
+    # 2x2 → 4x4: the corners keep their cells; (1, 1) lies a quarter of a cell from cell (0, 0)
+    # toward each neighbour: 0·9/16 + 1·3/16 + 2·3/16 + 3·1/16 = 0.75.
+    resized = resize_bilinear(np.array([[0.0, 1.0], [2.0, 3.0]]), (4, 4))
+    assert resized[0, 0] == 0 and resized[3, 3] == 3 and resized[1, 1] == pytest.approx(0.75)
+    np.testing.assert_allclose(resized[0], [0, 0.25, 0.75, 1])
+    image = np.array([[0.0, 2.0], [4.0, 4.0]])  # gray 0, 0.5, 1, 1
+    blended = blended_map(image, np.array([[0.0, 0.5], [-1.0, 2.0]]), bound=1.0)
+    assert blended.shape == (2, 2, 3) and blended.dtype == np.uint8
+    np.testing.assert_array_equal(blended[0, 0], [0, 0, 0])  # no value: the input's own gray (black)
+    half = 0.5 * MAX_OPACITY
+    np.testing.assert_array_equal(blended[0, 1], np.round((1 - half) * 127.5 + half * TOWARD))
+    np.testing.assert_array_equal(blended[1, 0], np.round((1 - MAX_OPACITY) * 255 + MAX_OPACITY * AGAINST))
+    np.testing.assert_array_equal(blended[1, 1], blended[1, 1].clip(0, 255))  # beyond the bound: full colour
+    np.testing.assert_array_equal(blended[1, 1], np.round((1 - MAX_OPACITY) * 255 + MAX_OPACITY * TOWARD))
+
+
+def test_the_instance_view_draws_every_map_at_one_size_over_its_input(session, truth):
+    import holoviews as hv
+    import holoviews.plotting.bokeh  # noqa: F401 - the dashboard's plotting extension, as serve() loads it
+
+    from netloupe.dashboards.app import MAP_SIZE, Dashboard, InstanceView
+
+    view = InstanceView(Dashboard(session))
+    instance_id = str(int(truth["ids"][7]))
+
+    def plots(over: bool, shared: bool) -> list:
+        panel = view._detail(instance_id, over, shared)
+        layout = next(p.object for p in panel.objects if "heatmaps" in (p.css_classes or []))
+        return [e for e in layout if isinstance(e, (hv.RGB, hv.Image))]
+
+    over = plots(True, False)
+    assert [type(e).__name__ for e in over] == ["Image", "RGB", "RGB"]  # the input, then each map over it
+    assert {(hv.Store.lookup_options("bokeh", e, "plot").kwargs["width"],
+             hv.Store.lookup_options("bokeh", e, "plot").kwargs["height"]) for e in over} == {(MAP_SIZE, MAP_SIZE)}
+    detail = session.instance(int(truth["ids"][7]))
+    bounds = {m: float(np.abs(v).max()) for m, v in detail.maps.items()}
+    titles = [e.opts.get().kwargs["title"] for e in over[1:]]
+    assert titles == [f"{m} (full colour at ±{bounds[m]:.3g})" for m in detail.maps]
+    shared = [e.opts.get().kwargs["title"] for e in plots(True, True)[1:]]
+    assert all(t.endswith(f"±{max(bounds.values()):.3g})") for t in shared)
+    alone = plots(False, False)
+    assert [type(e).__name__ for e in alone] == ["Image", "Image", "Image"]
 
 
 def test_fidelity_of_an_instance_and_of_the_run(session, truth):

@@ -13,6 +13,7 @@ import torch
 import transformers
 from captum.attr import IntegratedGradients, Saliency
 
+from netloupe.contract.errors import NetloupeError
 from netloupe.contract.spec import parse_spec
 from netloupe.pipeline.driver import run_job
 from netloupe.storage.reader import RunReader
@@ -55,7 +56,7 @@ def vit_run(ray_local, checkpoint, tmp_path_factory):
         "preprocess": {"shape": [1, SIDE, SIDE]},
         "layers": [{"name": "vit.layers.1"}, {"name": "vit.layernorm", "pooling": "first_token"}],
         "attributions": [{"method": "saliency"}, {"method": "integrated_gradients", "params": {"n_steps": 16}},
-                         {"method": "attention_rollout"}],
+                         {"method": "attention_rollout"}, {"method": "grad_cam", "layer": "vit.layers.0"}],
         "execution": {"batch_size": 8, "num_workers": 2, "threads_per_worker": 1, "chunk_rows": 10_000},
         "output": {"root": str(root / "runs"), "run_name": "vit"},
     })
@@ -244,6 +245,39 @@ def test_attention_rollout_is_stored_on_the_patch_grid(vit_run, checkpoint):
         attentions = model(pixel_values=_pixels(table["instance_id"].to_pylist()), output_attentions=True).attentions
     np.testing.assert_allclose(maps.reshape(len(table), -1), _rollout_by_formula(attentions).numpy(),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_grad_cam_on_a_token_layer_is_worked_out_on_the_patch_grid(vit_run, checkpoint):
+    """Grad-CAM of block 0: its 4 patch tokens laid out as a 2x2 map of 16 channels, each
+    channel weighted by its mean gradient of the target logit over the patches, summed."""
+    model = _checkpoint_model(checkpoint)
+    table, maps = vit_run.attribution_maps("grad_cam")
+    assert vit_run.manifest.model.attribution_shapes["grad_cam"] == (1, 2, 2)
+    kept = {}
+    handle = model.vit.layers[0].register_forward_hook(
+        lambda _m, _i, out: kept.update(tokens=(out[0] if isinstance(out, tuple) else out)))
+    logits = model(pixel_values=_pixels(table["instance_id"].to_pylist())).logits
+    handle.remove()
+    target = torch.tensor(table["target"].to_pylist())
+    (gradient,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), kept["tokens"])
+    grid = lambda t: t[:, 1:].transpose(1, 2).reshape(len(target), 16, 2, 2)  # noqa: E731 - [CLS] dropped
+    want = (grid(gradient).mean(dim=(2, 3), keepdim=True) * grid(kept["tokens"])).sum(dim=1, keepdim=True)
+    np.testing.assert_allclose(maps, want.detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert np.abs(maps).max() > 1e-3  # not the all-zero map of a layer the logit does not read
+
+
+def test_grad_cam_on_a_vision_transformer_layer_without_tokens_is_refused(checkpoint, tmp_path):
+    pq.write_table(_images(), tmp_path / "images.parquet")
+    spec = parse_spec({
+        "model": {"huggingface": str(checkpoint)},
+        "dataset": {"source": str(tmp_path / "images.parquet"), "input_column": "pixels", "id_column": "key"},
+        "preprocess": {"shape": [1, SIDE, SIDE]},
+        "attributions": [{"method": "grad_cam", "layer": "classifier"}],
+        "output": {"root": str(tmp_path / "runs"), "run_name": "bad"},
+    })
+    with pytest.raises(NetloupeError, match=r"takes a layer that outputs its tokens .* 'classifier' outputs \(\d+, 3\)"):
+        run_job(spec)
+    assert not (tmp_path / "runs" / "bad").exists()
 
 
 def test_attention_rollout_of_uniform_attention_is_known(checkpoint):

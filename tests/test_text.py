@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
     return tiny_bert_checkpoint(tmp_path_factory.mktemp("bert") / "checkpoint")
 
 
-def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2):
+def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2, chunk_rows: int | None = None):
     return parse_spec({
         "model": {"huggingface": str(checkpoint)},
         "dataset": {"source": str(root / "texts.parquet"), "text_column": "text", "id_column": "key"},
@@ -41,17 +41,21 @@ def _spec(checkpoint, root, batch_size: int, run_name: str, workers: int = 2):
                          {"method": "input_x_gradient"}, {"method": "occlusion"},
                          {"method": "attention", "name": "attention_first", "params": {"layer": 0}},
                          {"method": "attention_rollout", "params": {"head_fusion": "max"}}],
-        "execution": {"batch_size": batch_size, "num_workers": workers, "threads_per_worker": 1},
+        "execution": {"batch_size": batch_size, "num_workers": workers, "threads_per_worker": 1,
+                      "chunk_rows": chunk_rows},
         "output": {"root": str(root / "runs"), "run_name": run_name},
     })
 
 
 @pytest.fixture(scope="module")
 def runs(ray_local, checkpoint, tmp_path_factory):
-    """The same texts in batches of 5 and of 2 (other neighbours, other padding)."""
+    """The same texts in batches of 5 and of 2 (other neighbours, other padding); the batches
+    of 5 cut into chunks of 2 texts' worth of tokens (the forward and the methods: other
+    chunk neighbours, other orders)."""
     root = tmp_path_factory.mktemp("textrun")
     pq.write_table(_texts(), root / "texts.parquet")
-    return [RunReader(run_job(_spec(checkpoint, root, size, f"b{size}")).layout.root) for size in (5, 2)]
+    return [RunReader(run_job(_spec(checkpoint, root, size, f"b{size}", chunk_rows=chunks)).layout.root)
+            for size, chunks in ((5, 2), (2, None))]
 
 
 def _model(checkpoint):
@@ -230,15 +234,27 @@ BAD_TEXT_INPUT = {
     "a constant baseline on tokens": (
         {"attributions": [{"method": "integrated_gradients", "baseline": 0.5}]},
         ["'baseline' is a constant input value; on tokens the baseline is text.baseline_token"]),
+    "a tokenizer that is not the model's": (
+        {"text": {"tokenizer": "{tmp}/wide"}},
+        ["has 40 tokens but the model's input embeddings hold 22: it is not the model's tokenizer"]),
     "a tokenizer directory without a tokenizer": (
         {"text": {"tokenizer": "{tmp}"}}, ["holds no tokenizer (tokenizer.json)"]),
-    "a factory model on texts": (
-        {"model": {"factory": "tests.tiny_models:linear", "huggingface": None}},
-        ["dataset.text_column explains a Hugging Face text classifier"]),
+    "a factory model on texts without its tokenizer": (
+        {"model": {"factory": "tests.tiny_models:token_bag", "huggingface": None}},
+        ["or a factory model that takes token ids (model.factory, with text.tokenizer"]),
     "a pooling that keeps every position": (
         {"layers": [{"name": "bert.encoder.layer.1", "pooling": "none"}]},
         ["pooling 'none' keeps every position"]),
 }
+
+
+def _wide_tokenizer(directory):
+    """A WordPiece tokenizer of 40 tokens: more than the tiny BERT's embeddings hold."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordPiece({f"w{i}": i for i in range(40)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w1").save_pretrained(directory)
 
 
 @pytest.mark.parametrize("case", list(BAD_TEXT_INPUT))
@@ -249,6 +265,7 @@ def test_bad_text_input_fails_clearly_and_writes_nothing(case, checkpoint, tmp_p
 
     changes, expected = BAD_TEXT_INPUT[case]
     pq.write_table(_texts(), tmp_path / "texts.parquet")
+    _wide_tokenizer(tmp_path / "wide")
     data = {"model": {"huggingface": str(checkpoint)},
             "dataset": {"source": str(tmp_path / "texts.parquet"), "text_column": "text", "id_column": "key"},
             "attributions": [{"method": "saliency"}],
@@ -452,12 +469,17 @@ def test_the_tokens_view_shows_the_top_tokens_per_class_and_selects_a_token_s_in
     view.pick("movie")
     want = sorted(key for key, words in tokens.items() if "movie" in words)
     subset = session.subsets["token movie"]
-    assert sorted(subset.ids) == want and dashboard.subsets_version == 1  # a row of the matrix now
+    kept = session.sql(f"SELECT instance_id FROM instances WHERE {subset.predicate}")["instance_id"].to_pylist()
+    assert sorted(kept) == want and subset.size == len(want) and dashboard.subsets_version == 1  # a matrix row
     assert sorted(view.instances.value["instance_id"]) == want
     assert set(view.instances.value["prediction"]) <= set(session.class_names)
+    assert "token movie" in view.by.options  # its tokens by a scan
+    assert "movie" in session.top_tokens("occlusion", "token movie", min_count=1, top=50)["token"].tolist()
+    session.add_ids_subset("picked", want[:2])
     with pytest.raises(SessionError, match="kept from a selection"):
-        session.top_tokens("occlusion", "token movie")
-    assert "token movie" not in view.by.options  # only predicate subsets can be scanned
+        session.top_tokens("occlusion", "picked")
+    view.pick("don't")  # a quote in a token is SQL-escaped, not an error
+    assert session.subsets["token don_t"].size == 0
 
 
 def _tiny_gpt2_checkpoint(directory):
@@ -517,3 +539,37 @@ def test_a_decoder_classifier_is_explained_against_a_baseline_that_keeps_the_tok
         with torch.no_grad():
             gap = (forward(ids, mask) - forward(baseline, mask))[0, row["target"]].item()
         assert abs(sum(row["token_attribution"]) - gap) < 0.02 * max(abs(gap), 0.05)
+
+
+def test_a_factory_model_that_takes_token_ids_is_explained_by_hand(ray_local, checkpoint, tmp_path):
+    """A factory model (mean of 2-d token embeddings → linear) with the tiny BERT's tokenizer
+    directory: integrated gradients from [PAD] (embedding 0) give token i exactly
+    W[target] · e_i / n, worked out by hand; the logits are W · mean(e)."""
+    from tests.tiny_models import TOKEN_EMBEDDING_SCALE, TOKEN_HEAD_W
+
+    pq.write_table(_texts(), tmp_path / "texts.parquet")
+    run = RunReader(run_job(parse_spec({
+        "model": {"factory": "tests.tiny_models:token_bag"},
+        "dataset": {"source": str(tmp_path / "texts.parquet"), "text_column": "text", "id_column": "key"},
+        "text": {"tokenizer": str(checkpoint), "max_length": MAX_LENGTH},
+        "layers": [{"name": "embed"}],
+        "attributions": [{"method": "integrated_gradients", "params": {"n_steps": 8}}],
+        "execution": {"batch_size": 5, "num_workers": 1},
+        "output": {"root": str(tmp_path / "runs"), "run_name": "bag"},
+    })).layout.root)
+    w = np.array(TOKEN_HEAD_W)
+    tokens = {r["instance_id"]: r["token_ids"] for r in run.tokens().to_pylist()}
+    instances = {r["instance_id"]: r for r in run.instances().to_pylist()}
+    ids, pooled = run.activation_matrix("embed")
+    for key, row in zip(ids.to_pylist(), pooled):
+        e = TOKEN_EMBEDDING_SCALE * np.array([[t, -t % 3] for t in tokens[key]])
+        np.testing.assert_allclose(row, e.mean(axis=0), rtol=1e-5, atol=1e-7)  # token_mean by default
+        logits = w @ e.mean(axis=0)
+        assert instances[key]["prediction"] == int(np.argmax(logits))
+    for row in run.attributions("integrated_gradients").to_pylist():
+        ids_ = tokens[row["instance_id"]]
+        e = TOKEN_EMBEDDING_SCALE * np.array([[t, -t % 3] for t in ids_])
+        kept = np.isin(ids_, [2, 3, 4])[:, None]  # [CLS] [SEP] [MASK] stay in the baseline
+        want = ((e - np.where(kept, e, 0.0)) @ w[row["target"]]) / len(ids_)
+        np.testing.assert_allclose(row["token_attribution"], want, rtol=1e-4, atol=1e-6)
+        assert abs(row["convergence_delta"]) < 1e-5  # a linear path: exact

@@ -279,3 +279,34 @@ def seeded_captum_softmax(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SoftmaxModel(3, 8, 2)
+
+
+#: :func:`token_bag`'s embedding of token id t: TOKEN_EMBEDDING_SCALE * (t, -t % 3) (id 0, [PAD], is (0, 0)).
+TOKEN_EMBEDDING_SCALE = 0.1
+TOKEN_HEAD_W = [[1.0, -2.0], [-0.5, 1.0]]
+
+
+class TokenBag(nn.Module):
+    """Token ids → the mean of their 2-d embeddings over the text's own tokens → two logits:
+    a factory model that reads texts (``forward(input_ids, attention_mask)``)."""
+
+    def __init__(self, vocab_size: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 2)
+        self.head = nn.Linear(2, 2, bias=False)
+        ids = torch.arange(vocab_size, dtype=torch.float32)
+        with torch.no_grad():
+            self.embed.weight.copy_(TOKEN_EMBEDDING_SCALE * torch.stack([ids, -ids % 3], dim=1))
+            self.head.weight.copy_(torch.tensor(TOKEN_HEAD_W))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids, attention_mask):
+        weights = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * weights).sum(dim=1) / weights.sum(dim=1)
+        return self.head(pooled)
+
+
+def token_bag() -> nn.Module:
+    return TokenBag()

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from netloupe.contract.errors import MethodError
+from netloupe.workers.patch_grid import patch_grid_of
 
 HEAD_FUSIONS = ("mean", "max", "min")
 ATTENTION_BYTES = 256 * 2**20
@@ -39,12 +40,10 @@ class AttentionRollout:
             raise MethodError(f"{wanted}; this model is not one")
         self.model = forward_func.checkpoint_model
         config = self.model.config
-        size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-        if size is None or patch is None or not hasattr(config, "num_hidden_layers"):
+        grid = patch_grid_of(forward_func)
+        if grid is None or not hasattr(config, "num_hidden_layers"):
             raise MethodError(f"{wanted}; this one is a {type(self.model).__name__}")
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        self.grid = (size[0] // patch[0], size[1] // patch[1])
+        self.grid = grid
         # Every layer's attention is held until the rollout: rows at a time so that they stay
         # within ATTENTION_BYTES (ViT-B at 224: 22 MB per image).
         tokens = self.grid[0] * self.grid[1] + 1

@@ -46,7 +46,7 @@ from netloupe.workers.methods import (
 )
 from netloupe.workers.model_identity import ModelFingerprint, check_same_model, model_fingerprint
 from netloupe.workers.model_output import check_output_kind, output_probabilities
-from netloupe.workers.text import TextEncoder, TokenBatch, load_tokenizer
+from netloupe.workers.text import TextEncoder, TokenBatch, length_chunks, load_tokenizer
 from netloupe.workers.token_methods import bind_token_method
 
 
@@ -150,12 +150,15 @@ class BatchExplainer:
 
     def forward(self, x: torch.Tensor | TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The model's outputs (``model.output``: logits, probabilities or log-probabilities)
-        and pooled activations of the recorded layers, in one forward pass."""
+        and pooled activations of the recorded layers, in one forward pass (texts: one per chunk)."""
         texts = isinstance(x, TokenBatch)
-        self.capture.token_mask = x.attention_mask if texts else None
-        with torch.inference_mode(), self.capture:
-            outputs = self.model(x.input_ids, x.attention_mask) if texts else self.model(x)
-            activations = dict(self.capture.activations)
+        if texts:
+            outputs, activations = self._forward_texts(x)
+        else:
+            self.capture.token_mask = None
+            with torch.inference_mode(), self.capture:
+                outputs = self.model(x)
+                activations = dict(self.capture.activations)
         if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != len(x):
             got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ModelError(
@@ -163,6 +166,30 @@ class BatchExplainer:
                 f"{_shape(x)} it returned {got}"
             )
         return outputs.float(), activations
+
+    def _forward_texts(self, x: TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward` of a batch of texts in chunks of similar length, each within the
+        methods' token budget (a batch of 1,024 texts of 512 tokens through BERT-base at once
+        holds ~12 GB of attention weights per layer) and padded to its own longest; outputs and
+        activations come back in the batch's order."""
+        if self.per_instance_bytes is None:
+            self.per_instance_bytes = module_output_bytes(self.model, x, self.text.max_length)
+        rows = self.chunk_rows or self.spec.execution.chunk_rows or default_chunk_rows(self.per_instance_bytes)
+        order = np.argsort(x.lengths, kind="stable")
+        outputs, activations = [], []
+        for chunk in length_chunks(x.lengths[order], 1, rows * self.text.max_length):
+            part = x.take(order[chunk])
+            self.capture.token_mask = part.attention_mask
+            with torch.inference_mode(), self.capture:
+                output = self.model(part.input_ids, part.attention_mask)
+                activations.append(dict(self.capture.activations))
+            if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                return output, {}  # not logits: forward() says what it got
+            outputs.append(output)
+        self.capture.token_mask = None
+        back = torch.as_tensor(np.argsort(order, kind="stable"), device=x.input_ids.device)
+        joined = {name: torch.cat([a[name] for a in activations])[back] for name in activations[0]}
+        return torch.cat(outputs)[back], joined
 
     def targets(self, probabilities: torch.Tensor, labels: np.ndarray | None) -> torch.Tensor:
         """``(n, k)`` class indices to explain, per the spec's target."""
@@ -493,6 +520,11 @@ def text_encoder(spec: JobSpec, model: nn.Module, column: str) -> TextEncoder:
     if limit is not None and text.max_length is not None and text.max_length > limit:
         raise ModelError(f"text.max_length is {text.max_length} but the model reads at most {limit} tokens "
                          f"(its positions and its tokenizer's model_max_length); set text.max_length to at most {limit}")
+    embeddings = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
+    if embeddings is not None and len(tokenizer) > embeddings:
+        raise ModelError(f"the tokenizer in {text.tokenizer or spec.model.huggingface} has {len(tokenizer):,} tokens but "
+                         f"the model's input embeddings hold {embeddings:,}: it is not the model's tokenizer; give the "
+                         "directory of the tokenizer the model was trained with (text.tokenizer)")
     encoder = TextEncoder(column, tokenizer, text.max_length or limit or DEFAULT_MAX_LENGTH, spec.dataset.id_column)
     encoder.baseline_id(text.baseline_token)  # the tokenizer has it
     return encoder
@@ -512,7 +544,10 @@ def _token_limit(model: nn.Module, tokenizer) -> int | None:
 
 
 def _check_input_kind(spec: JobSpec, model: nn.Module, text_column: str | None) -> None:
-    """A text classifier reads a text column, and only a text classifier does."""
+    """A Hugging Face text classifier reads a text column, and only a text classifier does (a
+    factory model given a text column takes token ids: that is its contract)."""
+    if spec.model.huggingface is None:
+        return
     reads_text = bool(getattr(model, "reads_text", False))
     if reads_text and not text_column:
         raise ModelError(f"the model in {spec.model.huggingface} is a text classifier (it takes token ids); give "

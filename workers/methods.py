@@ -30,6 +30,7 @@ from torch import nn
 
 from netloupe.contract.errors import MethodError, did_you_mean
 from netloupe.workers.attention import AttentionRollout
+from netloupe.workers.patch_grid import patch_grid_layer, patch_grid_of
 
 #: Working-set budget (module outputs) of one forward/backward pass inside a method, used
 #: until a worker has measured its own best chunk (:func:`tune_chunk_rows`). On 2 CPU cores
@@ -417,7 +418,11 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
                 f"{spec.table_name}: no layer {spec.layer!r} in the model; "
                 f"{did_you_mean(spec.layer, [n for n in modules if n])}"
             )
-        attribution = method.captum_class(forward, modules[spec.layer])
+        layer = modules[spec.layer]
+        grid = patch_grid_of(model)
+        if grid is not None:  # a vision transformer: its tokens as a map over the patches
+            layer = patch_grid_layer(spec.layer, layer, grid)
+        attribution = method.captum_class(forward, layer)
     else:
         if spec.layer is not None:
             raise MethodError(f"{spec.table_name}: {spec.method} takes no 'layer' (only layer methods such as grad_cam do)")

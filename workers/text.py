@@ -68,6 +68,20 @@ class TokenBatch:
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[own], kind))
 
 
+def length_chunks(lengths: np.ndarray, rows_per_text: int, budget: int) -> list[slice]:
+    """Consecutive runs of the ascending ``lengths`` whose texts × ``rows_per_text`` × their
+    longest (each chunk is padded to its own longest) fit ``budget`` token positions; a text
+    longer than the budget goes alone."""
+    chunks, start = [], 0
+    while start < len(lengths):
+        stop = start + 1
+        while stop < len(lengths) and (stop + 1 - start) * rows_per_text * lengths[stop] <= budget:
+            stop += 1
+        chunks.append(slice(start, stop))
+        start = stop
+    return chunks
+
+
 def load_tokenizer(directory: str):
     """The fast tokenizer saved in ``directory`` (``save_pretrained``), from local files only."""
     path = Path(directory).expanduser()

@@ -30,7 +30,7 @@ from captum.attr import FeatureAblation, LayerGradientXActivation, LayerIntegrat
 from netloupe.contract.errors import MethodError, did_you_mean
 from netloupe.workers.attention import check_head_fusion, eager_attentions, first_token_attention, rollout
 from netloupe.workers.methods import METHODS
-from netloupe.workers.text import TextEncoder, TokenBatch
+from netloupe.workers.text import TextEncoder, TokenBatch, length_chunks
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,9 @@ class BoundTokenMethod:
         width = batch.input_ids.shape[1]
         order = np.argsort(batch.lengths, kind="stable")
         values, deltas = [], []
-        for chosen in self._chunks(batch.lengths[order], rows):
+        # Budget: chunk_rows texts of max_length (what the chunk size was measured for), so
+        # short texts go many at a time and long ones few.
+        for chosen in length_chunks(batch.lengths[order], rows, self.chunk_rows * self.encoder.max_length):
             chosen = order[chosen]
             result, delta = self._attribute(batch.take(chosen), target[torch.as_tensor(chosen, device=target.device)])
             values.append(torch.nn.functional.pad(result, (0, width - result.shape[1])))
@@ -111,20 +113,6 @@ class BoundTokenMethod:
                 deltas.append(delta)
         back = torch.as_tensor(np.argsort(order, kind="stable"), device=target.device)
         return torch.cat(values)[back], torch.cat(deltas)[back] if deltas else None
-
-    def _chunks(self, lengths: np.ndarray, rows: int) -> list[slice]:
-        """Consecutive runs of the (ascending) ``lengths`` whose rows × ``rows`` per text × their
-        longest fit the budget: ``chunk_rows`` texts of ``max_length`` tokens (what the chunk
-        size was measured for), so short texts go many at a time and long ones few."""
-        budget = self.chunk_rows * self.encoder.max_length
-        chunks, start = [], 0
-        while start < len(lengths):
-            stop = start + 1
-            while stop < len(lengths) and (stop + 1 - start) * rows * lengths[stop] <= budget:
-                stop += 1
-            chunks.append(slice(start, stop))
-            start = stop
-        return chunks
 
     def _attribute(self, batch: TokenBatch, target: torch.Tensor):
         name, params = self.method.name, dict(self.params)
@@ -153,7 +141,7 @@ class BoundTokenMethod:
         else:
             method = FeatureAblation(self._forward)
             feature_mask = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-            budget = self.chunk_rows * self.encoder.max_length  # tokens per pass, as _chunks
+            budget = self.chunk_rows * self.encoder.max_length  # tokens per pass, as in __call__
             per_eval = max(1, min(ids.shape[1], budget // max(1, len(batch) * ids.shape[1])))
             return method.attribute(ids, baselines=self.encoder.baseline_ids(batch, self.baseline_token),
                                     additional_forward_args=(mask,), target=target, feature_mask=feature_mask,
