@@ -10,6 +10,9 @@ Measured per run:
   image's data change, then two animation frames); the median of several zooms in and out;
 * **selection to matrix**: from releasing a box selection until the neuron matrix has painted
   the selection as a row of its own (the same hook on the matrix's data);
+* **every tab** (issue 21): from the click on a tab until its content is drawn (the Instance
+  tab opened on an instance; Subgroups: the distributions and the subgroup bars, with the
+  default columns, then again with a continuous column, ``rotation``, chosen);
 * **server peak RSS** of the dashboard process (``VmHWM``), after all of the above.
 
 Beside each zoom time, the same aggregation and shading done by Datashader alone in this
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -158,6 +162,62 @@ def selection_to_matrix(page, timeout: float = 60.0) -> dict:
     return {"seconds": (painted - released) / 1000, "selected": selected.split("\n")[0].strip()}
 
 
+def _drawn(page, selector: str, timeout: float = 120.0, min_fraction: float = 0.01) -> None:
+    """Wait until the element at ``selector`` has something drawn in it."""
+    page.locator(selector).first.wait_for(timeout=timeout * 1000)
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if drawn_fraction(page.locator(selector).first.screenshot()) > min_fraction:
+            return
+    raise RuntimeError(f"{selector} was not drawn")
+
+
+def _text_shown(page, selector: str, text: str, timeout: float = 120.0) -> None:
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s); return e && (e.shadowRoot || e).textContent.includes(t); }",
+        arg=[selector, text], timeout=timeout * 1000)
+
+
+def tab_times(page) -> dict:
+    """Seconds from each tab's click until its content is drawn (issue 21), in the order an
+    analyst would go; Subgroups once with its default columns, once with ``rotation`` chosen."""
+    def click(name: str) -> float:
+        page.locator(".bk-tab").filter(has_text=re.compile(f"^{re.escape(name)}$")).first.click()
+        return time.perf_counter()
+
+    times = {}
+    started = click("Instance")
+    page.get_by_label("Instance id").wait_for(timeout=120_000)
+    times["Instance (empty)"] = time.perf_counter() - started
+    box = page.get_by_label("Instance id")
+    started = time.perf_counter()
+    box.fill("0")  # the scale runs' ids are 0..n-1
+    box.press("Enter")
+    _drawn(page, ".heatmaps")
+    times["Instance (an instance)"] = time.perf_counter() - started
+    started = click("Subgroups")
+    _drawn(page, ".distributions")
+    _drawn(page, ".subgroup-overview")
+    times["Subgroups (default columns)"] = time.perf_counter() - started
+    choice = page.locator(".choices__input--cloned").first
+    choice.click()
+    choice.fill("rotation")
+    started = time.perf_counter()
+    choice.press("Enter")
+    _text_shown(page, ".subgroups", "rotation in [")
+    times["Subgroups (rotation chosen)"] = time.perf_counter() - started
+    started = click("Fidelity")
+    _drawn(page, ".fidelity-summary", min_fraction=0.001)
+    times["Fidelity"] = time.perf_counter() - started
+    started = click("Model")
+    _drawn(page, ".model-graph")
+    times["Model"] = time.perf_counter() - started
+    started = click("SQL")
+    page.locator(".sql-editor textarea").wait_for(timeout=120_000)
+    times["SQL"] = time.perf_counter() - started
+    return times
+
+
 def datashader_alone(run_dir: Path, ranges: list[tuple], width: int, height: int) -> list[float]:
     """Seconds Datashader takes to aggregate and shade the run's points per range, in this process."""
     import datashader as ds
@@ -202,6 +262,8 @@ def measure(run_dir: Path, work: Path, selection: bool = True) -> dict:
             }""")
             picked = selection_to_matrix(page) if selection else None
             page.screenshot(path=str(work / f"dashboard-{run_dir.name}.png"))
+            tabs = tab_times(page) if selection else None
+            page.screenshot(path=str(work / f"dashboard-{run_dir.name}-tabs.png"), full_page=True)
             browser.close()
         rss = peak_rss_gib(server.pid)
     finally:
@@ -210,7 +272,8 @@ def measure(run_dir: Path, work: Path, selection: bool = True) -> dict:
     alone = datashader_alone(run_dir, [tuple(map(tuple, ranges))] * 3, int(size["width"]), int(size["height"])) \
         if ranges else [float("nan")]
     return {"first_paint_s": paint, "zooms": zooms, "zoom_median_s": statistics.median(z["seconds"] for z in zooms),
-            "datashader_alone_s": statistics.median(alone), "selection": picked, "server_peak_rss_gib": rss}
+            "datashader_alone_s": statistics.median(alone), "selection": picked, "tabs": tabs,
+            "server_peak_rss_gib": rss}
 
 
 def ten_million_run(source_run: Path, root: Path, rows: int = 10_000_000) -> Path:
@@ -274,6 +337,12 @@ def main() -> None:
         picked = f"{r['selection']['seconds']:.2f}" if r["selection"] else "-"
         print(f"| {n} | {r['first_paint_s']:.2f} | {r['zoom_median_s']:.3f} | {r['datashader_alone_s']:.3f} | "
               f"{r['zoom_median_s'] / r['datashader_alone_s']:.1f}x | {picked} | {r['server_peak_rss_gib']:.2f} |")
+    for n, r in results.items():
+        if r["tabs"]:
+            print(f"\nTabs at {n} instances (seconds from the click until drawn):")
+            print("| " + " | ".join(r["tabs"]) + " |")
+            print("|" + "---|" * len(r["tabs"]))
+            print("| " + " | ".join(f"{v:.2f}" for v in r["tabs"].values()) + " |")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ MAP_SIZE = 240
 """Pixels per side of every map in the instance view (and of its input), whatever its cells."""
 TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
 """Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
+SLICE_BINS, MAX_SLICE_BINS = 5, 20
+"""Quantile bins of a many-valued numeric column in the subgroups: by default (as the SQL
+operators), and at most."""
+MAX_SUBGROUP_ROWS = 200
+"""Most rows of the subgroups table (worst first): a bounded number of marks in the browser."""
 CURRENT_SELECTION = "(current selection)"
 """The matrix row of the scatter's selection before it is kept (parentheses: a name no kept subset can take)."""
 
@@ -558,49 +563,71 @@ class SubgroupsView(pn.viewable.Viewer):
         self.positive = pn.widgets.Select(name="Positive class (FPR, FNR, precision, recall)",
                                           options={n: i for i, n in enumerate(dashboard.session.class_names)},
                                           width=200)
+        self.bins = pn.widgets.IntInput(name="Bins of a numeric column", value=SLICE_BINS, start=2, end=MAX_SLICE_BINS,
+                                        width=170)
+        self.cuts = pn.widgets.TextInput(name="Or cut points (column: a, b, c)", placeholder="age: 25, 40, 60",
+                                         width=260)
         self.table = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, height=300, sizing_mode="stretch_width",
-                                          show_index=False, selectable="checkbox", css_classes=["subgroups"])
+                                          show_index=False, selectable="checkbox", css_classes=["subgroups"],
+                                          hidden_columns=["predicate"])
         self.compare = pn.pane.DataFrame(pd.DataFrame(), css_classes=["subgroup-compare"])
         self.table.param.watch(self._on_pick, "selection")
         self.keep = pn.widgets.Button(name="Keep picked subgroups as subsets", width=260)
         self.keep.on_click(self._keep)
 
-    def _subgroups(self, columns, metric, positive):
+    def _specs(self, columns, bins, cuts) -> list[str]:
+        """The chosen columns as the subgroup operators slice them (bins, or the cut points
+        typed for one of them)."""
+        named, _, points = (cuts or "").partition(":")
+        session = self.dashboard.session
+        return [session.slice_spec(c, bins, points if points and c == named.strip() else None) for c in columns]
+
+    def _subgroups(self, columns, metric, positive, bins, cuts):
         if not columns:
             return pd.DataFrame()
         try:
-            frame = self.dashboard.session.subgroups(list(columns), positive)
+            frame = self.dashboard.session.subgroups(self._specs(columns, bins, cuts), positive)
         except (SessionError, QueryError) as error:
             self.dashboard.report(str(error))
             return pd.DataFrame()
-        return frame.sort_values(metric, ascending=metric in ("accuracy", "precision", "recall"), na_position="last")
+        worst_first = frame.sort_values(metric, ascending=metric in ("accuracy", "precision", "recall"),
+                                        na_position="last")
+        return worst_first.head(MAX_SUBGROUP_ROWS)  # a bounded table, whatever the columns
 
-    def _overview(self, columns, metric, positive):
-        frame = self._subgroups(columns, metric, positive)
+    def _overview(self, columns, metric, positive, bins, cuts):
+        frame = self._subgroups(columns, metric, positive, bins, cuts)
         self.table.value = frame
         if frame.empty:
             return hv.Div("<p>Choose one to three columns.</p>")
-        shown = frame.head(40)
+        shown = frame.head(40).iloc[::-1]  # inverted axes draw the first row at the bottom: the worst on top
         return hv.Bars(shown, "subgroup", [metric, "size"]).opts(
             invert_axes=True, height=max(240, 18 * len(shown) + 60), responsive=True, tools=["hover"],
             color=metric, cmap="RdYlGn" if metric in ("accuracy", "precision", "recall") else "RdYlGn_r",
             title=f"{metric} per subgroup (worst first)")
 
-    def _distributions(self):
+    def _distributions(self) -> pn.GridBox:
+        """One bar chart per metadata column (its slices), each a plot of its own that fills
+        its cell: fixed-size plots built as the tab opened were drawn blank, their labels
+        piled at the left edge."""
         session, plots = self.dashboard.session, []
         for column in session.metadata_columns[:6]:
             frame = session.distribution(column)
-            frame["value"] = frame["value"].astype(str)
-            plots.append(hv.Bars(frame, "value", ["size", "accuracy"]).opts(
-                title=column, width=300, height=220, tools=["hover"], color="accuracy", cmap="RdYlGn",
-                clim=(0, 1), colorbar=False))
-        return hv.Layout(plots).cols(3) if plots else hv.Div("<p>This run has no metadata columns.</p>")
+            frame["value"] = frame["value"].fillna("NULL").astype(str)
+            bars = hv.Bars(frame, "value", ["size", "accuracy"]).opts(
+                title=column, responsive=True, height=280, tools=["hover"], color="accuracy", cmap="RdYlGn",
+                clim=(0, 1), colorbar=False, xrotation=30 if len(frame) > 4 else 0, xlabel="", ylabel="instances",
+                shared_axes=False)  # each column its own values
+            plots.append(pn.pane.HoloViews(bars, sizing_mode="stretch_width", min_width=300, height=280,
+                                           css_classes=["distribution"]))
+        if not plots:
+            return pn.GridBox(pn.pane.Markdown("This run has no metadata columns."), ncols=1)
+        return pn.GridBox(*plots, ncols=min(3, len(plots)), sizing_mode="stretch_width", css_classes=["distributions"])
 
-    def _suggested(self, columns, metric, positive):
+    def _suggested(self, columns, metric, positive, bins, cuts):
         if not columns:
             return pd.DataFrame()
         try:
-            return self.dashboard.session.suggested_subgroups(list(columns), metric, positive)
+            return self.dashboard.session.suggested_subgroups(self._specs(columns, bins, cuts), metric, positive)
         except (SessionError, QueryError) as error:
             self.dashboard.report(str(error))
             return pd.DataFrame()
@@ -608,7 +635,7 @@ class SubgroupsView(pn.viewable.Viewer):
     def _picked(self) -> dict[str, str]:
         frame = self.table.value
         rows = [frame.iloc[i].to_dict() for i in self.table.selection[:2] if 0 <= i < len(frame)]
-        return {row["subgroup"]: RunSession.subgroup_predicate(row, list(self.columns.value)) for row in rows}
+        return {row["subgroup"]: row["predicate"] for row in rows}
 
     def _on_pick(self, _event) -> None:
         picked = self._picked()
@@ -626,12 +653,13 @@ class SubgroupsView(pn.viewable.Viewer):
         self.dashboard.report("subgroups kept as subsets: they are rows of the neuron matrix now")
 
     def __panel__(self):
-        args = (self.columns, self.metric, self.positive)
+        args = (self.columns, self.metric, self.positive, self.bins, self.cuts)
         return pn.Column(
             pn.pane.Markdown("#### Distributions of the metadata columns (bars colored by accuracy)"),
-            pn.pane.HoloViews(self._distributions()),
-            pn.Row(*args),
-            pn.panel(pn.bind(self._overview, *args), sizing_mode="stretch_width"),
+            self._distributions(),
+            pn.Row(*args[:3]),
+            pn.Row(*args[3:]),
+            pn.panel(pn.bind(self._overview, *args), sizing_mode="stretch_width", css_classes=["subgroup-overview"]),
             pn.pane.Markdown("Pick two subgroups to compare them side by side:"),
             self.table,
             pn.Row(self.keep),

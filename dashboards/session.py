@@ -331,46 +331,48 @@ class RunSession:
 
     # -- subgroups (FairVis) -----------------------------------------------------------------
 
-    def distribution(self, column: str) -> pd.DataFrame:
-        """Counts and accuracy per value of a metadata (or label/prediction) column."""
+    def distribution(self, column: str, bins: int | None = None) -> pd.DataFrame:
+        """Size and accuracy per slice of a metadata (or label/prediction) column, in the
+        slices' order (``value, size, accuracy, predicate``): a column of many values comes in
+        bins or its most frequent values, never a bar per value (``subgroup_metrics``)."""
+        frame = self.subgroups([self.slice_spec(column, bins)]).rename(columns={column: "value"})
+        frame = frame.iloc[sorted(range(len(frame)), key=lambda i: slice_order(frame["value"].iloc[i]))]
+        return frame[["value", "size", "accuracy", "predicate"]].reset_index(drop=True)
+
+    def slice_spec(self, column: str, bins: int | None = None, cuts: str | None = None) -> str:
+        """How ``column`` is sliced, as the subgroup operators read it: by itself (its values, or
+        for many of them 5 quantile bins or the 11 most frequent), ``column:N`` (a number in at
+        most ``bins`` quantile bins) or ``column:a,b,c`` (bins between the cut points ``cuts``)."""
         self._check_column(column)
-        return run_query(self.con, f'SELECT "{column}" AS value, count(*) AS size, avg(correct::INT) AS accuracy '
-                                   f'FROM instances GROUP BY 1 ORDER BY 1').to_pandas()
+        if cuts:
+            values = [v.strip() for v in cuts.split(",") if v.strip()]
+            try:
+                [float(v) for v in values]
+            except ValueError:
+                raise SessionError(f"cut points of {column!r} are numbers separated by commas (-10, 0, 10); "
+                                   f"got {cuts!r}") from None
+            return f"{column}:{','.join(values)}"
+        return f"{column}:{int(bins)}" if bins and column in self.numeric_columns else column
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        """The instances columns that hold numbers (binned, where they have many values)."""
+        schema = run_query(self.con, "SELECT * FROM instances LIMIT 0").schema
+        return [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
 
     def subgroups(self, columns: list[str], positive: int = 0) -> pd.DataFrame:
+        """FairVis' subgroups of 1-3 columns (each a :meth:`slice_spec`), with each one's
+        predicate over instances."""
         for column in columns:
-            self._check_column(column)
+            self._check_column(column.split(":", 1)[0])
         return run_query(self.con, "SELECT * FROM subgroup_metrics(?, ?)", [columns, positive]).to_pandas()
 
     def suggested_subgroups(self, columns: list[str], metric: str = "accuracy", positive: int = 0,
                             min_size: int = 30, k: int = 10) -> pd.DataFrame:
         for column in columns:
-            self._check_column(column)
+            self._check_column(column.split(":", 1)[0])
         return run_query(self.con, "SELECT * FROM suggested_subgroups(?, ?, positive := ?, min_size := ?, k := ?)",
                          [columns, metric, positive, min_size, k]).to_pandas()
-
-    @staticmethod
-    def subgroup_predicate(row: dict, columns: list[str]) -> str:
-        """The SQL predicate of one row of :meth:`subgroups` (the columns it fixes)."""
-        terms = []
-        for column in columns:
-            value = row.get(column)
-            if value is None or (isinstance(value, float) and np.isnan(value)):
-                continue
-            quoted = '"' + column.replace('"', '""') + '"'
-            if isinstance(value, (bool, np.bool_)):
-                literal = "true" if value else "false"
-            elif isinstance(value, (int, np.integer)):
-                literal = str(int(value))
-            elif isinstance(value, (float, np.floating)):
-                # repr of the widened value: a FLOAT column compares equal once DuckDB widens it too.
-                literal = repr(float(value))
-            else:
-                literal = "'" + str(value).replace("'", "''") + "'"
-            terms.append(f"{quoted} = {literal}")
-        if not terms:
-            raise SessionError(f"the subgroup {row.get('subgroup')!r} fixes none of {columns}")
-        return " AND ".join(terms)
 
     def compare_subgroups(self, predicates: dict[str, str], positive: int = 0) -> pd.DataFrame:
         """FairVis' side-by-side view: one row per metric, one column per named predicate."""
@@ -500,6 +502,27 @@ def resize_bilinear(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     (r0, r1, fr), (c0, c1, fc) = axis(values.shape[0], shape[0]), axis(values.shape[1], shape[1])
     rows = values[r0] * (1 - fr)[:, None] + values[r1] * fr[:, None]
     return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
+
+
+def slice_order(label) -> tuple:
+    """Where a slice's label (``subgroup_metrics``' column value) goes among its column's:
+    ``< a`` first, then ``[a, b)`` by ``a``, then ``>= z``; values in order, missing last."""
+    if label is None or (isinstance(label, float) and np.isnan(label)):
+        return (3, 0.0, "")
+    text = str(label)
+    if text.startswith("< "):
+        return (0, -np.inf, text)
+    if text.startswith("[") and "," in text:
+        try:
+            return (1, float(text[1:text.index(",")]), text)
+        except ValueError:
+            pass
+    if text.startswith(">= ") or text == "other":
+        return (2, np.inf, text)
+    try:
+        return (1, float(text), text)
+    except ValueError:
+        return (1, np.inf, text)
 
 
 def _names(codes: pd.Series, names: list[str]) -> pd.Categorical:

@@ -69,6 +69,9 @@ _EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s+(\(.*?\)\s*)?ANALY[SZ]E\b", re.IGN
 
 SQL_DIR = Path(__file__).with_name("sql")
 OPERATORS_SQL = SQL_DIR / "operators.sql"
+CURRENT_OPERATORS, FAST_OPERATORS = "memory.operators", "memory.fast"
+"""Where :func:`open_catalog` creates this netloupe's operators, ahead of the run's own, and
+the memory-mapped moments ahead of those."""
 """The explanation operators (table macros); SQL lives in these files, not in Python."""
 TABLES_SQL = SQL_DIR / "tables.sql"
 """The statistics tables the operators read."""
@@ -313,7 +316,17 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
     _create_token_views(con, manifest)  # over the views above, not the catalog's own
-    _register_fast_moments(con, layout, manifest.dataset.id_type)
+    # This netloupe's operators, found before the run's own: a run committed by an older one
+    # keeps its catalog, and the dashboard reads columns that older operators lack. Then the
+    # fast moments ahead of both. Each in a schema of its own, first on the path as it is
+    # created (a name already on the path cannot be created again).
+    for schema, statements in ((CURRENT_OPERATORS, lambda: _run_statements(con, OPERATORS_SQL)),
+                               (FAST_OPERATORS, lambda: _register_fast_moments(con, layout, manifest.dataset.id_type))):
+        path = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
+        con.execute(f"CREATE SCHEMA {schema}").fetchall()
+        con.execute(f"USE {schema}").fetchall()  # (resets the path)
+        con.execute(f"SET search_path = '{schema},{path}'").fetchall()
+        statements()
     input_dirs, input_files = _create_inputs_view(con, manifest.dataset)
     # No spill directory: DuckDB would add it to the allowed directories, writable.
     con.execute("SET temp_directory = ''").fetchall()

@@ -3,7 +3,8 @@
 :class:`tests.tiny_models.TinyCNN` over ``ROWS`` random 1×4×4 images, labels chosen so that
 the answers are known without running netloupe: the model is right on every instance of
 group ``a`` (label = its prediction) and wrong on every one of group ``b`` (label = the
-other class). ``noise`` is a second metadata column that cuts across both groups.
+other class). ``noise`` is a second metadata column that cuts across both groups, and
+``rotation`` a continuous one (every value its own: the subgroups bin it).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def dashboard_images() -> tuple[pa.Table, np.ndarray]:
         "label": pa.array(labels.astype(np.int64)),
         "group": pa.array(group.astype(object)),
         "noise": pa.array(np.where(np.arange(ROWS) % 3 == 0, "high", "low").astype(object)),
+        "rotation": pa.array(np.random.default_rng(12).uniform(-45, 45, ROWS).astype(np.float32)),
     })
     return table, predictions
 
@@ -47,7 +49,7 @@ def make_dashboard_run(root: Path) -> Path:
     spec = parse_spec({
         "model": {"factory": "tests.tiny_models:tiny_cnn", "class_names": ["left", "right"]},
         "dataset": {"source": str(root / "images.parquet"), "input_column": "pixels", "id_column": "id",
-                    "metadata_columns": ["group", "noise"]},
+                    "metadata_columns": ["group", "noise", "rotation"]},
         "preprocess": {"shape": [1, 4, 4]},
         "layers": [{"name": "conv", "pooling": "mean"}, {"name": "relu", "pooling": "max"}, {"name": "head"}],
         "attributions": [{"method": "saliency"}, {"method": "integrated_gradients"}],

@@ -285,6 +285,32 @@ def test_sql_console_runs_reads_and_refuses_writes(page):
     wait_for_text(page, ".sql-status", "1 rows")  # the table is still there
 
 
+def test_every_tab_draws_on_a_run_with_a_continuous_column(page):
+    """The run's ``rotation`` has a value per instance (FairVis on real data: ages, scores).
+    Every tab is opened in turn and must draw; the subgroups bin rotation (a few bars, not 240)."""
+    drawn = {
+        "Instance": lambda: page.get_by_text("Click a point in the scatter").wait_for(timeout=30_000),
+        "Subgroups": lambda: wait_for_plot(page, ".distributions", min_colored=1500),
+        "Fidelity": lambda: wait_for_text(page, ".fidelity-summary", "saliency"),
+        "Model": lambda: wait_for_plot(page, ".model-graph", min_colored=200),
+        "SQL": lambda: page.locator(".sql-editor textarea").wait_for(timeout=30_000),
+    }
+    for tab, shown in drawn.items():
+        open_tab(page, tab)
+        shown()
+    open_tab(page, "Subgroups")
+    wait_for_plot(page, ".subgroup-overview", min_colored=400)
+    choice = page.locator(".choices__input--cloned").first
+    choice.click()
+    choice.fill("rotation")
+    choice.press("Enter")
+    shown = wait_for_text(page, ".subgroups", "rotation in [")
+    assert "rotation <" in shown and "rotation >=" in shown
+    # Five bins crossed with the other columns' values: a table of tens of rows, not hundreds.
+    assert page.locator(".subgroups .tabulator-row").count() < 60
+    assert page.errors == [], page.errors
+
+
 def test_with_a_password_the_dashboard_asks_to_sign_in_first(browser, run_dir, tmp_path):
     secret = tmp_path / "password"
     secret.write_text("open sesame\n")

@@ -213,12 +213,61 @@ def test_subgroups_find_the_group_the_model_gets_wrong(session):
 
 def test_two_subgroups_side_by_side(session):
     rows = session.subgroups(["group"]).to_dict("records")
-    predicates = {row["subgroup"]: RunSession.subgroup_predicate(row, ["group"]) for row in rows}
+    predicates = {row["subgroup"]: row["predicate"] for row in rows}
     assert predicates["group=a"] == "\"group\" = 'a'"
     table = session.compare_subgroups(predicates)
     assert table.loc["accuracy", "group=a"] == 1.0 and table.loc["accuracy", "group=b"] == 0.0
     assert table.loc["size", "group=a"] == ROWS // 2
-    assert RunSession.subgroup_predicate({"x": 0.5, "y": None, "n": 3}, ["x", "y", "n"]) == '"x" = 0.5 AND "n" = 3'
+
+
+def test_a_continuous_column_is_binned_in_every_subgroup_view(session):
+    """``rotation`` has a value per instance: its distribution, subgroups and suggestions come
+    in quantile bins (or the bins asked for), each with the predicate that selects it."""
+    distribution = session.distribution("rotation")
+    assert len(distribution) == 5 and distribution["size"].sum() == ROWS
+    assert distribution["value"].iloc[0].startswith("< ") and distribution["value"].iloc[-1].startswith(">= ")
+    for row in distribution.to_dict("records"):
+        assert session.sql(f"SELECT count(*) AS n FROM instances WHERE {row['predicate']}")["n"][0].as_py() == row["size"]
+    assert len(session.distribution("rotation", bins=3)) == 3
+    spec = session.slice_spec("rotation", cuts="-10, 0, 10")
+    assert spec == "rotation:-10,0,10" and len(session.subgroups([spec])) == 4
+    assert session.slice_spec("group", bins=3) == "group"  # a text column is not binned
+    with pytest.raises(SessionError, match="cut points of 'rotation' are numbers"):
+        session.slice_spec("rotation", cuts="ten, twenty")
+    both = session.subgroups(["group", "rotation"])
+    assert len(both) == 2 + 5 + 2 * 5
+    worst = session.suggested_subgroups(["group", "rotation"], "accuracy", min_size=10)
+    assert worst["subgroup"].iloc[0].startswith("group=b")
+
+
+def test_no_subgroup_view_ships_more_than_a_bounded_number_of_marks(tmp_path):
+    """A million instances whose ``score`` and ``name`` columns have a value each: the
+    distribution is 5 bars and 12, the subgroups table at most MAX_SUBGROUP_ROWS rows."""
+    import holoviews as hv
+    import holoviews.plotting.bokeh  # noqa: F401 - the dashboard's plotting extension
+
+    from netloupe.dashboards.app import MAX_SUBGROUP_ROWS, Dashboard, SubgroupsView
+    from netloupe.storage import schema as S
+    from netloupe.storage.handmade import write_handmade_run
+
+    n = 1_000_000
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 2, n)
+    instances = pa.table({
+        "instance_id": np.arange(n, dtype=np.int64), "label": label, "prediction": np.where(rng.uniform(size=n) < 0.9, label, 1 - label),
+        "probabilities": S.fixed_vectors(np.full((n, 2), 0.5, np.float32), 2),
+        "score": rng.normal(size=n), "name": pa.array([f"n{i}" for i in range(n)]),
+    })
+    run = write_handmade_run(tmp_path, "million", instances, {"fc": np.zeros((n, 1), np.float32)}, {}).root
+    big = RunSession(run)
+    assert len(big.distribution("score")) == 5 and len(big.distribution("name")) == 12
+    view = SubgroupsView(Dashboard(big))
+    charts = view._distributions()
+    assert [len(pane.object.data) for pane in charts.objects] == [5, 12]
+    overview = view._overview(["score", "name"], "accuracy", 0, 5, "")
+    assert len(view.table.value) <= MAX_SUBGROUP_ROWS and len(overview.data) <= 40
+    assert isinstance(overview, hv.Bars)
+    assert len(view._suggested(["score", "name"], "accuracy", 0, 5, "")) <= 10
 
 
 def test_model_graph_highlights_the_recorded_layers(session):

@@ -480,3 +480,67 @@ def test_unlabeled_instances_count_for_predicted_classes_only(tmp_path):
     assert sum(row["size"] for row in by_label) == labelled.sum()
     by_prediction = run_query(con, "SELECT subset, size FROM neuron_matrix_by('fc', 'prediction') WHERE neuron = 0")
     assert sum(by_prediction["size"].to_pylist()) == N
+
+
+def _sliced_run(tmp_path, n: int = 2000):
+    """A run whose instances carry a continuous column (every value distinct), a text column
+    of 30 values of unequal frequency, and a few-valued one: FairVis on real data's shape."""
+    rng = np.random.default_rng(5)
+    label = rng.integers(0, 2, n)
+    instances = pa.table({
+        "instance_id": np.arange(n, dtype=np.int64), "label": label,
+        "prediction": np.where(rng.uniform(size=n) < 0.8, label, 1 - label),
+        "probabilities": S.fixed_vectors(np.full((n, 2), 0.5, np.float32), 2),
+        "rotation": pa.array(rng.uniform(-45, 45, n).astype(np.float32)),
+        "movie": [f"m{int(k):02d}" for k in np.minimum(rng.geometric(0.15, n), 30)],
+        "stroke": rng.choice(["thin", "thick"], n).tolist(),
+    })
+    run = write_handmade_run(tmp_path, "sliced", instances, {"fc": np.zeros((n, 2), np.float32)}, {}).root
+    return open_catalog(run), instances.to_pandas()
+
+
+def test_a_continuous_column_is_sliced_into_quantile_bins_whose_predicates_select_them(tmp_path):
+    con, frame = _sliced_run(tmp_path)
+    rows = run_query(con, "SELECT * FROM subgroup_metrics(['rotation'], 1)").to_pylist()
+    assert len(rows) == 5  # quintiles, not 2,000 one-instance subgroups
+    cuts = np.quantile(frame["rotation"].astype(np.float64), [0.2, 0.4, 0.6, 0.8])
+    assert sorted(r["size"] for r in rows) == [400] * 5
+    names = {r["subgroup"] for r in rows}
+    assert f"rotation < {cuts[0]:.4g}" in names and f"rotation >= {cuts[3]:.4g}" in names
+    assert f"rotation in [{cuts[1]:.4g}, {cuts[2]:.4g})" in names
+    for row in rows:
+        # The predicate selects exactly the subgroup, and its metrics are pandas' on those rows.
+        chosen = run_query(con, f"SELECT instance_id FROM instances WHERE {row['predicate']}")["instance_id"].to_numpy()
+        assert len(chosen) == row["size"]
+        part = frame.set_index("instance_id").loc[chosen]
+        assert row["accuracy"] == pytest.approx((part["label"] == part["prediction"]).mean())
+    # Ten bins asked for, and cut points given.
+    assert len(run_query(con, "SELECT * FROM subgroup_metrics(['rotation:10'], 1)")) == 10
+    given = {r["subgroup"]: r["size"] for r in run_query(con, "SELECT * FROM subgroup_metrics(['rotation:-10,0,10'], 1)").to_pylist()}
+    r = frame["rotation"]
+    assert given == {"rotation < -10": (r < -10).sum(), "rotation in [-10, 0)": ((r >= -10) & (r < 0)).sum(),
+                     "rotation in [0, 10)": ((r >= 0) & (r < 10)).sum(), "rotation >= 10": (r >= 10).sum()}
+
+
+def test_a_many_valued_text_column_keeps_its_most_frequent_values_and_other(tmp_path):
+    con, frame = _sliced_run(tmp_path)
+    counts = frame["movie"].value_counts()
+    assert len(counts) > 12
+    rows = {r["subgroup"]: r for r in run_query(con, "SELECT * FROM subgroup_metrics(['movie'], 1)").to_pylist()}
+    top = counts.sort_values(ascending=False, kind="stable").index[:11]
+    assert set(rows) == {f"movie={m}" for m in top} | {"movie=other"}
+    assert rows["movie=other"]["size"] == counts.drop(top).sum()
+    other = run_query(con, f"SELECT count(*) AS n FROM instances WHERE {rows['movie=other']['predicate']}")
+    assert other["n"][0].as_py() == rows["movie=other"]["size"]
+    assert len(run_query(con, "SELECT * FROM subgroup_metrics(['movie:4'], 1)")) == 4  # 3 values and other
+
+
+def test_sliced_columns_intersect_and_the_suggestions_carry_their_predicates(tmp_path):
+    con, frame = _sliced_run(tmp_path)
+    rows = run_query(con, "SELECT * FROM subgroup_metrics(['rotation', 'movie', 'stroke'], 1)").to_pylist()
+    assert len(rows) <= (5 + 1) * (12 + 1) * (2 + 1)  # bounded whatever the values
+    for row in rows:
+        n = run_query(con, f"SELECT count(*) AS n FROM instances WHERE {row['predicate']}")["n"][0].as_py()
+        assert n == row["size"], row["subgroup"]
+    worst = run_query(con, "SELECT * FROM suggested_subgroups(['rotation', 'stroke'], 'accuracy', min_size := 50)")
+    assert worst.num_rows > 0 and all(" AND " in p or p for p in worst["predicate"].to_pylist())

@@ -233,22 +233,94 @@ CREATE MACRO subset_metrics(predicate, positive := 0) AS TABLE
                || 'FROM instances WHERE label IS NOT NULL AND (' || predicate || ')');
 COMMENT ON MACRO TABLE subset_metrics IS 'Size, accuracy, confusion counts, FPR, FNR, precision, recall (for class positive) and mean confidence of the labeled subset where predicate holds';
 
--- Subgroups (FairVis) of the labeled instances: every value combination of every
--- subset of `columns` (one to three instances columns, as a LIST), i.e. each column alone,
--- their intersections, and (level 0) all labeled instances. Per subgroup: a readable
--- `subgroup`, `level` (how many columns it fixes) and the metrics above for class
--- `positive`. The columns themselves are NULL where a subgroup does not fix them.
+-- Slices of an instances column, for subgroups.
+-- A column to slice into subgroups is named, optionally with how: `column` (each value its
+-- own subgroup when it has at most 12; else a number in 5 quantile bins, a text in its 11 most
+-- frequent values and "other"), `column:N` (N quantile bins; a text: its N - 1 most frequent
+-- values and "other") or `column:a,b,c` (bins between the cut points a < b < c).
+CREATE MACRO _slice_values() AS 12;
+CREATE MACRO _slice_quantiles() AS 5;
+CREATE MACRO _slice_name(spec) AS CASE WHEN contains(spec, ':') THEN spec[:strpos(spec, ':') - 1] ELSE spec END;
+CREATE MACRO _slice_option(spec) AS CASE WHEN contains(spec, ':') THEN spec[strpos(spec, ':') + 1:] ELSE '' END;
+CREATE MACRO _slice_count(spec) AS
+    CASE WHEN _slice_option(spec) = '' THEN 0 WHEN contains(_slice_option(spec), ',') THEN 0
+         ELSE CAST(_slice_option(spec) AS INTEGER) END;
+-- The SQL text of the one-row statistics of slice `i` (how many values, whether they are all
+-- numbers, the cut points, the most frequent values) over the labeled instances.
+CREATE MACRO _slice_stats_sql(spec, i) AS
+    's' || i || ' AS (SELECT count(DISTINCT ' || _quoted(_slice_name(spec)) || ') AS distinct_values, '
+    || 'count(TRY_CAST(' || _quoted(_slice_name(spec)) || ' AS DOUBLE)) = count(' || _quoted(_slice_name(spec)) || ') AS numeric, '
+    || CASE WHEN contains(_slice_option(spec), ',') THEN 'list_sort(list_distinct([' || _slice_option(spec) || ']::DOUBLE[]))'
+            ELSE 'list_sort(list_distinct(quantile_cont(TRY_CAST(' || _quoted(_slice_name(spec)) || ' AS DOUBLE), '
+                 || 'list_transform(range(1, ' || coalesce(nullif(_slice_count(spec), 0), _slice_quantiles())
+                 || '), lambda k: k / ' || coalesce(nullif(_slice_count(spec), 0), _slice_quantiles()) || '))))' END
+    || ' AS cuts, (SELECT coalesce(list(v ORDER BY n DESC, v), []) FROM (SELECT ' || _quoted(_slice_name(spec)) || '::VARCHAR AS v, '
+    || 'count(*) AS n FROM instances WHERE label IS NOT NULL AND ' || _quoted(_slice_name(spec)) || ' IS NOT NULL '
+    || 'GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ' || (coalesce(nullif(_slice_count(spec), 0), _slice_values()) - 1) || ')) AS tops, '
+    || CASE WHEN contains(_slice_option(spec), ',') THEN '''bins''' WHEN _slice_count(spec) > 0 THEN '''chosen''' ELSE '''auto''' END
+    || ' AS asked FROM instances WHERE label IS NOT NULL)';
+-- How slice `i`'s values are grouped: 'values' (each its own), 'bins' (between cut points) or
+-- 'top' (the most frequent, and "other").
+CREATE MACRO _slicing(asked, distinct_values, numeric, count) AS
+    CASE WHEN asked = 'bins' THEN 'bins'
+         WHEN distinct_values <= CASE asked WHEN 'auto' THEN _slice_values() ELSE count END THEN 'values'
+         WHEN numeric THEN 'bins' ELSE 'top' END;
+CREATE MACRO _bin(v, cuts) AS len(list_filter(cuts, lambda c: c <= TRY_CAST(v AS DOUBLE)));
+CREATE MACRO _short(x) AS printf('%.4g', x);
+-- Value `v`'s slice, as shown: the value, "other", or its bin with its edges.
+CREATE MACRO _slice_label(v, slicing, cuts, tops) AS
+    CASE WHEN v IS NULL THEN NULL
+         WHEN slicing = 'values' THEN v::VARCHAR
+         WHEN slicing = 'top' THEN CASE WHEN list_contains(tops, v::VARCHAR) THEN v::VARCHAR ELSE 'other' END
+         WHEN len(cuts) = 0 THEN 'any'
+         WHEN _bin(v, cuts) = 0 THEN '< ' || _short(cuts[1])
+         WHEN _bin(v, cuts) = len(cuts) THEN '>= ' || _short(cuts[-1])
+         ELSE '[' || _short(cuts[_bin(v, cuts)]) || ', ' || _short(cuts[_bin(v, cuts) + 1]) || ')' END;
+-- The SQL predicate over instances of value `v`'s slice of column `name` (exact edges).
+CREATE MACRO _slice_predicate(name, v, slicing, cuts, tops) AS
+    CASE WHEN v IS NULL THEN _quoted(name) || ' IS NULL'
+         WHEN slicing = 'values' OR (slicing = 'top' AND list_contains(tops, v::VARCHAR))
+             THEN _quoted(name) || ' = ' || _literal(v::VARCHAR)
+         WHEN slicing = 'top'
+             THEN _quoted(name) || '::VARCHAR NOT IN (' || array_to_string(list_transform(tops, lambda t: _literal(t)), ', ') || ')'
+         WHEN len(cuts) = 0 THEN _quoted(name) || ' IS NOT NULL'
+         WHEN _bin(v, cuts) = 0 THEN _quoted(name) || ' < ' || cuts[1]::VARCHAR
+         WHEN _bin(v, cuts) = len(cuts) THEN _quoted(name) || ' >= ' || cuts[-1]::VARCHAR
+         ELSE _quoted(name) || ' >= ' || cuts[_bin(v, cuts)]::VARCHAR || ' AND '
+              || _quoted(name) || ' < ' || cuts[_bin(v, cuts) + 1]::VARCHAR END;
+-- A slice as a subgroup's name shows it: `stroke=thin`, `rotation in [18.01, 36.04)`, `rotation < 18.01`.
+CREATE MACRO _slice_text(name, label) AS
+    name || CASE WHEN label IS NULL THEN '=NULL' WHEN label[1] = '[' THEN ' in ' || label
+                 WHEN label[1] IN ('<', '>') THEN ' ' || label ELSE '=' || label END;
+
+-- Subgroups (FairVis) of the labeled instances: every slice combination of every subset of
+-- `columns` (one to three instances columns, as a LIST, each sliced as above), i.e. each
+-- column alone, their intersections, and (level 0) all labeled instances. Per subgroup: each
+-- column's slice (NULL where the subgroup does not fix it), a readable `subgroup`, its
+-- `predicate` over instances (exact edges: it selects the subgroup's instances), `level`
+-- (how many columns it fixes) and the metrics above for class `positive`.
 CREATE MACRO _subgroup_cube(columns, positive) AS TABLE
     SELECT *, unnest(_rates(tp, fp, fn, tn))
     FROM query(
-        'SELECT ' || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ', '
-        || 'concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c:
-               'CASE WHEN grouping(' || _quoted(c) || ') = 0 THEN ' || _literal(c || '=') || ' || coalesce('
-               || _quoted(c) || '::VARCHAR, ''NULL'') END'), ', ') || ') AS subgroup, '
-        || '(' || array_to_string(list_transform(columns, lambda c: '(1 - grouping(' || _quoted(c) || '))'), ' + ')
+        'WITH ' || array_to_string(list_transform(columns, lambda c, i: _slice_stats_sql(c, i)), ', ')
+        || ', sliced AS (SELECT i.*, '
+        || array_to_string(list_transform(columns, lambda c, i:
+               '_slice_label(i.' || _quoted(_slice_name(c)) || ', _slicing(s' || i || '.asked, s' || i || '.distinct_values, s'
+               || i || '.numeric, ' || _slice_count(c) || '), s' || i || '.cuts, s' || i || '.tops) AS "slice ' || i || '", '
+               || '_slice_predicate(' || _literal(_slice_name(c)) || ', i.' || _quoted(_slice_name(c)) || ', _slicing(s' || i
+               || '.asked, s' || i || '.distinct_values, s' || i || '.numeric, ' || _slice_count(c) || '), s' || i || '.cuts, s' || i || '.tops) AS "where ' || i || '"'), ', ')
+        || ' FROM instances AS i, ' || array_to_string(list_transform(columns, lambda c, i: 's' || i), ', ')
+        || ' WHERE i.label IS NOT NULL) SELECT '
+        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '" AS ' || _quoted(_slice_name(c))), ', ') || ', '
+        || 'concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
+               'CASE WHEN grouping("slice ' || i || '") = 0 THEN _slice_text(' || _literal(_slice_name(c)) || ', "slice ' || i || '") END'), ', ')
+        || ') AS subgroup, concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
+               'CASE WHEN grouping("slice ' || i || '") = 0 THEN any_value("where ' || i || '") END'), ', ')
+        || ') AS predicate, '
+        || '(' || array_to_string(list_transform(columns, lambda c, i: '(1 - grouping("slice ' || i || '"))'), ' + ')
         || ')::INTEGER AS level, ' || _confusion_columns(positive) || ' '
-        || 'FROM instances WHERE label IS NOT NULL GROUP BY CUBE ('
-        || array_to_string(list_transform(columns, lambda c: _quoted(c)), ', ') || ')'
+        || 'FROM sliced GROUP BY CUBE ('
+        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '"'), ', ') || ')'
     )
     WHERE CASE WHEN len(columns) BETWEEN 1 AND 3 THEN true
                ELSE error('subgroups take one to three columns, got ' || len(columns) || ': ' || columns::VARCHAR) END;
@@ -274,7 +346,7 @@ CREATE MACRO suggested_subgroups(columns, metric := 'accuracy', positive := 0, m
         -- The level-0 row's value beside every row: one pass over the cube, not a second.
         SELECT *, max(value) FILTER (WHERE level = 0) OVER () AS overall FROM scored
     )
-    SELECT subgroup, level, size, metric AS metric, value, overall,
+    SELECT subgroup, predicate, level, size, metric AS metric, value, overall,
            CASE WHEN metric IN ('fpr', 'fnr') THEN value - overall ELSE overall - value END AS gap,
            accuracy, fpr, fnr, precision, recall
     FROM beside_overall
