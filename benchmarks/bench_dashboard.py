@@ -173,9 +173,13 @@ def _drawn(page, selector: str, timeout: float = 120.0, min_fraction: float = 0.
 
 
 def _text_shown(page, selector: str, text: str, timeout: float = 120.0) -> None:
-    page.wait_for_function(
-        "([s, t]) => { const e = document.querySelector(s); return e && (e.shadowRoot || e).textContent.includes(t); }",
-        arg=[selector, text], timeout=timeout * 1000)
+    """Wait until the pane at ``selector`` (inside Panel's shadow roots) shows ``text``."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if text in page.locator(selector).first.evaluate("el => (el.shadowRoot || el).textContent"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{selector} did not show {text!r}")
 
 
 def tab_times(page) -> dict:
@@ -201,16 +205,16 @@ def tab_times(page) -> dict:
     times["Subgroups (default columns)"] = time.perf_counter() - started
     choice = page.locator(".choices__input--cloned").first
     choice.click()
-    choice.fill("rotation")
+    choice.press_sequentially("rotation")  # typed, so that the choices are searched
     started = time.perf_counter()
     choice.press("Enter")
     _text_shown(page, ".subgroups", "rotation in [")
     times["Subgroups (rotation chosen)"] = time.perf_counter() - started
     started = click("Fidelity")
-    _drawn(page, ".fidelity-summary", min_fraction=0.001)
+    _text_shown(page, ".fidelity-summary", "saliency")  # a table: its method's row
     times["Fidelity"] = time.perf_counter() - started
     started = click("Model")
-    _drawn(page, ".model-graph")
+    _drawn(page, ".model-graph", min_fraction=0.001)  # a few nodes on white
     times["Model"] = time.perf_counter() - started
     started = click("SQL")
     page.locator(".sql-editor textarea").wait_for(timeout=120_000)

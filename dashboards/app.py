@@ -40,9 +40,13 @@ MAP_SIZE = 240
 """Pixels per side of every map in the instance view (and of its input), whatever its cells."""
 TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
 """Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
+MAX_TOKEN_SUBSETS = 12
+"""Most class subsets the tokens view draws (a model of a thousand classes: the first twelve)."""
 SLICE_BINS, MAX_SLICE_BINS = 5, 20
 """Quantile bins of a many-valued numeric column in the subgroups: by default (as the SQL
 operators), and at most."""
+DISTRIBUTION_COLUMNS = 6
+"""Metadata columns whose distributions the Subgroups tab draws (the first ones)."""
 MAX_SUBGROUP_ROWS = 200
 """Most rows of the subgroups table (worst first): a bounded number of marks in the browser."""
 CURRENT_SELECTION = "(current selection)"
@@ -451,7 +455,8 @@ class TokensView(pn.viewable.Viewer):
             return pn.pane.Alert(str(error), alert_type="warning")
         if frame.empty:
             return pn.pane.Markdown(f"No token is seen {min_count} times in any subset: lower 'Seen at least'.")
-        figures = [self._figure(name, rows, method) for name, rows in frame.groupby("subset", sort=True)]
+        subsets = list(frame.groupby("subset", sort=True))
+        figures = [self._figure(name, rows, method) for name, rows in subsets[:MAX_TOKEN_SUBSETS]]
         return pn.FlexBox(*[pn.pane.Bokeh(f) for f in figures], css_classes=["token-bars"])
 
     def _figure(self, subset: str, rows: pd.DataFrame, method: str):
@@ -610,7 +615,7 @@ class SubgroupsView(pn.viewable.Viewer):
         its cell: fixed-size plots built as the tab opened were drawn blank, their labels
         piled at the left edge."""
         session, plots = self.dashboard.session, []
-        for column in session.metadata_columns[:6]:
+        for column in session.metadata_columns[:DISTRIBUTION_COLUMNS]:
             frame = session.distribution(column)
             frame["value"] = frame["value"].fillna("NULL").astype(str)
             bars = hv.Bars(frame, "value", ["size", "accuracy"]).opts(
@@ -854,14 +859,18 @@ def warm_up(run_dir) -> float:
     The first render in a process imports HoloViews' plotting modules and has numba compile
     Datashader's aggregations for these columns' types (over ten seconds here); done before
     the server listens, the first analyst's page is as fast as every later one. It also loads
-    the projected points into the process-wide cache the sessions share.
+    the projected points and the metadata columns' distributions into the process-wide caches
+    the sessions share.
     """
     from bokeh.document import Document
 
     started = time.perf_counter()
-    dashboard = Dashboard(RunSession(run_dir))
+    session = RunSession(run_dir)
+    dashboard = Dashboard(session)
     for view in (InstancesView(dashboard), MatrixView(dashboard)):
         pn.panel(view).get_root(Document())
+    for column in session.metadata_columns[:DISTRIBUTION_COLUMNS]:
+        session.distribution(column)  # into the process-wide cache the Subgroups tab opens on
     return time.perf_counter() - started
 
 

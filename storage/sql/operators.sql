@@ -265,6 +265,9 @@ CREATE MACRO _slicing(asked, distinct_values, numeric, count) AS
     CASE WHEN asked = 'bins' THEN 'bins'
          WHEN distinct_values <= CASE asked WHEN 'auto' THEN _slice_values() ELSE count END THEN 'values'
          WHEN numeric THEN 'bins' ELSE 'top' END;
+-- The SQL text of slice `i`'s _slicing, from its statistics s<i>.
+CREATE MACRO _slicing_sql(spec, i) AS
+    '_slicing(s' || i || '.asked, s' || i || '.distinct_values, s' || i || '.numeric, ' || _slice_count(spec) || ')';
 CREATE MACRO _bin(v, cuts) AS len(list_filter(cuts, lambda c: c <= TRY_CAST(v AS DOUBLE)));
 CREATE MACRO _short(x) AS printf('%.4g', x);
 -- Value `v`'s slice, as shown: the value, "other", or its bin with its edges.
@@ -305,22 +308,26 @@ CREATE MACRO _subgroup_cube(columns, positive) AS TABLE
         'WITH ' || array_to_string(list_transform(columns, lambda c, i: _slice_stats_sql(c, i)), ', ')
         || ', sliced AS (SELECT i.*, '
         || array_to_string(list_transform(columns, lambda c, i:
-               '_slice_label(i.' || _quoted(_slice_name(c)) || ', _slicing(s' || i || '.asked, s' || i || '.distinct_values, s'
-               || i || '.numeric, ' || _slice_count(c) || '), s' || i || '.cuts, s' || i || '.tops) AS "slice ' || i || '", '
-               || '_slice_predicate(' || _literal(_slice_name(c)) || ', i.' || _quoted(_slice_name(c)) || ', _slicing(s' || i
-               || '.asked, s' || i || '.distinct_values, s' || i || '.numeric, ' || _slice_count(c) || '), s' || i || '.cuts, s' || i || '.tops) AS "where ' || i || '"'), ', ')
+               '_slice_label(i.' || _quoted(_slice_name(c)) || ', ' || _slicing_sql(c, i) || ', s' || i || '.cuts, s' || i
+               || '.tops) AS "slice ' || i || '"'), ', ')
         || ' FROM instances AS i, ' || array_to_string(list_transform(columns, lambda c, i: 's' || i), ', ')
-        || ' WHERE i.label IS NOT NULL) SELECT '
-        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '" AS ' || _quoted(_slice_name(c))), ', ') || ', '
-        || 'concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
-               'CASE WHEN grouping("slice ' || i || '") = 0 THEN _slice_text(' || _literal(_slice_name(c)) || ', "slice ' || i || '") END'), ', ')
-        || ') AS subgroup, concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
-               'CASE WHEN grouping("slice ' || i || '") = 0 THEN any_value("where ' || i || '") END'), ', ')
-        || ') AS predicate, '
+        || ' WHERE i.label IS NOT NULL), cube AS (SELECT '
+        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '", grouping("slice ' || i || '") AS "fixed '
+               || i || '", any_value(' || _quoted(_slice_name(c)) || ') AS "value ' || i || '"'), ', ') || ', '
         || '(' || array_to_string(list_transform(columns, lambda c, i: '(1 - grouping("slice ' || i || '"))'), ' + ')
         || ')::INTEGER AS level, ' || _confusion_columns(positive) || ' '
         || 'FROM sliced GROUP BY CUBE ('
-        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '"'), ', ') || ')'
+        || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '"'), ', ') || ')) '
+        -- The names and predicates per subgroup, not per instance (a predicate is built from
+        -- any of its instances' values: they all fall in the same slice).
+        || 'SELECT ' || array_to_string(list_transform(columns, lambda c, i: '"slice ' || i || '" AS ' || _quoted(_slice_name(c))), ', ')
+        || ', concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
+               'CASE WHEN "fixed ' || i || '" = 0 THEN _slice_text(' || _literal(_slice_name(c)) || ', "slice ' || i || '") END'), ', ')
+        || ') AS subgroup, concat_ws('' AND '', ' || array_to_string(list_transform(columns, lambda c, i:
+               'CASE WHEN "fixed ' || i || '" = 0 THEN _slice_predicate(' || _literal(_slice_name(c)) || ', "value ' || i || '", '
+               || _slicing_sql(c, i) || ', s' || i || '.cuts, s' || i || '.tops) END'), ', ')
+        || ') AS predicate, level, size, accuracy, tp, fp, fn, tn FROM cube, '
+        || array_to_string(list_transform(columns, lambda c, i: 's' || i), ', ')
     )
     WHERE CASE WHEN len(columns) BETWEEN 1 AND 3 THEN true
                ELSE error('subgroups take one to three columns, got ' || len(columns) || ': ' || columns::VARCHAR) END;
