@@ -134,6 +134,11 @@ class Dashboard(param.Parameterized):
     def show_instance(self, instance_id) -> None:
         self.instance_id = str(instance_id)
 
+    def show_row(self, frame: pd.DataFrame | None, row: int) -> None:
+        """Open the instance of a clicked table row (``frame`` has ``instance_id``)."""
+        if frame is not None and 0 <= row < len(frame):
+            self.show_instance(frame["instance_id"].iloc[row])
+
     def report(self, text: str) -> None:
         self.message = text
 
@@ -281,9 +286,7 @@ class MatrixView(pn.viewable.Viewer):
         self.dashboard.report(f"top exemplars of neuron {int(neuron.iloc[0])} of {self.dashboard.layer}")
 
     def _on_exemplar(self, event) -> None:
-        frame = self.exemplars.value
-        if frame is not None and 0 <= event.row < len(frame):
-            self.dashboard.show_instance(frame["instance_id"].iloc[event.row])
+        self.dashboard.show_row(self.exemplars.value, event.row)
 
     def __panel__(self):
         d = self.dashboard
@@ -492,9 +495,7 @@ class TokensView(pn.viewable.Viewer):
         self.dashboard.report(f"subset {subset.name!r}: {subset.size:,} instances contain {token!r}")
 
     def _on_instance(self, event) -> None:
-        frame = self.instances.value
-        if frame is not None and 0 <= event.row < len(frame):
-            self.dashboard.show_instance(frame["instance_id"].iloc[event.row])
+        self.dashboard.show_row(self.instances.value, event.row)
 
     def __panel__(self):
         args = (self.method, self.by, self.min_count, self.top)
