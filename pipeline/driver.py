@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -46,9 +46,18 @@ from netloupe.pipeline.ray_cluster import (
     ensure_ray,
     worker_pool,
 )
+from netloupe.pipeline.run_background import draw_background, needs_background
 from netloupe.storage import schema as S
 from netloupe.storage.catalog import build_catalog
-from netloupe.storage.layout import CANDIDATES, RunExistsError, RunLayout, RunStaging, staged_job, worker_layout
+from netloupe.storage.layout import (
+    CANDIDATES,
+    RunExistsError,
+    RunLayout,
+    RunStaging,
+    staged_job,
+    worker_layout,
+    write_parquet,
+)
 from netloupe.storage.manifest import (
     BatchReport,
     Counts,
@@ -110,6 +119,8 @@ def validate(spec: JobSpec) -> Validated:
     started = time.perf_counter()
     check_umap_available(spec)
     dataset = resolve_dataset(spec)
+    if needs_background(spec):
+        dataset = replace(dataset, background=draw_background(spec, dataset))
     model, weights_unset = load_model_reporting(spec.model)
     fingerprint = model_fingerprint(model)  # before any method touches the model
     explainer = BatchExplainer(spec, dataset, model, torch.device("cpu"))
@@ -260,6 +271,8 @@ class JobRun:
     def stage(self) -> None:
         """Make the staged run, its spec and model fingerprint first (what ``--resume`` needs)."""
         self.staging.create(staged_job(spec_to_dict(self.spec), self.checked.fingerprint.to_json()))
+        if self.checked.dataset.background is not None:
+            write_parquet(self.layout.background_path, self.checked.dataset.background)
 
     # -- explain ----------------------------------------------------------------------------
 
@@ -457,7 +470,7 @@ class JobRun:
                 path=str(Path(dataset.path).resolve()), id_type=dataset.id_type, id_column=dataset.id_column,
                 label_column=dataset.label_column, input_column=dataset.input_column,
                 feature_columns=list(dataset.feature_columns or []), metadata_columns=list(dataset.metadata_columns),
-                text_column=dataset.text_column,
+                text_column=dataset.text_column, feature_groups=dataset.feature_groups,
             ),
             counts=Counts(instances=instances, parts=len(parts),
                           bytes=sum(p.bytes for p in parts) + sum(s.bytes for s in segments),

@@ -51,6 +51,7 @@ from netloupe.contract.names import PROJECTION_ALGORITHMS
 from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
 from netloupe.storage import schema as S
 from netloupe.storage.activation_index import ActivationIndex, write_id_index
+from netloupe.storage.features import features_of
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
 from netloupe.storage.part_statistics import NEURON_TOP_KEPT, WIDE_NEURON_LIMIT, statistics_of
@@ -78,6 +79,7 @@ TABLES_SQL = SQL_DIR / "tables.sql"
 BUILD_SQL = SQL_DIR / "build.sql"
 """Build-time helpers and the views over the statistics tables."""
 TOKEN_VIEW_SQL = (SQL_DIR / "token_view.sql").read_text()
+FEATURE_VIEW_SQL = (SQL_DIR / "feature_view.sql").read_text()
 """A text run's long token view of one method (filled in with its names)."""
 FAST_SQL = SQL_DIR / "fast.sql"
 """The analyst connection's override of ``_neuron_moments`` (storage/activation_index.py)."""
@@ -105,6 +107,10 @@ def activation_vectors_view(layer: str) -> str:
 
 def attributions_view(method: str) -> str:
     return f"attributions_{sql_identifier(method)}"
+
+
+def feature_attributions_view(method: str) -> str:
+    return f"feature_attributions_{sql_identifier(method)}"
 
 
 def fidelity_view(method: str) -> str:
@@ -213,9 +219,13 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 parquet_views.append((fidelity_view(method), _relative_parts(layout, layout.fidelity_dir(method))))
             if manifest.tables.tokens:
                 parquet_views.append((S.TOKENS, _relative_parts(layout, layout.tokens_dir)))
+            if layout.background_path.exists():
+                parquet_views.append(("background", S.BACKGROUND))
+            _insert_features(con, manifest)
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
             _create_token_views(con, manifest)
+            _create_feature_views(con, manifest)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
                                 ("layers", layers), ("methods", methods)):
                 if rows:
@@ -237,6 +247,27 @@ def _create_token_views(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -
         for method in manifest.model.attribution_shapes:
             con.execute(TOKEN_VIEW_SQL.format(view=token_attributions_view(method),
                                               attributions=attributions_view(method))).fetchall()
+
+
+def _insert_features(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -> None:
+    """The ``features`` table: a tabular run's features in model order."""
+    dataset = manifest.dataset
+    if dataset.feature_columns:
+        rows = [{"position": i, "feature": f.name, "kind": f.kind, "columns": list(f.columns),
+                 "categories": f.categories}
+                for i, f in enumerate(features_of(dataset.feature_columns, dataset.feature_groups))]
+        con.from_arrow(pa.Table.from_pylist(rows, schema=pa.schema([
+            ("position", pa.int32()), ("feature", pa.string()), ("kind", pa.string()),
+            ("columns", pa.list_(pa.string())), ("categories", pa.list_(pa.string()))]))).insert_into("features")
+
+
+def _create_feature_views(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -> None:
+    """A tabular run's long feature views, ``feature_attributions_<method>``, over the
+    ``attributions_<method>`` and ``instances`` views of ``con``'s first schema."""
+    if manifest.dataset.feature_columns and manifest.spec["storage"]["attributions"] != "summary":
+        for method in manifest.model.attribution_shapes:
+            con.execute(FEATURE_VIEW_SQL.format(view=feature_attributions_view(method),
+                                                attributions=attributions_view(method))).fetchall()
 
 
 def _relative_parts(layout: RunLayout, directory: Path) -> str:
@@ -316,6 +347,7 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.from_arrow(pa.Table.from_pylist(metadata, schema=pa.schema([("key", pa.string()), ("value", pa.string())]))
                    ).create_view("run_metadata")
     _create_token_views(con, manifest)  # over the views above, not the catalog's own
+    _create_feature_views(con, manifest)
     # This netloupe's operators, found before the run's own: a run committed by an older one
     # keeps its catalog, and the dashboard reads columns that older operators lack. Then the
     # fast moments ahead of both. Each in a schema of its own, first on the path as it is

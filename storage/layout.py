@@ -67,6 +67,7 @@ from netloupe.storage.manifest import BatchReport, RunManifest, read_manifest
 from netloupe.storage.schema import (
     ACTIVATIONS,
     ATTRIBUTIONS,
+    BACKGROUND,
     FIDELITY,
     INDEX,
     INSTANCES,
@@ -124,6 +125,11 @@ class RunLayout:
     def catalog_path(self) -> Path:
         """The run's DuckDB catalog (storage/catalog.py builds it)."""
         return self.root / CATALOG
+
+    @property
+    def background_path(self) -> Path:
+        """The background rows, for a run whose baselines were drawn from the data."""
+        return self.root / BACKGROUND
 
     @property
     def instances_dir(self) -> Path:

@@ -122,6 +122,9 @@ class DatasetInfo(Record):
     """The column holding each instance's text, if the instances are texts."""
     metadata_columns: list[str] = []
     """Columns copied into ``instances`` for slicing."""
+    feature_groups: dict[str, list[str]] = {}
+    """Feature columns that are one feature together (a categorical's one-hot columns), by
+    the feature's name (:mod:`netloupe.storage.features`)."""
 
 
 class Counts(Record):

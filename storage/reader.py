@@ -9,6 +9,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from netloupe.contract.errors import RunError, did_you_mean
 from netloupe.contract.spec import DRIVER_SQL_MEMORY_MIB
@@ -38,6 +39,10 @@ class RunReader:
 
     def instances(self) -> pa.Table:
         return self._read(self.layout.instances_dir, ["instance_id"])
+
+    def background(self) -> pa.Table:
+        """The background rows a method's baseline was drawn from (``background.parquet``)."""
+        return pq.read_table(self.layout.background_path)
 
     def tokens(self) -> pa.Table:
         """A text run's tokens table (:func:`netloupe.storage.schema.tokens_schema`), by instance."""

@@ -44,6 +44,9 @@ STATISTICS_TABLES = (NEURON_CELLS, ATTRIBUTION_CELLS, NEURON_TOP, METHOD_SUMMARY
 WIDE = "wide"
 """Wide activations, one column per neuron, in segments of many parts written by the part pass
 (the ``activations_<layer>`` views)."""
+BACKGROUND = "background.parquet"
+"""The run's background rows (the dataset's columns the workers read), when a method's
+baseline is drawn from the data."""
 TOKENS = "tokens"
 """A text run's tokens, one row per instance (:func:`tokens_schema`)."""
 INDEX = "index"
@@ -94,17 +97,18 @@ DIGEST_MODULUS = 2**64
 ATTRIBUTION_SUMMARY_COLUMNS = ("attr_sum", "attr_abs_sum", "attr_min", "attr_max", "attr_l2")
 
 
-def vector_type(length: int) -> pa.DataType:
-    """A fixed-length float32 vector (activations, probabilities, attributions)."""
+def vector_type(length: int, value_type: pa.DataType = pa.float32()) -> pa.DataType:
+    """A fixed-length vector, float32 unless told (activations, probabilities, attributions)."""
     if length < 1:
         raise ValueError(f"a stored vector needs length >= 1, got {length}")
-    return pa.list_(pa.float32(), length)
+    return pa.list_(value_type, length)
 
 
 def instances_schema(
     num_classes: int,
     id_type: str = "int64",
     metadata_fields: Sequence[pa.Field] = (),
+    features: int | None = None,
 ) -> pa.Schema:
     """Schema of the ``instances`` table.
 
@@ -112,8 +116,13 @@ def instances_schema(
     has no label).
     ``input_finite`` is false for rows whose preprocessed input held NaN or Inf; such rows
     are still explained, and every map the NaN reaches is flagged ``finite = false``.
+    With ``features`` (a tabular run), ``feature_value`` holds each feature's stored value
+    (:func:`netloupe.storage.features.feature_values`: a number, or a categorical's category
+    number), in the order of the ``features`` table.
     """
     fields = _instance_fields(num_classes, id_type)
+    if features is not None:
+        fields.append(pa.field("feature_value", vector_type(features, pa.float64()), nullable=False))
     for field in metadata_fields:
         if field.name in RESERVED_INSTANCE_COLUMNS:
             raise ValueError(
@@ -139,7 +148,7 @@ def _instance_fields(num_classes: int, id_type: str) -> list[pa.Field]:
     ]
 
 
-RESERVED_INSTANCE_COLUMNS = tuple(field.name for field in _instance_fields(1, "int64"))
+RESERVED_INSTANCE_COLUMNS = tuple(field.name for field in _instance_fields(1, "int64")) + ("feature_value",)
 """The names netloupe's own ``instances`` columns take: no metadata column may take one."""
 
 
@@ -154,7 +163,7 @@ def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:
 
 
 def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_points: int | None = None,
-                        tokens: bool = False) -> pa.Schema:
+                        tokens: bool = False, features: int | None = None) -> pa.Schema:
     """Schema of one method's ``attributions/<method>`` table.
 
     With ``curve_points`` (``fidelity.curve_steps + 1``), each row also holds its deletion
@@ -172,6 +181,10 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
     With ``tokens`` (a text run), ``token_attribution`` holds one value per own token of the
     instance, in the order of its ``tokens`` row (no padding); the summary columns are over
     those values.
+
+    With ``features`` (a tabular run), ``feature_attribution`` holds one value per feature
+    (the ``features`` table's order): a perturbation method's value for the feature (Captum
+    gives each of its columns that value), a gradient method's sum over its columns.
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
@@ -182,6 +195,8 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
         fields.append(pa.field("attribution", vector_type(stored_size), nullable=False))
     if tokens:
         fields.append(pa.field("token_attribution", pa.list_(pa.float32()), nullable=False))
+    if features is not None:
+        fields.append(pa.field("feature_attribution", vector_type(features), nullable=False))
     fields += [pa.field(name, pa.float32(), nullable=False) for name in ATTRIBUTION_SUMMARY_COLUMNS]
     fields += [
         pa.field("convergence_delta", pa.float64(), nullable=True),

@@ -31,9 +31,9 @@ from netloupe.pipeline.ray_cluster import LOCAL_RAY_ENVIRONMENT
 from netloupe.storage.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL, LARGE = 50_000, 200_000
+SMALL, LARGE = 25_000, 100_000
 ALLOWED_GROWTH = 100 * 2**20
-"""Peak driver RSS the larger run may add over the smaller; gathering its extra rows would add ~375 MB."""
+"""Peak driver RSS the larger run may add over the smaller; gathering its extra rows would add ~190 MB."""
 
 
 def write_features(path: Path, rows: int) -> None:
@@ -79,7 +79,7 @@ def peak_driver_rss(spec_path: Path) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_driver_memory_stays_bounded_from_50k_to_200k(ray_local, tmp_path):
+def test_driver_memory_stays_bounded_from_25k_to_100k(ray_local, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
     peaks = {}
     for rows in (SMALL, LARGE):

@@ -7,6 +7,8 @@ repository root under pytest) on their path.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -21,15 +23,21 @@ CNN_HEAD_W = [[2.0, -1.0], [-1.0, 1.5]]
 CNN_HEAD_B = [0.0, 0.05]
 
 
+def fixed_linear(weights: list[list[float]], bias: list[float]) -> nn.Linear:
+    """An ``nn.Linear`` holding exactly ``weights`` (outputs × inputs) and ``bias``."""
+    layer = nn.Linear(len(weights[0]), len(weights))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weights))
+        layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
 class Linear3(nn.Module):
     """Three features → two logits through one ``fc`` layer."""
 
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(3, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor(LINEAR_W))
-            self.fc.bias.copy_(torch.tensor(LINEAR_B))
+        self.fc = fixed_linear(LINEAR_W, LINEAR_B)
 
     def forward(self, x):
         return self.fc(x)
@@ -310,3 +318,52 @@ class TokenBag(nn.Module):
 
 def token_bag() -> nn.Module:
     return TokenBag()
+
+
+#: :func:`grouped_linear`'s weights over x0, x1 and the three one-hot colour columns: x1 is
+#: ignored (its weights are zero), so every faithful method gives it nothing.
+GROUPED_W = [[1.5, 0.0, 0.5, -1.0, 2.0], [-0.5, 0.0, 1.0, 0.25, -2.0]]
+GROUPED_B = [0.2, -0.1]
+
+
+def grouped_linear() -> nn.Module:
+    """Five columns (x0, x1, colour one-hot) → two logits through one ``fc`` layer."""
+    return nn.Sequential(OrderedDict(fc=fixed_linear(GROUPED_W, GROUPED_B)))
+
+
+class GroupedMLP(nn.Module):
+    """Five columns → ``fc1`` (8) → ``relu`` → ``head`` (2 classes), weights from a fixed seed."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.fc1 = nn.Linear(5, 8)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(8, 2)
+        with torch.no_grad():
+            for layer in (self.fc1, self.head):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc1(x)))
+
+
+def grouped_mlp() -> nn.Module:
+    return GroupedMLP()
+
+
+class FlattenLinear(nn.Module):
+    """Five columns through ``nn.Flatten`` (a module Captum's LRP has no rule for) and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc = fixed_linear(GROUPED_W, GROUPED_B)
+
+    def forward(self, x):
+        return self.fc(self.flatten(x))
+
+
+def flatten_linear() -> nn.Module:
+    return FlattenLinear()

@@ -24,6 +24,7 @@ from torch import nn
 from netloupe.contract.errors import DatasetError, MethodError, ModelError, NetloupeError
 from netloupe.contract.spec import JobSpec
 from netloupe.storage import schema as S
+from netloupe.storage.features import feature_index, feature_values, membership
 from netloupe.storage.layout import (
     RunLayout,
     part_key,
@@ -139,6 +140,11 @@ class BatchExplainer:
         """The methods bound to a re-initialised copy of the model (the randomization check)."""
         sampled = spec.fidelity.sample_size
         self.sample_rate = min(1.0, sampled / max(1, dataset.num_rows)) if sampled else 0.0
+        self.features = dataset.features
+        """A tabular run's features (a categorical's one-hot columns are one); else empty."""
+        self.background: torch.Tensor | None = (
+            torch.from_numpy(self.decoder(dataset.background)).to(device) if dataset.background is not None else None)
+        """The run's background rows as model inputs, for baselines drawn from the data."""
 
     # -- the model's answers -------------------------------------------------------------
 
@@ -234,9 +240,21 @@ class BatchExplainer:
                 self.methods = [bind_token_method(m, self.model, self.text, text.baseline_token, text.hidden_reduction,
                                                   self.chunk_rows, x) for m in self.spec.attributions]
             else:
-                self.methods = [bind_method(m, self.model, tuple(x.shape[1:]), self.chunk_rows)
-                                for m in self.spec.attributions]
+                self.methods = [self._bind(m, self.model, tuple(x.shape[1:])) for m in self.spec.attributions]
         return self.methods
+
+    def _bind(self, method_spec, model: nn.Module, input_shape: tuple[int, ...]) -> BoundMethod:
+        mask = (torch.from_numpy(feature_index(self.features, len(self.dataset.feature_columns)))
+                if self.features else None)
+        return bind_method(method_spec, model, input_shape, self.chunk_rows, mask, self.background)
+
+    def feature_attribution(self, method: BoundMethod, attributions: torch.Tensor) -> np.ndarray:
+        """``(n, features)``: a perturbation method's value per feature (Captum repeats it on
+        each of the feature's columns: their mean), a gradient method's sum over the columns."""
+        members = torch.from_numpy(membership(self.features, attributions.shape[1])).to(attributions)
+        if method.method.perturbs_features:
+            members = members / members.sum(dim=0, keepdim=True)
+        return (attributions.reshape(attributions.shape[0], -1) @ members).cpu().numpy()
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -319,13 +337,17 @@ class BatchExplainer:
             "node_id": pa.array([self.node_id] * n, pa.string()),
             "device": pa.array([str(self.device)] * n, pa.string()),
         }
+        if self.features:
+            values = feature_values(self.features, self.decoder.stored_matrix(table))
+            instance_columns["feature_value"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(values.reshape(-1), pa.float64()), len(self.features))
         for column in ds.metadata_columns:
             instance_columns[column] = table[column]
         out = ExplainedBatch(instance_ids=ids.to_pylist(), num_classes=num_classes)
         if texts:
             out.tokens = self.text.tokens_table(instance_columns["instance_id"], x, ds.id_type)
         out.instances = S.table_from_columns(
-            S.instances_schema(num_classes, ds.id_type, ds.metadata_fields),
+            S.instances_schema(num_classes, ds.id_type, ds.metadata_fields, len(self.features) or None),
             instance_columns,
         )
         for name, values in activations.items():
@@ -387,7 +409,10 @@ class BatchExplainer:
             tokens = texts and self.spec.storage.attributions != "summary"
             if tokens:
                 columns["token_attribution"] = x.own(attributions)
-            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens)
+            features = len(self.features) if self.features and self.spec.storage.attributions != "summary" else None
+            if features:
+                columns["feature_attribution"] = S.fixed_vectors(self.feature_attribution(method, attributions), features)
+            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens, features)
             pieces.append(S.table_from_columns(schema, columns))
             if rank == 0 and chosen.any():
                 sampled = self._sampled_checks(method, x, attributions, target, ids, key, chosen)
@@ -443,7 +468,7 @@ class BatchExplainer:
         """``method`` bound to a copy of the model with re-initialised weights."""
         if self.randomized_methods is None:
             model = fid.randomized_copy(self.model, self.spec.fidelity.seed)
-            self.randomized_methods = {m.table_name: bind_method(m, model, method.input_shape, self.chunk_rows)
+            self.randomized_methods = {m.table_name: self._bind(m, model, method.input_shape)
                                        for m in self.spec.attributions}
         return self.randomized_methods[method.table_name]
 

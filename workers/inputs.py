@@ -3,7 +3,7 @@ which part), and turning a batch of stored rows into the model's input tensor.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from netloupe.contract.errors import DatasetError
 from netloupe.contract.spec import PreprocessSpec
+from netloupe.storage.features import Feature, features_of
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class ResolvedDataset:
     id_digest: int | None = None
     """The digest of every id explained (:func:`netloupe.storage.schema.id_digest_sql`); None
     when only the first ``limit`` rows are (the workers' reports are then counted only)."""
+    feature_groups: dict[str, list[str]] = field(default_factory=dict)
+    """Feature columns that are one feature together (``dataset.feature_groups``)."""
+    background: pa.Table | None = None
+    """The background rows (:mod:`netloupe.pipeline.run_background`), when a method needs them."""
+
+    @property
+    def features(self) -> list[Feature]:
+        """A tabular set's features (:func:`netloupe.storage.features.features_of`); else empty."""
+        return features_of(self.feature_columns, self.feature_groups) if self.feature_columns else []
 
     @property
     def columns(self) -> list[str]:

@@ -16,20 +16,29 @@ from typing import Any
 
 import torch
 from captum.attr import (
+    LRP,
     DeepLift,
+    DeepLiftShap,
+    FeatureAblation,
     GradientShap,
+    GuidedBackprop,
+    GuidedGradCam,
     InputXGradient,
     IntegratedGradients,
     LayerGradCam,
+    Lime,
     NoiseTunnel,
     Occlusion,
     Saliency,
+    ShapleyValueSampling,
 )
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
 from torch import nn
 
 from netloupe.contract.errors import MethodError, did_you_mean
 from netloupe.workers.attention import AttentionRollout
+from netloupe.workers.kernel_shap import BatchedKernelShap
 from netloupe.workers.patch_grid import patch_grid_layer, patch_grid_of
 
 #: Working-set budget (module outputs) of one forward/backward pass inside a method, used
@@ -79,6 +88,29 @@ class AttributionMethod:
     """The Captum attribution class that does the work."""
     layer_method: bool = False
     """Constructed with a layer; its map has the layer's spatial shape (Grad-CAM)."""
+    needs_layer: bool = False
+    """Constructed with a layer, its map shaped like the input (guided Grad-CAM)."""
+    perturbs_features: bool = False
+    """Perturbs groups of input values as one feature (Captum's ``feature_mask``: a tabular
+    run's features, an image's grid cells); Captum repeats a group's value on each member."""
+    one_instance_per_call: bool = False
+    """Captum computes one instance at a time (LIME fits a model per instance): its
+    perturbations per evaluation fill the chunk alone."""
+    checks_layers: bool = False
+    """Needs a propagation rule for every module (LRP): checked when the method is bound."""
+    needs_relu_modules: bool = False
+    """Overrides the gradient of ``nn.ReLU`` modules (guided backpropagation): a model
+    without them would silently get plain gradients."""
+    shares_samples: bool = False
+    """Draws its samples once per call for every instance in it (Kernel SHAP here): a call
+    takes the whole batch, and its perturbations per evaluation fill the chunk."""
+    samples_are_perturbations: bool = False
+    """Its ``perturbations_per_eval`` batches its ``n_samples`` samples (LIME, Kernel SHAP)."""
+    requires_distribution: bool = False
+    """Takes only a distribution of baselines (Captum's DeepLiftShap refuses a single row)."""
+    evaluates_every_baseline: bool = False
+    """With a baseline distribution, evaluates every baseline row (DeepLiftSHAP, Kernel
+    SHAP: an instance becomes a row per background row) rather than drawing some (GradientSHAP)."""
     takes_baselines: bool = False
     """``attribute`` takes ``baselines``."""
     has_convergence_delta: bool = False
@@ -143,7 +175,7 @@ class AttributionMethod:
 
 
 CAPABILITY_FLAGS = ("layer_method", "takes_baselines", "has_convergence_delta", "stochastic",
-                    "needs_unique_nonlinearities")
+                    "needs_unique_nonlinearities", "perturbs_features", "baselines_as_distribution")
 """The flags a method's listing shows (``netloupe methods``, ``netloupe.methods()``)."""
 
 
@@ -211,6 +243,35 @@ METHODS: dict[str, AttributionMethod] = {
         ),
         # Not Captum (none computes it): a Hugging Face vision transformer's attention rollout.
         AttributionMethod("attention_rollout", AttentionRollout, takes_noise_tunnel=False),
+        AttributionMethod(
+            "feature_ablation", FeatureAblation, takes_baselines=True, perturbs_features=True,
+            perturbations_parameter="perturbations_per_eval",
+        ),
+        AttributionMethod(
+            "shapley_value_sampling", ShapleyValueSampling, takes_baselines=True, perturbs_features=True,
+            stochastic=True, perturbations_parameter="perturbations_per_eval", defaults={"n_samples": 25},
+        ),
+        # Captum's sampling and kernel, every instance's regression in one solve (workers/kernel_shap.py).
+        AttributionMethod(
+            "kernel_shap", BatchedKernelShap, takes_baselines=True, perturbs_features=True, stochastic=True,
+            baselines_as_distribution=True, evaluates_every_baseline=True, samples_are_perturbations=True,
+            shares_samples=True,
+            perturbations_parameter="perturbations_per_eval", defaults={"n_samples": 256}, takes_noise_tunnel=False,
+        ),
+        AttributionMethod(
+            "lime", Lime, takes_baselines=True, perturbs_features=True, stochastic=True, one_instance_per_call=True,
+            samples_are_perturbations=True,
+            perturbations_parameter="perturbations_per_eval", defaults={"n_samples": 256},
+        ),
+        AttributionMethod("lrp", LRP, has_convergence_delta=True, needs_hooks=True, checks_layers=True),
+        AttributionMethod("guided_backprop", GuidedBackprop, needs_hooks=True, needs_relu_modules=True),
+        AttributionMethod("guided_grad_cam", GuidedGradCam, needs_layer=True, needs_hooks=True,
+                          needs_relu_modules=True),
+        AttributionMethod(
+            "deeplift_shap", DeepLiftShap, takes_baselines=True, has_convergence_delta=True,
+            needs_unique_nonlinearities=True, needs_hooks=True, baselines_as_distribution=True,
+            evaluates_every_baseline=True, requires_distribution=True,
+        ),
     ]
 }
 
@@ -265,11 +326,16 @@ class BoundMethod:
     attribution: Any
     """The Captum object (possibly a NoiseTunnel around the method)."""
     kwargs: dict[str, Any]
-    baseline: float
+    baseline: float | str
+    """A constant, or ``background`` / ``mean`` (of :attr:`background`)."""
     noise_tunnel: dict[str, Any] | None
     chunk_rows: int
     """Rows (instances × samples) one forward/backward pass should hold."""
     input_shape: tuple[int, ...]
+    background: torch.Tensor | None = None
+    """The run's background rows as model inputs, when the baseline is drawn from them."""
+    feature_mask: torch.Tensor | None = None
+    """``(1, *input_shape)``: each input value's feature, for methods that perturb features."""
 
     @property
     def stochastic(self) -> bool:
@@ -279,21 +345,46 @@ class BoundMethod:
     def returns_delta(self) -> bool:
         return self.method.has_convergence_delta
 
-    def occlusion_windows(self, kwargs: dict[str, Any]) -> int:
-        return occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
+    def perturbation_count(self, kwargs: dict[str, Any]) -> int:
+        """Perturbations of one instance that a call can batch: occlusion windows, features
+        (one ablation each), or samples (LIME's and Kernel SHAP's)."""
+        if self.method.sliding_window:
+            return occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
+        if self.method.samples_are_perturbations:
+            return kwargs["n_samples"]
+        if self.feature_mask is not None:
+            return int(self.feature_mask.max().item()) + 1
+        return int(torch.tensor(self.input_shape).prod().item())
+
+    def baseline_rows(self) -> int:
+        """Rows each perturbation becomes: one per background row for the methods that
+        evaluate every one (Kernel SHAP, DeepLiftSHAP), else one."""
+        if self.method.evaluates_every_baseline and self.baseline == "background":
+            return self.background.shape[0]
+        return 1
 
     def rows_per_instance(self, kwargs: dict[str, Any]) -> int:
         """How many rows one instance becomes in a single Captum call (before any chunking
         Captum does itself, as Integrated Gradients does with ``internal_batch_size``)."""
         method = self.method
-        rows = method.rows_per_instance
+        rows = method.rows_per_instance * self.baseline_rows()
         if method.samples_parameter:
             rows *= kwargs[method.samples_parameter]
-        if method.perturbations_parameter:
+        if method.perturbations_parameter and not method.one_instance_per_call:
             rows *= kwargs[method.perturbations_parameter]
         if self.noise_tunnel is not None:
             rows *= self.noise_tunnel["nt_samples"]
         return rows
+
+    def baselines(self, inputs: torch.Tensor):
+        """The ``baselines`` argument: the background rows, their mean, or the constant."""
+        if self.baseline == "background":
+            return self.background
+        if self.baseline == "mean":
+            return self.background.mean(dim=0, keepdim=True)
+        if self.method.baselines_as_distribution:
+            return torch.full_like(inputs[:1], self.baseline)
+        return self.baseline
 
     def call_kwargs(self, inputs: torch.Tensor) -> dict[str, Any]:
         """The ``attribute`` keyword arguments for a (sub-)batch, chunk sizes included."""
@@ -301,8 +392,9 @@ class BoundMethod:
         batch = inputs.shape[0]
         method = self.method
         if method.takes_baselines:
-            kwargs["baselines"] = (torch.full_like(inputs[:1], self.baseline)
-                                   if method.baselines_as_distribution else self.baseline)
+            kwargs["baselines"] = self.baselines(inputs)
+        if method.perturbs_features and self.feature_mask is not None:
+            kwargs["feature_mask"] = self.feature_mask
         if method.internal_batch_parameter and method.internal_batch_parameter not in kwargs:
             # Captum evaluates batch × n_steps scaled inputs: all at once thrashes (or
             # exhausts) memory, one step at a time wastes calls. Chunks of the budget.
@@ -314,8 +406,9 @@ class BoundMethod:
             if isinstance(kwargs["strides"], list):
                 kwargs["strides"] = tuple(kwargs["strides"])
         if method.perturbations_parameter and method.perturbations_parameter not in kwargs:
+            per_call = 1 if method.one_instance_per_call else batch
             kwargs[method.perturbations_parameter] = max(
-                1, min(self.occlusion_windows(kwargs), self.chunk_rows // max(1, batch))
+                1, min(self.perturbation_count(kwargs), self.chunk_rows // max(1, per_call * self.baseline_rows()))
             )
         if self.returns_delta:
             kwargs["return_convergence_delta"] = True
@@ -325,6 +418,8 @@ class BoundMethod:
 
     def sub_batch_size(self, inputs: torch.Tensor) -> int:
         """Instances per Captum call, so that one call's rows fit the chunk budget."""
+        if self.method.shares_samples:
+            return inputs.shape[0]
         kwargs = self.call_kwargs(inputs[:1])
         return max(1, self.chunk_rows // self.rows_per_instance(kwargs))
 
@@ -336,9 +431,10 @@ class BoundMethod:
         methods this changes nothing but speed; stochastic methods draw their samples per
         sub-batch, so their results reproduce for the same seed and budget.
         """
-        # Input gradients for input methods only: a layer method (Grad-CAM) needs the
-        # backward pass down to its layer, not through the layers below it.
-        inputs = inputs.detach().requires_grad_(not self.method.layer_method)
+        # Input gradients for gradient methods only: a layer method (Grad-CAM) needs the
+        # backward pass down to its layer, not through the layers below it; a perturbation
+        # method none at all.
+        inputs = inputs.detach().requires_grad_(not (self.method.layer_method or self.method.perturbs_features))
         size = self.sub_batch_size(inputs)
         pieces, deltas = [], []
         for start in range(0, inputs.shape[0], size):
@@ -350,8 +446,8 @@ class BoundMethod:
             if self.returns_delta:
                 result, delta = result
                 if delta.numel() != x.shape[0]:
-                    # Sampling methods (GradientSHAP, a noise tunnel) give one delta per
-                    # sample, an instance's samples adjacent (repeat_interleave): keep the worst.
+                    # Sampling methods (GradientSHAP, DeepLiftSHAP, a noise tunnel) give one delta
+                    # per sample, an instance's samples adjacent (repeat_interleave): keep the worst.
                     delta = delta.reshape(x.shape[0], -1).abs().max(dim=1).values
                 deltas.append(delta)
             pieces.append(result)
@@ -383,39 +479,53 @@ def default_chunk_rows(per_instance_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(1, per_instance_bytes))
 
 
-def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows: int) -> BoundMethod:
-    """Build the Captum object for one ``MethodSpec`` on ``model``, checking its parameters."""
+def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows: int,
+                feature_mask: torch.Tensor | None = None, background: torch.Tensor | None = None) -> BoundMethod:
+    """Build the Captum object for one ``MethodSpec`` on ``model``, checking its parameters.
+
+    ``feature_mask``: a tabular run's features (:func:`netloupe.storage.features.feature_index`),
+    for the methods that perturb features; an image's grid cells are made here. ``background``:
+    the run's background rows as model inputs, when a method's baseline is drawn from them.
+    """
     method = get_method(spec.method)
+    name = spec.table_name
     if method.needs_hooks and isinstance(model, torch.jit.ScriptModule):
         raise MethodError(
-            f"{spec.table_name}: {spec.method} works through module hooks, which TorchScript "
+            f"{name}: {spec.method} works through module hooks, which TorchScript "
             "models do not support; give model.factory with the Python model, or choose "
             f"one of {sorted(n for n, m in METHODS.items() if not m.needs_hooks)}"
         )
     allowed = method.attribute_parameters()
     if spec.noise_tunnel is not None and not method.takes_noise_tunnel:
-        raise MethodError(f"{spec.table_name}: {spec.method} takes no noise_tunnel (Captum's NoiseTunnel wraps "
+        raise MethodError(f"{name}: {spec.method} takes no noise_tunnel (Captum's NoiseTunnel wraps "
                           f"Captum's methods only); remove it, or choose one of "
                           f"{sorted(n for n, m in METHODS.items() if m.takes_noise_tunnel)}")
     if spec.noise_tunnel is not None:
         nt_reserved = {"nt_type", "nt_samples", "stdevs", "nt_samples_batch_size", "draw_baseline_from_distrib"}
         clash = nt_reserved & set(spec.params)
         if clash:
-            raise MethodError(f"{spec.table_name}: set {sorted(clash)} under 'noise_tunnel', not 'params'")
+            raise MethodError(f"{name}: set {sorted(clash)} under 'noise_tunnel', not 'params'")
+    if "feature_mask" in spec.params:
+        raise MethodError(f"{name}: netloupe makes the feature_mask: a tabular run's features "
+                          "(dataset.feature_groups) or an image's grid cells; remove params.feature_mask")
     for key in spec.params:
         if key not in allowed:
-            raise MethodError(
-                f"{spec.table_name}: {spec.method} has no parameter {key!r}; "
-                f"{did_you_mean(key, allowed)}"
-            )
+            raise MethodError(f"{name}: {spec.method} has no parameter {key!r}; {did_you_mean(key, allowed)}")
+    _check_baseline(spec, method)
+    if method.checks_layers:
+        _check_lrp_rules(name, model)
+    if method.needs_relu_modules and not any(isinstance(m, nn.ReLU) for m in model.modules()):
+        raise MethodError(f"{name}: {spec.method} overrides the gradient of nn.ReLU modules and this model has "
+                          "none (it may call torch.relu): it would get plain gradients; use saliency, or "
+                          "build the model with nn.ReLU modules")
     forward = summed_target_output(model) if method.sums_targets else model
-    if method.layer_method:
+    if method.layer_method or method.needs_layer:
         if spec.layer is None:
-            raise MethodError(f"{spec.table_name}: {spec.method} needs 'layer: <module name>'")
+            raise MethodError(f"{name}: {spec.method} needs 'layer: <module name>'")
         modules = dict(model.named_modules())
         if spec.layer not in modules:
             raise MethodError(
-                f"{spec.table_name}: no layer {spec.layer!r} in the model; "
+                f"{name}: no layer {spec.layer!r} in the model; "
                 f"{did_you_mean(spec.layer, [n for n in modules if n])}"
             )
         layer = modules[spec.layer]
@@ -425,20 +535,73 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         attribution = method.captum_class(forward, layer)
     else:
         if spec.layer is not None:
-            raise MethodError(f"{spec.table_name}: {spec.method} takes no 'layer' (only layer methods such as grad_cam do)")
+            raise MethodError(f"{name}: {spec.method} takes no 'layer' (only layer methods such as grad_cam do)")
         attribution = method.captum_class(forward)
     nt_kwargs = None
     if spec.noise_tunnel is not None:
         attribution = NoiseTunnel(attribution)
         nt_kwargs = spec.noise_tunnel.model_dump()
+    if method.perturbs_features and feature_mask is None and len(input_shape) == 3:
+        feature_mask = grid_feature_mask(input_shape, default_occlusion_window(input_shape)[1:])
     kwargs = {**method.defaults, **spec.params}
     return BoundMethod(
         method=method,
-        table_name=spec.table_name,
+        table_name=name,
         attribution=attribution,
         kwargs=kwargs,
         baseline=spec.baseline,
         noise_tunnel=nt_kwargs,
         chunk_rows=chunk_rows,
         input_shape=tuple(input_shape),
+        background=background if spec.baseline in ("background", "mean") else None,
+        feature_mask=(feature_mask.reshape((1,) + tuple(input_shape))
+                      if method.perturbs_features and feature_mask is not None else None),
     )
+
+
+def _check_baseline(spec, method: AttributionMethod) -> None:
+    """A baseline the method can use: a distribution only where it averages over one."""
+    name = spec.table_name
+    distribution = sorted(n for n, m in METHODS.items() if m.baselines_as_distribution)
+    if spec.baseline == "background" and not method.baselines_as_distribution:
+        raise MethodError(f"{name}: baseline 'background' is a distribution of rows, and {spec.method} takes one "
+                          f"baseline; use baseline: mean (the background's mean) or a constant, or one of "
+                          f"{distribution}")
+    if method.requires_distribution and spec.baseline != "background":
+        raise MethodError(f"{name}: {spec.method} averages DeepLift over a distribution of baselines; "
+                          "set baseline: background (the run's background rows)")
+    if spec.baseline in ("background", "mean") and not method.takes_baselines:
+        raise MethodError(f"{name}: {spec.method} takes no baseline; remove 'baseline'")
+
+
+def _check_lrp_rules(name: str, model: nn.Module) -> None:
+    """Every leaf module has a rule in Captum's LRP (or is a nonlinearity it passes through),
+    as LRP itself checks only once it runs, on the workers."""
+    def leaves(module: nn.Module, prefix: str):
+        for child_name, child in module.named_children():
+            path = f"{prefix}{child_name}"
+            if len(list(child.children())) == 0:
+                yield path, child
+            else:
+                yield from leaves(child, path + ".")
+    known = tuple(SUPPORTED_LAYERS_WITH_RULES) + tuple(SUPPORTED_NON_LINEAR_LAYERS)
+    missing = [(path, type(m).__name__) for path, m in leaves(model, "")
+               if not hasattr(m, "rule") and type(m) not in known]
+    if missing:
+        path, kind = missing[0]
+        raise MethodError(
+            f"{name}: Captum's LRP has no LRP rule for module {path!r} ({kind}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); it has rules for "
+            f"{', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS_WITH_RULES))} and passes "
+            f"{', '.join(t.__name__ for t in SUPPORTED_NON_LINEAR_LAYERS)}: use another method for this model"
+        )
+
+
+def grid_feature_mask(input_shape: tuple[int, ...], cell: tuple[int, int]) -> torch.Tensor:
+    """An image's grid cells as features, ``cell`` pixels high and wide, all channels together."""
+    channels, height, width = input_shape
+    rows = torch.arange(height) // cell[0]
+    columns = torch.arange(width) // cell[1]
+    per_row = -(-width // cell[1])
+    cells = rows[:, None] * per_row + columns[None, :]
+    return cells.expand(channels, height, width).clone()

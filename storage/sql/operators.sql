@@ -468,3 +468,61 @@ CREATE MACRO top_tokens_by(method_name, subsets := 'prediction', min_count := 1,
     HAVING sum(occurrences) >= min_count
     ORDER BY class, cell_prediction, subset, mean DESC, token;
 COMMENT ON MACRO TABLE top_tokens_by IS 'Per class subset (subsets: label, prediction, correct, cell) and token: occurrences, instances, total, mean and mean |value| of its attribution, from precomputed sums (no scan), most positive first';
+
+-- ---------------------------------------------------------------------------------------
+-- Features (a tabular run): each method's long feature view feature_attributions_<method>
+-- has a row per instance, target rank and feature, a categorical's one-hot columns being one
+-- feature (docs/sql.md). `features_table` is a parameter so that the macros bind where a run
+-- has no features.
+
+CREATE MACRO _feature_attributions_view(method_name) AS
+    'feature_attributions_' || regexp_replace(method_name, '\W', '_', 'g');
+
+-- Global importance over the instances where `predicate` holds: per feature the mean
+-- absolute attribution (how far it moves the explained output, either way), the mean
+-- (which way, on balance) and the instances; most important first.
+CREATE MACRO feature_importance(method_name, predicate := 'true', rank := 0) AS TABLE
+    SELECT feature, count(*) AS instances, avg(abs(attribution)) AS mean_abs, avg(attribution) AS mean
+    FROM query_table(_feature_attributions_view(method_name))
+    WHERE target_rank = rank
+      AND instance_id IN (SELECT instance_id FROM query('SELECT instance_id FROM instances WHERE ' || predicate))
+    GROUP BY feature
+    ORDER BY mean_abs DESC, feature;
+COMMENT ON MACRO TABLE feature_importance IS 'Per feature over the subset where predicate holds: instances, mean |attribution| and mean attribution, most important first';
+
+-- The same per class subset (`subsets` as in _class_subset).
+CREATE MACRO feature_importance_by(method_name, subsets := 'prediction', rank := 0) AS TABLE
+    SELECT _class_subset(subsets, i.label, i.prediction) AS subset,
+           _class_subset_class(subsets, i.label, i.prediction) AS class,
+           v.feature, count(*) AS instances, avg(abs(v.attribution)) AS mean_abs, avg(v.attribution) AS mean
+    FROM query_table(_feature_attributions_view(method_name)) AS v
+    JOIN instances AS i USING (instance_id)
+    WHERE v.target_rank = rank AND (subsets = 'prediction' OR i.label IS NOT NULL)
+    GROUP BY ALL
+    ORDER BY class, subset, mean_abs DESC, feature;
+COMMENT ON MACRO TABLE feature_importance_by IS 'Per class subset (subsets: label, prediction, correct, cell) and feature: instances, mean |attribution| and mean attribution, most important first';
+
+-- The features whose importance differs most between subset A and subset B (women and men;
+-- one subgroup's false positives and the rest): mean |attribution| and mean in each, and
+-- the difference of the mean |attribution| (A - B), largest first.
+CREATE MACRO feature_importance_difference(method_name, predicate_a, predicate_b, rank := 0) AS TABLE
+    WITH a AS (SELECT * FROM feature_importance(method_name, predicate_a, rank)),
+         b AS (SELECT * FROM feature_importance(method_name, predicate_b, rank))
+    SELECT feature, a.instances AS instances_a, b.instances AS instances_b,
+           a.mean_abs AS mean_abs_a, b.mean_abs AS mean_abs_b, a.mean_abs - b.mean_abs AS difference,
+           a.mean AS mean_a, b.mean AS mean_b
+    FROM a JOIN b USING (feature)
+    ORDER BY abs(a.mean_abs - b.mean_abs) DESC, feature;
+COMMENT ON MACRO TABLE feature_importance_difference IS 'Features whose mean |attribution| differs most between the subsets where predicate_a and predicate_b hold';
+
+-- Dependence data for one feature: per instance where `predicate` holds, the feature's
+-- value (a number; or the category of a categorical) and its attribution, at most `k`
+-- instances (a seeded sample when there are more: the same rows every time).
+CREATE MACRO feature_dependence(method_name, feature_name, predicate := 'true', k := 100000, rank := 0) AS TABLE
+    SELECT instance_id, value, category, attribution
+    FROM query_table(_feature_attributions_view(method_name))
+    WHERE target_rank = rank AND feature = feature_name
+      AND instance_id IN (SELECT instance_id FROM query('SELECT instance_id FROM instances WHERE ' || predicate))
+    ORDER BY hash(instance_id), instance_id
+    LIMIT k;
+COMMENT ON MACRO TABLE feature_dependence IS 'One feature''s value (or category) and attribution per instance where predicate holds, at most k (a fixed sample)';

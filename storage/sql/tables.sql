@@ -47,3 +47,6 @@ COMMENT ON TABLE instances IS 'One row per instance: label, prediction, probabil
 
 CREATE TABLE projection_models (kind VARCHAR, source VARCHAR, algorithms VARCHAR[], dimensions BIGINT, sample_rows BIGINT, explained_variance_ratio DOUBLE[]);
 COMMENT ON TABLE projection_models IS 'Fitted 2-D projections: per projected table (kind activations|attributions, source layer or method) the algorithms, vector length, sample rows fitted on, and the PCA components'' explained variance ratios.';
+
+CREATE TABLE features (position INTEGER, feature VARCHAR, kind VARCHAR, columns VARCHAR[], categories VARCHAR[]);
+COMMENT ON TABLE features IS 'A tabular run''s features in model order: a column, or a categorical''s one-hot columns as one (kind categorical: its categories in column order); feature_attribution and feature_value hold one entry per row here.';

@@ -1,0 +1,326 @@
+"""Model-agnostic and rule-based methods on tabular runs, against hand arithmetic and Captum.
+
+The data has two numbers and one categorical (``color``, three one-hot columns grouped as one
+feature). For the linear model logit_c = W[c]·x + B[c], which ignores x1, every perturbation
+method has a closed form: a feature's (group's) attribution is the sum over its columns of
+W[c, j] (x_j - b_j), against a constant baseline b (feature ablation, Shapley sampling:
+exact) or, against a background set, b_j = the background's mean of column j (Kernel SHAP:
+exact on an additive model, whatever its samples).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from captum.attr import LRP, DeepLiftShap, GuidedBackprop, KernelShap, Lime, ShapleyValueSampling
+
+from netloupe.contract.errors import MethodError
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.datasets import resolve_dataset
+from netloupe.pipeline.driver import run_job, validate
+from netloupe.pipeline.run_background import draw_background
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
+from netloupe.workers.explain import batch_seed
+from netloupe.workers.kernel_shap import BatchedKernelShap
+from tests.tiny_models import GROUPED_W, grouped_mlp
+
+COLUMNS = ["x0", "x1", "color=blue", "color=green", "color=red"]
+GROUPS = {"color": ["color=blue", "color=green", "color=red"]}
+FEATURES = ["x0", "x1", "color"]
+MEMBERS = [[0], [1], [2, 3, 4]]
+COLORS = np.array(["blue", "green", "red"])
+SEED = 11
+
+
+def grouped_table(n: int = 40, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    numbers = rng.normal(size=(n, 2)).astype(np.float32) * 2
+    color = rng.integers(0, 3, n)
+    columns = {"row_id": pa.array(np.arange(500, 500 + n, dtype=np.int64)), "x0": numbers[:, 0], "x1": numbers[:, 1]}
+    for j, name in enumerate(COLORS):
+        columns[f"color={name}"] = (color == j).astype(np.float32)
+    columns["label"] = pa.array(rng.integers(0, 2, n).astype(np.int64))
+    columns["color"] = pa.array(COLORS[color].astype(object))
+    return pa.table(columns)
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    return np.stack([table[c].to_numpy() for c in COLUMNS], axis=1).astype(np.float64)
+
+
+def _spec(path, root, factory: str, attributions: list, name: str, **extra) -> dict:
+    return {**{
+        "model": {"factory": f"tests.tiny_models:{factory}"},
+        "dataset": {"source": str(path), "feature_columns": COLUMNS, "feature_groups": GROUPS,
+                    "id_column": "row_id", "metadata_columns": ["color"]},
+        "attributions": attributions,
+        "background": {"size": 6, "seed": 3},
+        "execution": {"batch_size": 16, "num_workers": 1, "threads_per_worker": 1, "seed": SEED},
+        "output": {"root": str(root), "run_name": name}}, **extra}
+
+
+LINEAR_METHODS = [
+    {"method": "feature_ablation"},
+    {"method": "feature_ablation", "name": "ablation_mean", "baseline": "mean"},
+    {"method": "shapley_value_sampling", "params": {"n_samples": 3}},
+    {"method": "kernel_shap", "baseline": "background", "params": {"n_samples": 40}},
+    {"method": "integrated_gradients", "params": {"n_steps": 8}},
+]
+
+MLP_METHODS = [
+    {"method": "kernel_shap", "baseline": "background", "params": {"n_samples": 30}},
+    {"method": "lime", "params": {"n_samples": 30}},
+    {"method": "shapley_value_sampling", "params": {"n_samples": 2}},
+    {"method": "deeplift_shap", "baseline": "background"},
+    {"method": "guided_backprop"},
+    {"method": "lrp"},
+]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("agnostic")
+    pq.write_table(grouped_table(), root / "data.parquet")
+    linear = run_job(parse_spec(_spec(root / "data.parquet", root / "runs", "grouped_linear", LINEAR_METHODS, "lin")))
+    # One Captum call per batch (a sampling method draws anew per call), whatever chunk the worker measures.
+    mlp = run_job(parse_spec(_spec(root / "data.parquet", root / "runs", "grouped_mlp", MLP_METHODS, "mlp",
+                                   execution={"batch_size": 16, "num_workers": 1, "threads_per_worker": 1,
+                                              "seed": SEED, "chunk_rows": 65536})))
+    return RunReader(linear.layout.root), RunReader(mlp.layout.root), grouped_table()
+
+
+def _by_id(reader: RunReader, method: str, column: str = "feature_attribution") -> tuple[pa.Table, np.ndarray]:
+    rows = reader.attributions(method).sort_by("instance_id")
+    return rows, vectors_to_numpy(rows[column]).astype(np.float64)
+
+
+def _expected(x: np.ndarray, target: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """Per feature, the sum over its columns of W[target, j] (x_j - b_j)."""
+    w = np.array(GROUPED_W)[target]
+    per_column = w * (x - baseline)
+    return np.stack([per_column[:, m].sum(axis=1) for m in MEMBERS], axis=1)
+
+
+def test_the_background_is_the_same_rows_whatever_the_files(tmp_path):
+    """The background is drawn by a seeded hash of the ids: the same instances whether the data is
+    one file or three files in another order; stored with the run (checked in the next test)."""
+    table = grouped_table()
+    pq.write_table(table, tmp_path / "one.parquet")
+    (tmp_path / "split").mkdir()
+    order = np.random.default_rng(1).permutation(table.num_rows)
+    for i, rows in enumerate(np.array_split(order, 3)):
+        pq.write_table(table.take(rows), tmp_path / "split" / f"{i}.parquet")
+    drawn = []
+    for source in (tmp_path / "one.parquet", tmp_path / "split"):
+        spec = parse_spec(_spec(source, tmp_path / "runs", "grouped_linear", LINEAR_METHODS, "b"))
+        drawn.append(draw_background(spec, resolve_dataset(spec)))
+    assert drawn[0]["row_id"].to_pylist() == drawn[1]["row_id"].to_pylist()
+    assert len(set(drawn[0]["row_id"].to_pylist())) == 6
+    other = parse_spec(_spec(tmp_path / "one.parquet", tmp_path / "runs", "grouped_linear", LINEAR_METHODS, "b",
+                             background={"size": 6, "seed": 4}))
+    assert draw_background(other, resolve_dataset(other))["row_id"].to_pylist() != drawn[0]["row_id"].to_pylist()
+
+
+def test_perturbation_methods_on_a_linear_model_are_exact_per_feature(runs):
+    linear, _, table = runs
+    x = _matrix(table)
+    background = _matrix(linear.background())
+    assert linear.background().num_rows == 6
+    cases = {"feature_ablation": np.zeros(5), "ablation_mean": background.mean(axis=0),
+             "shapley_value_sampling": np.zeros(5), "kernel_shap": background.mean(axis=0)}
+    for method, baseline in cases.items():
+        rows, got = _by_id(linear, method)
+        target = rows["target"].to_numpy()
+        np.testing.assert_allclose(got, _expected(x, target, baseline), atol=2e-4, err_msg=method)
+        assert np.abs(got[:, 1]).max() < 1e-4, f"{method}: the model ignores x1"
+        # Stored input-shaped as Captum returns it: the group's value on each of its columns.
+        _, full = _by_id(linear, method, "attribution")
+        np.testing.assert_allclose(full[:, 2:], np.repeat(got[:, 2:3], 3, axis=1), atol=1e-6)
+
+
+def test_a_gradient_method_s_feature_value_is_the_sum_over_the_group(runs):
+    linear, _, table = runs
+    rows, got = _by_id(linear, "integrated_gradients")
+    _, full = _by_id(linear, "integrated_gradients", "attribution")
+    np.testing.assert_allclose(got, np.stack([full[:, m].sum(axis=1) for m in MEMBERS], axis=1), atol=1e-6)
+    np.testing.assert_allclose(got, _expected(_matrix(table), rows["target"].to_numpy(), np.zeros(5)), atol=1e-4)
+
+
+def _captum(method: str, model, x: torch.Tensor, target: torch.Tensor, background: torch.Tensor,
+            params: dict) -> torch.Tensor:
+    mask = torch.tensor([[0, 1, 2, 2, 2]])
+    if method == "kernel_shap":  # the batch shares its coalitions: Captum per instance, same seed
+        seed = torch.initial_seed()
+        total = torch.zeros_like(x)
+        for i in range(len(x)):
+            for b in background:
+                torch.manual_seed(seed)
+                total[i] += KernelShap(model).attribute(x[i : i + 1], baselines=b[None], target=int(target[i]),
+                                                        feature_mask=mask, **params)[0]
+        return total / len(background)
+    if method == "lime":
+        return Lime(model).attribute(x, target=target, baselines=0.0, feature_mask=mask, **params)
+    if method == "shapley_value_sampling":
+        return ShapleyValueSampling(model).attribute(x, target=target, baselines=0.0, feature_mask=mask, **params)
+    if method == "deeplift_shap":
+        return DeepLiftShap(model).attribute(x.requires_grad_(), target=target, baselines=background)
+    if method == "guided_backprop":
+        return GuidedBackprop(model).attribute(x.requires_grad_(), target=target)
+    return LRP(model).attribute(x.requires_grad_(), target=target)
+
+
+@pytest.mark.parametrize("entry", MLP_METHODS, ids=lambda e: e["method"])
+def test_stored_values_equal_captum_called_directly(runs, entry):
+    """Per part (one batch), Captum on that batch with the seed netloupe derives from the part's
+    key gives the stored values."""
+    _, mlp, table = runs
+    method = entry["method"]
+    model = grouped_mlp().eval()
+    background = torch.from_numpy(_matrix(mlp.background()).astype(np.float32))
+    by_id = {key: i for i, key in enumerate(table["row_id"].to_pylist())}
+    x_all = _matrix(table).astype(np.float32)
+    parts = sorted(mlp.layout.attributions_dir(method).glob("part-*.parquet"))
+    assert len(parts) >= 2
+    for part in parts:
+        stored = pq.read_table(part)
+        key = part.name[len("part-"):-len(".parquet")]
+        x = torch.from_numpy(x_all[[by_id[k] for k in stored["instance_id"].to_pylist()]])
+        target = torch.from_numpy(stored["target"].to_numpy())
+        torch.manual_seed(batch_seed(SEED, key, method))
+        np.random.seed(batch_seed(SEED, key, method) % 2**32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = _captum(method, model, x, target, background, entry.get("params", {})).detach().numpy()
+        got = vectors_to_numpy(stored["attribution"]).reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5, err_msg=method)
+
+
+def test_kernel_shap_converges_to_the_exact_shapley_values_of_a_nonlinear_model():
+    """Three features: the exact values by enumerating the coalitions, against a background;
+    the batched estimate's error shrinks as samples grow, and it adds up to f(x) - E f(b)."""
+    from itertools import combinations
+    from math import factorial
+
+    model = grouped_mlp().eval()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(4, 5)).astype(np.float32))
+    background = torch.from_numpy(rng.normal(size=(5, 5)).astype(np.float32))
+    mask = torch.tensor([[0, 1, 2, 2, 2]])
+    target = torch.tensor([0, 1, 0, 1])
+
+    def value(i: int, coalition: tuple[int, ...]) -> float:
+        keep = torch.tensor([float(g in coalition) for g in (0, 1, 2, 2, 2)])
+        rows = x[i] * keep + background * (1 - keep)
+        with torch.no_grad():
+            return model(rows)[:, target[i]].mean().item()
+
+    exact = np.zeros((4, 3))
+    for i in range(4):
+        for g in range(3):
+            others = [h for h in range(3) if h != g]
+            for size in range(3):
+                for subset in combinations(others, size):
+                    weight = factorial(size) * factorial(3 - size - 1) / factorial(3)
+                    exact[i, g] += weight * (value(i, subset + (g,)) - value(i, subset))
+    errors = []
+    for samples in (50, 5000):
+        torch.manual_seed(0)
+        got = BatchedKernelShap(model).attribute(x, baselines=background, target=target, feature_mask=mask,
+                                                 n_samples=samples, return_input_shape=False).numpy()
+        errors.append(np.abs(got - exact).max())
+        with torch.no_grad():
+            gap = (model(x).gather(1, target[:, None])[:, 0] - model(background)[:, target].mean(dim=0)).numpy()
+        # Captum enforces completeness by a weight of 1e6 on the empty and the full coalition,
+        # not exactly: the residue grows with the samples (4e-5 of the output at 5,000).
+        np.testing.assert_allclose(got.sum(axis=1), gap, rtol=1e-3, atol=1e-3)
+    assert errors[1] < 0.02 * np.abs(exact).max() and errors[1] < errors[0] / 3
+
+
+def test_the_long_feature_view_and_its_operators(runs):
+    linear, _, table = runs
+    rows, values = _by_id(linear, "kernel_shap")
+    con = open_catalog(linear.layout.root)
+    view = run_query(con, "SELECT * FROM feature_attributions_kernel_shap ORDER BY instance_id, feature")
+    assert view.num_rows == table.num_rows * 3
+    first = view.filter(pa.compute.equal(view["instance_id"], 500)).to_pylist()
+    assert [r["feature"] for r in first] == ["color", "x0", "x1"]
+    assert first[0]["category"] == table["color"][0].as_py() and first[0]["value"] is None
+    assert first[1]["value"] == pytest.approx(table["x0"][0].as_py()) and first[1]["category"] is None
+    # Global importance: mean |attribution| per feature, over a subset.
+    red = (table["color"].to_numpy(zero_copy_only=False) == "red")
+    importance = {r["feature"]: r for r in run_query(
+        con, "SELECT * FROM feature_importance('kernel_shap', 'color = ''red''')").to_pylist()}
+    for j, feature in enumerate(FEATURES):
+        assert importance[feature]["mean_abs"] == pytest.approx(np.abs(values[red, j]).mean(), rel=1e-5)
+        assert importance[feature]["instances"] == red.sum()
+    order = [r["feature"] for r in run_query(con, "SELECT * FROM feature_importance('kernel_shap')").to_pylist()]
+    assert order[-1] == "x1"  # the ignored feature comes last
+    difference = {r["feature"]: r["difference"] for r in run_query(
+        con, "SELECT * FROM feature_importance_difference('kernel_shap', 'color = ''red''', 'color <> ''red''')"
+    ).to_pylist()}
+    assert difference["x0"] == pytest.approx(np.abs(values[red, 0]).mean() - np.abs(values[~red, 0]).mean(), rel=1e-5)
+    by_class = run_query(con, "SELECT * FROM feature_importance_by('kernel_shap', 'prediction')")
+    assert set(by_class["subset"].to_pylist()) == {f"prediction={p}" for p in set(linear.instances()["prediction"].to_pylist())}
+    dependence = run_query(con, "SELECT * FROM feature_dependence('kernel_shap', 'x0', k := 10)")
+    assert dependence.num_rows == 10
+    x0 = dict(zip(table["row_id"].to_pylist(), table["x0"].to_pylist()))
+    for r in dependence.to_pylist():
+        assert r["value"] == pytest.approx(x0[r["instance_id"]])
+
+
+def test_methods_that_cannot_run_are_refused_before_any_worker(ray_local, tmp_path):
+    pq.write_table(grouped_table(), tmp_path / "data.parquet")
+    path = tmp_path / "data.parquet"
+    cases = [
+        ("flatten_linear", [{"method": "lrp"}], "no LRP rule"),
+        ("grouped_linear", [{"method": "integrated_gradients", "baseline": "background"}], "baseline 'background'"),
+        ("grouped_linear", [{"method": "kernel_shap", "params": {"feature_mask": [0, 0, 1, 1, 1]}}],
+         "feature_mask"),
+    ]
+    for factory, methods, message in cases:
+        spec = parse_spec(_spec(path, tmp_path / "runs", factory, methods, "bad"))
+        with pytest.raises(MethodError, match=message):
+            validate(spec)
+        assert not (tmp_path / "runs" / "bad").exists()
+    bad_groups = _spec(path, tmp_path / "runs", "grouped_linear", LINEAR_METHODS, "bad")
+    bad_groups["dataset"]["feature_groups"] = {"color": ["color=blue", "colour=red"]}
+    with pytest.raises(Exception, match="colour=red"):
+        resolve_dataset(parse_spec(bad_groups))
+
+
+def test_the_dashboard_s_feature_views_show_the_stored_values(runs):
+    """The session behind the Features tab and the instance detail of a tabular run: one
+    instance's values per feature with its original values, the importance per class and the
+    dependence, each equal to the stored values."""
+    from netloupe.dashboards.session import RunSession
+
+    linear, _, table = runs
+    session = RunSession(linear.layout.root)
+    assert session.features["feature"].tolist() == FEATURES
+    rows, values = _by_id(linear, "kernel_shap")
+    first = session.feature_contributions(500, "kernel_shap")
+    expected = dict(zip(FEATURES, values[0]))
+    assert first["attribution"].tolist() == pytest.approx(sorted(expected.values(), key=lambda v: -abs(v)), abs=1e-6)
+    shown = dict(zip(first["feature"], first["shown"]))
+    assert shown["color"] == f"color = {table['color'][0].as_py()}"
+    assert shown["x0"] == f"x0 = {table['x0'][0].as_py():.4g}"
+    importance = session.feature_importance("kernel_shap", "prediction")
+    predictions = linear.instances().sort_by("instance_id")["prediction"].to_numpy()
+    for p in set(predictions.tolist()):
+        part = importance[importance["subset"] == f"prediction={p}"].set_index("feature")
+        for j, feature in enumerate(FEATURES):
+            assert part.loc[feature, "mean_abs"] == pytest.approx(np.abs(values[predictions == p, j]).mean(), rel=1e-5)
+    session.add_predicate_subset("reds", "color = 'red'")
+    kept = session.feature_importance("kernel_shap", "reds")
+    assert set(kept["subset"]) == {"reds"} and kept["instances"].max() == (table["color"].to_numpy(zero_copy_only=False) == "red").sum()
+    dependence = session.feature_dependence("kernel_shap", "color")
+    assert len(dependence) == table.num_rows and set(dependence["category"]) == set(table["color"].to_pylist())
+    with pytest.raises(Exception, match="did you mean"):
+        session.feature_dependence("kernel_shap", "colour")
