@@ -228,8 +228,9 @@ class MethodSpec(StrictModel):
 
     method: str
     """Registry name: integrated_gradients, saliency, input_x_gradient, deeplift,
-    gradient_shap, grad_cam, occlusion, attention_rollout (a Hugging Face vision transformer's)
-    (``netloupe methods`` lists them)."""
+    gradient_shap, grad_cam, occlusion, kernel_shap, lime, feature_ablation,
+    shapley_value_sampling, lrp, guided_backprop, guided_grad_cam, deeplift_shap,
+    attention_rollout (a Hugging Face vision transformer's) (``netloupe methods`` lists them)."""
     name: str | None = None
     """Name of the stored table; defaults to ``method`` (``<method>_<nt_type>`` in a noise tunnel).
     Set it to run one method twice with different parameters."""

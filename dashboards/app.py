@@ -22,7 +22,15 @@ import panel as pn
 import param
 
 from netloupe.dashboards.scatter import InstanceScatter
-from netloupe.dashboards.session import TOKEN_GROUPINGS, RunSession, SessionError, Subset, blended_map, map_image
+from netloupe.dashboards.session import (
+    DEPENDENCE_POINTS,
+    TOKEN_GROUPINGS,
+    RunSession,
+    SessionError,
+    Subset,
+    blended_map,
+    map_image,
+)
 from netloupe.storage.catalog import QueryError
 
 COLOR_FIELDS = ("label_name", "prediction_name", "outcome", "confidence")
@@ -41,7 +49,13 @@ MAP_SIZE = 240
 TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
 """Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
 MAX_TOKEN_SUBSETS = 12
-"""Most class subsets the tokens view draws (a model of a thousand classes: the first twelve)."""
+"""Most class subsets the tokens and features views draw (a model of a thousand classes: the first twelve)."""
+BARS_PER_ROW = 3
+"""Bar charts side by side in the features view and a tabular instance's detail."""
+FEATURES_SHOWN = 12
+"""Features per method in a tabular instance's detail (the largest |values|)."""
+DATASHADE_ABOVE = 5_000
+"""Points beyond which a dependence plot is rasterised by Datashader instead of drawn one by one."""
 SLICE_BINS, MAX_SLICE_BINS = 5, 20
 """Quantile bins of a many-valued numeric column in the subgroups: by default (as the SQL
 operators), and at most."""
@@ -348,14 +362,16 @@ class InstanceView(pn.viewable.Viewer):
             picture = map_image(inputs)
             images.append(hv.Image(picture[::-1], bounds=(0, 0, picture.shape[1], picture.shape[0])).opts(
                 cmap="gray", title="input", width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None))
-        elif isinstance(inputs, dict):
+        elif isinstance(inputs, dict) and not session.reads_features:
             panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
                                                disabled=True, height=240, width=320, show_index=False))
         if detail.tokens is not None:
             panels += [pn.pane.HTML(colored_text(inputs if isinstance(inputs, str) else None, detail.tokens, values,
                                                  method), css_classes=["token-attributions"])
                        for method, values in detail.token_values.items()]
-        maps = {method: map_image(values) for method, values in detail.maps.items()}
+        contributions = ([pn.pane.Bokeh(self._contributions(row["instance_id"], method)) for method in session.methods]
+                         if session.reads_features else [])
+        maps = {} if session.reads_features else {method: map_image(v) for method, v in detail.maps.items()}
         shared = max((float(np.nanmax(np.abs(m))) for m in maps.values() if m.size), default=0.0) or 1.0
         for method, image in maps.items():
             if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
@@ -365,13 +381,27 @@ class InstanceView(pn.viewable.Viewer):
             bound = shared if shared_scale else float(np.nanmax(np.abs(image))) or 1.0
             images.append(self._map(method, image, bound, picture if over_input else None))
         profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
-                   .opts(title=f"{layer} activations", width=360, height=200)
+                   .opts(title=f"{layer} activations", width=360, height=200, shared_axes=False)
                    for layer, v in detail.activations.items()]
-        panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
+        if contributions:  # a tabular instance: its probabilities beside each method's bars
+            panels.append(pn.GridBox(pn.pane.HoloViews(probabilities), *contributions, ncols=BARS_PER_ROW,
+                                     css_classes=["feature-contributions"]))
+        else:
+            panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
         panels += fidelity_panels(detail.fidelity)
         if profile:
-            panels.append(pn.pane.HoloViews(hv.Layout(profile).cols(3)))
+            # Grids and HoloViews layouts do not mix in one column of a tab built on opening: one
+            # of them draws collapsed into its corner (Panel 1.9). A tabular instance's charts are
+            # a grid, so its profiles are too; every other instance's, a layout.
+            panels.append(pn.GridBox(*[pn.pane.HoloViews(p) for p in profile], ncols=3, css_classes=["activation-profiles"])
+                          if contributions else
+                          pn.pane.HoloViews(hv.Layout(profile).cols(3), css_classes=["activation-profiles"]))
         return pn.Column(*panels)
+
+    def _contributions(self, instance_id, method: str):
+        """A tabular instance's largest values for ``method``, each feature with its original value."""
+        frame = self.dashboard.session.feature_contributions(instance_id, method).head(FEATURES_SHOWN)
+        return signed_bars(frame["shown"].tolist(), frame["attribution"].to_numpy(), method, method)
 
     @staticmethod
     def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None):
@@ -389,7 +419,9 @@ class InstanceView(pn.viewable.Viewer):
 
     def __panel__(self):
         detail = pn.bind(self._detail, self.dashboard.param.instance_id, self.over_input, self.shared_scale)
-        return pn.Column(pn.Row(self.id_input, self.over_input, self.shared_scale), pn.panel(detail),
+        # A tabular run has no maps to lay over an input.
+        choices = [] if self.dashboard.session.reads_features else [self.over_input, self.shared_scale]
+        return pn.Column(pn.Row(self.id_input, *choices), pn.panel(detail),
                          sizing_mode="stretch_width")
 
 
@@ -422,6 +454,12 @@ def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str
     return f"<div><b>{html.escape(method)}</b>{cut}<p style='line-height:1.8'>{body}</p></div>"
 
 
+def class_and_predicate_groupings(session: RunSession) -> list[str]:
+    """What the tokens and features views group by: the class groupings, then the subsets kept
+    by a SQL predicate (a selection's ids have no predicate to scan by)."""
+    return list(TOKEN_GROUPINGS) + [name for name, s in session.subsets.items() if s.predicate is not None]
+
+
 class TokensView(pn.viewable.Viewer):
     """A text run's tokens: per class (or kept subset), the tokens that push most toward the
     explained class, as bars. A click on a bar keeps the instances that contain the token as a
@@ -434,7 +472,8 @@ class TokensView(pn.viewable.Viewer):
         methods = dashboard.session.methods
         self.method = pn.widgets.Select(name="Method", options=methods, value=methods[0] if methods else None,
                                         width=200)
-        self.by = pn.widgets.Select(name="Per", options=self._groupings(), value="prediction", width=200)
+        self.by = pn.widgets.Select(name="Per", options=class_and_predicate_groupings(dashboard.session),
+                                    value="prediction", width=200)
         self.min_count = pn.widgets.IntInput(name="Seen at least", value=5, start=1, width=120)
         self.top = pn.widgets.IntInput(name="Tokens per subset", value=TOKENS_SHOWN, start=1, end=MAX_TOKENS_SHOWN,
                                        width=140)
@@ -443,11 +482,8 @@ class TokensView(pn.viewable.Viewer):
         self.instances.on_click(self._on_instance)
         self.picked = pn.pane.Markdown("Click a token's bar to select the instances that contain it.",
                                        css_classes=["token-picked"])
-        dashboard.param.watch(lambda _e: setattr(self.by, "options", self._groupings()), "subsets_version")
-
-    def _groupings(self) -> list[str]:
-        session = self.dashboard.session
-        return list(TOKEN_GROUPINGS) + [name for name, s in session.subsets.items() if s.predicate is not None]
+        dashboard.param.watch(lambda _e: setattr(self.by, "options", class_and_predicate_groupings(dashboard.session)),
+                              "subsets_version")
 
     def _bars(self, method, by, min_count, top):
         if method is None:
@@ -505,6 +541,95 @@ class TokensView(pn.viewable.Viewer):
             pn.panel(pn.bind(self._bars, *args), sizing_mode="stretch_width"),
             self.picked,
             self.instances,
+            sizing_mode="stretch_width",
+        )
+
+
+def signed_bars(labels: list[str], values: np.ndarray, title: str, axis_label: str, colour_by: np.ndarray | None = None,
+                width: int = 360):
+    """Horizontal bars, the first label on top, red where ``colour_by`` (default the values)
+    is positive (toward the explained class) and blue where negative, as every view colours."""
+    from bokeh.models import ColumnDataSource
+    from bokeh.plotting import figure
+
+    signs = np.asarray(values if colour_by is None else colour_by, dtype=float)[::-1]
+    # Copies: Bokeh sends a reversed numpy view (negative strides) to the browser as garbage.
+    source = ColumnDataSource({"label": labels[::-1], "value": np.array(values, float)[::-1].copy(),
+                               "colour": np.where(signs > 0, "#b2182b", "#2166ac").tolist()})
+    plot = figure(y_range=labels[::-1], width=width, height=60 + 22 * len(labels), title=title, tools="hover",
+                  toolbar_location=None, x_axis_label=axis_label, tooltips=[("", "@label"), ("value", "@value{0.0000}")])
+    plot.hbar(y="label", right="value", height=0.8, source=source, color="colour")
+    return plot
+
+
+class FeaturesView(pn.viewable.Viewer):
+    """A tabular run's features: per class (or kept subset) each feature's mean |attribution|
+    (how far it moves the explained output, either way; red where it pushes toward the class on
+    balance), and one feature's dependence: its value against its attribution per instance (a
+    categorical: the mean per category)."""
+
+    def __init__(self, dashboard: Dashboard, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        session = dashboard.session
+        methods = session.methods
+        self.method = pn.widgets.Select(name="Method", options=methods, value=methods[0] if methods else None,
+                                        width=200)
+        self.by = pn.widgets.Select(name="Per", options=class_and_predicate_groupings(session), value="prediction",
+                                    width=200)
+        features = session.features["feature"].tolist()
+        self.feature = pn.widgets.Select(name="Dependence of", options=features,
+                                         value=features[0] if features else None, width=200,
+                                         css_classes=["dependence-feature"])
+        dashboard.param.watch(lambda _e: setattr(self.by, "options", class_and_predicate_groupings(session)),
+                              "subsets_version")
+
+    def _bars(self, method, by):
+        if method is None:
+            return pn.pane.Markdown("This run has no attribution methods.")
+        try:
+            frame = self.dashboard.session.feature_importance(method, by)
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        figures = [signed_bars(rows["feature"].tolist(), rows["mean_abs"].to_numpy(), str(name),
+                               f"mean |{method}|", rows["mean"].to_numpy())
+                   for name, rows in list(frame.groupby("subset", sort=True))[:MAX_TOKEN_SUBSETS]]
+        # A grid, not a FlexBox: Bokeh figures in a FlexBox built in a tab opened later draw
+        # collapsed to their corner (Panel 1.9; a GridBox or Row lays them out).
+        return pn.GridBox(*[pn.pane.Bokeh(f) for f in figures], ncols=BARS_PER_ROW, css_classes=["feature-bars"])
+
+    def _dependence(self, method, feature):
+        if method is None or feature is None:
+            return pn.pane.Markdown("")
+        session = self.dashboard.session
+        try:
+            frame = session.feature_dependence(method, feature)
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        kind = session.features.set_index("feature").loc[feature, "kind"]
+        title = f"{feature} and its {method} ({len(frame):,} instances{', a sample' if len(frame) == DEPENDENCE_POINTS else ''})"
+        if kind != "numeric":
+            means = (frame.groupby("category", dropna=False)["attribution"].agg(["mean", "count"])
+                     .sort_values("mean", ascending=False))
+            labels = [f"{c} ({n:,})" for c, n in zip(means.index.astype(str), means["count"])]
+            bars = signed_bars(labels, means["mean"].to_numpy(), title, f"mean {method} per category", width=640)
+            return pn.Column(pn.pane.Bokeh(bars), css_classes=["feature-dependence"])
+        points = hv.Points(frame, ["value", "attribution"]).opts(title=title, width=640, height=360)
+        if len(frame) > DATASHADE_ABOVE:
+            from holoviews.operation.datashader import datashade, dynspread
+
+            points = dynspread(datashade(points, cmap=["#9ecae1", "#08306b"])).opts(width=640, height=360)
+        else:
+            points = points.opts(size=3, alpha=0.5, color="#08519c", tools=["hover"])
+        return pn.Column(pn.pane.HoloViews(points), css_classes=["feature-dependence"])
+
+    def __panel__(self):
+        return pn.Column(
+            pn.pane.Markdown("#### How far each feature moves the explained output (mean |attribution|)"),
+            pn.Row(self.method, self.by),
+            pn.panel(pn.bind(self._bars, self.method, self.by), sizing_mode="stretch_width"),
+            pn.Row(self.feature),
+            pn.panel(pn.bind(self._dependence, self.method, self.feature)),
             sizing_mode="stretch_width",
         )
 
@@ -761,6 +886,7 @@ LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Fidelity": 
               "Model": ModelGraphView, "SQL": SqlConsole}
 """The tabs after the first, in order, and the view each shows."""
 TEXT_TABS = {"Tokens": TokensView}
+FEATURE_TABS = {"Features": FeaturesView}
 """The tabs a text run adds."""
 
 
@@ -770,6 +896,8 @@ def later_tabs(session: RunSession) -> dict:
     tabs = list(LATER_TABS.items())
     if session.reads_text:
         tabs[1:1] = TEXT_TABS.items()
+    if session.reads_features:
+        tabs[1:1] = FEATURE_TABS.items()
     return dict(tabs)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from netloupe.contract.errors import NetloupeError, did_you_mean
-from netloupe.storage.catalog import QueryError, catalog_manifest, open_catalog, run_query
+from netloupe.storage.catalog import QueryError, catalog_manifest, feature_attributions_view, open_catalog, run_query
 from netloupe.storage.instance import InstanceRecord, NoSuchInstance, read_instance
 
 _POINTS: dict[tuple, pd.DataFrame] = {}
@@ -32,7 +33,10 @@ _DISTRIBUTIONS: dict[tuple, pd.DataFrame] = {}
 """Each column's slices by (run, column, bins), shared like the points: read-only, and a
 million rows take a quarter of a second per column."""
 TOKEN_GROUPINGS = ("prediction", "label", "correct")
-"""The class groupings of the tokens view (``top_tokens_by``'s, from precomputed sums)."""
+"""The class groupings of the tokens and features views (``top_tokens_by``'s, from precomputed sums)."""
+DEPENDENCE_POINTS = 20_000
+"""Most instances a feature's dependence plot reads (a fixed sample beyond): a scatter's shape
+shows at that size, and a million would cost the browser for nothing."""
 SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
 
 
@@ -425,15 +429,8 @@ class RunSession:
                 QUALIFY row_number() OVER (PARTITION BY subset ORDER BY mean DESC, token) <= ?
                 ORDER BY subset, mean DESC, token
             """, [method, by, int(min_count), special, int(top)]).to_pandas()
-            named = frame["class"].notna()
-            names = np.array(self.class_names, dtype=object)
-            frame.loc[named, "subset"] = [f"{by}={names[int(c)]}" if 0 <= c < len(names) else s
-                                          for s, c in zip(frame.loc[named, "subset"], frame.loc[named, "class"])]
-            return frame.drop(columns="class")
-        subset = self.subset(by)
-        if subset.predicate is None:
-            raise SessionError(f"subset {by!r} was kept from a selection; the tokens view takes class groupings "
-                               f"{list(TOKEN_GROUPINGS)} or a subset kept by a SQL predicate")
+            return self._class_names_in(frame, by)
+        subset = self._predicate_subset(by)
         frame = run_query(self.con, "SELECT token, mean, occurrences, instances FROM top_tokens(?, ?, min_count := ?) "
                                     "WHERE NOT list_contains(?, token) LIMIT ?",
                           [method, subset.predicate, int(min_count), special, int(top)]).to_pandas()
@@ -458,6 +455,79 @@ class RunSession:
         """A subset name for the instances containing ``token`` (word pieces' ``##`` and
         quotes are not name characters)."""
         return ("token " + re.sub(r"[^\w .:=<>!-]", "_", token))[:60]
+
+    # -- features (tabular runs) -------------------------------------------------------------
+
+    @cached_property
+    def features(self) -> pd.DataFrame:
+        """A tabular run's features in model order (``feature``, ``kind``, ``categories``);
+        empty for other runs, and for a run that stored no per-feature values (summary storage)."""
+        if not self.manifest.dataset.feature_columns or self.manifest.spec["storage"]["attributions"] == "summary":
+            return pd.DataFrame({"feature": [], "kind": [], "categories": []})
+        return run_query(self.con, "SELECT feature, kind, categories FROM features ORDER BY position").to_pandas()
+
+    @property
+    def reads_features(self) -> bool:
+        return not self.features.empty
+
+    def feature_contributions(self, instance_id, method: str) -> pd.DataFrame:
+        """One instance's value per feature for ``method`` (its first target), largest |value|
+        first: ``feature``, ``shown`` (``sex = Female``, ``age = 39``: the original value) and
+        ``attribution``."""
+        self._check_method(method)
+        frame = run_query(self.con, f"""
+            SELECT feature, kind, value, category, attribution FROM {feature_attributions_view(method)}
+            WHERE instance_id = ? AND target_rank = 0 ORDER BY abs(attribution) DESC, feature
+        """, [instance_id]).to_pandas()
+        shown = [f"{f} = {c}" if k == "categorical" and c is not None
+                 else f"{f} = {v:.4g}" if k == "numeric" and v == v and v is not None else f
+                 for f, k, v, c in zip(frame["feature"], frame["kind"], frame["value"], frame["category"])]
+        return frame.assign(shown=shown)[["feature", "shown", "attribution"]]
+
+    def feature_importance(self, method: str, by: str = "prediction") -> pd.DataFrame:
+        """Per subset, every feature's mean |attribution| and mean: ``subset, feature, mean_abs,
+        mean, instances``, most important first. ``by``: a class grouping (``prediction``,
+        ``label``, ``correct``) or a kept predicate subset."""
+        self._check_method(method)
+        if by in TOKEN_GROUPINGS:
+            frame = run_query(self.con, "SELECT subset, class, feature, mean_abs, mean, instances "
+                                        "FROM feature_importance_by(?, subsets := ?)", [method, by]).to_pandas()
+            return self._class_names_in(frame, by)
+        subset = self._predicate_subset(by)
+        frame = run_query(self.con, "SELECT feature, mean_abs, mean, instances FROM feature_importance(?, ?)",
+                          [method, subset.predicate]).to_pandas()
+        return frame.assign(subset=by)[["subset", "feature", "mean_abs", "mean", "instances"]]
+
+    def feature_dependence(self, method: str, feature: str, limit: int = DEPENDENCE_POINTS) -> pd.DataFrame:
+        """One feature's value (or category) and attribution per instance, at most ``limit``
+        of them (a fixed sample): ``instance_id, value, category, attribution``."""
+        self._check_method(method)
+        known = self.features["feature"].tolist()
+        if feature not in known:
+            raise SessionError(f"no feature {feature!r} in this run; {did_you_mean(feature, known)}")
+        return run_query(self.con, "SELECT * FROM feature_dependence(?, ?, k := ?)",
+                         [method, feature, int(limit)]).to_pandas()
+
+    def _class_names_in(self, frame: pd.DataFrame, by: str) -> pd.DataFrame:
+        """A ``*_by`` operator's rows with each class subset named by its class name
+        (``prediction=<=50K``), the ``class`` column dropped."""
+        named = frame["class"].notna()
+        names = np.array(self.class_names, dtype=object)
+        frame.loc[named, "subset"] = [f"{by}={names[int(c)]}" if 0 <= c < len(names) else s
+                                      for s, c in zip(frame.loc[named, "subset"], frame.loc[named, "class"])]
+        return frame.drop(columns="class")
+
+    def _predicate_subset(self, name: str) -> Subset:
+        """The kept subset ``name``, which the tokens and features views scan by its predicate."""
+        subset = self.subset(name)
+        if subset.predicate is None:
+            raise SessionError(f"subset {name!r} was kept from a selection; this view takes class groupings "
+                               f"{list(TOKEN_GROUPINGS)} or a subset kept by a SQL predicate")
+        return subset
+
+    def _check_method(self, method: str) -> None:
+        if method not in self.methods:
+            raise SessionError(f"no attribution method {method!r} in this run; {did_you_mean(method, self.methods)}")
 
     # -- the SQL console ---------------------------------------------------------------------
 

@@ -324,3 +324,50 @@ def test_the_dashboard_s_feature_views_show_the_stored_values(runs):
     assert len(dependence) == table.num_rows and set(dependence["category"]) == set(table["color"].to_pylist())
     with pytest.raises(Exception, match="did you mean"):
         session.feature_dependence("kernel_shap", "colour")
+
+
+def test_the_features_tab_and_a_tabular_instance_draw_their_bars(runs, tmp_path):
+    """In Chromium: the Features tab draws each predicted class's bars and a categorical's
+    dependence; a tabular instance draws one bar chart per method beside its probabilities.
+    Each chart has colour over a real share of its canvas (a chart collapsed into its corner
+    has none: Bokeh figures in a FlexBox of a tab built on opening did that)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_dashboard_browser import ARTIFACTS, CHROMIUM, colored, open_tab, start_dashboard, wait_for_plot
+
+    linear, _, _ = runs
+    process, url = start_dashboard(linear.layout.root, tmp_path)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                 args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url, wait_until="networkidle")
+            page.locator(".bk-tab").first.wait_for(timeout=60_000)  # (no layer recorded: no scatter)
+            open_tab(page, "Features")
+            wait_for_plot(page, ".feature-bars", timeout=60)
+            classes = len(set(linear.instances()["prediction"].to_pylist()))
+            figures = page.locator(".feature-bars .bk-Figure")
+            assert figures.count() == classes
+            for i in range(classes):
+                assert colored(figures.nth(i).screenshot()) > 1500, f"bar chart {i} is (nearly) empty"
+            page.locator(".dependence-feature select").select_option("color")
+            wait_for_plot(page, ".feature-dependence", timeout=60, min_colored=1500)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "tabular-features.png"), full_page=True)
+            open_tab(page, "Instance")
+            page.locator("input").first.fill("500")
+            page.keyboard.press("Enter")
+            wait_for_plot(page, ".feature-contributions", timeout=60)
+            charts = page.locator(".feature-contributions .bk-Figure")
+            assert charts.count() == len(LINEAR_METHODS) + 1  # the probabilities, then one per method
+            for i in range(charts.count()):
+                assert colored(charts.nth(i).screenshot()) > 500, f"instance chart {i} is (nearly) empty"
+            page.screenshot(path=str(ARTIFACTS / "tabular-instance.png"), full_page=True)
+            assert not errors, errors
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
