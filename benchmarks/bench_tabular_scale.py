@@ -49,8 +49,8 @@ OPERATORS = {
 
 def stability(samples: list[int], background_rows: int = 20, people: int = 500) -> list[dict]:
     import torch
-
     from bench_model_agnostic import adult_inputs
+
     from netloupe.contract.spec import MethodSpec
     from netloupe.pipeline.zoo import trained_adult_mlp
     from netloupe.storage.features import feature_index, features_of
