@@ -2,7 +2,7 @@
 then instances/s from 10k to 1M people, end to end, and the feature operators on the largest run.
 
     .venv/bin/python benchmarks/bench_tabular_scale.py --stability        # choose n_samples
-    .venv/bin/python benchmarks/bench_tabular_scale.py --sizes 10000,100000,1000000 --samples 256
+    .venv/bin/python benchmarks/bench_tabular_scale.py --sizes 10000,100000,1000000 --samples 512 --background 10
 
 Stability: the same 500 people explained twice with different seeds (different coalitions),
 per sample budget; the median over people of |a - b| / |a| (L2 over the twelve features). Two
@@ -10,8 +10,7 @@ estimates each within x of the truth differ by about x·√2.
 
 Scale: there is no million-person census here, so the people are UCI Adult's 48,842 drawn with
 replacement (seeded; each keeps its values, label and split). Each size is one ``netloupe run``
-of examples/adult.yaml with Kernel SHAP only (background 20, 1 worker of 2 threads: the whole
-machine), as a subprocess, its memory sampled as in ``bench_scale.py``. After each run the
+of examples/adult.yaml with Kernel SHAP only (1 worker of 2 threads: the whole machine), as a subprocess, its memory sampled as in ``bench_scale.py``. After each run the
 feature operators are timed through the run's catalog, warm, median of 3.
 
 Not a test: prints tables for RESULTS.md.
@@ -95,7 +94,7 @@ def people(rows: int, directory: Path) -> Path:
     return path
 
 
-def run_once(rows: int, samples: int, directory: Path) -> tuple[dict, Path]:
+def run_once(rows: int, samples: int, background: int, directory: Path) -> tuple[dict, Path]:
     from netloupe.pipeline.builtin_datasets import builtin
 
     name = f"tabular-scale-{rows}"
@@ -105,6 +104,7 @@ def run_once(rows: int, samples: int, directory: Path) -> tuple[dict, Path]:
                        ("feature_columns", "feature_groups", "metadata_columns")}}
     spec["preprocess"] = defaults["preprocess"]
     spec["attributions"] = [{"method": "kernel_shap", "baseline": "background", "params": {"n_samples": samples}}]
+    spec["background"] = {"size": background}
     spec["execution"] = {"batch_size": 8192, "num_workers": 1, "threads_per_worker": 2}
     spec["output"] = {"root": str(directory / "runs"), "run_name": name}
     (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec))
@@ -112,7 +112,7 @@ def run_once(rows: int, samples: int, directory: Path) -> tuple[dict, Path]:
     wall, sampler = measured_run(command, name)
     run_dir = directory / "runs" / name
     timings = RunLayout(run_dir).read_manifest().timings
-    return {"people": rows, "n_samples": samples, "wall_s": wall, "explain_s": timings["explain_seconds"],
+    return {"people": rows, "n_samples": samples, "background": background, "wall_s": wall, "explain_s": timings["explain_seconds"],
             "people_per_s": rows / wall, "steady_people_per_s": timings["steady_instances_per_second"],
             "catalog_s": timings["catalog"]["total"], "driver_peak_gib": sampler.driver_peak / 2**30,
             "workers_total_peak_gib": sampler.workers_total_peak / 2**30}, run_dir
@@ -139,10 +139,11 @@ def main() -> None:
     parser.add_argument("--stability", action="store_true")
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--background", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the runs")
     args = parser.parse_args()
     if args.stability:
-        rows = stability([64, 128, 256, 512, 1024])
+        rows = stability([64, 128, 256, 512, 1024], args.background)
         print("\n| n_samples | median relative difference of two seeds | 90th percentile |")
         print("|---:|---:|---:|")
         for r in rows:
@@ -152,17 +153,17 @@ def main() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     results = []
     for rows in [int(s) for s in args.sizes.split(",")]:
-        result, run_dir = run_once(rows, args.samples, directory)
+        result, run_dir = run_once(rows, args.samples, args.background, directory)
         result.update(operators(run_dir))
         results.append(result)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
         if not args.keep:
             shutil.rmtree(run_dir)
-    print("\n| people | n_samples | wall (s) | explain (s) | people/s (wall) | people/s steady | catalog (s) "
+    print("\n| people | n_samples | background | wall (s) | explain (s) | people/s (wall) | people/s steady | catalog (s) "
           "| driver peak (GiB) | workers peak (GiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['people']:,} | {r['n_samples']} | {r['wall_s']:.0f} | {r['explain_s']:.0f} | "
+        print(f"| {r['people']:,} | {r['n_samples']} | {r['background']} | {r['wall_s']:.0f} | {r['explain_s']:.0f} | "
               f"{r['people_per_s']:,.0f} | {r['steady_people_per_s']:,.0f} | {r['catalog_s']:.1f} | "
               f"{r['driver_peak_gib']:.2f} | {r['workers_total_peak_gib']:.2f} |")
     print("\nFeature operators (kernel_shap), warm median of 3, seconds:")
