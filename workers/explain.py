@@ -385,7 +385,8 @@ class BatchExplainer:
             with torch.enable_grad(), warnings.catch_warnings():
                 # Captum warns on every call that it set requires_grad or hooks; expected here.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
-                attributions, delta = method(x, target)
+                masks = method.feature_masks(x) if isinstance(method, BoundMethod) else None
+                attributions, delta = method(x, target) if masks is None else method(x, target, masks)
             attributions = attributions.detach()
             texts = isinstance(x, TokenBatch)
             # A text's map has as many values as it has tokens: at most max_length.
@@ -409,10 +410,14 @@ class BatchExplainer:
             tokens = texts and self.spec.storage.attributions != "summary"
             if tokens:
                 columns["token_attribution"] = x.own(attributions)
+            if masks is not None:  # each image's superpixels, so that a view can draw them
+                columns["feature_mask"] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(masks[:, 0].reshape(-1).cpu().numpy().astype(np.int16)), masks[0, 0].numel())
             features = len(self.features) if self.features and self.spec.storage.attributions != "summary" else None
             if features:
                 columns["feature_attribution"] = S.fixed_vectors(self.feature_attribution(method, attributions), features)
-            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens, features)
+            schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens, features,
+                                           masks[0, 0].numel() if masks is not None else None)
             pieces.append(S.table_from_columns(schema, columns))
             if rank == 0 and chosen.any():
                 sampled = self._sampled_checks(method, x, attributions, target, ids, key, chosen)

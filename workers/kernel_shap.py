@@ -60,19 +60,31 @@ class BatchedKernelShap:
         ``perturbations_per_eval`` coalitions are evaluated per model call, for every
         instance and background row at once.
         """
-        mask = _feature_mask(feature_mask, inputs)
+        mask = _feature_mask(feature_mask, inputs)  # one per instance, or one for all
+        if mask.dim() == inputs.dim():
+            # Each instance its own features (superpixels, a number of them per image): one
+            # instance at a time, each drawing its own coalitions (one image's segments are not
+            # another's). Captum's own loop draws the same way but also draws for the model it
+            # fits per instance, so from the second instance on the draws differ from its.
+            targets = _target_column(target, inputs.shape[0], inputs.device)
+            pieces = []
+            for i in range(inputs.shape[0]):
+                pieces.append(self.attribute(inputs[i : i + 1], baselines, targets[i : i + 1], additional_forward_args,
+                                             mask[i : i + 1], n_samples, perturbations_per_eval, return_input_shape))
+            return torch.cat(pieces)
         groups = int(mask.max().item()) + 1
-        if groups < 2:
-            raise MethodError(f"kernel_shap needs at least two features (groups) to share the output between; "
-                              f"the feature mask has {groups}")
-        coalitions, weights = _merge_repeats(*self._coalitions(inputs, groups, n_samples))
         background = _background(baselines, inputs)
+        if groups == 1:  # one feature takes the whole gap (Captum's sampler cannot draw from one)
+            coalitions, weights = torch.tensor([[1], [0]], device=inputs.device), torch.ones(2, device=inputs.device)
+        else:
+            coalitions, weights = _merge_repeats(*self._coalitions(inputs, groups, n_samples))
         outputs = self._outputs(inputs, background, coalitions, mask, target, additional_forward_args,
                                 max(1, perturbations_per_eval))
         coefficients = _weighted_least_squares(coalitions, weights, outputs)  # (n, groups)
         if not return_input_shape:
             return coefficients.to(inputs.dtype)
-        return coefficients[:, mask.reshape(-1)].reshape(inputs.shape).to(inputs.dtype)
+        per_value = mask.reshape(mask.shape[0] if mask.dim() == inputs.dim() else 1, -1).expand(inputs.shape[0], -1)
+        return coefficients.gather(1, per_value).reshape(inputs.shape).to(inputs.dtype)
 
     def _coalitions(self, inputs: torch.Tensor, groups: int, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n_samples`` coalitions (0/1 per group) and their kernel weights, drawn as Captum's
@@ -92,15 +104,16 @@ class BatchedKernelShap:
         """``(n, samples)``: each instance's target output on each coalition, averaged over
         the background rows."""
         n, samples, rows = inputs.shape[0], coalitions.shape[0], background.shape[0]
-        flat_mask = mask.reshape(-1)
+        # (n or 1, width): an instance's own mask (superpixels), or one for the batch.
+        flat_mask = mask.reshape(mask.shape[0] if mask.dim() == inputs.dim() else 1, -1)
         x = inputs.reshape(n, 1, 1, -1)
         b = background.reshape(1, 1, rows, -1)
         target = _target_column(target, n, inputs.device)
         pieces = []
         for start in range(0, samples, per_eval):
-            chosen = coalitions[start : start + per_eval][:, flat_mask].bool()  # (k, width)
+            chosen = coalitions[start : start + per_eval][:, flat_mask].bool()  # (k, n or 1, width)
             k = chosen.shape[0]
-            keep = chosen.reshape(1, k, 1, -1)
+            keep = chosen.transpose(0, 1).unsqueeze(2)  # (n or 1, k, 1, width)
             perturbed = torch.where(keep, x, b).reshape((n * k * rows,) + tuple(inputs.shape[1:]))
             args = () if additional_forward_args is None else tuple(
                 a.repeat_interleave(k * rows, dim=0) if isinstance(a, torch.Tensor) else a
@@ -125,15 +138,17 @@ def _merge_repeats(coalitions: torch.Tensor, weights: torch.Tensor) -> tuple[tor
 
 
 def _feature_mask(feature_mask: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
-    """Group index per input value, shaped like one instance (every value its own by default)."""
+    """Group index per input value: shaped like one instance (every value its own by default),
+    or ``(n, *instance shape)``, each instance its own (superpixels)."""
     width = inputs[0].numel()
     if feature_mask is None:
         return torch.arange(width, device=inputs.device).reshape(inputs.shape[1:])
     mask = feature_mask.to(inputs.device)
     if mask.shape[0] == 1 and mask.dim() == inputs.dim():
         mask = mask[0]
-    if mask.numel() != width:
-        raise MethodError(f"the feature mask has {mask.numel()} values; one instance has {width}")
+    per_instance = mask.dim() == inputs.dim()
+    if (mask[0].numel() if per_instance else mask.numel()) != width or (per_instance and mask.shape[0] != inputs.shape[0]):
+        raise MethodError(f"the feature mask has shape {tuple(mask.shape)}; the inputs {tuple(inputs.shape)}")
     return mask.long()
 
 

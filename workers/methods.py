@@ -14,6 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import (
     LRP,
@@ -336,6 +337,24 @@ class BoundMethod:
     """The run's background rows as model inputs, when the baseline is drawn from them."""
     feature_mask: torch.Tensor | None = None
     """``(1, *input_shape)``: each input value's feature, for methods that perturb features."""
+    superpixels: dict[str, Any] | None = None
+    """SLIC's arguments when each image's features are its own superpixels (:meth:`feature_masks`)."""
+
+    def feature_masks(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """``(n, *input_shape)``: each image's superpixels (SLIC on the image, channels last),
+        for a method whose features are superpixels; else None (one mask for every instance)."""
+        if self.superpixels is None:
+            return None
+        from skimage.segmentation import slic
+
+        images = inputs.detach().cpu().numpy()
+        masks = np.empty(images.shape, dtype=np.int64)
+        for i, image in enumerate(images):
+            channels_last = np.moveaxis(image, 0, -1)
+            segments = slic(channels_last if image.shape[0] > 1 else channels_last[..., 0],
+                            channel_axis=-1 if image.shape[0] > 1 else None, start_label=0, **self.superpixels)
+            masks[i] = segments[None]
+        return torch.from_numpy(masks).to(inputs.device)
 
     @property
     def stochastic(self) -> bool:
@@ -346,14 +365,16 @@ class BoundMethod:
         return self.method.has_convergence_delta
 
     def perturbation_count(self, kwargs: dict[str, Any]) -> int:
+        # (with superpixels, the batch's own masks in kwargs: their largest segment number)
         """Perturbations of one instance that a call can batch: occlusion windows, features
         (one ablation each), or samples (LIME's and Kernel SHAP's)."""
         if self.method.sliding_window:
             return occlusion_window_count(self.input_shape, kwargs["sliding_window_shapes"], kwargs["strides"])
         if self.method.samples_are_perturbations:
             return kwargs["n_samples"]
-        if self.feature_mask is not None:
-            return int(self.feature_mask.max().item()) + 1
+        mask = kwargs.get("feature_mask", self.feature_mask)
+        if mask is not None:
+            return int(mask.max().item()) + 1
         return int(torch.tensor(self.input_shape).prod().item())
 
     def baseline_rows(self) -> int:
@@ -386,14 +407,17 @@ class BoundMethod:
             return torch.full_like(inputs[:1], self.baseline)
         return self.baseline
 
-    def call_kwargs(self, inputs: torch.Tensor) -> dict[str, Any]:
-        """The ``attribute`` keyword arguments for a (sub-)batch, chunk sizes included."""
+    def call_kwargs(self, inputs: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, Any]:
+        """The ``attribute`` keyword arguments for a (sub-)batch, chunk sizes included
+        (``masks``: the sub-batch's own superpixels, when its features are those)."""
         kwargs = dict(self.kwargs)
         batch = inputs.shape[0]
         method = self.method
         if method.takes_baselines:
             kwargs["baselines"] = self.baselines(inputs)
-        if method.perturbs_features and self.feature_mask is not None:
+        if masks is not None:
+            kwargs["feature_mask"] = masks
+        elif method.perturbs_features and self.feature_mask is not None:
             kwargs["feature_mask"] = self.feature_mask
         if method.internal_batch_parameter and method.internal_batch_parameter not in kwargs:
             # Captum evaluates batch × n_steps scaled inputs: all at once thrashes (or
@@ -423,9 +447,10 @@ class BoundMethod:
         kwargs = self.call_kwargs(inputs[:1])
         return max(1, self.chunk_rows // self.rows_per_instance(kwargs))
 
-    def __call__(self, inputs: torch.Tensor, target: torch.Tensor):
+    def __call__(self, inputs: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None = None):
         """Attributions shaped like the input (or the layer, for layer methods), and the
-        convergence delta per instance (or None).
+        convergence delta per instance (or None). ``masks``: each instance's superpixels
+        (:meth:`feature_masks`), for a method whose features are those.
 
         The batch is cut into sub-batches that fit the chunk budget. For deterministic
         methods this changes nothing but speed; stochastic methods draw their samples per
@@ -435,14 +460,17 @@ class BoundMethod:
         # backward pass down to its layer, not through the layers below it; a perturbation
         # method none at all.
         inputs = inputs.detach().requires_grad_(not (self.method.layer_method or self.method.perturbs_features))
+        if masks is None:
+            masks = self.feature_masks(inputs)
         size = self.sub_batch_size(inputs)
         pieces, deltas = [], []
         for start in range(0, inputs.shape[0], size):
             x, t = inputs[start : start + size], target[start : start + size]
+            m = None if masks is None else masks[start : start + size]
             if self.method.sums_targets:
-                result = self.attribution.attribute(x, additional_forward_args=(t,), **self.call_kwargs(x))
+                result = self.attribution.attribute(x, additional_forward_args=(t,), **self.call_kwargs(x, m))
             else:
-                result = self.attribution.attribute(x, target=t, **self.call_kwargs(x))
+                result = self.attribution.attribute(x, target=t, **self.call_kwargs(x, m))
             if self.returns_delta:
                 result, delta = result
                 if delta.numel() != x.shape[0]:
@@ -541,8 +569,30 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
     if spec.noise_tunnel is not None:
         attribution = NoiseTunnel(attribution)
         nt_kwargs = spec.noise_tunnel.model_dump()
-    if method.perturbs_features and feature_mask is None and len(input_shape) == 3:
-        feature_mask = grid_feature_mask(input_shape, default_occlusion_window(input_shape)[1:])
+    superpixels = None
+    if spec.feature_mask is not None:
+        if not method.perturbs_features:
+            raise MethodError(f"{name}: {spec.method} perturbs no features; feature_mask is for "
+                              f"{sorted(n for n, m in METHODS.items() if m.perturbs_features)}")
+        if feature_mask is not None:
+            raise MethodError(f"{name}: a tabular run's features are its columns (dataset.feature_groups "
+                              "groups them); feature_mask is for images: remove it")
+        if len(input_shape) != 3:
+            raise MethodError(f"{name}: feature_mask groups an image's pixels, and this input has shape "
+                              f"{list(input_shape)}, not (channels, height, width)")
+        if spec.feature_mask.kind == "superpixels":
+            import importlib.util
+
+            if importlib.util.find_spec("skimage") is None:
+                raise MethodError(f"{name}: superpixels are SLIC's, from scikit-image, which is not installed: "
+                                  "pip install 'netloupe[superpixels]'")
+            superpixels = {"n_segments": spec.feature_mask.segments, "compactness": spec.feature_mask.compactness}
+    if method.perturbs_features and feature_mask is None and superpixels is None and len(input_shape) == 3:
+        cell = (spec.feature_mask.cell if spec.feature_mask is not None and spec.feature_mask.cell
+                else default_occlusion_window(input_shape)[1:])
+        if len(cell) != 2 or min(cell) < 1:
+            raise MethodError(f"{name}: feature_mask.cell is a cell's [height, width] in pixels, got {cell}")
+        feature_mask = grid_feature_mask(input_shape, tuple(cell))
     kwargs = {**method.defaults, **spec.params}
     return BoundMethod(
         method=method,
@@ -556,6 +606,7 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         background=background if spec.baseline in ("background", "mean") else None,
         feature_mask=(feature_mask.reshape((1,) + tuple(input_shape))
                       if method.perturbs_features and feature_mask is not None else None),
+        superpixels=superpixels,
     )
 
 
