@@ -91,7 +91,12 @@ def cmd_methods(_args) -> int:
         home = "captum.attr" if home.startswith("captum.") else home  # Captum's public path, not its _core
         print(f"{method.name}  ({home}.{method.captum_class.__name__})" + (f"  [{', '.join(flags)}]" if flags else ""))
         if method.takes_baselines:
-            print(f"    {'baseline':24s} {baseline_default()!r}, the method's own 'baseline' field (a constant input)")
+            print(f"    {'baseline':24s} {baseline_default()!r}, the method's own 'baseline' field (a constant input"
+                  + (", or 'background' / 'mean' of the run's background rows)" if method.baselines_as_distribution
+                     else ", or 'mean' of the run's background rows)"))
+        if method.perturbs_features:
+            print(f"    {'feature_mask':24s} a tabular run's features (dataset.feature_groups); an image's grid cells "
+                  "or superpixels (the method's own 'feature_mask' field)")
         for parameter in method.parameter_defaults():
             print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
     print("any Captum method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")

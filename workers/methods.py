@@ -150,10 +150,13 @@ class AttributionMethod:
 
     def attribute_parameters(self) -> list[str]:
         """Names a job spec may set in ``params`` (those of Captum's ``attribute``)."""
-        reserved = {"self", "inputs", "target", "baselines", "additional_forward_args",
-                    "return_convergence_delta", "attribute_to_layer_input", "show_progress"}
-        names = inspect.signature(self.captum_class.attribute).parameters
-        return [n for n in names if n not in reserved]
+        # feature_mask is the method spec's own field (an image's grid or superpixels; a
+        # tabular run's feature groups), return_input_shape netloupe's to keep.
+        reserved = {"self", "inputs", "target", "baselines", "additional_forward_args", "feature_mask",
+                    "return_convergence_delta", "attribute_to_layer_input", "show_progress", "return_input_shape"}
+        parameters = inspect.signature(self.captum_class.attribute).parameters
+        return [n for n, p in parameters.items()
+                if n not in reserved and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
     def parameter_defaults(self) -> list["ParameterDefault"]:
         """Each ``params`` name with the value netloupe uses when the spec does not set it,
@@ -161,7 +164,8 @@ class AttributionMethod:
         signature = inspect.signature(self.captum_class.attribute).parameters
         chosen = {
             self.internal_batch_parameter: "the worker's chunk size (measured on its first batch)",
-            self.perturbations_parameter: "as many windows as fit the worker's chunk",
+            self.perturbations_parameter: ("as many windows as fit the worker's chunk" if self.sliding_window
+                                           else "as many perturbations as fit the worker's chunk"),
         }
         if self.sliding_window:
             chosen["sliding_window_shapes"] = "all channels x about 1/7 of each side"
