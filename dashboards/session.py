@@ -22,7 +22,14 @@ import pandas as pd
 import pyarrow as pa
 
 from netloupe.contract.errors import NetloupeError, did_you_mean
-from netloupe.storage.catalog import QueryError, catalog_manifest, feature_attributions_view, open_catalog, run_query
+from netloupe.storage.catalog import (
+    QueryError,
+    catalog_manifest,
+    feature_attributions_view,
+    has_feature_values,
+    open_catalog,
+    run_query,
+)
 from netloupe.storage.instance import InstanceRecord, NoSuchInstance, read_instance
 
 _POINTS: dict[tuple, pd.DataFrame] = {}
@@ -462,7 +469,8 @@ class RunSession:
     def features(self) -> pd.DataFrame:
         """A tabular run's features in model order (``feature``, ``kind``, ``categories``);
         empty for other runs, and for a run that stored no per-feature values (summary storage)."""
-        if not self.manifest.dataset.feature_columns or self.manifest.spec["storage"]["attributions"] == "summary":
+        if (not self.manifest.dataset.feature_columns or self.manifest.spec["storage"]["attributions"] == "summary"
+                or not has_feature_values(self.con)):
             return pd.DataFrame({"feature": [], "kind": [], "categories": []})
         return run_query(self.con, "SELECT feature, kind, categories FROM features ORDER BY position").to_pandas()
 

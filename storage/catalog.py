@@ -261,11 +261,23 @@ def _insert_features(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -> N
             ("columns", pa.list_(pa.string())), ("categories", pa.list_(pa.string()))]))).insert_into("features")
 
 
+def has_feature_values(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the run stores values per feature (a tabular run made since they exist: older
+    ones have neither the ``features`` table nor the columns, and open without the views)."""
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'instances' AND column_name = 'feature_value'"
+    ).fetchall()[0][0])
+
+
 def _create_feature_views(con: duckdb.DuckDBPyConnection, manifest: RunManifest) -> None:
     """A tabular run's long feature views, ``feature_attributions_<method>``, over the
     ``attributions_<method>`` and ``instances`` views of ``con``'s first schema."""
-    if manifest.dataset.feature_columns and manifest.spec["storage"]["attributions"] != "summary":
+    if (manifest.dataset.feature_columns and manifest.spec["storage"]["attributions"] != "summary"
+            and has_feature_values(con)):
         for method in manifest.model.attribution_shapes:
+            if not con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = ? AND column_name = "
+                               "'feature_attribution'", [attributions_view(method)]).fetchall()[0][0]:
+                continue  # a layer method's map (grad_cam) has no value per feature
             con.execute(FEATURE_VIEW_SQL.format(view=feature_attributions_view(method),
                                                 attributions=attributions_view(method))).fetchall()
 

@@ -46,8 +46,11 @@ def grouped_table(n: int = 40, seed: int = 0) -> pa.Table:
     columns = {"row_id": pa.array(np.arange(500, 500 + n, dtype=np.int64)), "x0": numbers[:, 0], "x1": numbers[:, 1]}
     for j, name in enumerate(COLORS):
         columns[f"color={name}"] = (color == j).astype(np.float32)
+        columns[f"color={name}"][7] = 0.0  # a person of no listed colour: no category, not an error
     columns["label"] = pa.array(rng.integers(0, 2, n).astype(np.int64))
-    columns["color"] = pa.array(COLORS[color].astype(object))
+    names = COLORS[color].astype(object)
+    names[7] = "none"
+    columns["color"] = pa.array(names)
     return pa.table(columns)
 
 
@@ -253,6 +256,8 @@ def test_the_long_feature_view_and_its_operators(runs):
     assert [r["feature"] for r in first] == ["color", "x0", "x1"]
     assert first[0]["category"] == table["color"][0].as_py() and first[0]["value"] is None
     assert first[1]["value"] == pytest.approx(table["x0"][0].as_py()) and first[1]["category"] is None
+    colourless = view.filter(pa.compute.equal(view["instance_id"], 507)).to_pylist()[0]
+    assert colourless["feature"] == "color" and colourless["category"] is None
     # Global importance: mean |attribution| per feature, over a subset.
     red = (table["color"].to_numpy(zero_copy_only=False) == "red")
     importance = {r["feature"]: r for r in run_query(
@@ -321,7 +326,8 @@ def test_the_dashboard_s_feature_views_show_the_stored_values(runs):
     kept = session.feature_importance("kernel_shap", "reds")
     assert set(kept["subset"]) == {"reds"} and kept["instances"].max() == (table["color"].to_numpy(zero_copy_only=False) == "red").sum()
     dependence = session.feature_dependence("kernel_shap", "color")
-    assert len(dependence) == table.num_rows and set(dependence["category"]) == set(table["color"].to_pylist())
+    assert len(dependence) == table.num_rows
+    assert set(dependence["category"].dropna()) == set(table["color"].to_pylist()) - {"none"}
     with pytest.raises(Exception, match="did you mean"):
         session.feature_dependence("kernel_shap", "colour")
 

@@ -142,8 +142,10 @@ class BatchExplainer:
         self.sample_rate = min(1.0, sampled / max(1, dataset.num_rows)) if sampled else 0.0
         self.features = dataset.features
         """A tabular run's features (a categorical's one-hot columns are one); else empty."""
+        # (a text run has no baseline rows to decode: its methods refuse data baselines themselves)
         self.background: torch.Tensor | None = (
-            torch.from_numpy(self.decoder(dataset.background)).to(device) if dataset.background is not None else None)
+            torch.from_numpy(self.decoder(dataset.background)).to(device)
+            if dataset.background is not None and not dataset.text_column else None)
         """The run's background rows as model inputs, for baselines drawn from the data."""
 
     # -- the model's answers -------------------------------------------------------------
@@ -251,7 +253,7 @@ class BatchExplainer:
     def feature_attribution(self, method: BoundMethod, attributions: torch.Tensor) -> np.ndarray:
         """``(n, features)``: a perturbation method's value per feature (Captum repeats it on
         each of the feature's columns: their mean), a gradient method's sum over the columns."""
-        members = torch.from_numpy(membership(self.features, attributions.shape[1])).to(attributions)
+        members = torch.from_numpy(membership(self.features, attributions[0].numel())).to(attributions)
         if method.method.perturbs_features:
             members = members / members.sum(dim=0, keepdim=True)
         return (attributions.reshape(attributions.shape[0], -1) @ members).cpu().numpy()
@@ -410,10 +412,14 @@ class BatchExplainer:
             tokens = texts and self.spec.storage.attributions != "summary"
             if tokens:
                 columns["token_attribution"] = x.own(attributions)
+            if masks is not None and self.spec.storage.attributions == "summary":
+                masks = None  # summary storage keeps no maps, nor the masks to draw them
             if masks is not None:  # each image's superpixels, so that a view can draw them
                 columns["feature_mask"] = pa.FixedSizeListArray.from_arrays(
                     pa.array(masks[:, 0].reshape(-1).cpu().numpy().astype(np.int16)), masks[0, 0].numel())
-            features = len(self.features) if self.features and self.spec.storage.attributions != "summary" else None
+            features = (len(self.features) if self.features and self.spec.storage.attributions != "summary"
+                        and not method.method.layer_method and attributions[0].numel() == len(self.dataset.feature_columns)
+                        else None)
             if features:
                 columns["feature_attribution"] = S.fixed_vectors(self.feature_attribution(method, attributions), features)
             schema = S.attributions_schema(width, self.dataset.id_type, steps + 1 if steps else None, tokens, features,

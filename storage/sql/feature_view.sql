@@ -10,8 +10,9 @@ SELECT a.instance_id,
        f.feature,
        f.kind,
        CASE WHEN f.kind = 'numeric' THEN i.feature_value[f.position + 1] END AS value,
-       CASE WHEN f.kind = 'categorical' THEN f.categories[CAST(i.feature_value[f.position + 1] AS INTEGER) + 1] END
-           AS category,
+       -- NaN where a categorical has no hot column (or several): no category, not an error
+       CASE WHEN f.kind = 'categorical' AND NOT isnan(i.feature_value[f.position + 1])
+            THEN f.categories[CAST(i.feature_value[f.position + 1] AS INTEGER) + 1] END AS category,
        a.feature_attribution[f.position + 1] AS attribution
 FROM {attributions} AS a
 JOIN instances AS i USING (instance_id)
