@@ -92,6 +92,25 @@ def measured_run(command: list[str], name: str) -> tuple[float, MemorySampler]:
     return wall, sampler
 
 
+def timed_queries(run_dir: Path, queries: dict[str, str]) -> dict[str, float]:
+    """Each query's warm median of 3 (seconds) through the run's catalog (what ``netloupe sql`` opens)."""
+    import statistics
+
+    from netloupe.storage.catalog import open_catalog, run_query
+
+    catalog = open_catalog(run_dir)
+    timed = {}
+    for name, sql in queries.items():
+        run_query(catalog, sql)  # warm
+        seconds = []
+        for _ in range(3):
+            started = time.perf_counter()
+            run_query(catalog, sql)
+            seconds.append(time.perf_counter() - started)
+        timed[name] = statistics.median(seconds)
+    return timed
+
+
 def run_once(rows: int, workers: int, out_root: Path) -> dict:
     name = f"scale-{rows}-w{workers}"
     command = NETLOUPE + ["run", str(ROOT / "examples/mnist-scale.yaml"), "--force", "--no-progress",

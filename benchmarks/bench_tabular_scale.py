@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_scale import NETLOUPE, measured_run  # noqa: E402
+from bench_scale import NETLOUPE, measured_run, timed_queries  # noqa: E402
 
 from netloupe.storage.layout import RunLayout  # noqa: E402
 
@@ -118,22 +116,6 @@ def run_once(rows: int, samples: int, background: int, directory: Path) -> tuple
             "workers_total_peak_gib": sampler.workers_total_peak / 2**30}, run_dir
 
 
-def operators(run_dir: Path) -> dict:
-    from netloupe.storage.catalog import open_catalog, run_query
-
-    catalog = open_catalog(run_dir)
-    timed = {}
-    for name, sql in OPERATORS.items():
-        run_query(catalog, sql)  # warm
-        seconds = []
-        for _ in range(3):
-            started = time.perf_counter()
-            run_query(catalog, sql)
-            seconds.append(time.perf_counter() - started)
-        timed[name] = statistics.median(seconds)
-    return timed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stability", action="store_true")
@@ -154,7 +136,7 @@ def main() -> None:
     results = []
     for rows in [int(s) for s in args.sizes.split(",")]:
         result, run_dir = run_once(rows, args.samples, args.background, directory)
-        result.update(operators(run_dir))
+        result.update(timed_queries(run_dir, OPERATORS))
         results.append(result)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
         if not args.keep:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_scale import NETLOUPE, measured_run  # noqa: E402
+from bench_scale import NETLOUPE, measured_run, timed_queries  # noqa: E402
 
 from netloupe.storage.layout import RunLayout  # noqa: E402
 
@@ -88,18 +86,8 @@ def operators(run_dir: Path, method: str) -> dict:
     """Each operator's warm median of 3 (seconds) through the run's catalog, and the token rows."""
     from netloupe.storage.catalog import open_catalog, run_query
 
-    catalog = open_catalog(run_dir)
-    timed = {"tokens": run_query(catalog, "SELECT sum(length)::BIGINT AS n FROM tokens")["n"][0].as_py()}
-    for name, sql in OPERATORS.items():
-        query = sql.format(m=method)
-        run_query(catalog, query)  # warm
-        seconds = []
-        for _ in range(3):
-            started = time.perf_counter()
-            run_query(catalog, query)
-            seconds.append(time.perf_counter() - started)
-        timed[name] = statistics.median(seconds)
-    return timed
+    tokens = run_query(open_catalog(run_dir), "SELECT sum(length)::BIGINT AS n FROM tokens")["n"][0].as_py()
+    return {"tokens": tokens, **timed_queries(run_dir, {name: sql.format(m=method) for name, sql in OPERATORS.items()})}
 
 
 def main() -> None:

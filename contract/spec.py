@@ -223,6 +223,10 @@ class NoiseTunnelSpec(StrictModel):
     """Standard deviation of the Gaussian noise, in model-input units."""
 
 
+DATA_BASELINES = ("background", "mean")
+"""The ``baseline`` values drawn from the run's background rows (not a constant)."""
+
+
 class FeatureMaskSpec(StrictModel):
     """How the perturbation methods (kernel_shap, lime, feature_ablation,
     shapley_value_sampling) group an image's pixels into features. (A tabular run's features
@@ -255,7 +259,7 @@ class MethodSpec(StrictModel):
     """The layer for layer methods (grad_cam)."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the Captum ``attribute`` call (``n_steps``, ``sliding_window_shapes``...)."""
-    baseline: float | Literal["background", "mean"] = 0.0
+    baseline: float | Literal[DATA_BASELINES] = 0.0
     """The reference input of methods that take one (IG, DeepLift, GradientSHAP, Occlusion,
     the perturbation methods): a constant value; ``background``, the run's background rows
     (see ``background``) as a distribution, for the methods that average over one (Kernel

@@ -142,10 +142,12 @@ class RunSession:
             if algorithm not in self.algorithms(kind, source):
                 raise SessionError(f"no {algorithm} projection of {kind} {source!r}; projected: "
                                    f"{self.projections} with {self.algorithms(kind, source) or 'nothing'}")
-            # Column names come from the fixed list of algorithms above, never from input.
+            # Column names come from the fixed list of algorithms above, never from input. A
+            # tabular run's values per feature stay out: an array per point, a million of them.
+            dropped = ", feature_value" if has_feature_values(self.con) else ""
             table = run_query(self.con, f"""
                 SELECT p.instance_id, p.{algorithm}_x AS x, p.{algorithm}_y AS y, i.* EXCLUDE (instance_id,
-                       probabilities, node_id, device)
+                       probabilities, node_id, device{dropped})
                 FROM projections p JOIN instances i USING (instance_id)
                 WHERE p.kind = ? AND p.source = ? AND isfinite(p.{algorithm}_x) AND isfinite(p.{algorithm}_y)
             """, [kind, source])

@@ -16,12 +16,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from netloupe.contract.errors import DatasetError
-from netloupe.contract.spec import JobSpec
+from netloupe.contract.spec import DATA_BASELINES, JobSpec
 from netloupe.storage.catalog import driver_connection
 from netloupe.workers.inputs import ResolvedDataset
-
-DATA_BASELINES = ("background", "mean")
-"""The ``baseline`` values that need the background set."""
 
 
 def needs_background(spec: JobSpec) -> bool:

@@ -161,7 +161,7 @@ def stop_processes_of(marker: str | os.PathLike, timeout: float = 10) -> None:
 
     Ten seconds, not more: a Ray head's GCS server and autoscaler monitor outlive a SIGTERM by
     over a minute (measured: they were still up after 55 s while the raylet left in 12),
-    which cost the cluster tests a minute of teardown; ``ray stop`` itself gives 16 s."""
+    which cost the cluster tests a minute of teardown; Ray's own shutdown grace is 16 s."""
     processes = processes_of(marker)
     for process in list(processes):
         try:

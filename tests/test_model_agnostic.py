@@ -294,6 +294,10 @@ def test_methods_that_cannot_run_are_refused_before_any_worker(ray_local, tmp_pa
         with pytest.raises(MethodError, match=message):
             validate(spec)
         assert not (tmp_path / "runs" / "bad").exists()
+    one_row = parse_spec(_spec(path, tmp_path / "runs", "grouped_mlp", [{"method": "deeplift_shap", "baseline": "background"}],
+                               "bad", background={"size": 1}))
+    with pytest.raises(MethodError, match="at least two background rows"):
+        validate(one_row)
     bad_groups = _spec(path, tmp_path / "runs", "grouped_linear", LINEAR_METHODS, "bad")
     bad_groups["dataset"]["feature_groups"] = {"color": ["color=blue", "colour=red"]}
     with pytest.raises(Exception, match="colour=red"):
@@ -441,12 +445,12 @@ def test_superpixels_are_slic_s_and_each_image_is_explained_over_its_own(ray_loc
                     assert sum(per_segment.values()) == pytest.approx(float(gap[i]), abs=1e-3)
                 # ... and the first image of the batch is Captum's own from the part's seed (from the
                 # second on, Captum's loop also draws for the model it fits per image).
+                assert mask[0].max() > 0, "the batch's first image must have segments to draw coalitions of"
                 torch.manual_seed(batch_seed(SEED, key, name))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    first = (KernelShap(model).attribute(x[:1], baselines=0.0, target=int(target[0]), feature_mask=mask[:1],
-                                                         n_samples=24) if mask[0].max() > 0 else None)
-                if first is not None:
-                    np.testing.assert_allclose(got[:1], first.numpy(), atol=1e-4, err_msg=name)
+                    first = KernelShap(model).attribute(x[:1], baselines=0.0, target=int(target[0]),
+                                                        feature_mask=mask[:1], n_samples=24)
+                np.testing.assert_allclose(got[:1], first.numpy(), atol=1e-4, err_msg=name)
                 continue
             np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, err_msg=name)

@@ -98,14 +98,15 @@ def not_a_module():
 
 
 class SeededMLP(nn.Module):
-    """Eight features → ``fc1`` (6) → ``relu`` → ``head`` (3 classes), weights from a fixed seed."""
+    """``features`` → ``fc1`` (``hidden``) → ``relu`` → ``head`` (``classes``), weights drawn
+    from a fixed ``seed`` (by default eight features, 6 hidden, 3 classes)."""
 
-    def __init__(self):
+    def __init__(self, features: int = 8, hidden: int = 6, classes: int = 3, seed: int = 7):
         super().__init__()
-        generator = torch.Generator().manual_seed(7)
-        self.fc1 = nn.Linear(8, 6)
+        generator = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Linear(features, hidden)
         self.relu = nn.ReLU()
-        self.head = nn.Linear(6, 3)
+        self.head = nn.Linear(hidden, classes)
         with torch.no_grad():
             for layer in (self.fc1, self.head):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
@@ -331,26 +332,9 @@ def grouped_linear() -> nn.Module:
     return nn.Sequential(OrderedDict(fc=fixed_linear(GROUPED_W, GROUPED_B)))
 
 
-class GroupedMLP(nn.Module):
-    """Five columns → ``fc1`` (8) → ``relu`` → ``head`` (2 classes), weights from a fixed seed."""
-
-    def __init__(self):
-        super().__init__()
-        generator = torch.Generator().manual_seed(5)
-        self.fc1 = nn.Linear(5, 8)
-        self.relu = nn.ReLU()
-        self.head = nn.Linear(8, 2)
-        with torch.no_grad():
-            for layer in (self.fc1, self.head):
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
-
-    def forward(self, x):
-        return self.head(self.relu(self.fc1(x)))
-
-
 def grouped_mlp() -> nn.Module:
-    return GroupedMLP()
+    """Five columns (x0, x1, colour one-hot) → 8 hidden → 2 classes, seeded."""
+    return SeededMLP(features=5, hidden=8, classes=2, seed=5)
 
 
 class FlattenLinear(nn.Module):

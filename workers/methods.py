@@ -38,6 +38,7 @@ from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LIN
 from torch import nn
 
 from netloupe.contract.errors import MethodError, did_you_mean
+from netloupe.contract.spec import DATA_BASELINES
 from netloupe.workers.attention import AttentionRollout
 from netloupe.workers.kernel_shap import BatchedKernelShap
 from netloupe.workers.patch_grid import patch_grid_layer, patch_grid_of
@@ -544,6 +545,9 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         if key not in allowed:
             raise MethodError(f"{name}: {spec.method} has no parameter {key!r}; {did_you_mean(key, allowed)}")
     _check_baseline(spec, method)
+    if method.requires_distribution and background is not None and background.shape[0] < 2:
+        raise MethodError(f"{name}: {spec.method} averages over at least two background rows; "
+                          f"background.size is {background.shape[0]}: raise it")
     if method.checks_layers:
         _check_lrp_rules(name, model)
     if method.needs_relu_modules and not any(isinstance(m, nn.ReLU) for m in model.modules()):
@@ -607,7 +611,7 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         noise_tunnel=nt_kwargs,
         chunk_rows=chunk_rows,
         input_shape=tuple(input_shape),
-        background=background if spec.baseline in ("background", "mean") else None,
+        background=background if spec.baseline in DATA_BASELINES else None,
         feature_mask=(feature_mask.reshape((1,) + tuple(input_shape))
                       if method.perturbs_features and feature_mask is not None else None),
         superpixels=superpixels,
@@ -618,6 +622,8 @@ def _check_baseline(spec, method: AttributionMethod) -> None:
     """A baseline the method can use: a distribution only where it averages over one."""
     name = spec.table_name
     distribution = sorted(n for n, m in METHODS.items() if m.baselines_as_distribution)
+    if spec.baseline in DATA_BASELINES and not method.takes_baselines:
+        raise MethodError(f"{name}: {spec.method} takes no baseline; remove 'baseline'")
     if spec.baseline == "background" and not method.baselines_as_distribution:
         raise MethodError(f"{name}: baseline 'background' is a distribution of rows, and {spec.method} takes one "
                           f"baseline; use baseline: mean (the background's mean) or a constant, or one of "
@@ -625,8 +631,6 @@ def _check_baseline(spec, method: AttributionMethod) -> None:
     if method.requires_distribution and spec.baseline != "background":
         raise MethodError(f"{name}: {spec.method} averages DeepLift over a distribution of baselines; "
                           "set baseline: background (the run's background rows)")
-    if spec.baseline in ("background", "mean") and not method.takes_baselines:
-        raise MethodError(f"{name}: {spec.method} takes no baseline; remove 'baseline'")
 
 
 def _check_lrp_rules(name: str, model: nn.Module) -> None:
