@@ -244,6 +244,22 @@ class FeatureMaskSpec(StrictModel):
     to 0-1, ~10 for 0-255)."""
 
 
+class LrpRuleSpec(StrictModel):
+    """One propagation rule of Captum's LRP (``captum.attr._utils.lrp_rules``)."""
+
+    rule: Literal["epsilon", "gamma", "alpha1_beta0", "identity"]
+    """``epsilon`` (LRP-ε: Captum's default for linear, convolution and pooling layers),
+    ``gamma`` (LRP-γ: favours positive contributions, for lower convolutions),
+    ``alpha1_beta0`` (LRP-α1β0: positive contributions only), ``identity`` (passes relevance
+    through unchanged)."""
+    epsilon: float = Field(default=1e-9, gt=0)
+    """epsilon: the stabiliser added to the denominator (larger: sparser, less noisy maps)."""
+    gamma: float = Field(default=0.25, ge=0)
+    """gamma: how much positive weights are favoured."""
+    set_bias_to_zero: bool = False
+    """gamma, alpha1_beta0: ignore the layer's bias in the propagation."""
+
+
 class MethodSpec(StrictModel):
     """One attribution method to run on every instance."""
 
@@ -268,6 +284,10 @@ class MethodSpec(StrictModel):
     """Wrap the method in a noise tunnel."""
     feature_mask: FeatureMaskSpec | None = None
     """An image's features for the perturbation methods: grid cells (the default) or superpixels."""
+    rules: dict[str, LrpRuleSpec] = Field(default_factory=dict)
+    """lrp: the propagation rule per module, keyed by module path (``features.0``) or by module
+    class (``Conv2d``), a path winning over its class; modules not named keep their own
+    ``rule`` attribute, else Captum's default for their class (ε)."""
 
     @field_validator("name")
     @classmethod

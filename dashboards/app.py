@@ -30,6 +30,7 @@ from netloupe.dashboards.session import (
     Subset,
     blended_map,
     map_image,
+    segment_boundaries,
 )
 from netloupe.storage.catalog import QueryError
 
@@ -379,7 +380,8 @@ class InstanceView(pn.viewable.Viewer):
                                       "feature", "attribution").opts(title=method, width=360, height=240))
                 continue
             bound = shared if shared_scale else float(np.nanmax(np.abs(image))) or 1.0
-            images.append(self._map(method, image, bound, picture if over_input else None))
+            images.append(self._map(method, image, bound, picture if over_input else None,
+                                    detail.segments.get(method)))
         profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
                    .opts(title=f"{layer} activations", width=360, height=200, shared_axes=False)
                    for layer, v in detail.activations.items()]
@@ -404,18 +406,25 @@ class InstanceView(pn.viewable.Viewer):
         return signed_bars(frame["shown"].tolist(), frame["attribution"].to_numpy(), method, method)
 
     @staticmethod
-    def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None):
+    def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None,
+             segments: np.ndarray | None = None):
         """One map at the size of every other, over the input image when given (Captum's
         blended heat map: a patch map or a Grad-CAM covers the whole image), else on its own
-        cells with a colour bar; ``bound`` is the value drawn at full colour, either sign."""
+        cells with a colour bar; ``bound`` is the value drawn at full colour, either sign; a
+        method over the image's own superpixels draws their boundaries."""
         title = f"{method} (full colour at ±{bound:.3g})"
         if picture is not None:
-            blended = blended_map(picture, values, bound)
+            blended = blended_map(picture, values, bound, segments)
             return hv.RGB(blended[::-1], bounds=(0, 0, blended.shape[1], blended.shape[0])).opts(
                 title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None)
-        return hv.Image(values[::-1], bounds=(0, 0, values.shape[1], values.shape[0])).opts(
+        bounds = (0, 0, values.shape[1], values.shape[0])
+        heat = hv.Image(values[::-1], bounds=bounds).opts(
             cmap="RdBu_r", clim=(-bound, bound), title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None,
             yaxis=None, colorbar=True, tools=["hover"])
+        if segments is None:
+            return heat
+        lines = np.where(segment_boundaries(segments), 1.0, np.nan)[::-1]
+        return heat * hv.Image(lines, bounds=bounds).opts(cmap=["#ffd700"], clipping_colors={"NaN": "transparent"})
 
     def __panel__(self):
         detail = pn.bind(self._detail, self.dashboard.param.instance_id, self.over_input, self.shared_scale)

@@ -563,10 +563,15 @@ MAX_OPACITY = 0.85
 """A map's opacity over its input where its value is largest (the input still shows through)."""
 
 
-def blended_map(image: np.ndarray, values: np.ndarray, bound: float) -> np.ndarray:
+BOUNDARY = np.array([255, 215, 0])
+"""The colour of superpixel boundaries over a map (yellow, as scikit-image's ``mark_boundaries``)."""
+
+
+def blended_map(image: np.ndarray, values: np.ndarray, bound: float, segments: np.ndarray | None = None) -> np.ndarray:
     """An attribution map over its input image, as Captum's blended heat map: the input in gray,
     the map resized to it (bilinear: a 2x2 patch map or a 7x7 Grad-CAM covers the whole image)
-    in red toward the class and blue against, opaque in proportion to ``|value| / bound``.
+    in red toward the class and blue against, opaque in proportion to ``|value| / bound``;
+    with ``segments`` (the image's superpixel numbers), their boundaries drawn over it.
     ``(H, W)`` image and ``(h, w)`` map → ``(H, W, 3)`` uint8."""
     image = np.asarray(image, np.float64)
     span = image.max() - image.min()
@@ -574,7 +579,20 @@ def blended_map(image: np.ndarray, values: np.ndarray, bound: float) -> np.ndarr
     resized = resize_bilinear(np.asarray(values, np.float64), image.shape)
     alpha = (MAX_OPACITY * np.clip(np.abs(resized) / (bound or 1.0), 0, 1))[..., None]
     colour = np.where(resized[..., None] > 0, TOWARD, AGAINST)
-    return np.round((1 - alpha) * 255 * gray[..., None] + alpha * colour).astype(np.uint8)
+    blended = np.round((1 - alpha) * 255 * gray[..., None] + alpha * colour).astype(np.uint8)
+    if segments is not None:
+        blended[segment_boundaries(segments)] = BOUNDARY
+    return blended
+
+
+def segment_boundaries(segments: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: the pixels whose right or lower neighbour lies in another segment (a
+    one-pixel line between any two superpixels, none around the image's edge)."""
+    segments = np.asarray(segments)
+    edge = np.zeros(segments.shape, bool)
+    edge[:, :-1] |= segments[:, :-1] != segments[:, 1:]
+    edge[:-1, :] |= segments[:-1, :] != segments[1:, :]
+    return edge
 
 
 def resize_bilinear(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

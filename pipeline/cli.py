@@ -82,7 +82,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_methods(_args) -> int:
-    from netloupe.workers.methods import METHODS, baseline_default, flags_of, noise_tunnel_defaults
+    from netloupe.workers.methods import LRP_RULES, METHODS, baseline_default, flags_of, noise_tunnel_defaults
     from netloupe.workers.token_methods import TOKEN_METHODS
 
     for method in METHODS.values():
@@ -97,6 +97,9 @@ def cmd_methods(_args) -> int:
         if method.perturbs_features:
             print(f"    {'feature_mask':24s} a tabular run's features (dataset.feature_groups); an image's grid cells "
                   "or superpixels (the method's own 'feature_mask' field)")
+        if method.checks_layers:
+            print(f"    {'rules':24s} {{}}, the method's own 'rules' field: per module path or class, "
+                  f"one of {sorted(LRP_RULES)} (else the module's own rule, else Captum's ε)")
         for parameter in method.parameter_defaults():
             print(f"    {parameter.name:24s} {parameter.netloupe}{_captum_note(parameter)}")
     print("any Captum method can be wrapped in a noise tunnel: 'noise_tunnel: {nt_type, nt_samples, stdevs}'")

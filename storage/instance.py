@@ -40,6 +40,9 @@ class InstanceRecord:
     """A text's row of the tokens table (its tokens, ids and character spans), else None."""
     token_values: dict[str, np.ndarray] = field(default_factory=dict)
     """A text's value per own token for each method, of the first target."""
+    segments: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each method whose features are this image's own superpixels: its segment number per
+    pixel, ``(H, W)`` (a view draws their boundaries over the map)."""
 
     @property
     def instance_id(self):
@@ -69,6 +72,8 @@ def read_instance(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instanc
             continue
         if shape is not None:
             record.maps[method] = np.asarray(found[0]["attribution"], np.float32).reshape(shape)
+            if found[0].get("feature_mask") is not None:
+                record.segments[method] = np.asarray(found[0]["feature_mask"], np.int16).reshape(shape[-2:])
         if found[0].get("token_attribution") is not None:
             record.token_values[method] = np.asarray(found[0]["token_attribution"], np.float32)
         checks = {key: found[0].get(key) for key in FIDELITY_COLUMNS if key in found[0]}

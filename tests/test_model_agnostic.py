@@ -18,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from captum.attr import LRP, DeepLiftShap, FeatureAblation, GuidedBackprop, KernelShap, Lime, ShapleyValueSampling
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, GammaRule
 
 from netloupe.contract.errors import MethodError
 from netloupe.contract.spec import parse_spec
+from netloupe.dashboards.session import BOUNDARY, RunSession, blended_map, segment_boundaries
 from netloupe.pipeline.datasets import resolve_dataset
 from netloupe.pipeline.driver import run_job, validate
 from netloupe.pipeline.run_background import draw_background
@@ -83,6 +85,10 @@ MLP_METHODS = [
     {"method": "shapley_value_sampling", "params": {"n_samples": 2}},
     {"method": "deeplift_shap", "baseline": "background"},
     {"method": "guided_backprop"},
+    # Rules before the defaults: Captum keeps a module's rule once set, so this one's would
+    # leak into the next LRP's if netloupe did not set them anew per call.
+    {"method": "lrp", "name": "lrp_rules", "rules": {"Linear": {"rule": "gamma", "gamma": 0.5},
+                                                    "head": {"rule": "alpha1_beta0"}}},
     {"method": "lrp"},
 ]
 
@@ -176,15 +182,17 @@ def _captum(method: str, model, x: torch.Tensor, target: torch.Tensor, backgroun
         return DeepLiftShap(model).attribute(x.requires_grad_(), target=target, baselines=background)
     if method == "guided_backprop":
         return GuidedBackprop(model).attribute(x.requires_grad_(), target=target)
+    if method == "lrp_rules":  # the spec's rules, set by hand as Captum's docs do
+        model.fc1.rule, model.head.rule = GammaRule(gamma=0.5), Alpha1_Beta0_Rule()
     return LRP(model).attribute(x.requires_grad_(), target=target)
 
 
-@pytest.mark.parametrize("entry", MLP_METHODS, ids=lambda e: e["method"])
+@pytest.mark.parametrize("entry", MLP_METHODS, ids=lambda e: e.get("name", e["method"]))
 def test_stored_values_equal_captum_called_directly(runs, entry):
     """Per part (one batch), Captum on that batch with the seed netloupe derives from the part's
     key gives the stored values."""
     _, mlp, table = runs
-    method = entry["method"]
+    method = entry.get("name", entry["method"])
     model = grouped_mlp().eval()
     background = torch.from_numpy(_matrix(mlp.background()).astype(np.float32))
     by_id = {key: i for i, key in enumerate(table["row_id"].to_pylist())}
@@ -203,6 +211,35 @@ def test_stored_values_equal_captum_called_directly(runs, entry):
             expected = _captum(method, model, x, target, background, entry.get("params", {})).detach().numpy()
         got = vectors_to_numpy(stored["attribution"]).reshape(expected.shape)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5, err_msg=method)
+
+
+def test_lrp_rules_chosen_in_the_spec_change_the_map(runs):
+    _, mlp, _ = runs
+    _, ruled = _by_id(mlp, "lrp_rules", "attribution")
+    _, default = _by_id(mlp, "lrp", "attribution")
+    assert np.abs(ruled - default).max() > 1e-2
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ({"rule": "epsilon"}, [2.0, -2.0, 3.0]),  # x_i w_i
+    ({"rule": "alpha1_beta0"}, [1.2, 0.0, 1.8]),  # x_i w_i⁺ / Σ x_j w_j⁺ · y: positive parts only
+    ({"rule": "gamma", "gamma": 1.0}, [1.5, -0.75, 2.25]),  # x_i (w_i + γw_i⁺) · y / Σ_j: (4, -2, 6) · 3/8
+])
+def test_lrp_rules_by_hand_on_one_linear_layer(rule, expected):
+    """y = w·x with w = (1, -2, 3), x = (2, 1, 1), y = 3: each rule's relevances by hand, and
+    they add up to y; a second call gets the same (Captum deletes rules after each call)."""
+    from netloupe.contract.spec import MethodSpec
+    from netloupe.workers.methods import bind_method
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0]]))
+    bound = bind_method(MethodSpec(method="lrp", rules={"Linear": rule}), model, (3,), chunk_rows=64)
+    x, target = torch.tensor([[2.0, 1.0, 1.0]]), torch.tensor([0])
+    for _ in range(2):
+        got, delta = bound(x, target)
+        np.testing.assert_allclose(got[0].detach().numpy(), expected, atol=1e-5)
+        assert float(got.detach().sum()) == pytest.approx(3.0, abs=1e-5)
 
 
 def test_kernel_shap_converges_to_the_exact_shapley_values_of_a_nonlinear_model():
@@ -288,6 +325,9 @@ def test_methods_that_cannot_run_are_refused_before_any_worker(ray_local, tmp_pa
         ("grouped_linear", [{"method": "integrated_gradients", "baseline": "background"}], "baseline 'background'"),
         ("grouped_linear", [{"method": "kernel_shap", "params": {"feature_mask": [0, 0, 1, 1, 1]}}],
          "feature_mask"),
+        ("grouped_mlp", [{"method": "lrp", "rules": {"fc2": {"rule": "gamma"}}}], "no module path or class.*'fc1'"),
+        ("grouped_mlp", [{"method": "lrp", "rules": {"relu": {"rule": "gamma"}}}], "passes relevance through 'relu'"),
+        ("grouped_mlp", [{"method": "saliency", "rules": {"fc1": {"rule": "gamma"}}}], "saliency has none"),
     ]
     for factory, methods, message in cases:
         spec = parse_spec(_spec(path, tmp_path / "runs", factory, methods, "bad"))
@@ -308,7 +348,6 @@ def test_the_dashboard_s_feature_views_show_the_stored_values(runs):
     """The session behind the Features tab and the instance detail of a tabular run: one
     instance's values per feature with its original values, the importance per class and the
     dependence, each equal to the stored values."""
-    from netloupe.dashboards.session import RunSession
 
     linear, _, table = runs
     session = RunSession(linear.layout.root)
@@ -454,3 +493,24 @@ def test_superpixels_are_slic_s_and_each_image_is_explained_over_its_own(ray_loc
                 np.testing.assert_allclose(got[:1], first.numpy(), atol=1e-4, err_msg=name)
                 continue
             np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, err_msg=name)
+    # The instance view reads each superpixel method's segments with the map, and draws their
+    # boundaries (and only theirs) over it; a grid method has none.
+    key = table["key"][0].as_py()
+    detail = RunSession(run.layout.root).instance(key)
+    own = slic(images[by_key[key]][0], n_segments=4, compactness=0.1, channel_axis=None, start_label=0)
+    assert sorted(detail.segments) == ["ablation_superpixels", "kernel_shap_superpixels"]
+    assert (detail.segments["ablation_superpixels"] == own).all()
+    picture = images[by_key[key]][0]
+    drawn = blended_map(picture, detail.maps["ablation_superpixels"][0], 1.0, detail.segments["ablation_superpixels"])
+    plain = blended_map(picture, detail.maps["ablation_superpixels"][0], 1.0)
+    changed = (drawn != plain).any(axis=-1) | (drawn == BOUNDARY).all(axis=-1)
+    assert (changed == segment_boundaries(own)).all() and changed.any()
+
+
+def test_segment_boundaries_are_the_pixels_next_to_another_segment():
+    segments = np.array([[0, 0, 1],
+                         [0, 0, 1],
+                         [2, 2, 2]])
+    assert segment_boundaries(segments).tolist() == [[False, True, False],
+                                                     [True, True, True],
+                                                     [False, False, False]]

@@ -10,6 +10,8 @@ arguments (baselines, chunk sizes) and never re-implements a method.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ from captum.attr import (
 )
 from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule
 from torch import nn
 
 from netloupe.contract.errors import MethodError, did_you_mean
@@ -344,6 +347,8 @@ class BoundMethod:
     """``(1, *input_shape)``: each input value's feature, for methods that perturb features."""
     superpixels: dict[str, Any] | None = None
     """SLIC's arguments when each image's features are its own superpixels (:meth:`feature_masks`)."""
+    lrp_rules: dict[nn.Module, Any] | None = None
+    """LRP: each rule-bearing module's rule, made anew before every call (:func:`lrp_rule_plan`)."""
 
     def feature_masks(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """``(n, *input_shape)``: each image's superpixels (SLIC on the image, channels last),
@@ -465,6 +470,8 @@ class BoundMethod:
         # backward pass down to its layer, not through the layers below it; a perturbation
         # method none at all.
         inputs = inputs.detach().requires_grad_(not (self.method.layer_method or self.method.perturbs_features))
+        if self.lrp_rules is not None:
+            attach_lrp_rules(self.lrp_rules)
         if masks is None:
             masks = self.feature_masks(inputs)
         size = self.sub_batch_size(inputs)
@@ -548,8 +555,12 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
     if method.requires_distribution and background is not None and background.shape[0] < 2:
         raise MethodError(f"{name}: {spec.method} averages over at least two background rows; "
                           f"background.size is {background.shape[0]}: raise it")
+    lrp_rules = None
     if method.checks_layers:
         _check_lrp_rules(name, model)
+        lrp_rules = lrp_rule_plan(name, spec.rules, model)
+    elif spec.rules:
+        raise MethodError(f"{name}: rules are LRP's propagation rules and {spec.method} has none; remove 'rules'")
     if method.needs_relu_modules and not any(isinstance(m, nn.ReLU) for m in model.modules()):
         raise MethodError(f"{name}: {spec.method} overrides the gradient of nn.ReLU modules and this model has "
                           "none (it may call torch.relu): it would get plain gradients; use saliency, or "
@@ -615,6 +626,7 @@ def bind_method(spec, model: nn.Module, input_shape: tuple[int, ...], chunk_rows
         feature_mask=(feature_mask.reshape((1,) + tuple(input_shape))
                       if method.perturbs_features and feature_mask is not None else None),
         superpixels=superpixels,
+        lrp_rules=lrp_rules,
     )
 
 
@@ -654,6 +666,51 @@ def _check_lrp_rules(name: str, model: nn.Module) -> None:
             f"{', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS_WITH_RULES))} and passes "
             f"{', '.join(t.__name__ for t in SUPPORTED_NON_LINEAR_LAYERS)}: use another method for this model"
         )
+
+
+LRP_RULES = {
+    "epsilon": lambda r: EpsilonRule(epsilon=r.epsilon),
+    "gamma": lambda r: GammaRule(gamma=r.gamma, set_bias_to_zero=r.set_bias_to_zero),
+    "alpha1_beta0": lambda r: Alpha1_Beta0_Rule(set_bias_to_zero=r.set_bias_to_zero),
+    "identity": lambda r: IdentityRule(),
+}
+"""A spec's rule name → the Captum rule it makes (``LrpRuleSpec``)."""
+
+
+def lrp_rule_plan(name: str, rules: dict, model: nn.Module) -> dict[nn.Module, Any]:
+    """Every leaf module LRP propagates through with a rule → a maker of its rule: the spec's
+    (by module path, else by class name), else the module's own ``rule`` (its author's), else
+    Captum's default for its class. Captum deletes every module's rule after a call, the
+    author's too, so each call sets them all anew (:func:`attach_lrp_rules`); the plan is made
+    when the method is bound, before any call."""
+    leaves = {path: module for path, module in model.named_modules() if path and not list(module.children())}
+    ruled = {path: m for path, m in leaves.items()
+             if type(m) in SUPPORTED_LAYERS_WITH_RULES or getattr(m, "rule", None) is not None}
+    classes = {type(m).__name__ for m in ruled.values()}
+    for key in rules:
+        if key in leaves and key not in ruled:
+            raise MethodError(f"{name}: LRP passes relevance through {key!r} ({type(leaves[key]).__name__}) "
+                              "without a rule; name a layer with weights or pooling")
+        if key not in ruled and key not in classes:
+            raise MethodError(f"{name}: rules names {key!r}, which is no module path or class of a layer LRP "
+                              f"propagates through; {did_you_mean(key, sorted(ruled) + sorted(classes))}")
+    plan = {}
+    for path, module in ruled.items():
+        chosen = rules.get(path) or rules.get(type(module).__name__)
+        own = getattr(module, "rule", None)
+        if chosen is not None:
+            plan[module] = functools.partial(LRP_RULES[chosen.rule], chosen)
+        elif own is not None:
+            plan[module] = functools.partial(copy.deepcopy, own)
+        else:
+            plan[module] = SUPPORTED_LAYERS_WITH_RULES[type(module)]
+    return plan
+
+
+def attach_lrp_rules(plan: dict[nn.Module, Any]) -> None:
+    """Set every planned module's rule before an LRP call (:func:`lrp_rule_plan`)."""
+    for module, make in plan.items():
+        module.rule = make()
 
 
 def grid_feature_mask(input_shape: tuple[int, ...], cell: tuple[int, int]) -> torch.Tensor:
