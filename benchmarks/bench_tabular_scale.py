@@ -3,6 +3,7 @@ then instances/s from 10k to 1M people, end to end, and the feature operators on
 
     .venv/bin/python benchmarks/bench_tabular_scale.py --stability        # choose n_samples
     .venv/bin/python benchmarks/bench_tabular_scale.py --sizes 10000,100000,1000000 --samples 512 --background 10
+    .venv/bin/python benchmarks/bench_tabular_scale.py --workers 1x2,2x1 --sizes 50000 --samples 512 --background 10
 
 Stability: the same 500 people explained twice with different seeds (different coalitions),
 per sample budget; the median over people of |a - b| / |a| (L2 over the twelve features). Two
@@ -12,6 +13,10 @@ Scale: there is no million-person census here, so the people are UCI Adult's 48,
 replacement (seeded; each keeps its values, label and split). Each size is one ``netloupe run``
 of examples/adult.yaml with Kernel SHAP only (1 worker of 2 threads: the whole machine), as a subprocess, its memory sampled as in ``bench_scale.py``. After each run the
 feature operators are timed through the run's catalog, warm, median of 3.
+
+Workers: the same run in each configuration ``workers x threads per worker``, interleaved,
+``--repeats`` times (this VM drifts): how the explain stage scales with workers on the two
+cores here, and what a run's fixed costs (start, catalog) are, for the cluster arithmetic.
 
 Not a test: prints tables for RESULTS.md.
 """
@@ -92,10 +97,11 @@ def people(rows: int, directory: Path) -> Path:
     return path
 
 
-def run_once(rows: int, samples: int, background: int, directory: Path) -> tuple[dict, Path]:
+def run_once(rows: int, samples: int, background: int, directory: Path, workers: int = 1,
+             threads: int = 2) -> tuple[dict, Path]:
     from netloupe.pipeline.builtin_datasets import builtin
 
-    name = f"tabular-scale-{rows}"
+    name = f"tabular-scale-{rows}-{workers}x{threads}"
     defaults = builtin("adult").defaults()
     spec = yaml.safe_load((ROOT / "examples/adult.yaml").read_text())
     spec["dataset"] = {"source": str(people(rows, directory)), **{k: defaults[k] for k in
@@ -103,14 +109,14 @@ def run_once(rows: int, samples: int, background: int, directory: Path) -> tuple
     spec["preprocess"] = defaults["preprocess"]
     spec["attributions"] = [{"method": "kernel_shap", "baseline": "background", "params": {"n_samples": samples}}]
     spec["background"] = {"size": background}
-    spec["execution"] = {"batch_size": 8192, "num_workers": 1, "threads_per_worker": 2}
+    spec["execution"] = {"batch_size": 8192, "num_workers": workers, "threads_per_worker": threads}
     spec["output"] = {"root": str(directory / "runs"), "run_name": name}
     (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     command = NETLOUPE + ["run", str(directory / f"{name}.yaml"), "--force", "--no-progress"]
     wall, sampler = measured_run(command, name)
     run_dir = directory / "runs" / name
     timings = RunLayout(run_dir).read_manifest().timings
-    return {"people": rows, "n_samples": samples, "background": background, "wall_s": wall, "explain_s": timings["explain_seconds"],
+    return {"people": rows, "workers": f"{workers}x{threads}", "n_samples": samples, "background": background, "wall_s": wall, "explain_s": timings["explain_seconds"],
             "people_per_s": rows / wall, "steady_people_per_s": timings["steady_instances_per_second"],
             "catalog_s": timings["catalog"]["total"], "driver_peak_gib": sampler.driver_peak / 2**30,
             "workers_total_peak_gib": sampler.workers_total_peak / 2**30}, run_dir
@@ -123,7 +129,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--background", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the runs")
+    parser.add_argument("--workers", help="configurations to compare, workers x threads: 1x2,2x1")
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.workers:
+        worker_scaling(int(args.sizes.split(",")[0]), args.samples, args.background,
+                       [tuple(int(n) for n in c.split("x")) for c in args.workers.split(",")], args.repeats)
+        return
     if args.stability:
         rows = stability([64, 128, 256, 512, 1024], args.background)
         print("\n| n_samples | median relative difference of two seeds | 90th percentile |")
@@ -153,6 +165,30 @@ def main() -> None:
     print("|---:|" + "---:|" * len(OPERATORS))
     for r in results:
         print(f"| {r['people']:,} | " + " | ".join(f"{r[name]:.3f}" for name in OPERATORS) + " |")
+
+
+def worker_scaling(rows: int, samples: int, background: int, configurations: list[tuple[int, int]],
+                   repeats: int) -> None:
+    directory = ROOT / "runs" / "bench-tabular-scale"
+    directory.mkdir(parents=True, exist_ok=True)
+    results = []
+    for repeat in range(repeats):
+        for workers, threads in configurations:  # interleaved: each repeat runs every configuration
+            result, run_dir = run_once(rows, samples, background, directory, workers, threads)
+            result["repeat"] = repeat
+            results.append(result)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+            shutil.rmtree(run_dir)
+    print(f"\n{rows:,} people, {samples} samples, {background} background rows; per repeat:")
+    print("| repeat | workers x threads | wall (s) | explain (s) | fixed = wall - explain (s) | people/s steady "
+          "| explain vs first configuration |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for repeat in range(repeats):
+        rows_of = [r for r in results if r["repeat"] == repeat]
+        for r in rows_of:
+            print(f"| {repeat} | {r['workers']} | {r['wall_s']:.0f} | {r['explain_s']:.0f} | "
+                  f"{r['wall_s'] - r['explain_s']:.0f} | {r['steady_people_per_s']:,.0f} | "
+                  f"{rows_of[0]['explain_s'] / r['explain_s']:.2f}x |")
 
 
 if __name__ == "__main__":
