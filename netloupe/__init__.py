@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["Run", "InstanceRecord", "open_run", "explain", "methods"]
+__all__ = ["Run", "InstanceRecord", "open_run", "explain", "methods", "compare", "Comparison"]
 
 _HOMES = {"Run": "netloupe.api", "open_run": "netloupe.api", "explain": "netloupe.api", "methods": "netloupe.api",
+          "compare": "netloupe.api", "Comparison": "netloupe.api",
           "InstanceRecord": "netloupe.storage.instance"}
 
 

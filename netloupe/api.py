@@ -12,6 +12,8 @@ dashboard read it.
     one = run.instance(7)               # arrays: one.input, one.maps["saliency"], one.activations["relu2"]
     run.dashboard()                     # the dashboard, inline in Jupyter
     new = netloupe.explain("examples/mnist.yaml", force=True)   # a spec file or a dict; returns a Run
+    both = netloupe.compare(v1="runs/a", v2="runs/b")             # runs of the same data, together
+    both.df("SELECT * FROM disagreements('v1', 'v2')")
 """
 
 from __future__ import annotations
@@ -107,6 +109,41 @@ def open_run(location: str | os.PathLike) -> Run:
     """The committed run at ``location``: a run directory, or a run URI in an object store
     (downloaded once into ``NETLOUPE_CACHE``, refreshed when the run changes)."""
     return Run(location)
+
+
+class Comparison:
+    """Several runs of the same instances in one read-only connection, each run's tables under
+    its name (``v1.instances``), with the operators that compare runs (``disagreements``,
+    ``agreement``, ``map_agreement``, ``subset_metrics_by_run``, ``representation_change``,
+    ``neuron_matches``: docs/sql.md "Across runs")."""
+
+    def __init__(self, runs: dict[str, str | os.PathLike]):
+        from netloupe.storage.compare import open_runs
+
+        self.runs = {name: local_run_dir(str(location)) for name, location in runs.items()}
+        """Each run's directory by its name in SQL, in the order given."""
+        self.connection: duckdb.DuckDBPyConnection = open_runs(self.runs)
+
+    def sql(self, query: str, parameters: list | dict | None = None) -> pa.Table:
+        """The result of a read-only query, as an Arrow table."""
+        return run_query(self.connection, query, parameters)
+
+    def df(self, query: str, parameters: list | dict | None = None) -> pd.DataFrame:
+        """:meth:`sql` as a pandas DataFrame."""
+        return self.sql(query, parameters).to_pandas()
+
+    def __repr__(self) -> str:
+        return f"Comparison({', '.join(f'{n}={str(d)!r}' for n, d in self.runs.items())})"
+
+
+def compare(*runs: str | os.PathLike, **named: str | os.PathLike) -> Comparison:
+    """Several runs of the same data together: ``compare(v1="runs/a", v2="runs/b")``, or
+    ``compare("runs/a", "runs/b")`` (each named by its directory). Runs over different
+    instances or inputs are refused."""
+    from netloupe.storage.compare import named_runs
+
+    given = {**named_runs([str(r) for r in runs]), **named} if runs else dict(named)
+    return Comparison(given)
 
 
 def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False, progress: bool = True) -> Run:

@@ -146,22 +146,32 @@ def _show(table, max_rows: int) -> None:
 
 def cmd_sql(args) -> int:
     from netloupe.storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
+    from netloupe.storage.compare import COMPARE_OPERATORS_SQL, named_runs, open_runs, split_run_name
     from netloupe.storage.location import local_run_dir
 
-    args.run = local_run_dir(args.run)
-
+    # RUN [RUN ...] [QUERY]: the last is the query unless --file or --list stands for it.
+    runs, query = (args.run, None) if args.file or args.list else (args.run[:-1], args.run[-1])
+    if not runs:
+        raise QueryError("give a run and a query: netloupe sql runs/NAME \"SELECT ...\" "
+                         "(or several runs: netloupe sql v1=runs/a v2=runs/b \"SELECT * FROM agreement('v1', 'v2')\")")
+    if len(runs) == 1 and split_run_name(runs[0])[1] == runs[0]:  # one run, not named
+        con = open_catalog(local_run_dir(runs[0]))
+        listing = (CATALOG_CONTENTS_SQL, "SELECT layer, view, neurons, output_shape FROM layers",
+                   "SELECT * FROM methods", OPERATORS_LIST_SQL)
+        example = "SELECT * FROM neuron_matrix('conv2', 'label = 3')"
+    else:
+        con = open_runs({name: local_run_dir(location) for name, location in named_runs(runs).items()})
+        listing = ("SELECT * FROM runs", COMPARE_OPERATORS_SQL)
+        example = "SELECT * FROM disagreements('v1', 'v2'); each run's tables as v1.instances, v2.attributions_<method>"
     if args.list:
-        con = open_catalog(args.run)
-        for query in (CATALOG_CONTENTS_SQL, "SELECT layer, view, neurons, output_shape FROM layers",
-                      "SELECT * FROM methods", OPERATORS_LIST_SQL):
-            _show(run_query(con, query), 1000)
-        print("operators are table macros: SELECT * FROM neuron_matrix('conv2', 'label = 3'); "
-              "docs/sql.md has an example of each")
+        for listed in listing:
+            _show(run_query(con, listed), 1000)
+        print(f"operators are table macros: {example}; docs/sql.md has an example of each")
         return 0
-    if (args.query is None) == (args.file is None):
+    if (query is None) == (args.file is None):
         raise QueryError("give a query, or --file with a script of queries (not both)")
-    sql = args.query if args.query is not None else Path(args.file).read_text()
-    table = run_query(open_catalog(args.run), sql)
+    sql = query if query is not None else Path(args.file).read_text()
+    table = run_query(con, sql)
     if args.format == "table":
         _show(table, args.max_rows)
         return 0
@@ -329,9 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)
     sub.add_parser("methods", help="list the attribution methods").set_defaults(func=cmd_methods)
-    sql = sub.add_parser("sql", help="query a run with SQL (read-only DuckDB views)")
-    sql.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")
-    sql.add_argument("query", nargs="?", help="SQL over the run's views and operators (--list shows them)")
+    sql = sub.add_parser("sql", help="query a run, or several runs of the same data, with SQL (read-only DuckDB)")
+    sql.add_argument("run", nargs="+", metavar="RUN [RUN ...] QUERY",
+                     help="a run directory (runs/<name>) or URI (s3://bucket/runs/<name>), then the SQL over its views "
+                          "and operators (--list shows them); several runs, each as NAME=DIR (or DIR, named by its "
+                          "directory), are opened together: their tables as NAME.instances..., with the operators "
+                          "comparing runs (docs/sql.md 'Across runs')")
     sql.add_argument("--file", help="run the statements of this .sql file; the last one's result is shown")
     sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sql.add_argument("--output", help="write the result to this file (required for parquet)")

@@ -471,6 +471,7 @@ class JobRun:
                 label_column=dataset.label_column, input_column=dataset.input_column,
                 feature_columns=list(dataset.feature_columns or []), metadata_columns=list(dataset.metadata_columns),
                 text_column=dataset.text_column, feature_groups=dataset.feature_groups,
+                input_digest=_input_digest(parts),
             ),
             counts=Counts(instances=instances, parts=len(parts),
                           bytes=sum(p.bytes for p in parts) + sum(s.bytes for s in segments),
@@ -547,6 +548,14 @@ def _check_exactly_once(reports: list[BatchReport], dataset: ResolvedDataset) ->
         raise RunError(f"the run's {len(reports):,} batches hold {rows:,} instances but not the dataset's "
                        "ids (their digest differs): some instance was explained twice and another not at all; "
                        "nothing was committed")
+
+
+def _input_digest(reports: list[BatchReport]) -> str | None:
+    """The run's digest of ids and inputs, the sum of its batches' (None when a batch kept from
+    an older run has none)."""
+    if any(part.input_digest is None for part in reports):
+        return None
+    return f"{S.INPUT_HASHER}:{sum(part.input_digest for part in reports) % S.DIGEST_MODULUS:016x}"
 
 
 def _token_values(facts: ModelFacts, spec: JobSpec) -> bool:

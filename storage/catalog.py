@@ -69,11 +69,14 @@ without ANALYZE, which would run what it explains)."""
 _EXPLAIN_ANALYZE = re.compile(r"^\s*EXPLAIN\s+(\(.*?\)\s*)?ANALY[SZ]E\b", re.IGNORECASE | re.DOTALL)
 
 SQL_DIR = Path(__file__).with_name("sql")
+BUILDING_BLOCKS_SQL = SQL_DIR / "building_blocks.sql"
+"""Macros of no table (view names, quoting, FairVis' metric formulas): the operators' and the
+comparison operators' (:mod:`netloupe.storage.compare`)."""
 OPERATORS_SQL = SQL_DIR / "operators.sql"
+"""The explanation operators (table macros); SQL lives in these files, not in Python."""
 CURRENT_OPERATORS, FAST_OPERATORS = "memory.operators", "memory.fast"
 """Where :func:`open_catalog` creates this netloupe's operators, ahead of the run's own, and
 the memory-mapped moments ahead of those."""
-"""The explanation operators (table macros); SQL lives in these files, not in Python."""
 TABLES_SQL = SQL_DIR / "tables.sql"
 """The statistics tables the operators read."""
 BUILD_SQL = SQL_DIR / "build.sql"
@@ -183,7 +186,7 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
             con.execute("PRAGMA force_compression = 'uncompressed'").fetchall()
             timed("instances", lambda: con.read_parquet(str(layout.instances_dir / "*.parquet")).create("instances"))
             con.execute(f"CREATE MACRO _neuron_top_kept() AS {NEURON_TOP_KEPT}").fetchall()
-            for sql in (TABLES_SQL, OPERATORS_SQL, BUILD_SQL):
+            for sql in (TABLES_SQL, BUILDING_BLOCKS_SQL, OPERATORS_SQL, BUILD_SQL):
                 _run_statements(con, sql)
             if statistics is None:
                 merged = timed("statistics", StatisticsMerge.of_run, layout, statistics_of(
@@ -334,19 +337,26 @@ def catalog_manifest(con: duckdb.DuckDBPyConnection) -> RunManifest:
     return RunManifest.model_validate({key: json.loads(value) for key, value in rows})
 
 
+def checked_layout(run_dir: str | os.PathLike) -> RunLayout:
+    """The layout of the committed run at ``run_dir``, which has its catalog."""
+    layout = RunLayout(Path(run_dir).resolve())
+    if not layout.catalog_path.exists():
+        layout.read_manifest()  # no run there at all: its own error
+        raise RunError(
+            f"run {layout.root} has no {layout.catalog_path.name} (it was made by an older netloupe); "
+            f"build it with `netloupe catalog {layout.root}`"
+        )
+    return layout
+
+
 def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """A read-only, sandboxed DuckDB connection over the committed run at ``run_dir``.
 
     Every view, table and operator of the run's ``catalog.duckdb`` is reachable by its
     plain name. Run analysts' SQL through :func:`run_query`.
     """
-    layout = RunLayout(Path(run_dir).resolve())
+    layout = checked_layout(run_dir)
     manifest = layout.read_manifest()
-    if not layout.catalog_path.exists():
-        raise RunError(
-            f"run {layout.root} has no {layout.catalog_path.name} (it was made by an older netloupe); "
-            f"build it with `netloupe catalog {layout.root}`"
-        )
     con = duckdb.connect(":memory:")
     con.execute(f"ATTACH ? AS {ATTACHED} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
     # Names resolve here first (the views and macros below), then in the run's catalog.
@@ -364,7 +374,8 @@ def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     # keeps its catalog, and the dashboard reads columns that older operators lack. Then the
     # fast moments ahead of both. Each in a schema of its own, first on the path as it is
     # created (a name already on the path cannot be created again).
-    for schema, statements in ((CURRENT_OPERATORS, lambda: _run_statements(con, OPERATORS_SQL)),
+    for schema, statements in ((CURRENT_OPERATORS, lambda: [_run_statements(con, sql)
+                                                            for sql in (BUILDING_BLOCKS_SQL, OPERATORS_SQL)]),
                                (FAST_OPERATORS, lambda: _register_fast_moments(con, layout, manifest.dataset.id_type))):
         path = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
         con.execute(f"CREATE SCHEMA {schema}").fetchall()

@@ -59,10 +59,14 @@ class BatchReport(Record):
     the batches' digests add up to the dataset's when every instance is in exactly one."""
     fidelity_rows: list[int]
     """Rows of each method's sampled fidelity table, in the order of the spec's attributions."""
+    input_digest: int | None = None
+    """The digest of the batch's ids with their inputs (:func:`netloupe.storage.schema.input_digest`);
+    None in a batch kept from a run made before it existed."""
 
     def to_arrow(self) -> pa.Table:
-        """One row, as a Ray Data batch (the digest as text: Arrow's int64 cannot hold it)."""
-        return pa.Table.from_pylist([{**self.model_dump(), "id_digest": str(self.id_digest)}])
+        """One row, as a Ray Data batch (the digests as text: Arrow's int64 cannot hold them)."""
+        return pa.Table.from_pylist([{**self.model_dump(), "id_digest": str(self.id_digest),
+                                      "input_digest": None if self.input_digest is None else str(self.input_digest)}])
 
 
 class ModelFacts(Record):
@@ -125,6 +129,11 @@ class DatasetInfo(Record):
     feature_groups: dict[str, list[str]] = {}
     """Feature columns that are one feature together (a categorical's one-hot columns), by
     the feature's name (:mod:`netloupe.storage.features`)."""
+    input_digest: str | None = None
+    """``<hasher>:<hex>``: the sum of every instance's hash of its id and model input
+    (:func:`netloupe.storage.schema.input_digest`), the same for two runs over the same data
+    whatever their sharding (``netloupe sql RUN_A RUN_B`` refuses runs whose digests differ);
+    None for a run made before it existed."""
 
 
 class Counts(Record):

@@ -19,6 +19,7 @@ Run-level facts (class names, shapes, the spec) live in the manifest, not in eve
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -91,6 +92,27 @@ def id_digest(ids: pa.Array | pa.ChunkedArray, id_type: str) -> int:
 
 
 DIGEST_MODULUS = 2**64
+INPUT_HASHER = f"duckdb-{importlib.metadata.version('duckdb')}"
+"""What hashed a run's inputs (:func:`input_digest`): two runs' input digests compare only when
+the same hasher made both (another DuckDB may hash otherwise)."""
+
+
+def input_digest(table: pa.Table, id_column: str, input_columns: list[str], id_type: str) -> int:
+    """The sum (mod 2**64) over rows of the hash of each row's id and model input columns:
+    additive like :func:`id_digest`, so the batches' digests add up to the dataset's whatever
+    the sharding; two runs over the same data have the same."""
+    con = hashing_connection()
+    columns = [id_column, *input_columns]
+    con.register("batch_inputs", table.select(columns))
+    quoted = ['"' + c.replace('"', '""') + '"' for c in columns]
+    try:
+        [(digest,)] = con.execute(
+            f"SELECT coalesce((sum(hash(CAST({quoted[0]} AS {ID_SQL_TYPES[id_type]}), {', '.join(quoted[1:])}))"
+            "::HUGEINT % 18446744073709551616)::UBIGINT, 0::UBIGINT) FROM batch_inputs").fetchall()
+    finally:
+        con.unregister("batch_inputs")
+    return int(digest)
+
 
 #: Statistics of every stored attribution, kept in all storage modes so that a run in
 #: ``summary`` mode still answers "how much evidence, and of which sign".

@@ -649,11 +649,13 @@ class ExplainWorker:
             ) from error
         computed = time.perf_counter()
         size = self._write(key, explained)
+        dataset = self.explainer.dataset
         return BatchReport(
             part=key, rows=len(ids), bytes=size, compute_seconds=computed - started,
             write_seconds=time.perf_counter() - computed, device=str(self.device), gpu_ids=",".join(self.gpu_ids),
             node_id=self.explainer.node_id, chunk_rows=self.explainer.chunk_rows or 0,
             id_digest=S.id_digest(explained.instances["instance_id"], self.explainer.dataset.id_type),
+            input_digest=S.input_digest(batch, dataset.id_column, dataset.input_columns, dataset.id_type),
             fidelity_rows=[explained.fidelity[m.table_name].num_rows if m.table_name in explained.fidelity else 0
                            for m in self.spec.attributions],
         ).to_arrow()

@@ -50,13 +50,16 @@ class ResolvedDataset:
         return features_of(self.feature_columns, self.feature_groups) if self.feature_columns else []
 
     @property
+    def input_columns(self) -> list[str]:
+        """The columns of the model's input: the texts, the input column, or the features."""
+        if self.text_column:
+            return [self.text_column]
+        return [self.input_column] if self.input_column else list(self.feature_columns)
+
+    @property
     def columns(self) -> list[str]:
         """Columns the workers read."""
-        cols = [self.id_column]
-        if self.text_column:
-            cols.append(self.text_column)
-        else:
-            cols += [self.input_column] if self.input_column else list(self.feature_columns)
+        cols = [self.id_column, *self.input_columns]
         if self.label_column:
             cols.append(self.label_column)
         return cols + [c for c in self.metadata_columns if c not in cols]

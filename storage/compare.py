@@ -1,0 +1,332 @@
+"""Several committed runs over the same instances in one read-only DuckDB connection: what
+``netloupe sql RUN_A RUN_B ... "SQL"`` and ``netloupe.compare(...)`` open.
+
+Each run's tables and Parquet views sit under the run's own name (``v1.instances``,
+``v2.attributions_saliency``, ``v2.activation_vectors_fc1``); ``runs`` lists the runs in the
+order given (a model's versions, a training run's checkpoints), ``instances_by_run`` holds
+every run's instances with a ``run`` column; the operators of ``storage/sql/compare.sql``
+compare them (i-Algebra's join and anti-join across models). Runs over different data are
+refused: the same ids (counted and hashed here) and, where both manifests record it, the same
+inputs (:attr:`netloupe.storage.manifest.DatasetInfo.input_digest`).
+
+The per-instance map comparisons and the layer comparisons are Python functions registered
+on the connection: a rank correlation with ties needs per-row ranks, and CKA needs the
+layers' cross-covariance, which SQL would compute a neuron pair at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from scipy.stats import rankdata
+
+from netloupe.contract.errors import RunError
+from netloupe.storage.catalog import (
+    BUILDING_BLOCKS_SQL,
+    SQL_DIR,
+    _run_statements,
+    activation_vectors_view,
+    checked_layout,
+)
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.manifest import RunManifest
+from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql
+
+COMPARE_SQL = SQL_DIR / "compare.sql"
+RUN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+"""A run's name in SQL: an identifier (its schema), so ``v1.instances`` needs no quoting."""
+RESERVED_NAMES = {"main", "memory", "system", "temp", "information_schema", "pg_catalog"}
+GRAM_BATCH_ROWS = 65_536
+"""Joined instances per step of a layer comparison: two 256-wide float32 blocks of 64 MB."""
+COMPARE_OPERATORS_SQL = """
+    SELECT function_name AS operator, comment FROM duckdb_functions()
+    WHERE function_type = 'table_macro' AND database_name = 'memory' AND NOT starts_with(function_name, '_')
+    ORDER BY function_name
+"""
+
+
+@dataclass(frozen=True)
+class ComparedRun:
+    """One run of a comparison: its name in SQL, where it is, and its Parquet views."""
+
+    name: str
+    directory: Path
+    manifest: RunManifest
+    parquet: dict[str, str]
+    """Each Parquet view's parts, as an absolute path pattern."""
+
+
+def named_runs(arguments: list[str]) -> dict[str, str]:
+    """``NAME=LOCATION`` or a bare location (a run directory or URI, named by its last path
+    segment) per run, in order; names must be SQL identifiers and distinct."""
+    named: dict[str, str] = {}
+    for argument in arguments:
+        name, location = split_run_name(argument)
+        if not RUN_NAME.match(name) or name.lower() in RESERVED_NAMES:
+            raise RunError(f"run name {name!r} (of {argument!r}) must be a SQL identifier (letters, digits, _; "
+                           f"not {sorted(RESERVED_NAMES)}): name it, e.g. v1={location}")
+        if name in named:
+            raise RunError(f"two runs are named {name!r}: name each, e.g. a={named[name]} b={location}")
+        named[name] = location
+    if not named:
+        raise RunError("no runs given to compare")
+    return named
+
+
+def split_run_name(argument: str) -> tuple[str, str]:
+    """``(name, location)`` of ``NAME=LOCATION``, or of a bare location (its last path segment,
+    without a URI's query, as the name)."""
+    name, equals, location = argument.partition("=")
+    if equals and re.fullmatch(r"\w+", name):
+        return name, location
+    return argument.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1], argument
+
+
+def open_runs(runs: dict[str, str | os.PathLike]) -> duckdb.DuckDBPyConnection:
+    """A read-only, sandboxed DuckDB connection over ``runs`` (name → run directory), each
+    under its name, with the comparison operators. Query it through
+    :func:`netloupe.storage.catalog.run_query`."""
+    con = duckdb.connect(":memory:")
+    named = named_runs([f"{name}={directory}" for name, directory in runs.items()])
+    compared = [_attach(con, position, name, checked_layout(directory))
+                for position, (name, directory) in enumerate(named.items())]
+    _check_same_instances(con, compared)
+    _create_run_list(con, compared)
+    _run_statements(con, BUILDING_BLOCKS_SQL)
+    _register_comparisons(con, compared)
+    _run_statements(con, COMPARE_SQL)
+    con.execute("SET temp_directory = ''").fetchall()
+    con.execute("SET allowed_directories = ?", [[str(run.directory) + os.sep for run in compared]]).fetchall()
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(f"SET {setting} = false").fetchall()  # constant names, no user input
+    con.execute("SET lock_configuration = true").fetchall()
+    return con
+
+
+def _attach(con: duckdb.DuckDBPyConnection, position: int, name: str, layout: RunLayout) -> ComparedRun:
+    """The run's catalog attached read-only; in the schema ``name``, a view of each of its
+    tables and, by absolute path, of each of its Parquet views."""
+    alias = f"_run{position}"
+    con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
+    con.execute(f"CREATE SCHEMA {name}").fetchall()  # an identifier (RUN_NAME)
+    tables = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ? ORDER BY 1",
+                         [alias]).fetchall()
+    for (table,) in tables:
+        quoted = '"' + table.replace('"', '""') + '"'
+        con.execute(f"CREATE VIEW {name}.{quoted} AS SELECT * FROM {alias}.main.{quoted}").fetchall()
+    parquet = {view: str(layout.root / relative)
+               for view, relative in con.execute(f"SELECT view, path FROM {alias}.main.parquet_views").fetchall()}
+    con.execute(f"USE memory.{name}").fetchall()
+    for view, pattern in parquet.items():
+        con.read_parquet(pattern).create_view(view)
+    con.execute("USE memory.main").fetchall()
+    return ComparedRun(name, layout.root, layout.read_manifest(), parquet)
+
+
+def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
+    """Every run holds the same instance ids (count and digest), and where two manifests
+    record their inputs' digest, the same inputs."""
+    first = compared[0]
+    facts = {}
+    for run in compared:
+        id_type = run.manifest.dataset.id_type
+        if id_type != first.manifest.dataset.id_type:
+            raise RunError(f"runs {first.name} and {run.name} are over different data: their instance ids are "
+                           f"{first.manifest.dataset.id_type} and {id_type}; compare runs of one dataset")
+        [(rows, digest)] = con.execute(
+            f"SELECT count(*), {id_digest_sql('instance_id', id_type)} FROM {run.name}.instances").fetchall()
+        facts[run.name] = (rows, int(digest))
+    for run in compared[1:]:
+        (rows_a, ids_a), (rows_b, ids_b) = facts[first.name], facts[run.name]
+        if (rows_a, ids_a) != (rows_b, ids_b):
+            raise RunError(f"runs {first.name} and {run.name} are over different instances ({rows_a:,} and "
+                           f"{rows_b:,}{', other ids' if rows_a == rows_b else ''}); compare runs of one "
+                           "dataset (the same spec's dataset, limit and ids)")
+        inputs_a, inputs_b = first.manifest.dataset.input_digest, run.manifest.dataset.input_digest
+        same_hasher = inputs_a and inputs_b and inputs_a.split(":")[0] == inputs_b.split(":")[0]
+        if same_hasher and inputs_a != inputs_b:
+            raise RunError(f"runs {first.name} and {run.name} have the same instance ids but different inputs "
+                           "(the data changed between them, or another preprocessing read it); compare runs of "
+                           "one dataset")
+
+
+def _create_run_list(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
+    rows = [{"position": i, "run": run.name, "directory": str(run.directory), "run_name": run.manifest.run_name,
+             "model": run.manifest.spec["model"].get("checkpoint") or run.manifest.spec["model"].get("factory")
+             or run.manifest.spec["model"].get("path"),
+             "instances": run.manifest.counts.instances} for i, run in enumerate(compared)]
+    con.from_arrow(pa.Table.from_pylist(rows)).create_view("runs")
+    con.execute("COMMENT ON VIEW runs IS 'The runs compared, in the order given'").fetchall()
+    union = " UNION ALL BY NAME ".join(f"SELECT '{run.name}' AS run, * FROM {run.name}.instances"
+                                       for run in compared)  # names are identifiers (RUN_NAME)
+    con.execute(f"CREATE VIEW instances_by_run AS {union}").fetchall()
+    con.execute("COMMENT ON VIEW instances_by_run IS 'Every run''s instances, with the run''s name'").fetchall()
+
+
+def _register_comparisons(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
+    runs = {run.name: run for run in compared}
+    # (null_handling special: a constant map has no rank correlation, NULL)
+    con.create_function("rank_correlation", _rank_correlation, [con.type("FLOAT[]"), con.type("FLOAT[]")],
+                        con.type("DOUBLE"), type="arrow", side_effects=False, null_handling="special")
+    con.create_function("top_k_overlap", _top_k_overlap, [con.type("FLOAT[]"), con.type("FLOAT[]"), con.type("INTEGER")],
+                        con.type("DOUBLE"), type="arrow", side_effects=False, null_handling="special")
+    con.create_function("_representation_change",
+                        lambda a, b, layer, sample: layer_comparison(runs, a, b, layer, sample).summary(),
+                        [con.type("VARCHAR")] * 3 + [con.type("BIGINT")],
+                        con.type("STRUCT(instances BIGINT, neurons_a INTEGER, neurons_b INTEGER, linear_cka DOUBLE)"),
+                        side_effects=False)
+    con.create_function("_neuron_matches",
+                        lambda a, b, layer, sample: layer_comparison(runs, a, b, layer, sample).matches(),
+                        [con.type("VARCHAR")] * 3 + [con.type("BIGINT")],
+                        con.type("STRUCT(neuron INTEGER, best_match INTEGER, correlation DOUBLE)[]"),
+                        side_effects=False)
+
+
+# -- per-instance map agreement -------------------------------------------------------------
+
+def _rows_of(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, width)`` float64 values of a list array whose lists are all one width (zero rows
+    where a list is null), and the validity mask."""
+    if isinstance(lists, pa.ChunkedArray):  # what DuckDB hands an Arrow function
+        lists = lists.combine_chunks()
+    valid = np.asarray(lists.is_valid())
+    if lists.null_count:
+        lists = lists.fill_null(pa.scalar([0.0] * _width(lists), lists.type))
+    width = _width(lists)
+    flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    if flat.size != width * len(lists):
+        raise RunError("map_agreement compares maps of one size; these runs stored maps of different sizes")
+    return flat.reshape(len(lists), width), valid
+
+
+def _width(lists: pa.Array) -> int:
+    lengths = lists.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+    return int(lengths[0]) if lengths.size else 0
+
+
+def rank_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, Spearman's rank correlation of ``a`` and ``b`` (``(n, width)``): Pearson's of
+    their ranks, ties at their mean rank; NaN where either row is constant."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(axis=1) / np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+
+
+def top_k_overlaps(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the share of the ``k`` largest ``|values|`` of ``a`` that are among ``b``'s
+    (ties at the k-th broken by position, the earlier first)."""
+    k = max(1, min(int(k), a.shape[1]))
+    chosen = []
+    for values in (a, b):
+        top = np.argsort(-np.abs(values), axis=1, kind="stable")[:, :k]
+        mask = np.zeros(values.shape, bool)
+        np.put_along_axis(mask, top, True, axis=1)
+        chosen.append(mask)
+    return (chosen[0] & chosen[1]).sum(axis=1) / k
+
+
+def _rank_correlation(a: pa.Array, b: pa.Array) -> pa.Array:
+    (x, valid_a), (y, valid_b) = _rows_of(a), _rows_of(b)
+    values = rank_correlations(x, y)
+    return pa.array(values, mask=~(valid_a & valid_b) | np.isnan(values))
+
+
+def _top_k_overlap(a: pa.Array, b: pa.Array, k: pa.Array) -> pa.Array:
+    (x, valid_a), (y, valid_b) = _rows_of(a), _rows_of(b)
+    ks = np.asarray(k.to_numpy())
+    values = top_k_overlaps(x, y, int(ks[0])) if len(ks) else np.empty(0)
+    return pa.array(values, mask=~(valid_a & valid_b))
+
+
+# -- layer comparison -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """The centred second moments of one layer in two runs over their common instances."""
+
+    instances: int
+    cov_aa: np.ndarray
+    cov_bb: np.ndarray
+    cov_ab: np.ndarray
+
+    @property
+    def linear_cka(self) -> float | None:
+        """Linear CKA: ||Cov(A, B)||² / (||Cov(A, A)|| ||Cov(B, B)||), Frobenius norms."""
+        scale = np.linalg.norm(self.cov_aa) * np.linalg.norm(self.cov_bb)
+        return float(np.sum(self.cov_ab ** 2) / scale) if scale > 0 else None
+
+    def summary(self) -> dict:
+        return {"instances": self.instances, "neurons_a": self.cov_aa.shape[0], "neurons_b": self.cov_bb.shape[0],
+                "linear_cka": self.linear_cka}
+
+    def matches(self) -> list[dict]:
+        """Per neuron of run a, the neuron of run b correlating most with it (none for a
+        neuron constant over the instances)."""
+        sd_a, sd_b = np.sqrt(np.diag(self.cov_aa)), np.sqrt(np.diag(self.cov_bb))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            correlation = self.cov_ab / np.outer(sd_a, sd_b)
+        correlation[:, sd_b == 0] = -np.inf
+        rows = []
+        for neuron in range(correlation.shape[0]):
+            best = int(np.argmax(correlation[neuron])) if sd_a[neuron] > 0 and (sd_b > 0).any() else None
+            rows.append({"neuron": neuron, "best_match": best,
+                         "correlation": None if best is None else float(correlation[neuron, best])})
+        return rows
+
+
+def layer_comparison(runs: dict[str, ComparedRun], a: str, b: str, layer: str, sample: int = 0) -> LayerComparison:
+    """``layer``'s activation vectors in runs ``a`` and ``b`` joined by instance (``sample``
+    of them by a fixed hash of the ids, or all when 0), reduced to their centred second
+    moments a block of rows at a time (float64 sums of float32 products)."""
+    parts = [_vector_parts(runs, name, layer) for name in (a, b)]
+    id_type = ID_SQL_TYPES[runs[a].manifest.dataset.id_type]
+    total = runs[a].manifest.counts.instances
+    keep = "" if not sample or sample >= total else \
+        f"WHERE hash(x.instance_id::VARCHAR || '/cka') % 1000000 < {int(1_000_000 * sample / total)}"
+    con = duckdb.connect(":memory:")
+    try:
+        reader = con.sql(
+            f"SELECT x.activation AS a, y.activation AS b FROM read_parquet($a) x "
+            f"JOIN read_parquet($b) y ON x.instance_id::{id_type} = y.instance_id::{id_type} {keep}",
+            params={"a": parts[0], "b": parts[1]}).to_arrow_reader(GRAM_BATCH_ROWS)
+        n, sums, products = 0, None, None
+        for batch in reader:
+            x, y = _matrix(batch.column(0)), _matrix(batch.column(1))
+            if sums is None:
+                sums = [np.zeros(x.shape[1]), np.zeros(y.shape[1])]
+                products = [np.zeros((x.shape[1],) * 2), np.zeros((y.shape[1],) * 2), np.zeros((x.shape[1], y.shape[1]))]
+            n += len(x)
+            sums[0] += x.sum(axis=0, dtype=np.float64)
+            sums[1] += y.sum(axis=0, dtype=np.float64)
+            products[0] += x.T @ x
+            products[1] += y.T @ y
+            products[2] += x.T @ y
+    finally:
+        con.close()
+    if not n:
+        raise RunError(f"runs {a} and {b} have no instances in common for layer {layer!r}")
+    mean_a, mean_b = sums[0] / n, sums[1] / n
+    return LayerComparison(n, products[0] / n - np.outer(mean_a, mean_a), products[1] / n - np.outer(mean_b, mean_b),
+                           products[2] / n - np.outer(mean_a, mean_b))
+
+
+def _vector_parts(runs: dict[str, ComparedRun], name: str, layer: str) -> str:
+    if name not in runs:
+        raise RunError(f"no run named {name!r} here; the runs are {', '.join(runs)}")
+    run = runs[name]
+    if activation_vectors_view(layer) not in run.parquet:
+        raise RunError(f"run {name} recorded no layer {layer!r}; it has {', '.join(run.manifest.layers) or 'none'}")
+    return run.parquet[activation_vectors_view(layer)]
+
+
+def _matrix(vectors: pa.Array) -> np.ndarray:
+    width = vectors.type.list_size if pa.types.is_fixed_size_list(vectors.type) else _width(vectors)
+    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)

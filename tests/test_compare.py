@@ -1,0 +1,208 @@
+"""Several runs of the same instances, together (issue 18): the data fingerprint that admits
+them, and each comparison operator against numpy on small runs whose answers are computed
+here from the models themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from netloupe.contract.errors import RunError
+from netloupe.contract.spec import parse_spec
+from netloupe.pipeline.cli import main as cli_main
+from netloupe.pipeline.driver import run_job
+from netloupe.storage.catalog import open_catalog, run_query
+from netloupe.storage.compare import named_runs, open_runs, rank_correlations, top_k_overlaps
+from netloupe.storage.reader import RunReader
+from netloupe.storage.schema import vectors_to_numpy
+from tests.helpers import tabular_table
+from tests.tiny_models import SeededMLP
+
+ROWS = 120
+
+
+def _run(data, root, name: str, seed: int, batch_size: int, **dataset) -> RunReader:
+    return RunReader(run_job(parse_spec({
+        "model": {"factory": "tests.tiny_models:SeededMLP",
+                  "kwargs": {"features": 3, "hidden": 6, "classes": 2, "seed": seed}},
+        "dataset": {"source": str(data), "feature_columns": ["x0", "x1", "x2"], "id_column": "row_id",
+                    "metadata_columns": ["group"], **dataset},
+        "layers": [{"name": "relu"}],
+        "attributions": [{"method": "saliency"}],
+        "execution": {"batch_size": batch_size, "num_workers": 1},
+        "output": {"root": str(root), "run_name": name},
+    })).layout.root)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """v1 and v2: two models over the same data; v1_again: v1's model in other batches;
+    changed: v1's model over the same ids with one input changed; fewer: the first 100 rows."""
+    root = tmp_path_factory.mktemp("compare")
+    table = tabular_table(ROWS, seed=4)
+    pq.write_table(table, root / "data.parquet")
+    x = np.stack([table[c].to_numpy() for c in ("x0", "x1", "x2")], axis=1)
+    x[7, 1] += 1.0
+    changed = table.set_column(table.schema.get_field_index("x1"), "x1", pa.array(x[:, 1]))
+    pq.write_table(changed, root / "changed.parquet")
+    made = {
+        "v1": _run(root / "data.parquet", root / "runs", "v1", 1, 16),
+        "v2": _run(root / "data.parquet", root / "runs", "v2", 2, 32),
+        "v1_again": _run(root / "data.parquet", root / "runs", "v1_again", 1, 50),
+        "changed": _run(root / "changed.parquet", root / "runs", "changed", 1, 16),
+        "fewer": _run(root / "data.parquet", root / "runs", "fewer", 1, 16, limit=100),
+    }
+    return made, table
+
+
+def _inputs(table: pa.Table) -> torch.Tensor:
+    return torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x0", "x1", "x2")], axis=1).astype(np.float32))
+
+
+def _probabilities(seed: int, table: pa.Table) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(SeededMLP(3, 6, 2, seed=seed).eval()(_inputs(table)), dim=1).numpy()
+
+
+def _open(made: dict, *names: str):
+    return open_runs({name: made[name].layout.root for name in names})
+
+
+def test_one_dataset_has_one_digest_whatever_the_batches_and_others_are_refused(runs):
+    made, _ = runs
+    digests = {name: reader.manifest.dataset.input_digest for name, reader in made.items()}
+    assert digests["v1"] is not None and digests["v1"].startswith("duckdb-")
+    assert digests["v1"] == digests["v2"] == digests["v1_again"]  # 16, 32 and 50 rows a batch
+    assert digests["changed"] != digests["v1"]
+    with pytest.raises(RunError, match="same instance ids but different inputs"):
+        _open(made, "v1", "changed")
+    with pytest.raises(RunError, match=r"different instances \(120 and 100\)"):
+        _open(made, "v1", "fewer")
+
+
+def test_disagreements_and_agreement_are_the_two_models_own(runs):
+    made, table = runs
+    p1, p2 = _probabilities(1, table), _probabilities(2, table)
+    ids = table["row_id"].to_numpy()
+    labels = table["label"].to_numpy()
+    differ = p1.argmax(1) != p2.argmax(1)
+    assert 0 < differ.sum() < ROWS, "the two seeds must disagree somewhere and agree somewhere"
+    con = _open(made, "v1", "v2")
+    got = run_query(con, "SELECT * FROM disagreements('v1', 'v2') ORDER BY instance_id").to_pylist()
+    assert [r["instance_id"] for r in got] == ids[differ].tolist()
+    for r, i in zip(got, np.flatnonzero(differ)):
+        assert (r["prediction_a"], r["prediction_b"], r["label"]) == (p1[i].argmax(), p2[i].argmax(), labels[i])
+        assert r["confidence_a"] == pytest.approx(p1[i].max(), abs=1e-6)
+        assert r["confidence_b"] == pytest.approx(p2[i].max(), abs=1e-6)
+    [summary] = run_query(con, "SELECT * FROM agreement('v1', 'v2')").to_pylist()
+    right1, right2 = p1.argmax(1) == labels, p2.argmax(1) == labels
+    assert summary == {"instances": ROWS, "same_prediction": ROWS - differ.sum(), "agreement": pytest.approx(1 - differ.mean()),
+                       "both_correct": (right1 & right2).sum(), "only_a_correct": (right1 & ~right2).sum(),
+                       "only_b_correct": (~right1 & right2).sum(), "both_wrong": (~right1 & ~right2).sum()}
+    # Each run's tables under its name; the runs in the order given.
+    assert run_query(con, "SELECT run FROM runs ORDER BY position")["run"].to_pylist() == ["v1", "v2"]
+    assert run_query(con, "SELECT count(*) AS n FROM v2.attributions_saliency")["n"][0].as_py() == ROWS
+
+
+def test_map_agreement_is_spearman_and_top_k_overlap_of_the_stored_maps(runs):
+    made, _ = runs
+    maps = {}
+    for name in ("v1", "v2"):
+        rows = made[name].attributions("saliency").sort_by("instance_id")
+        maps[name] = vectors_to_numpy(rows["attribution"]).astype(np.float64)
+    got = run_query(_open(made, "v1", "v2"),
+                    "SELECT * FROM map_agreement('v1', 'v2', 'saliency', k := 2) ORDER BY instance_id").to_pylist()
+    assert len(got) == ROWS
+    constant = 0
+    for i, r in enumerate(got):
+        expected = spearmanr(maps["v1"][i], maps["v2"][i]).statistic
+        if np.isnan(expected):  # a map of zeros (a dead ReLU layer here) has no ranking
+            assert r["rank_correlation"] is None
+            constant += 1
+        else:
+            assert r["rank_correlation"] == pytest.approx(expected, abs=1e-9)
+        top = [set(np.argsort(-np.abs(m[i]), kind="stable")[:2]) for m in (maps["v1"], maps["v2"])]
+        assert r["top_k_overlap"] == len(top[0] & top[1]) / 2
+    assert constant < ROWS / 2
+    same = run_query(_open(made, "v1", "v1_again"),
+                     "SELECT min(rank_correlation) AS rho, min(top_k_overlap) AS top FROM "
+                     "map_agreement('v1', 'v1_again', 'saliency')").to_pylist()[0]
+    assert same == {"rho": pytest.approx(1.0), "top": 1.0}
+
+
+def test_rank_correlation_ranks_ties_at_their_mean_and_top_k_breaks_them_by_position():
+    a = np.array([[1.0, 2.0, 2.0, 5.0], [3.0, 3.0, 3.0, 3.0]])
+    b = np.array([[4.0, 3.0, 1.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    got = rank_correlations(a, b)
+    assert got[0] == pytest.approx(spearmanr(a[0], b[0]).statistic)
+    assert np.isnan(got[1])  # a constant map has no ranking
+    # |values| largest first: a's top 2 are positions 3 and 1 (1 before 2 among the tied 2s); b's, 0 and 1.
+    assert top_k_overlaps(a[:1], b[:1], 2).tolist() == [0.5]
+    assert top_k_overlaps(a[:1], b[:1], 10).tolist() == [1.0]  # k beyond the width: the whole map
+
+
+def test_subset_metrics_by_run_are_each_run_s_own_in_order(runs):
+    made, _ = runs
+    predicate = "\"group\" = 'a'"
+    got = run_query(_open(made, "v2", "v1"), "SELECT * FROM subset_metrics_by_run(?, 1)", [predicate]).to_pylist()
+    assert [r["run"] for r in got] == ["v2", "v1"]
+    for r in got:
+        [own] = run_query(open_catalog(made[r["run"]].layout.root), "SELECT * FROM subset_metrics(?, 1)",
+                          [predicate]).to_pylist()
+        for key in ("size", "accuracy", "tp", "fp", "fn", "tn", "fpr", "fnr", "precision", "recall", "mean_confidence"):
+            assert r[key] == pytest.approx(own[key]), key
+
+
+def _centred(reader: RunReader) -> np.ndarray:
+    ids, matrix = reader.activation_matrix("relu")
+    order = np.argsort(ids.to_numpy())
+    matrix = matrix[order].astype(np.float64)
+    return matrix - matrix.mean(axis=0)
+
+
+def test_representation_change_is_linear_cka_and_neuron_matches_are_correlations(runs):
+    made, _ = runs
+    x, y = _centred(made["v1"]), _centred(made["v2"])
+    cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    con = _open(made, "v1", "v2", "v1_again")
+    [change] = run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'relu')").to_pylist()
+    assert change == {"instances": ROWS, "neurons_a": 6, "neurons_b": 6, "linear_cka": pytest.approx(cka, rel=1e-5)}
+    assert 0 < cka < 0.99
+    [same] = run_query(con, "SELECT linear_cka FROM representation_change('v1', 'v1_again', 'relu')").to_pylist()
+    assert same["linear_cka"] == pytest.approx(1.0, abs=1e-6)
+    matches = run_query(con, "SELECT * FROM neuron_matches('v1', 'v2', 'relu') ORDER BY neuron").to_pylist()
+    sd_x, sd_y = x.std(axis=0), y.std(axis=0)
+    for r in matches:
+        i = r["neuron"]
+        if sd_x[i] == 0:  # a neuron dead over these instances has no correlation
+            assert r["best_match"] is None and r["correlation"] is None
+            continue
+        correlation = np.array([np.corrcoef(x[:, i], y[:, j])[0, 1] if sd_y[j] > 0 else -np.inf for j in range(6)])
+        assert r["best_match"] == int(np.argmax(correlation))
+        assert r["correlation"] == pytest.approx(correlation.max(), abs=1e-5)
+    sampled = run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'relu', sample := 60)").to_pylist()[0]
+    assert 30 < sampled["instances"] < 90
+    with pytest.raises(Exception, match="recorded no layer 'fc9'; it has relu"):
+        run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'fc9')")
+
+
+def test_the_cli_opens_several_named_runs_and_refuses_unclear_names(runs, capsys):
+    made, _ = runs
+    v1, v2 = made["v1"].layout.root, made["v2"].layout.root
+    assert cli_main(["sql", f"v1={v1}", f"v2={v2}", "SELECT instances, same_prediction FROM agreement('v1', 'v2')",
+                     "--format", "json"]) == 0
+    assert '"instances": 120' in capsys.readouterr().out
+    assert cli_main(["sql", str(v1), str(v2), "--list"]) == 0  # named by their directories
+    listed = capsys.readouterr().out
+    assert "disagreements" in listed and "representation_change" in listed
+    assert list(named_runs([str(v1), f"other={v1}"])) == ["v1", "other"]
+    uri = "s3://bucket/runs/v3?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert named_runs([uri, f"v4={uri}"]) == {"v3": uri, "v4": uri}
+    with pytest.raises(RunError, match="two runs are named 'v1'"):
+        named_runs([str(v1), f"v1={v2}"])
+    with pytest.raises(RunError, match="must be a SQL identifier"):
+        named_runs([f"1st={v1}"])
