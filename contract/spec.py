@@ -67,6 +67,11 @@ class ModelSpec(StrictModel):
     """Let a ``huggingface`` checkpoint that ships its own modelling code run it (``auto_map``
     in its config): the code runs in the driver and every worker. Set it only for checkpoints
     you trust."""
+    checkpoints: list[str] | str | None = None
+    """One model's checkpoints in training order, each a ``weights`` file for the factory: a
+    list, or a glob (``runs/ckpt/epoch-*.safetensors``, in natural order: epoch-2 before
+    epoch-10). The job makes a run per checkpoint, a run group under ``output.run_name``
+    (``<root>/<run_name>/<checkpoint>/``), which ``netloupe sql`` opens as runs side by side."""
     class_names: list[str] | None = None
     """Names of the output classes, in output order; default ``"0"``, ``"1"``, ..."""
     output: Literal["logits", "probabilities", "log_probabilities"] = "logits"
@@ -94,6 +99,11 @@ class ModelSpec(StrictModel):
             raise ValueError("allow_unsafe_pickle applies to a 'weights' file, and none is given")
         if self.torchscript is not None and self.weights is not None:
             raise ValueError("'weights' applies to a factory model; a TorchScript file carries its own")
+        if self.checkpoints is not None and (self.factory is None or self.weights is not None):
+            raise ValueError("checkpoints are weights files of a factory model, one per run: give 'factory' "
+                             "and no 'weights'")
+        if self.checkpoints == []:
+            raise ValueError("checkpoints is empty: give weights files (a list or a glob)")
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(
                 f"factory must look like 'package.module:callable', got {self.factory!r}"

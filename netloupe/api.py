@@ -137,18 +137,20 @@ class Comparison:
 
 
 def compare(*runs: str | os.PathLike, **named: str | os.PathLike) -> Comparison:
-    """Several runs of the same data together: ``compare(v1="runs/a", v2="runs/b")``, or
-    ``compare("runs/a", "runs/b")`` (each named by its directory). Runs over different
-    instances or inputs are refused."""
-    from netloupe.storage.compare import named_runs
+    """Several runs of the same data together: ``compare(v1="runs/a", v2="runs/b")``,
+    ``compare("runs/a", "runs/b")`` (each named by its directory), or a run group's members
+    (``compare("runs/mnist-epochs")``). Runs over different instances or inputs are refused."""
+    from netloupe.storage.compare import runs_to_open
 
-    given = {**named_runs([str(r) for r in runs]), **named} if runs else dict(named)
+    given = {**runs_to_open([str(r) for r in runs]), **named} if runs else dict(named)
     return Comparison(given)
 
 
-def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False, progress: bool = True) -> Run:
-    """Run a job spec (a YAML file, or the same as a dict) and return the committed run.
-    ``force`` replaces a run of the same name; ``progress`` prints a line per stage."""
+def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False,
+            progress: bool = True) -> Run | Comparison:
+    """Run a job spec (a YAML file, or the same as a dict) and return the committed run (for a
+    spec with ``model.checkpoints``, the run group's runs together, as :func:`compare` opens
+    them). ``force`` replaces a run of the same name; ``progress`` prints a line per stage."""
     from netloupe.pipeline.driver import run_job
     from netloupe.pipeline.progress import ProgressLines, RunProgress
 
@@ -159,6 +161,10 @@ def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False, progr
     else:
         raise SpecError(f"explain() takes a spec file's path or a dict, got {type(spec).__name__}")
     reporter = ProgressLines(lambda text: print(text, file=sys.stdout, flush=True)) if progress else RunProgress()
+    if job.model.checkpoints is not None:
+        from netloupe.pipeline.run_group import run_checkpoints
+
+        return compare(run_checkpoints(job, force=force, progress=reporter).directory)
     return Run(run_job(job, force=force, progress=reporter).location)
 
 

@@ -61,12 +61,35 @@ def cmd_run(args) -> int:
     else:
         spec = load_spec(args.spec, parse_overrides(args.set))
     progress = RunProgress() if args.no_progress else progress_for(sys.stdout)
+    if spec.model.checkpoints is not None:
+        if resume is not None:
+            raise SpecError("--resume finishes one run; a run group's members are runs: resume the member that "
+                            "was interrupted, then run the group's spec again with --force")
+        return _run_group(spec, args.force, progress)
     result = run_job(spec, force=args.force, progress=progress, resume=resume)
     print(run_summary(result))
     print(f"  manifest: {shlex.quote(str(result.layout.manifest_path))}")
     print("next:")
     for line in next_steps(result):
         print(f"  {line}")
+    return 0
+
+
+def _run_group(spec, force: bool, progress) -> int:
+    from netloupe.pipeline.driver import run_summary
+    from netloupe.pipeline.run_group import run_checkpoints
+
+    group = run_checkpoints(spec, force=force, progress=progress)
+    for name, result in group.members.items():
+        print(f"{name}: {run_summary(result)}")
+    netloupe, where = netloupe_command(), shlex.quote(str(group.directory))
+    first, last = list(group.members)[0], list(group.members)[-1]
+    print(f"run group: {where} ({len(group.members)} runs, one per checkpoint)\nnext:")
+    print(f"  {netloupe} sql {where} \"SELECT run, size, accuracy FROM subset_metrics_by_run('true')\"")
+    print(f"  {netloupe} sql {where} \"SELECT * FROM agreement('{first}', '{last}')\"")
+    layers = list(group.members[last].manifest.model.layer_neurons)
+    if layers:
+        print(f"  {netloupe} sql {where} \"SELECT * FROM representation_change_by_run('{layers[-1]}')\"")
     return 0
 
 
@@ -146,21 +169,22 @@ def _show(table, max_rows: int) -> None:
 
 def cmd_sql(args) -> int:
     from netloupe.storage.catalog import CATALOG_CONTENTS_SQL, OPERATORS_LIST_SQL, QueryError, open_catalog, run_query
-    from netloupe.storage.compare import COMPARE_OPERATORS_SQL, named_runs, open_runs, split_run_name
+    from netloupe.storage.compare import COMPARE_OPERATORS_SQL, open_runs, runs_to_open, split_run_name
     from netloupe.storage.location import local_run_dir
+    from netloupe.storage.run_group import read_group
 
     # RUN [RUN ...] [QUERY]: the last is the query unless --file or --list stands for it.
     runs, query = (args.run, None) if args.file or args.list else (args.run[:-1], args.run[-1])
     if not runs:
         raise QueryError("give a run and a query: netloupe sql runs/NAME \"SELECT ...\" "
                          "(or several runs: netloupe sql v1=runs/a v2=runs/b \"SELECT * FROM agreement('v1', 'v2')\")")
-    if len(runs) == 1 and split_run_name(runs[0])[1] == runs[0]:  # one run, not named
+    if len(runs) == 1 and split_run_name(runs[0])[1] == runs[0] and read_group(runs[0]) is None:  # one run
         con = open_catalog(local_run_dir(runs[0]))
         listing = (CATALOG_CONTENTS_SQL, "SELECT layer, view, neurons, output_shape FROM layers",
                    "SELECT * FROM methods", OPERATORS_LIST_SQL)
         example = "SELECT * FROM neuron_matrix('conv2', 'label = 3')"
     else:
-        con = open_runs({name: local_run_dir(location) for name, location in named_runs(runs).items()})
+        con = open_runs({name: local_run_dir(location) for name, location in runs_to_open(runs).items()})
         listing = ("SELECT * FROM runs", COMPARE_OPERATORS_SQL)
         example = "SELECT * FROM disagreements('v1', 'v2'); each run's tables as v1.instances, v2.attributions_<method>"
     if args.list:
@@ -316,7 +340,10 @@ def cmd_zoo(args) -> int:
         out = write_checkpoint(args.name, args.out)
     except (FileExistsError, KeyError) as error:
         raise RunError(error.args[0]) from None
-    print(f"wrote the {args.name} checkpoint to {out}; explain it with model.huggingface: {out}")
+    if out.is_dir() and not (out / "config.json").exists():  # a series of weights files
+        print(f"wrote the {args.name} checkpoints to {out}; explain them with model.checkpoints: {out}/*.safetensors")
+    else:
+        print(f"wrote the {args.name} checkpoint to {out}; explain it with model.huggingface: {out}")
     return 0
 
 

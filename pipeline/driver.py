@@ -264,6 +264,9 @@ class JobRun:
         self.progress.configure_ray_data(context)
         # A worker's NetloupeError should reach the CLI as itself, not as Ray's wrapper.
         context.raise_original_map_exception = True
+        # Ray Data's advice to reserve each worker's memory (every 30 s, a paragraph each):
+        # a worker's memory is its chunk budget, measured by the worker itself (workers/methods.py).
+        context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
         check_cluster_fits(self.spec.execution)
 
     # -- stage ------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from netloupe.storage.catalog import (
 )
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import RunManifest
+from netloupe.storage.run_group import group_members, read_group
 from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql
 
 COMPARE_SQL = SQL_DIR / "compare.sql"
@@ -77,6 +78,14 @@ def named_runs(arguments: list[str]) -> dict[str, str]:
     if not named:
         raise RunError("no runs given to compare")
     return named
+
+
+def runs_to_open(arguments: list[str]) -> dict[str, str]:
+    """:func:`named_runs`, except that one run group given alone opens as its members
+    (:mod:`netloupe.storage.run_group`), each under its member name."""
+    if len(arguments) == 1 and read_group(split_run_name(arguments[0])[1]) is not None:
+        return {name: str(path) for name, path in group_members(split_run_name(arguments[0])[1]).items()}
+    return named_runs(arguments)
 
 
 def split_run_name(argument: str) -> tuple[str, str]:
@@ -181,6 +190,12 @@ def _register_comparisons(con: duckdb.DuckDBPyConnection, compared: list[Compare
                         [con.type("VARCHAR")] * 3 + [con.type("BIGINT")],
                         con.type("STRUCT(instances BIGINT, neurons_a INTEGER, neurons_b INTEGER, linear_cka DOUBLE)"),
                         side_effects=False)
+    con.create_function("_representation_change_by_run",
+                        lambda layer, reference, sample: representation_changes(runs, layer, reference, sample),
+                        [con.type("VARCHAR"), con.type("VARCHAR"), con.type("BIGINT")],
+                        con.type("STRUCT(position INTEGER, run VARCHAR, compared_with VARCHAR, instances BIGINT, "
+                                 "linear_cka DOUBLE)[]"),
+                        side_effects=False, null_handling="special")
     con.create_function("_neuron_matches",
                         lambda a, b, layer, sample: layer_comparison(runs, a, b, layer, sample).matches(),
                         [con.type("VARCHAR")] * 3 + [con.type("BIGINT")],
@@ -316,6 +331,23 @@ def layer_comparison(runs: dict[str, ComparedRun], a: str, b: str, layer: str, s
     mean_a, mean_b = sums[0] / n, sums[1] / n
     return LayerComparison(n, products[0] / n - np.outer(mean_a, mean_a), products[1] / n - np.outer(mean_b, mean_b),
                            products[2] / n - np.outer(mean_a, mean_b))
+
+
+def representation_changes(runs: dict[str, ComparedRun], layer: str, reference: str | None = None,
+                           sample: int = 0) -> list[dict]:
+    """Per run in order, ``layer``'s linear CKA against the next run (the last has none), or
+    against ``reference`` when given: how a representation settles over checkpoints."""
+    names = list(runs)
+    if reference is not None and reference not in runs:
+        raise RunError(f"no run named {reference!r} here; the runs are {', '.join(names)}")
+    rows = []
+    for position, name in enumerate(names):
+        other = reference if reference is not None else (names[position + 1] if position + 1 < len(names) else None)
+        change = layer_comparison(runs, name, other, layer, sample or 0) if other is not None else None
+        rows.append({"position": position, "run": name, "compared_with": other,
+                     "instances": None if change is None else change.instances,
+                     "linear_cka": None if change is None else change.linear_cka})
+    return rows
 
 
 def _vector_parts(runs: dict[str, ComparedRun], name: str, layer: str) -> str:

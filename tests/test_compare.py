@@ -206,3 +206,77 @@ def test_the_cli_opens_several_named_runs_and_refuses_unclear_names(runs, capsys
         named_runs([str(v1), f"v1={v2}"])
     with pytest.raises(RunError, match="must be a SQL identifier"):
         named_runs([f"1st={v1}"])
+
+
+def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp_path, capsys):
+    """Three weights files named out of order (step-10, step-2, step-1): one run per file in
+    natural order, each explaining its own weights; the group opens as its runs side by side;
+    it is not replaced without --force, and a replacement drops the members it no longer has."""
+    from safetensors.torch import save_file
+
+    from netloupe.pipeline.run_group import run_checkpoints
+    from netloupe.storage.layout import RunExistsError
+    from netloupe.storage.run_group import read_group
+
+    table = tabular_table(60, seed=5)
+    pq.write_table(table, tmp_path / "data.parquet")
+    (tmp_path / "ck").mkdir()
+    for step, seed in ((10, 3), (2, 2), (1, 1)):
+        save_file(SeededMLP(3, 6, 2, seed=seed).state_dict(), str(tmp_path / "ck" / f"step-{step}.safetensors"))
+    data = {
+        "model": {"factory": "tests.tiny_models:SeededMLP", "kwargs": {"features": 3, "hidden": 6, "classes": 2,
+                                                                        "seed": 9},
+                  "checkpoints": str(tmp_path / "ck" / "step-*.safetensors")},
+        "dataset": {"source": str(tmp_path / "data.parquet"), "feature_columns": ["x0", "x1", "x2"],
+                    "id_column": "row_id", "metadata_columns": ["group"]},
+        "layers": [{"name": "relu"}],
+        "attributions": [{"method": "saliency"}],
+        "execution": {"batch_size": 32, "num_workers": 1},
+        "output": {"root": str(tmp_path / "runs"), "run_name": "steps"},
+    }
+    group = run_checkpoints(parse_spec(data))
+    assert list(group.members) == ["step_1", "step_2", "step_10"]
+    record = read_group(group.directory)
+    assert [m.checkpoint for m in record.members] == [str(tmp_path / "ck" / f"step-{s}.safetensors") for s in (1, 2, 10)]
+    for name, seed in (("step_1", 1), ("step_2", 2), ("step_10", 3)):
+        instances = RunReader(group.directory / name).instances().sort_by("instance_id")
+        expected = _probabilities(seed, table.sort_by("row_id")).argmax(1)
+        assert instances["prediction"].to_numpy().tolist() == expected.tolist(), name
+    assert cli_main(["sql", str(group.directory), "SELECT run FROM runs ORDER BY position", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.replace('"', "").split() == ["run", "step_1", "step_2", "step_10"]
+    con = open_runs({"step_1": group.directory / "step_1", "step_2": group.directory / "step_2",
+                     "step_10": group.directory / "step_10"})
+    by_run = run_query(con, "SELECT * FROM representation_change_by_run('relu') ORDER BY position").to_pylist()
+    assert [(r["run"], r["compared_with"]) for r in by_run] == [("step_1", "step_2"), ("step_2", "step_10"),
+                                                                ("step_10", None)]
+    pair = run_query(con, "SELECT linear_cka FROM representation_change('step_2', 'step_10', 'relu')")
+    assert by_run[1]["linear_cka"] == pytest.approx(pair["linear_cka"][0].as_py())
+    to_last = run_query(con, "SELECT * FROM representation_change_by_run('relu', reference := 'step_10')").to_pylist()
+    assert to_last[-1]["linear_cka"] == pytest.approx(1.0)
+    with pytest.raises(RunExistsError, match="--force"):
+        run_checkpoints(parse_spec(data))
+    data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-2.safetensors"), str(tmp_path / "ck" / "step-1.safetensors")]
+    again = run_checkpoints(parse_spec(data), force=True)
+    assert list(again.members) == ["step_2", "step_1"]  # a list keeps its order
+    assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_1", "step_2"]
+
+
+def test_checkpoints_are_a_factory_s_weights_files(tmp_path):
+    from netloupe.contract.errors import SpecError
+    from netloupe.pipeline.run_group import checkpoint_files
+
+    base = {"dataset": {"source": "digits"}, "output": {"root": str(tmp_path), "run_name": "g"}}
+    with pytest.raises(SpecError, match="give 'factory' and no 'weights'"):
+        parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp", "weights": "w.safetensors",
+                                      "checkpoints": ["a.safetensors"]}})
+    with pytest.raises(SpecError, match="no file matches"):
+        checkpoint_files(parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp",
+                                                       "checkpoints": str(tmp_path / "none-*.pt")}}))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "last.pt").write_bytes(b"")
+    with pytest.raises(SpecError, match="several checkpoints would be named 'last'"):
+        checkpoint_files(parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp",
+                                                       "checkpoints": [str(tmp_path / "a" / "last.pt"),
+                                                                       str(tmp_path / "b" / "last.pt")]}}))

@@ -63,6 +63,12 @@ COMMENT ON MACRO TABLE subset_metrics_by_run IS 'The metrics of the subset where
 CREATE MACRO representation_change(a, b, layer_name, sample := 0) AS TABLE
     SELECT unnest(_representation_change(a, b, layer_name, sample), recursive := true);
 COMMENT ON MACRO TABLE representation_change IS 'Linear CKA of a layer between two runs, over their common instances';
+-- The same over every run in order: each against the next (the last against none), or each
+-- against `reference` (the final checkpoint, say): when a layer settled during training.
+-- Example: SELECT run, compared_with, linear_cka FROM representation_change_by_run('fc1')
+CREATE MACRO representation_change_by_run(layer_name, reference := NULL, sample := 0) AS TABLE
+    SELECT unnest(_representation_change_by_run(layer_name, reference, sample), recursive := true);
+COMMENT ON MACRO TABLE representation_change_by_run IS 'Linear CKA of a layer between each run and the next (or a reference run), in the runs'' order';
 CREATE MACRO neuron_matches(a, b, layer_name, sample := 0) AS TABLE
     SELECT unnest(_neuron_matches(a, b, layer_name, sample), recursive := true);
 COMMENT ON MACRO TABLE neuron_matches IS 'Per neuron of run a, the most correlated neuron of run b in the same layer and the correlation';
