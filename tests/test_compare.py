@@ -246,6 +246,8 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     assert capsys.readouterr().out.replace('"', "").split() == ["run", "step_1", "step_2", "step_10"]
     con = open_runs({"step_1": group.directory / "step_1", "step_2": group.directory / "step_2",
                      "step_10": group.directory / "step_10"})
+    assert run_query(con, "SELECT model FROM runs ORDER BY position")["model"].to_pylist() == [
+        m.checkpoint for m in record.members]
     by_run = run_query(con, "SELECT * FROM representation_change_by_run('relu') ORDER BY position").to_pylist()
     assert [(r["run"], r["compared_with"]) for r in by_run] == [("step_1", "step_2"), ("step_2", "step_10"),
                                                                 ("step_10", None)]

@@ -60,15 +60,17 @@ COMMENT ON MACRO TABLE subset_metrics_by_run IS 'The metrics of the subset where
 -- over the joined activation vectors (centred; `sample` instances by a fixed hash of the ids,
 -- or all of them when 0).
 -- Example: SELECT * FROM representation_change('epoch_1', 'epoch_5', 'fc1')
+-- (Each Python function is called once in a subquery: unnest(f(...), recursive := true)
+-- would call it once per field of its result.)
 CREATE MACRO representation_change(a, b, layer_name, sample := 0) AS TABLE
-    SELECT unnest(_representation_change(a, b, layer_name, sample), recursive := true);
+    SELECT c.* FROM (SELECT _representation_change(a, b, layer_name, sample) AS c);
 COMMENT ON MACRO TABLE representation_change IS 'Linear CKA of a layer between two runs, over their common instances';
 -- The same over every run in order: each against the next (the last against none), or each
 -- against `reference` (the final checkpoint, say): when a layer settled during training.
 -- Example: SELECT run, compared_with, linear_cka FROM representation_change_by_run('fc1')
 CREATE MACRO representation_change_by_run(layer_name, reference := NULL, sample := 0) AS TABLE
-    SELECT unnest(_representation_change_by_run(layer_name, reference, sample), recursive := true);
+    SELECT c.* FROM (SELECT unnest(_representation_change_by_run(layer_name, reference, sample)) AS c);
 COMMENT ON MACRO TABLE representation_change_by_run IS 'Linear CKA of a layer between each run and the next (or a reference run), in the runs'' order';
 CREATE MACRO neuron_matches(a, b, layer_name, sample := 0) AS TABLE
-    SELECT unnest(_neuron_matches(a, b, layer_name, sample), recursive := true);
+    SELECT c.* FROM (SELECT unnest(_neuron_matches(a, b, layer_name, sample)) AS c);
 COMMENT ON MACRO TABLE neuron_matches IS 'Per neuron of run a, the most correlated neuron of run b in the same layer and the correlation';
