@@ -1,0 +1,95 @@
+"""TracIn's last-layer form (workers/influence.py): equal to Captum's TracInCPFast, to the
+gradient dot products worked out by hand on a linear model, and top-k lists that merge
+across shards exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.influence import TracInCPFast
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from netloupe.workers.influence import TopInfluences, last_layer_gradients, tracin_scores
+from tests.tiny_models import SeededMLP
+
+RATES = {1: 1.0, 2: 0.5}
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=generator), torch.randint(0, 2, (n,), generator=generator)
+
+
+def test_scores_equal_captum_s_tracin_cp_fast(tmp_path):
+    checkpoints = []
+    for seed in RATES:
+        path = tmp_path / f"ckpt-{seed}.safetensors"
+        save_file(SeededMLP(3, 6, 2, seed=seed).state_dict(), str(path))
+        checkpoints.append(str(path))
+
+    def load(model: nn.Module, path: str) -> float:
+        model.load_state_dict(load_file(path))
+        return RATES[int(path.rsplit("-", 1)[1].split(".")[0])]
+
+    train_x, train_y = _data(20, 0)
+    test_x, test_y = _data(5, 1)
+    model = SeededMLP(3, 6, 2, seed=9).eval()
+    captum = TracInCPFast(model, model.head, TensorDataset(train_x, train_y), checkpoints, checkpoints_load_func=load,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=20)
+    expected = captum.influence((test_x, test_y)).double()
+    ours_test, ours_train, rates = [], [], []
+    for path in checkpoints:
+        rates.append(load(model, path))
+        ours_test.append(last_layer_gradients(model, model.head, test_x, test_y))
+        ours_train.append(last_layer_gradients(model, model.head, train_x, train_y))
+    np.testing.assert_allclose(tracin_scores(ours_test, ours_train, rates).numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_on_a_linear_model_scores_are_the_gradient_dot_products_by_hand():
+    """One linear layer: the loss gradient on W is (p - e) xᵀ, so a pair's score at a
+    checkpoint is ((p - e)·(p' - e')) (x·x'); summed over checkpoints with their rates."""
+    x, y = _data(4, 2)
+    rates = [1.0, 0.25]
+    layers = [nn.Linear(3, 2) for _ in rates]
+    expected = np.zeros((4, 4))
+    factors = []
+    for layer, rate in zip(layers, rates):
+        w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+        logits = x.double().numpy() @ w.T + b
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = p - np.eye(2)[y.numpy()]
+        for i in range(4):
+            for j in range(4):
+                expected[i, j] += rate * float(np.outer(g[i], x[i].double().numpy()).ravel()
+                                               @ np.outer(g[j], x[j].double().numpy()).ravel())
+        factors.append(last_layer_gradients(layer, layer, x, y))
+    np.testing.assert_allclose(tracin_scores(factors, factors, rates).numpy(), expected, rtol=1e-6)  # a float32 forward
+
+
+def test_top_influences_merge_across_shards_exactly():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 40))
+    scores[0, 5] = scores[0, 6]  # a tie: the smaller id first
+    ids = np.arange(100, 140)
+    whole = TopInfluences(3, 4)
+    whole.add(scores, ids)
+    shards = [TopInfluences(3, 4) for _ in range(3)]
+    for shard, columns in zip(shards, np.array_split(np.arange(40), 3)):
+        for block in np.array_split(columns, 2):  # several blocks per shard
+            shard.add(scores[:, block], ids[block])
+    shards[0].merge(shards[1])
+    shards[0].merge(shards[2])
+    for got, want in ((shards[0].proponents(), whole.proponents()), (shards[0].opponents(), whole.opponents())):
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    top_scores, top_ids = whole.proponents()
+    for row in range(3):
+        order = sorted(range(40), key=lambda j: (-scores[row, j], ids[j]))[:4]
+        assert top_ids[row].tolist() == ids[order].tolist()
+        assert top_scores[row].tolist() == pytest.approx(scores[row, order].tolist())
+    low_scores, low_ids = whole.opponents()
+    assert low_ids[:, 0].tolist() == ids[scores.argmin(axis=1)].tolist()
