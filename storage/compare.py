@@ -16,6 +16,8 @@ layers' cross-covariance, which SQL would compute a neuron pair at a time.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -346,18 +348,34 @@ class _GramSums:
 def _paired_blocks(patterns: list[str], id_sql: str, fraction: float | None):
     """Blocks of rows of the two runs' vectors for the same instances, in the same order: one
     DuckDB join of the two, streamed (measured faster than reading part pairs with pyarrow and
-    aligning them, even for runs batched alike: DuckDB decodes the vectors faster)."""
-    keep = "" if fraction is None else f"WHERE hash(x.instance_id::VARCHAR || '/cka') % 1000000 < {int(1e6 * fraction)}"
+    aligning them: DuckDB decodes the vectors faster). A ``fraction`` of the instances: when
+    the two runs were batched alike (the same spec over other weights, a run group: a part is
+    named by its ids' hash, so the names agree), whole parts chosen by a hash of their names,
+    so that only those are read; else instances by a hash of their ids, after reading all."""
+    sources: list[str | list[str]] = list(patterns)
+    keep = ""
+    if fraction is not None:
+        names = [sorted(Path(f).name for f in glob.glob(pattern)) for pattern in patterns]
+        chosen = [name for name in names[0] if _hash_fraction(name) < fraction]
+        if names[0] == names[1] and chosen:
+            sources = [[str(Path(pattern).parent / name) for name in chosen] for pattern in patterns]
+        else:
+            keep = f"WHERE hash(x.instance_id::VARCHAR || '/cka') % 1000000 < {int(1e6 * fraction)}"
     con = duckdb.connect(":memory:")
     try:
         reader = con.sql(
             f"SELECT x.activation AS a, y.activation AS b FROM read_parquet($a) x "
             f"JOIN read_parquet($b) y ON x.instance_id::{id_sql} = y.instance_id::{id_sql} {keep}",
-            params={"a": patterns[0], "b": patterns[1]}).to_arrow_reader(GRAM_BATCH_ROWS)
+            params={"a": sources[0], "b": sources[1]}).to_arrow_reader(GRAM_BATCH_ROWS)
         for batch in reader:
             yield _matrix(batch.column(0)), _matrix(batch.column(1))
     finally:
         con.close()
+
+
+def _hash_fraction(name: str) -> float:
+    """A part name's place in [0, 1), the same on every machine."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") / 2**64
 
 
 def representation_changes(runs: dict[str, ComparedRun], layer: str, reference: str | None = None,

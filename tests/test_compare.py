@@ -157,10 +157,13 @@ def test_subset_metrics_by_run_are_each_run_s_own_in_order(runs):
             assert r[key] == pytest.approx(own[key]), key
 
 
-def _centred(reader: RunReader) -> np.ndarray:
+def _centred(reader: RunReader, only: np.ndarray | None = None) -> np.ndarray:
+    """The run's relu activations by instance id (only the ids ``only``), centred."""
     ids, matrix = reader.activation_matrix("relu")
-    order = np.argsort(ids.to_numpy())
-    matrix = matrix[order].astype(np.float64)
+    ids = ids.to_numpy()
+    if only is not None:
+        matrix, ids = matrix[np.isin(ids, only)], ids[np.isin(ids, only)]
+    matrix = matrix[np.argsort(ids)].astype(np.float64)
     return matrix - matrix.mean(axis=0)
 
 
@@ -255,6 +258,19 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     assert by_run[1]["linear_cka"] == pytest.approx(pair["linear_cka"][0].as_py())
     to_last = run_query(con, "SELECT * FROM representation_change_by_run('relu', reference := 'step_10')").to_pylist()
     assert to_last[-1]["linear_cka"] == pytest.approx(1.0)
+    # A sample of a group's runs (batched alike): whole parts, chosen by their names' hash.
+    from netloupe.storage.compare import _hash_fraction
+
+    parts = sorted((group.directory / "step_1" / "activations").rglob("*.parquet"))
+    kept = [p.name for p in parts if _hash_fraction(p.name) < 30 / 60]
+    sampled = run_query(con, "SELECT * FROM representation_change('step_1', 'step_2', 'relu', sample := 30)").to_pylist()[0]
+    assert len(kept) == 1, "the two parts' names hash to 0.90 and 0.41: one is under the half asked"
+    ids = np.concatenate([pq.read_table(p, columns=["instance_id"])["instance_id"].to_numpy()
+                          for p in parts if p.name in kept])
+    assert sampled["instances"] == len(ids) < 60
+    x, y = (_centred(RunReader(group.directory / name), ids) for name in ("step_1", "step_2"))
+    cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    assert sampled["linear_cka"] == pytest.approx(cka, rel=1e-5)
     with pytest.raises(RunExistsError, match="--force"):
         run_checkpoints(parse_spec(data))
     data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-2.safetensors"), str(tmp_path / "ck" / "step-1.safetensors")]

@@ -57,8 +57,9 @@ COMMENT ON MACRO TABLE subset_metrics_by_run IS 'The metrics of the subset where
 -- How much a layer's representation changed between two runs over the same instances:
 -- linear CKA (Kornblith et al. 2019; 1 = the same up to rotation and scale), and per neuron
 -- of run a the neuron of run b that correlates most with it. Computed by storage/compare.py
--- over the joined activation vectors (centred; `sample` instances by a fixed hash of the ids,
--- or all of them when 0).
+-- over the joined activation vectors (centred), of every instance or about `sample` of them:
+-- whole parts by a hash of their names when the runs were batched alike (a run group; only
+-- those parts are read), else instances by a hash of their ids.
 -- Example: SELECT * FROM representation_change('epoch_1', 'epoch_5', 'fc1')
 -- (Each Python function is called once in a subquery: unnest(f(...), recursive := true)
 -- would call it once per field of its result.)
