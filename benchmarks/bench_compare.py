@@ -92,7 +92,9 @@ def main() -> None:
             con = open_runs({"a": a.root, "b": b.root})
             opened.append(time.perf_counter() - started)
         cka = run_query(con, QUERIES["representation_change (all)"])["linear_cka"][0].as_py()
-        print(f"linear CKA {cka:.6f}, numpy {expected:.6f}", flush=True)
+        sampled = run_query(con, QUERIES["representation_change (100k sample)"]).to_pylist()[0]
+        print(f"linear CKA {cka:.6f}, numpy {expected:.6f}; on the 100k sample {sampled['linear_cka']:.6f} "
+              f"({sampled['instances']:,} instances)", flush=True)
         assert abs(cka - expected) < 1e-4 * max(1.0, expected), (cka, expected)
         print(f"\n| operator ({args.size:,} instances, {args.neurons} units) | seconds (warm median of {args.repeats}) |")
         print("|---|---:|")

@@ -14,6 +14,7 @@ dashboard read it.
     new = netloupe.explain("examples/mnist.yaml", force=True)   # a spec file or a dict; returns a Run
     both = netloupe.compare(v1="runs/a", v2="runs/b")             # runs of the same data, together
     both.df("SELECT * FROM disagreements('v1', 'v2')")
+    both.instance(7)["v2"].maps["saliency"]                      # one instance in every run
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from netloupe.contract.errors import SpecError
+from netloupe.contract.errors import RunError, SpecError
 from netloupe.contract.spec import load_spec, parse_spec
 from netloupe.storage.catalog import OPERATORS_LIST_SQL, open_catalog, query_relation, run_query
 from netloupe.storage.instance import InstanceRecord, read_instance
@@ -123,10 +124,24 @@ class Comparison:
         self.runs = {name: local_run_dir(str(location)) for name, location in runs.items()}
         """Each run's directory by its name in SQL, in the order given."""
         self.connection: duckdb.DuckDBPyConnection = open_runs(self.runs)
+        self._opened: dict[str, Run] = {}
 
     def sql(self, query: str, parameters: list | dict | None = None) -> pa.Table:
         """The result of a read-only query, as an Arrow table."""
         return run_query(self.connection, query, parameters)
+
+    def run(self, name: str) -> Run:
+        """One of the runs on its own (:class:`Run`: its operators, instances, dashboard)."""
+        if name not in self.runs:
+            raise RunError(f"no run named {name!r} here; the runs are {', '.join(self.runs)}")
+        if name not in self._opened:
+            self._opened[name] = Run(self.runs[name])
+        return self._opened[name]
+
+    def instance(self, instance_id) -> dict[str, InstanceRecord]:
+        """One instance in every run, by run name in order: its prediction, maps and
+        activations side by side (how each checkpoint saw it)."""
+        return {name: self.run(name).instance(instance_id) for name in self.runs}
 
     def df(self, query: str, parameters: list | dict | None = None) -> pd.DataFrame:
         """:meth:`sql` as a pandas DataFrame."""

@@ -298,3 +298,21 @@ def test_checkpoints_are_a_factory_s_weights_files(tmp_path):
         checkpoint_files(parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp",
                                                        "checkpoints": [str(tmp_path / "a" / "last.pt"),
                                                                        str(tmp_path / "b" / "last.pt")]}}))
+
+
+def test_the_python_api_opens_runs_together_and_one_instance_across_them(runs):
+    import netloupe
+
+    made, table = runs
+    both = netloupe.compare(v1=made["v1"].layout.root, v2=made["v2"].layout.root)
+    assert both.df("SELECT run FROM runs ORDER BY position")["run"].tolist() == ["v1", "v2"]
+    first = table["row_id"][0].as_py()
+    seen = both.instance(first)
+    assert list(seen) == ["v1", "v2"]
+    for name, seed in (("v1", 1), ("v2", 2)):
+        expected = _probabilities(seed, table.slice(0, 1))[0]
+        assert seen[name].row["prediction"] == expected.argmax()
+        np.testing.assert_allclose(seen[name].probabilities, expected, atol=1e-6)
+        assert seen[name].maps["saliency"].shape == (3,)
+    with pytest.raises(RunError, match="no run named 'v3'"):
+        both.run("v3")
