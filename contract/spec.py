@@ -269,6 +269,17 @@ class LrpRuleSpec(StrictModel):
     set_bias_to_zero: bool = False
     """gamma, alpha1_beta0: ignore the layer's bias in the propagation."""
 
+    @model_validator(mode="after")
+    def _settings_of_the_rule(self) -> "LrpRuleSpec":
+        takes = {"epsilon": {"epsilon"}, "gamma": {"gamma", "set_bias_to_zero"},
+                 "alpha1_beta0": {"set_bias_to_zero"}, "identity": set()}[self.rule]
+        # (by value, not by presence: a spec written back out names every setting at its default)
+        extra = sorted(name for name, field in type(self).model_fields.items()
+                       if name not in takes | {"rule"} and getattr(self, name) != field.default)
+        if extra:
+            raise ValueError(f"the {self.rule} rule takes {sorted(takes) or 'no setting'}, not {extra}")
+        return self
+
 
 class MethodSpec(StrictModel):
     """One attribution method to run on every instance."""

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from netloupe.contract.errors import RunError, netloupe_cause
+from netloupe.contract.errors import RunError, SpecError, netloupe_cause
 from netloupe.contract.spec import JobSpec, spec_to_dict
 from netloupe.pipeline.datasets import resolve_dataset
 from netloupe.pipeline.model_graph import model_graph
@@ -116,6 +116,10 @@ class RunResult:
 
 def validate(spec: JobSpec) -> Validated:
     """Check the spec against the data and the model on a few rows, on the driver."""
+    if spec.model.checkpoints is not None:
+        raise SpecError("a spec with model.checkpoints is a run group, one run per checkpoint: run it with "
+                        "`netloupe run` (pipeline/run_group.py); to check one checkpoint, "
+                        "--set model.weights=FILE --set model.checkpoints=null")
     started = time.perf_counter()
     check_umap_available(spec)
     dataset = resolve_dataset(spec)

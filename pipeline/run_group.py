@@ -18,6 +18,7 @@ from netloupe.contract.errors import SpecError
 from netloupe.contract.spec import JobSpec
 from netloupe.pipeline.driver import RunResult, run_job
 from netloupe.pipeline.progress import RunProgress
+from netloupe.storage.compare import run_name_problem
 from netloupe.storage.layout import RunExistsError
 from netloupe.storage.location import is_uri
 from netloupe.storage.run_group import (
@@ -55,6 +56,11 @@ def checkpoint_files(spec: JobSpec) -> list[Path]:
             raise SpecError(f"model.checkpoints: {str(path)!r} is not a file; each checkpoint is a weights file "
                             "for the factory (.safetensors or a torch.save state dict)")
     names = [member_name(p) for p in files]
+    for path, name in zip(files, names):
+        problem = run_name_problem(name)
+        if problem:
+            raise SpecError(f"model.checkpoints: {path.name} would be the run {name!r}, which {problem}; "
+                            "rename the file")
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise SpecError(f"model.checkpoints: several checkpoints would be named {clash[0]!r} (the file's stem); "
@@ -64,6 +70,12 @@ def checkpoint_files(spec: JobSpec) -> list[Path]:
 
 def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _only_runs(directory: Path) -> bool:
+    """Whether ``directory`` holds runs only (a group interrupted before its record: --force
+    may replace it), hidden entries (a member's staging) aside."""
+    return all(entry.name.startswith(".") or (entry / "manifest.json").exists() for entry in directory.iterdir())
 
 
 def member_spec(spec: JobSpec, checkpoint: Path, group_directory: Path) -> JobSpec:
@@ -84,7 +96,7 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
     if directory.exists():
         if not force:
             raise RunExistsError(f"{directory} already exists; use --force to replace it")
-        if old is None and any(directory.iterdir()):
+        if old is None and not _only_runs(directory):
             raise RunExistsError(f"{directory} holds something that is no run group; move it away or choose "
                                  "another output.run_name")
         (directory / GROUP_FILE).unlink(missing_ok=True)  # a group half replaced is no group
@@ -93,9 +105,11 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
     for checkpoint in files:
         result = run_job(member_spec(spec, checkpoint, directory), force=force, progress=progress)
         members[member_name(checkpoint)] = result
-    for stale in ([] if old is None else old.members):  # the replaced group's members this one has not
-        if stale.name not in members:
-            shutil.rmtree(directory / stale.name, ignore_errors=True)
+    # The replaced group's runs this one has not (an interrupted group's: every run there).
+    for stale in directory.iterdir():
+        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in members \
+                and (stale / "manifest.json").exists():
+            shutil.rmtree(stale)
     write_group(directory, RunGroupRecord(run_name=spec.output.run_name, members=[
         GroupMember(name=name, checkpoint=str(checkpoint)) for name, checkpoint in zip(members, files)]))
     return GroupResult(directory, members)

@@ -289,8 +289,8 @@ MNIST_CNN_EPOCHS = 5
 
 
 def mnist_cnn_epochs() -> Path:
-    """:class:`MnistCNN` trained on ``mnist-5k`` as :func:`trained_mnist_cnn` is (seed 0), its
-    weights saved before training and after every epoch (``epoch-0.safetensors`` ..
+    """:class:`MnistCNN` trained on ``mnist-5k`` with :func:`trained_mnist_cnn`'s optimiser and
+    batches (seed 0; its own initialisation), its weights saved before training and after every epoch (``epoch-0.safetensors`` ..
     ``epoch-5.safetensors``): the checkpoints of ``examples/mnist-epochs.yaml``, cached
     (about 40 s on 2 cores, once)."""
     from safetensors.torch import save_file

@@ -71,9 +71,9 @@ def named_runs(arguments: list[str]) -> dict[str, str]:
     named: dict[str, str] = {}
     for argument in arguments:
         name, location = split_run_name(argument)
-        if not RUN_NAME.match(name) or name.lower() in RESERVED_NAMES:
-            raise RunError(f"run name {name!r} (of {argument!r}) must be a SQL identifier (letters, digits, _; "
-                           f"not {sorted(RESERVED_NAMES)}): name it, e.g. v1={location}")
+        problem = run_name_problem(name)
+        if problem:
+            raise RunError(f"run name {name!r} (of {argument!r}) {problem}: name it, e.g. v1={location}")
         if name in named:
             raise RunError(f"two runs are named {name!r}: name each, e.g. a={named[name]} b={location}")
         named[name] = location
@@ -90,6 +90,15 @@ def runs_to_open(arguments: list[str]) -> dict[str, str]:
     return named_runs(arguments)
 
 
+def run_name_problem(name: str) -> str | None:
+    """What keeps ``name`` from naming a run in SQL (its schema), or None."""
+    if not RUN_NAME.match(name):
+        return "must be a SQL identifier: a letter or _, then letters, digits or _, at most 63"
+    if name.lower() in RESERVED_NAMES:
+        return f"is a schema DuckDB keeps ({', '.join(sorted(RESERVED_NAMES))})"
+    return None
+
+
 def split_run_name(argument: str) -> tuple[str, str]:
     """``(name, location)`` of ``NAME=LOCATION``, or of a bare location (its last path segment,
     without a URI's query, as the name)."""
@@ -103,15 +112,19 @@ def open_runs(runs: dict[str, str | os.PathLike]) -> duckdb.DuckDBPyConnection:
     """A read-only, sandboxed DuckDB connection over ``runs`` (name → run directory), each
     under its name, with the comparison operators. Query it through
     :func:`netloupe.storage.catalog.run_query`."""
-    con = duckdb.connect(":memory:")
     named = named_runs([f"{name}={directory}" for name, directory in runs.items()])
-    compared = [_attach(con, position, name, checked_layout(directory))
-                for position, (name, directory) in enumerate(named.items())]
-    _check_same_instances(con, compared)
-    _create_run_list(con, compared)
-    _run_statements(con, BUILDING_BLOCKS_SQL)
-    _register_comparisons(con, compared)
-    _run_statements(con, COMPARE_SQL)
+    con = duckdb.connect(":memory:")
+    try:
+        compared = [_attach(con, position, name, checked_layout(directory))
+                    for position, (name, directory) in enumerate(named.items())]
+        _check_same_instances(con, compared)
+        _create_run_list(con, compared)
+        _run_statements(con, BUILDING_BLOCKS_SQL)
+        _register_comparisons(con, compared)
+        _run_statements(con, COMPARE_SQL)
+    except BaseException:
+        con.close()
+        raise
     con.execute("SET temp_directory = ''").fetchall()
     con.execute("SET allowed_directories = ?", [[str(run.directory) + os.sep for run in compared]]).fetchall()
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
@@ -125,19 +138,24 @@ def _attach(con: duckdb.DuckDBPyConnection, position: int, name: str, layout: Ru
     tables and, by absolute path, of each of its Parquet views."""
     alias = f"_run{position}"
     con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
-    con.execute(f"CREATE SCHEMA {name}").fetchall()  # an identifier (RUN_NAME)
+    schema = _quoted(name)  # quoted: a name may be a keyword of DuckDB's (end, all, default)
+    con.execute(f"CREATE SCHEMA {schema}").fetchall()
     tables = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ? ORDER BY 1",
                          [alias]).fetchall()
     for (table,) in tables:
         quoted = '"' + table.replace('"', '""') + '"'
-        con.execute(f"CREATE VIEW {name}.{quoted} AS SELECT * FROM {alias}.main.{quoted}").fetchall()
+        con.execute(f"CREATE VIEW {schema}.{quoted} AS SELECT * FROM {alias}.main.{quoted}").fetchall()
     parquet = {view: str(layout.root / relative)
                for view, relative in con.execute(f"SELECT view, path FROM {alias}.main.parquet_views").fetchall()}
-    con.execute(f"USE memory.{name}").fetchall()
+    con.execute(f"USE memory.{schema}").fetchall()
     for view, pattern in parquet.items():
         con.read_parquet(pattern).create_view(view)
     con.execute("USE memory.main").fetchall()
     return ComparedRun(name, layout.root, layout.read_manifest(), parquet)
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
@@ -151,7 +169,7 @@ def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[Compare
             raise RunError(f"runs {first.name} and {run.name} are over different data: their instance ids are "
                            f"{first.manifest.dataset.id_type} and {id_type}; compare runs of one dataset")
         [(rows, digest)] = con.execute(
-            f"SELECT count(*), {id_digest_sql('instance_id', id_type)} FROM {run.name}.instances").fetchall()
+            f"SELECT count(*), {id_digest_sql('instance_id', id_type)} FROM {_quoted(run.name)}.instances").fetchall()
         facts[run.name] = (rows, int(digest))
     for run in compared[1:]:
         (rows_a, ids_a), (rows_b, ids_b) = facts[first.name], facts[run.name]
@@ -163,8 +181,7 @@ def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[Compare
         same_hasher = inputs_a and inputs_b and inputs_a.split(":")[0] == inputs_b.split(":")[0]
         if same_hasher and inputs_a != inputs_b:
             raise RunError(f"runs {first.name} and {run.name} have the same instance ids but different inputs "
-                           "(the data changed between them, or another preprocessing read it); compare runs of "
-                           "one dataset")
+                           "(the dataset's files changed between them); compare runs of one dataset")
 
 
 def _create_run_list(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
@@ -173,8 +190,8 @@ def _create_run_list(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]
              "instances": run.manifest.counts.instances} for i, run in enumerate(compared)]
     con.from_arrow(pa.Table.from_pylist(rows)).create_view("runs")
     con.execute("COMMENT ON VIEW runs IS 'The runs compared, in the order given'").fetchall()
-    union = " UNION ALL BY NAME ".join(f"SELECT '{run.name}' AS run, * FROM {run.name}.instances"
-                                       for run in compared)  # names are identifiers (RUN_NAME)
+    union = " UNION ALL BY NAME ".join(f"SELECT '{run.name}' AS run, * FROM {_quoted(run.name)}.instances"
+                                       for run in compared)  # names match RUN_NAME: no quote inside
     con.execute(f"CREATE VIEW instances_by_run AS {union}").fetchall()
     con.execute("COMMENT ON VIEW instances_by_run IS 'Every run''s instances, with the run''s name'").fetchall()
 
@@ -256,14 +273,22 @@ def top_k_overlaps(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return (chosen[0] & chosen[1]).sum(axis=1) / k
 
 
+def _same_width(x: np.ndarray, y: np.ndarray) -> None:
+    if len(x) and x.shape != y.shape:
+        raise RunError(f"map_agreement compares maps of one size; the two runs stored {x.shape[1]} and "
+                       f"{y.shape[1]} values per map (another model, or another storage mode)")
+
+
 def _rank_correlation(a: pa.Array, b: pa.Array) -> pa.Array:
     (x, valid_a), (y, valid_b) = _rows_of(a), _rows_of(b)
+    _same_width(x, y)
     values = rank_correlations(x, y)
     return pa.array(values, mask=~(valid_a & valid_b) | np.isnan(values))
 
 
 def _top_k_overlap(a: pa.Array, b: pa.Array, k: pa.Array) -> pa.Array:
     (x, valid_a), (y, valid_b) = _rows_of(a), _rows_of(b)
+    _same_width(x, y)
     ks = np.asarray(k.to_numpy())
     values = top_k_overlaps(x, y, int(ks[0])) if len(ks) else np.empty(0)
     return pa.array(values, mask=~(valid_a & valid_b))
@@ -293,7 +318,8 @@ class LayerComparison:
     def matches(self) -> list[dict]:
         """Per neuron of run a, the neuron of run b correlating most with it (none for a
         neuron constant over the instances)."""
-        sd_a, sd_b = np.sqrt(np.diag(self.cov_aa)), np.sqrt(np.diag(self.cov_bb))
+        # (a variance a rounding below zero is a constant neuron's)
+        sd_a, sd_b = np.sqrt(np.clip(np.diag(self.cov_aa), 0, None)), np.sqrt(np.clip(np.diag(self.cov_bb), 0, None))
         with np.errstate(invalid="ignore", divide="ignore"):
             correlation = self.cov_ab / np.outer(sd_a, sd_b)
         correlation[:, sd_b == 0] = -np.inf
@@ -306,9 +332,9 @@ class LayerComparison:
 
 
 def layer_comparison(runs: dict[str, ComparedRun], a: str, b: str, layer: str, sample: int = 0) -> LayerComparison:
-    """``layer``'s activation vectors in runs ``a`` and ``b`` joined by instance (``sample``
-    of them by a fixed hash of the ids, or all when 0), reduced to their centred second
-    moments a block of rows at a time (float64 sums of float32 products)."""
+    """``layer``'s activation vectors in runs ``a`` and ``b`` joined by instance (about
+    ``sample`` of them, or all when 0: :func:`_paired_blocks`), reduced to their centred
+    second moments a block of rows at a time (:class:`_GramSums`)."""
     parts = [_vector_parts(runs, name, layer) for name in (a, b)]
     total = runs[a].manifest.counts.instances
     fraction = sample / total if sample and sample < total else None
@@ -321,16 +347,22 @@ def layer_comparison(runs: dict[str, ComparedRun], a: str, b: str, layer: str, s
 
 
 class _GramSums:
-    """Running sums of two aligned blocks' rows and their products."""
+    """Running sums of two aligned blocks' rows and their products. Every block is shifted by
+    the first block's mean before its float32 products (summed in float64 across blocks):
+    second moments about a point near the mean do not cancel as raw ones would (a neuron of
+    mean 10 and deviation 0.01 lost 30% of its variance unshifted)."""
 
     def __init__(self):
-        self.n, self.sums, self.products = 0, None, None
+        self.n, self.shift, self.sums, self.products = 0, None, None, None
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        if self.sums is None:
+        if self.shift is None:
+            self.shift = [x.mean(axis=0, dtype=np.float64).astype(np.float32),
+                          y.mean(axis=0, dtype=np.float64).astype(np.float32)]
             self.sums = [np.zeros(x.shape[1]), np.zeros(y.shape[1])]
             self.products = [np.zeros((x.shape[1],) * 2), np.zeros((y.shape[1],) * 2),
                              np.zeros((x.shape[1], y.shape[1]))]
+        x, y = x - self.shift[0], y - self.shift[1]
         self.n += len(x)
         self.sums[0] += x.sum(axis=0, dtype=np.float64)
         self.sums[1] += y.sum(axis=0, dtype=np.float64)

@@ -72,8 +72,9 @@ def read_instance(con: duckdb.DuckDBPyConnection, manifest: RunManifest, instanc
             continue
         if shape is not None:
             record.maps[method] = np.asarray(found[0]["attribution"], np.float32).reshape(shape)
-            if found[0].get("feature_mask") is not None:
-                record.segments[method] = np.asarray(found[0]["feature_mask"], np.int16).reshape(shape[-2:])
+            if found[0].get("feature_mask") is not None:  # the input's pixels, whatever the map's storage
+                record.segments[method] = np.asarray(found[0]["feature_mask"], np.int32).reshape(
+                    manifest.model.input_shape[-2:])
         if found[0].get("token_attribution") is not None:
             record.token_values[method] = np.asarray(found[0]["token_attribution"], np.float32)
         checks = {key: found[0].get(key) for key in FIDELITY_COLUMNS if key in found[0]}

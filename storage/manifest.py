@@ -61,7 +61,7 @@ class BatchReport(Record):
     """Rows of each method's sampled fidelity table, in the order of the spec's attributions."""
     input_digest: int | None = None
     """The digest of the batch's ids with their inputs (:func:`netloupe.storage.schema.input_digest`);
-    None in a batch kept from a run made before it existed."""
+    None for a batch a resumed run kept (its report is rebuilt from its parts, without the inputs)."""
 
     def to_arrow(self) -> pa.Table:
         """One row, as a Ray Data batch (the digests as text: Arrow's int64 cannot hold them)."""
@@ -133,7 +133,7 @@ class DatasetInfo(Record):
     """``<hasher>:<hex>``: the sum of every instance's hash of its id and model input
     (:func:`netloupe.storage.schema.input_digest`), the same for two runs over the same data
     whatever their sharding (``netloupe sql RUN_A RUN_B`` refuses runs whose digests differ);
-    None for a run made before it existed."""
+    None for a run made before it existed, or resumed (then compared by ids only)."""
 
 
 class Counts(Record):

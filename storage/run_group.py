@@ -43,10 +43,10 @@ class RunGroupRecord(Record):
 
 
 def member_name(checkpoint: str | os.PathLike) -> str:
-    """A checkpoint's member name: the file's stem with every other character than a letter,
-    digit or ``_`` as ``_``, prefixed with ``c`` when it would start with a digit."""
+    """A checkpoint's member name: the file's stem with every other character than an ASCII
+    letter, digit or ``_`` as ``_``, prefixed with ``c`` when it would start with a digit."""
     stem = Path(checkpoint).name.split(".", 1)[0]
-    name = re.sub(r"\W", "_", stem)
+    name = re.sub(r"[^A-Za-z0-9_]", "_", stem)
     return f"c{name}" if not name or name[0].isdigit() else name
 
 

@@ -150,6 +150,8 @@ def test_subset_metrics_by_run_are_each_run_s_own_in_order(runs):
     predicate = "\"group\" = 'a'"
     got = run_query(_open(made, "v2", "v1"), "SELECT * FROM subset_metrics_by_run(?, 1)", [predicate]).to_pylist()
     assert [r["run"] for r in got] == ["v2", "v1"]
+    empty = run_query(_open(made, "v2", "v1"), "SELECT run, size, accuracy FROM subset_metrics_by_run('false')").to_pylist()
+    assert empty == [{"run": "v2", "size": 0, "accuracy": None}, {"run": "v1", "size": 0, "accuracy": None}]
     for r in got:
         [own] = run_query(open_catalog(made[r["run"]].layout.root), "SELECT * FROM subset_metrics(?, 1)",
                           [predicate]).to_pylist()
@@ -203,6 +205,9 @@ def test_the_cli_opens_several_named_runs_and_refuses_unclear_names(runs, capsys
     listed = capsys.readouterr().out
     assert "disagreements" in listed and "representation_change" in listed
     assert list(named_runs([str(v1), f"other={v1}"])) == ["v1", "other"]
+    # A DuckDB keyword is a name like any other (each run's schema is quoted).
+    con = open_runs({"end": v1, "all": v2})
+    assert run_query(con, "SELECT instances FROM agreement('end', 'all')")["instances"][0].as_py() == ROWS
     uri = "s3://bucket/runs/v3?endpoint_override=127.0.0.1:9000&scheme=http"
     assert named_runs([uri, f"v4={uri}"]) == {"v3": uri, "v4": uri}
     with pytest.raises(RunError, match="two runs are named 'v1'"):
@@ -277,6 +282,11 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     again = run_checkpoints(parse_spec(data), force=True)
     assert list(again.members) == ["step_2", "step_1"]  # a list keeps its order
     assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_1", "step_2"]
+    # A group interrupted before its record (runs, no group.json) is replaced by --force.
+    (again.directory / "group.json").unlink()
+    data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-10.safetensors")]
+    assert list(run_checkpoints(parse_spec(data), force=True).members) == ["step_10"]
+    assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_10"]
 
 
 def test_checkpoints_are_a_factory_s_weights_files(tmp_path):
@@ -287,6 +297,14 @@ def test_checkpoints_are_a_factory_s_weights_files(tmp_path):
     with pytest.raises(SpecError, match="give 'factory' and no 'weights'"):
         parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp", "weights": "w.safetensors",
                                       "checkpoints": ["a.safetensors"]}})
+    from netloupe.pipeline.driver import validate
+
+    with pytest.raises(SpecError, match="is a run group"):
+        validate(parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp",
+                                               "checkpoints": ["a.safetensors"]}}))
+    with pytest.raises(SpecError, match="the gamma rule takes .*not \\['epsilon'\\]"):
+        parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp"},
+                    "attributions": [{"method": "lrp", "rules": {"Linear": {"rule": "gamma", "epsilon": 0.1}}}]})
     with pytest.raises(SpecError, match="no file matches"):
         checkpoint_files(parse_spec({**base, "model": {"factory": "tests.tiny_models:seeded_mlp",
                                                        "checkpoints": str(tmp_path / "none-*.pt")}}))

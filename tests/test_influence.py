@@ -73,7 +73,11 @@ def test_on_a_linear_model_scores_are_the_gradient_dot_products_by_hand():
 def test_top_influences_merge_across_shards_exactly():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(3, 40))
-    scores[0, 5] = scores[0, 6]  # a tie: the smaller id first
+    # Ties at the k-th place of both ends, across shards: the larger id ranks higher.
+    top = np.argsort(scores[0])
+    scores[0, top[-5]] = scores[0, top[-4]]
+    scores[0, 35] = scores[0, top[-4]]
+    scores[1, top[0] if top[0] != 3 else top[1]] = scores[1, 3]
     ids = np.arange(100, 140)
     whole = TopInfluences(3, 4)
     whole.add(scores, ids)
@@ -88,8 +92,28 @@ def test_top_influences_merge_across_shards_exactly():
         np.testing.assert_array_equal(got[0], want[0])
     top_scores, top_ids = whole.proponents()
     for row in range(3):
-        order = sorted(range(40), key=lambda j: (-scores[row, j], ids[j]))[:4]
+        order = sorted(range(40), key=lambda j: (scores[row, j], ids[j]), reverse=True)[:4]
         assert top_ids[row].tolist() == ids[order].tolist()
         assert top_scores[row].tolist() == pytest.approx(scores[row, order].tolist())
     low_scores, low_ids = whole.opponents()
-    assert low_ids[:, 0].tolist() == ids[scores.argmin(axis=1)].tolist()
+    for row in range(3):
+        order = sorted(range(40), key=lambda j: (scores[row, j], ids[j]))[:4]
+        assert low_ids[row].tolist() == ids[order].tolist()
+    # The first row has a tie at its 4th proponent: the larger id of the two is kept.
+    tied = [j for j in range(40) if scores[0, j] == scores[0, top[-4]]]
+    assert len(tied) >= 2 and top_ids[0, 3] in ids[tied]
+
+
+def test_a_tie_gives_the_same_proponent_however_the_examples_are_split():
+    scores, ids = np.array([[5.0, 5.0, 1.0]]), np.array([0, 1, 2])
+    whole = TopInfluences(1, 1)
+    whole.add(scores, ids)
+    split = TopInfluences(1, 1)
+    split.add(scores[:, :2], ids[:2])  # two columns: nothing pruned yet
+    split.add(scores[:, 2:], ids[2:])
+    for influences in (whole, split):
+        assert influences.proponents()[1].tolist() == [[1]]  # of the tied, the larger id
+        assert influences.opponents()[1].tolist() == [[2]]
+    unpruned = TopInfluences(1, 1)
+    unpruned.add(scores[:, :2], ids[:2])
+    assert unpruned.proponents()[1].tolist() == [[1]]

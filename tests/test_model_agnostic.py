@@ -85,8 +85,8 @@ MLP_METHODS = [
     {"method": "shapley_value_sampling", "params": {"n_samples": 2}},
     {"method": "deeplift_shap", "baseline": "background"},
     {"method": "guided_backprop"},
-    # Rules before the defaults: Captum keeps a module's rule once set, so this one's would
-    # leak into the next LRP's if netloupe did not set them anew per call.
+    # Rules before the defaults: each LRP's rules are set anew before every call (Captum
+    # deletes them all after one), so neither leaks into the other.
     {"method": "lrp", "name": "lrp_rules", "rules": {"Linear": {"rule": "gamma", "gamma": 0.5},
                                                     "head": {"rule": "alpha1_beta0"}}},
     {"method": "lrp"},
@@ -227,19 +227,20 @@ def test_lrp_rules_chosen_in_the_spec_change_the_map(runs):
 ])
 def test_lrp_rules_by_hand_on_one_linear_layer(rule, expected):
     """y = w·x with w = (1, -2, 3), x = (2, 1, 1), y = 3: each rule's relevances by hand, and
-    they add up to y; a second call gets the same (Captum deletes rules after each call)."""
+    they add up to y; in every Captum call of a batch (Captum deletes rules after each)."""
     from netloupe.contract.spec import MethodSpec
     from netloupe.workers.methods import bind_method
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0]]))
-    bound = bind_method(MethodSpec(method="lrp", rules={"Linear": rule}), model, (3,), chunk_rows=64)
-    x, target = torch.tensor([[2.0, 1.0, 1.0]]), torch.tensor([0])
-    for _ in range(2):
-        got, delta = bound(x, target)
-        np.testing.assert_allclose(got[0].detach().numpy(), expected, atol=1e-5)
-        assert float(got.detach().sum()) == pytest.approx(3.0, abs=1e-5)
+    # One row per Captum call (chunk_rows 1): the rules must hold in every call, not the first only.
+    bound = bind_method(MethodSpec(method="lrp", rules={"Linear": rule}), model, (3,), chunk_rows=1)
+    x, target = torch.tensor([[2.0, 1.0, 1.0], [4.0, 2.0, 2.0]]), torch.tensor([0, 0])
+    got, delta = bound(x, target)
+    # Every rule here is linear in x (y doubles with it): the second row is twice the first.
+    np.testing.assert_allclose(got.detach().numpy(), [expected, [2 * v for v in expected]], atol=1e-5)
+    assert got.detach().sum(dim=1).tolist() == pytest.approx([3.0, 6.0], abs=1e-5)
 
 
 def test_kernel_shap_converges_to_the_exact_shapley_values_of_a_nonlinear_model():

@@ -67,8 +67,9 @@ def tracin_scores(instances: list[LastLayerGradients], training: list[LastLayerG
 
 class TopInfluences:
     """Per instance, the ``k`` training examples of largest score (proponents) and of
-    smallest (opponents) among those seen: mergeable, so shards scored apart merge exactly
-    (ties broken by the smaller training id)."""
+    smallest (opponents) among those seen, in the total order of (score, training id): ties
+    rank the larger id higher. Mergeable: shards scored apart merge to exactly what one
+    pass over all of them keeps."""
 
     def __init__(self, instances: int, k: int):
         self.k = k
@@ -87,7 +88,7 @@ class TopInfluences:
         if scores.shape[1] <= 2 * self.k:
             self.scores, self.ids = scores, ids
             return
-        # Both ends of each row: the k largest and the k smallest (by score, then id).
+        # Both ends of each row in one order: the first k and the last k (disjoint, as there are more than 2k).
         order = np.lexsort((ids, scores), axis=1)
         chosen = np.concatenate([order[:, :self.k], order[:, -self.k:]], axis=1)
         self.scores = np.take_along_axis(scores, chosen, axis=1)
@@ -95,7 +96,7 @@ class TopInfluences:
 
     def proponents(self) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` per instance, largest first (at most ``k``)."""
-        order = np.lexsort((self.ids, -self.scores), axis=1)[:, :self.k]
+        order = np.lexsort((self.ids, self.scores), axis=1)[:, ::-1][:, :self.k]
         return np.take_along_axis(self.scores, order, axis=1), np.take_along_axis(self.ids, order, axis=1)
 
     def opponents(self) -> tuple[np.ndarray, np.ndarray]:

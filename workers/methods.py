@@ -470,8 +470,6 @@ class BoundMethod:
         # backward pass down to its layer, not through the layers below it; a perturbation
         # method none at all.
         inputs = inputs.detach().requires_grad_(not (self.method.layer_method or self.method.perturbs_features))
-        if self.lrp_rules is not None:
-            attach_lrp_rules(self.lrp_rules)
         if masks is None:
             masks = self.feature_masks(inputs)
         size = self.sub_batch_size(inputs)
@@ -479,6 +477,8 @@ class BoundMethod:
         for start in range(0, inputs.shape[0], size):
             x, t = inputs[start : start + size], target[start : start + size]
             m = None if masks is None else masks[start : start + size]
+            if self.lrp_rules is not None:  # Captum deletes every rule after each call
+                attach_lrp_rules(self.lrp_rules)
             if self.method.sums_targets:
                 result = self.attribution.attribute(x, additional_forward_args=(t,), **self.call_kwargs(x, m))
             else:

@@ -46,11 +46,13 @@ COMMENT ON MACRO TABLE map_agreement IS 'Per instance, the rank correlation and 
 -- A subset's metrics in every run, in the runs' order (a model's versions or checkpoints):
 -- size, accuracy, confusion counts and FairVis' rates for class `positive`.
 -- Example: SELECT run, accuracy, fnr FROM subset_metrics_by_run('stroke = ''thin''')
+-- A run where the subset is empty (a predicate on its predictions, say) has size 0.
 CREATE MACRO subset_metrics_by_run(predicate, positive := 0) AS TABLE
-    SELECT r.position, m.run, m.* EXCLUDE (run), unnest(_rates(tp, fp, fn, tn))
-    FROM query('SELECT run, ' || _confusion_columns(positive) || ', avg(confidence) AS mean_confidence '
-               || 'FROM instances_by_run WHERE label IS NOT NULL AND (' || predicate || ') GROUP BY run') m
-    JOIN runs r USING (run)
+    SELECT r.position, r.run, coalesce(m.size, 0) AS size, m.* EXCLUDE (run, size), unnest(_rates(tp, fp, fn, tn))
+    FROM runs r
+    LEFT JOIN query('SELECT run, ' || _confusion_columns(positive) || ', avg(confidence) AS mean_confidence '
+                    || 'FROM instances_by_run WHERE label IS NOT NULL AND (' || predicate || ') GROUP BY run') m
+        USING (run)
     ORDER BY r.position;
 COMMENT ON MACRO TABLE subset_metrics_by_run IS 'The metrics of the subset where predicate holds, per run in the runs'' order';
 
