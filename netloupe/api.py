@@ -147,6 +147,20 @@ class Comparison:
         """:meth:`sql` as a pandas DataFrame."""
         return self.sql(query, parameters).to_pandas()
 
+    def close(self) -> None:
+        """Close the connection and the runs opened on their own."""
+        self.connection.close()
+        for run in self._opened.values():
+            if run._connection is not None:
+                run._connection.close()
+        self._opened.clear()
+
+    def __enter__(self) -> Comparison:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"Comparison({', '.join(f'{n}={str(d)!r}' for n, d in self.runs.items())})"
 
@@ -157,8 +171,11 @@ def compare(*runs: str | os.PathLike, **named: str | os.PathLike) -> Comparison:
     (``compare("runs/mnist-epochs")``). Runs over different instances or inputs are refused."""
     from netloupe.storage.compare import runs_to_open
 
-    given = {**runs_to_open([str(r) for r in runs]), **named} if runs else dict(named)
-    return Comparison(given)
+    given = runs_to_open([str(r) for r in runs]) if runs else {}
+    clash = sorted(set(given) & set(named))
+    if clash:
+        raise RunError(f"two runs are named {clash[0]!r}: name each once")
+    return Comparison({**given, **named})
 
 
 def explain(spec: str | os.PathLike | dict[str, Any], force: bool = False,

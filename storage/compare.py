@@ -190,8 +190,14 @@ def _create_run_list(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]
              "instances": run.manifest.counts.instances} for i, run in enumerate(compared)]
     con.from_arrow(pa.Table.from_pylist(rows)).create_view("runs")
     con.execute("COMMENT ON VIEW runs IS 'The runs compared, in the order given'").fetchall()
-    union = " UNION ALL BY NAME ".join(f"SELECT '{run.name}' AS run, * FROM {_quoted(run.name)}.instances"
-                                       for run in compared)  # names match RUN_NAME: no quote inside
+    selects = []
+    for run in compared:  # names match RUN_NAME: no quote inside
+        own = con.execute("SELECT count(*) FROM duckdb_columns() WHERE schema_name = ? AND table_name = 'instances' "
+                          "AND column_name = 'run'", [run.name]).fetchall()[0][0]
+        # A metadata column called run keeps its values as instance_run (run names the run here).
+        selects.append(f"SELECT '{run.name}' AS run, *{' RENAME (run AS instance_run)' if own else ''} "
+                       f"FROM {_quoted(run.name)}.instances")
+    union = " UNION ALL BY NAME ".join(selects)
     con.execute(f"CREATE VIEW instances_by_run AS {union}").fetchall()
     con.execute("COMMENT ON VIEW instances_by_run IS 'Every run''s instances, with the run''s name'").fetchall()
 

@@ -334,3 +334,25 @@ def test_the_python_api_opens_runs_together_and_one_instance_across_them(runs):
         assert seen[name].maps["saliency"].shape == (3,)
     with pytest.raises(RunError, match="no run named 'v3'"):
         both.run("v3")
+    both.close()
+    with pytest.raises(RunError, match="two runs are named 'v1'"):
+        netloupe.compare(made["v1"].layout.root, v1=made["v2"].layout.root)
+    with netloupe.compare(made["v1"].layout.root, made["v2"].layout.root) as named:
+        assert list(named.runs) == ["v1", "v2"]
+
+
+def test_a_metadata_column_called_run_keeps_its_values_beside_the_run_names(tmp_path):
+    from netloupe.storage import schema as S
+    from netloupe.storage.handmade import write_handmade_run
+
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    instances = pa.table({"instance_id": np.array([1, 2], np.int64), "label": np.array([0, 0]),
+                          "prediction": np.array([0, 1]), "probabilities": S.fixed_vectors(probabilities, 2),
+                          "run": ["morning", "evening"]})
+    layers = {"fc": np.eye(2, dtype=np.float32)}
+    a = write_handmade_run(tmp_path, "a", instances, layers)
+    b = write_handmade_run(tmp_path, "b", instances, layers)
+    rows = run_query(open_runs({"a": a.root, "b": b.root}),
+                     "SELECT run, instance_run FROM instances_by_run ORDER BY run, instance_id").to_pylist()
+    assert rows == [{"run": "a", "instance_run": "morning"}, {"run": "a", "instance_run": "evening"},
+                    {"run": "b", "instance_run": "morning"}, {"run": "b", "instance_run": "evening"}]

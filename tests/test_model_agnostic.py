@@ -506,6 +506,19 @@ def test_superpixels_are_slic_s_and_each_image_is_explained_over_its_own(ray_loc
     plain = blended_map(picture, detail.maps["ablation_superpixels"][0], 1.0)
     changed = (drawn != plain).any(axis=-1) | (drawn == BOUNDARY).all(axis=-1)
     assert (changed == segment_boundaries(own)).all() and changed.any()
+    # Maps stored as pooled heatmaps keep each image's segments at the input's size.
+    pooled = RunReader(run_job(parse_spec({
+        "model": {"factory": "tests.tiny_models:tiny_cnn"},
+        "dataset": {"source": str(tmp_path / "images.parquet"), "input_column": "pixels", "id_column": "key"},
+        "preprocess": {"shape": [1, 4, 4]},
+        "attributions": IMAGE_METHODS[:1],
+        "storage": {"attributions": "heatmap", "heatmap_size": [2, 2]},
+        "execution": {"batch_size": 12, "num_workers": 1, "threads_per_worker": 1, "seed": SEED},
+        "output": {"root": str(tmp_path / "runs"), "run_name": "pooled"},
+    })).layout.root)
+    pooled_detail = RunSession(pooled.layout.root).instance(key)
+    assert pooled_detail.maps["ablation_superpixels"].shape[-2:] == (2, 2)
+    assert (pooled_detail.segments["ablation_superpixels"] == own).all()
 
 
 def test_segment_boundaries_are_the_pixels_next_to_another_segment():
