@@ -41,7 +41,7 @@ def _run(data, root, name: str, seed: int, batch_size: int, **dataset) -> RunRea
 @pytest.fixture(scope="module")
 def runs(ray_local, tmp_path_factory):
     """v1 and v2: two models over the same data; v1_again: v1's model in other batches;
-    changed: v1's model over the same ids with one input changed; fewer: the first 100 rows."""
+    changed: v1's model over the same ids with one input changed; fewer: 100 of the 120 ids."""
     root = tmp_path_factory.mktemp("compare")
     table = tabular_table(ROWS, seed=4)
     pq.write_table(table, root / "data.parquet")
@@ -54,9 +54,18 @@ def runs(ray_local, tmp_path_factory):
         "v2": _run(root / "data.parquet", root / "runs", "v2", 2, 32),
         "v1_again": _run(root / "data.parquet", root / "runs", "v1_again", 1, 50),
         "changed": _run(root / "changed.parquet", root / "runs", "changed", 1, 16),
-        "fewer": _run(root / "data.parquet", root / "runs", "fewer", 1, 16, limit=100),
     }
+    made["fewer"] = _handmade_first(made["v1"], 100, root / "runs")
     return made, table
+
+
+def _handmade_first(run: RunReader, rows: int, root) -> RunReader:
+    """A run of ``run``'s first ``rows`` instances (written directly: only its ids matter)."""
+    from netloupe.storage.handmade import write_handmade_run
+
+    instances = run.instances().sort_by("instance_id").slice(0, rows)
+    kept = instances.select(["instance_id", "label", "prediction", "probabilities", "group"])
+    return RunReader(write_handmade_run(root, "fewer", kept, {"relu": np.zeros((rows, 6), np.float32)}).root)
 
 
 def _inputs(table: pa.Table) -> torch.Tensor:
@@ -278,15 +287,14 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     assert sampled["linear_cka"] == pytest.approx(cka, rel=1e-5)
     with pytest.raises(RunExistsError, match="--force"):
         run_checkpoints(parse_spec(data))
+    # A group interrupted before its record (runs, no group.json) is replaced by --force; a
+    # list keeps its order; the runs the new group has not are gone.
+    (group.directory / "group.json").unlink()
     data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-2.safetensors"), str(tmp_path / "ck" / "step-1.safetensors")]
     again = run_checkpoints(parse_spec(data), force=True)
-    assert list(again.members) == ["step_2", "step_1"]  # a list keeps its order
+    assert list(again.members) == ["step_2", "step_1"]
+    assert [m.name for m in read_group(again.directory).members] == ["step_2", "step_1"]
     assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_1", "step_2"]
-    # A group interrupted before its record (runs, no group.json) is replaced by --force.
-    (again.directory / "group.json").unlink()
-    data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-10.safetensors")]
-    assert list(run_checkpoints(parse_spec(data), force=True).members) == ["step_10"]
-    assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_10"]
 
 
 def test_checkpoints_are_a_factory_s_weights_files(tmp_path):
