@@ -5,8 +5,8 @@ each with a 256-unit layer, queried together through ``netloupe.storage.compare.
 
 The runs are written by ``storage.handmade.write_handmade_run`` (as bench_sql.py's): run b's
 activations are run a's mixed with fresh noise, so CKA is neither 0 nor 1, and 10% of its
-predictions differ. Each operator is timed warm, median of ``--repeats``; the opening of the
-two runs is timed too. CKA is checked against numpy on the same matrices.
+predictions differ; both store a 64-value map per instance (b's: a's plus noise). Each
+operator is timed warm, median of ``--repeats``; the opening of the two runs is timed too. CKA is checked against numpy on the same matrices.
 
 Not a test: prints a table for benchmarks/RESULTS.md.
 """
@@ -26,6 +26,7 @@ import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_scale import timed_queries  # noqa: E402
 from bench_sql import CLASSES, LAYER, make_data  # noqa: E402
 
 from netloupe.storage import schema as S  # noqa: E402
@@ -41,7 +42,11 @@ QUERIES = {
     "representation_change (all)": f"SELECT * FROM representation_change('a', 'b', '{LAYER}')",
     "representation_change (100k sample)": f"SELECT * FROM representation_change('a', 'b', '{LAYER}', sample := 100000)",
     "neuron_matches (all)": f"SELECT * FROM neuron_matches('a', 'b', '{LAYER}')",
+    "map_agreement (mean over all, 64-value maps)":
+        "SELECT avg(rank_correlation), avg(top_k_overlap) FROM map_agreement('a', 'b', 'saliency')",
 }
+MAP_VALUES = 64
+"""Values per stored map (an 8x8 heatmap): a million of them per run is 256 MB."""
 
 
 def second_run(instances: pa.Table, activations: np.ndarray, seed: int = 1) -> tuple[pa.Table, np.ndarray]:
@@ -80,8 +85,11 @@ def main() -> None:
         started = time.perf_counter()
         instances, activations = make_data(args.size, args.neurons)
         table_b, activations_b = second_run(instances, activations)
-        a = write_handmade_run(workdir, "a", instances, {LAYER: activations})
-        b = write_handmade_run(workdir, "b", table_b, {LAYER: activations_b})
+        maps = np.random.default_rng(2).normal(size=(args.size, MAP_VALUES)).astype(np.float32)
+        maps_b = maps + np.random.default_rng(3).normal(size=maps.shape).astype(np.float32)
+        a = write_handmade_run(workdir, "a", instances, {LAYER: activations}, {"saliency": maps})
+        b = write_handmade_run(workdir, "b", table_b, {LAYER: activations_b}, {"saliency": maps_b})
+        del maps, maps_b
         print(f"{args.size:,} instances x {args.neurons} neurons, two runs written in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
         expected = numpy_cka(activations, activations_b)
@@ -99,14 +107,8 @@ def main() -> None:
         print(f"\n| operator ({args.size:,} instances, {args.neurons} units) | seconds (warm median of {args.repeats}) |")
         print("|---|---:|")
         print(f"| open the two runs | {statistics.median(opened):.3f} |")
-        for name, sql in QUERIES.items():
-            run_query(con, sql)
-            seconds = []
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                run_query(con, sql)
-                seconds.append(time.perf_counter() - started)
-            print(f"| {name} | {statistics.median(seconds):.3f} |", flush=True)
+        for name, seconds in timed_queries(None, QUERIES, args.repeats, connection=con).items():
+            print(f"| {name} | {seconds:.3f} |", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

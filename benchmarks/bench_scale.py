@@ -92,18 +92,19 @@ def measured_run(command: list[str], name: str) -> tuple[float, MemorySampler]:
     return wall, sampler
 
 
-def timed_queries(run_dir: Path, queries: dict[str, str]) -> dict[str, float]:
-    """Each query's warm median of 3 (seconds) through the run's catalog (what ``netloupe sql`` opens)."""
+def timed_queries(run_dir: Path, queries: dict[str, str], repeats: int = 3, connection=None) -> dict[str, float]:
+    """Each query's warm median of ``repeats`` (seconds) through the run's catalog (what
+    ``netloupe sql`` opens), or through ``connection`` when given (several runs together)."""
     import statistics
 
     from netloupe.storage.catalog import open_catalog, run_query
 
-    catalog = open_catalog(run_dir)
+    catalog = connection if connection is not None else open_catalog(run_dir)
     timed = {}
     for name, sql in queries.items():
         run_query(catalog, sql)  # warm
         seconds = []
-        for _ in range(3):
+        for _ in range(repeats):
             started = time.perf_counter()
             run_query(catalog, sql)
             seconds.append(time.perf_counter() - started)

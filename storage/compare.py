@@ -39,7 +39,7 @@ from netloupe.storage.catalog import (
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import RunManifest
 from netloupe.storage.run_group import group_members, read_group
-from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql
+from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql, vectors_to_numpy
 
 COMPARE_SQL = SQL_DIR / "compare.sql"
 RUN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -236,24 +236,16 @@ def _register_comparisons(con: duckdb.DuckDBPyConnection, compared: list[Compare
 
 # -- per-instance map agreement -------------------------------------------------------------
 
-def _rows_of(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, width)`` float64 values of a list array whose lists are all one width (zero rows
-    where a list is null), and the validity mask."""
+def _rows_of(lists: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, width)`` float64 values of a list column (zero rows where a list is null), and
+    the validity mask."""
     if isinstance(lists, pa.ChunkedArray):  # what DuckDB hands an Arrow function
         lists = lists.combine_chunks()
     valid = np.asarray(lists.is_valid())
-    if lists.null_count:
-        lists = lists.fill_null(pa.scalar([0.0] * _width(lists), lists.type))
-    width = _width(lists)
-    flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
-    if flat.size != width * len(lists):
-        raise RunError("map_agreement compares maps of one size; these runs stored maps of different sizes")
-    return flat.reshape(len(lists), width), valid
-
-
-def _width(lists: pa.Array) -> int:
-    lengths = lists.value_lengths().drop_null().to_numpy(zero_copy_only=False)
-    return int(lengths[0]) if lengths.size else 0
+    present = vectors_to_numpy(lists.filter(pa.array(valid)))
+    rows = np.zeros((len(lists), present.shape[1]))
+    rows[valid] = present
+    return rows, valid
 
 
 def rank_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -406,7 +398,7 @@ def _paired_blocks(patterns: list[str], id_sql: str, fraction: float | None):
             f"JOIN read_parquet($b) y ON x.instance_id::{id_sql} = y.instance_id::{id_sql} {keep}",
             params={"a": sources[0], "b": sources[1]}).to_arrow_reader(GRAM_BATCH_ROWS)
         for batch in reader:
-            yield _matrix(batch.column(0)), _matrix(batch.column(1))
+            yield vectors_to_numpy(batch.column(0)), vectors_to_numpy(batch.column(1))
     finally:
         con.close()
 
@@ -440,8 +432,3 @@ def _vector_parts(runs: dict[str, ComparedRun], name: str, layer: str) -> str:
     if activation_vectors_view(layer) not in run.parquet:
         raise RunError(f"run {name} recorded no layer {layer!r}; it has {', '.join(run.manifest.layers) or 'none'}")
     return run.parquet[activation_vectors_view(layer)]
-
-
-def _matrix(vectors: pa.Array) -> np.ndarray:
-    width = vectors.type.list_size if pa.types.is_fixed_size_list(vectors.type) else _width(vectors)
-    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
