@@ -648,15 +648,8 @@ def _check_baseline(spec, method: AttributionMethod) -> None:
 def _check_lrp_rules(name: str, model: nn.Module) -> None:
     """Every leaf module has a rule in Captum's LRP (or is a nonlinearity it passes through),
     as LRP itself checks only once it runs, on the workers."""
-    def leaves(module: nn.Module, prefix: str):
-        for child_name, child in module.named_children():
-            path = f"{prefix}{child_name}"
-            if len(list(child.children())) == 0:
-                yield path, child
-            else:
-                yield from leaves(child, path + ".")
     known = tuple(SUPPORTED_LAYERS_WITH_RULES) + tuple(SUPPORTED_NON_LINEAR_LAYERS)
-    missing = [(path, type(m).__name__) for path, m in leaves(model, "")
+    missing = [(path, type(m).__name__) for path, m in leaf_modules(model).items()
                if not hasattr(m, "rule") and type(m) not in known]
     if missing:
         path, kind = missing[0]
@@ -683,7 +676,7 @@ def lrp_rule_plan(name: str, rules: dict, model: nn.Module) -> dict[nn.Module, A
     Captum's default for its class. Captum deletes every module's rule after a call, the
     author's too, so each call sets them all anew (:func:`attach_lrp_rules`); the plan is made
     when the method is bound, before any call."""
-    leaves = {path: module for path, module in model.named_modules() if path and not list(module.children())}
+    leaves = leaf_modules(model)
     ruled = {path: m for path, m in leaves.items()
              if type(m) in SUPPORTED_LAYERS_WITH_RULES or getattr(m, "rule", None) is not None}
     classes = {type(m).__name__ for m in ruled.values()}
@@ -705,6 +698,11 @@ def lrp_rule_plan(name: str, rules: dict, model: nn.Module) -> dict[nn.Module, A
         else:
             plan[module] = SUPPORTED_LAYERS_WITH_RULES[type(module)]
     return plan
+
+
+def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules without children, by path (what LRP propagates through)."""
+    return {path: module for path, module in model.named_modules() if path and not list(module.children())}
 
 
 def attach_lrp_rules(plan: dict[nn.Module, Any]) -> None:
