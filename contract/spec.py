@@ -464,6 +464,40 @@ class ProjectionSpec(StrictModel):
         return PROJECTION_ALGORITHMS if self.umap else PROJECTION_ALGORITHMS[:1]
 
 
+class InfluenceSpec(StrictModel):
+    """TracIn (Pruthi et al. 2020) over the model's last linear layer, as Captum's
+    ``TracInCPFast``: for each explained instance, the training examples whose loss gradients
+    most agree (proponents) and most disagree (opponents) with its own, summed over the
+    checkpoints (a run group's members; a single run is one checkpoint)."""
+
+    training: DatasetSpec | None = None
+    """The training set, its columns named as in ``dataset`` (it is preprocessed the same
+    way; labels and integer ids are required). None: the explained dataset itself."""
+    where: str | None = None
+    """A DuckDB predicate choosing the training rows, e.g. ``split = 'train'``."""
+    layer: str
+    """The module path of the last linear layer, whose output is the model's logits."""
+    k: int = Field(default=10, gt=0, le=1000)
+    """Proponents and opponents kept per instance (k of each)."""
+    learning_rates: list[float] | float = 1.0
+    """Each checkpoint's learning rate (TracIn's weights), in the checkpoints' order; one
+    number: the same for every checkpoint."""
+    target: Literal["predicted", "label"] = "predicted"
+    """Whose loss an instance's gradient is of: the class the model predicts (which training
+    examples made the model call it that), or its label."""
+    batch_size: int = Field(default=2048, gt=0)
+    """Training rows scored against every instance at a time (memory: instances x this x 8 bytes)."""
+
+    def rate_of(self, checkpoints: int) -> list[float]:
+        """The learning rate of each of ``checkpoints`` checkpoints."""
+        if isinstance(self.learning_rates, (int, float)):
+            return [float(self.learning_rates)] * checkpoints
+        if len(self.learning_rates) != checkpoints:
+            raise SpecError(f"influence.learning_rates has {len(self.learning_rates)} rates for {checkpoints} "
+                            "checkpoint(s); give one per checkpoint, or one number for all")
+        return [float(rate) for rate in self.learning_rates]
+
+
 class OutputSpec(StrictModel):
     """Where the run is written."""
 
@@ -508,6 +542,8 @@ class JobSpec(StrictModel):
     model randomization)."""
     text: TextSpec = Field(default_factory=TextSpec)
     """Tokenization and token baselines, for a ``dataset.text_column``."""
+    influence: InfluenceSpec | None = None
+    """The most influential training examples of each instance (TracIn); None: not computed."""
     output: OutputSpec
     """Where the run goes."""
 
@@ -561,6 +597,8 @@ class JobSpec(StrictModel):
             ("projection.attributions", bool(self.projection.attributions),
              "texts' token maps have no common length to project"),
             ("storage.attributions", self.storage.attributions == "heatmap", "a heatmap needs an image"),
+            ("influence", self.influence is not None, "training examples' influence is computed for images and "
+             "tables so far"),
         ) if on]
         for key, why in unsupported:
             raise ValueError(f"{key} does not apply to a text_column run ({why}); remove it")

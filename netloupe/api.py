@@ -89,6 +89,17 @@ class Run(RunReader):
 
     # -- showing it --------------------------------------------------------------------------
 
+    def influence(self, instance_id) -> pd.DataFrame:
+        """``instance_id``'s most influential training examples (TracIn): proponents then
+        opponents, strongest first, each with its score, label and input as the training set
+        holds it (docs/sql.md "Influence of training examples")."""
+        from netloupe.storage.training_examples import influential_examples
+
+        if self.manifest.influence is None:
+            raise RunError(f"run {self.manifest.run_name!r} computed no influence: add an influence section to its "
+                           "spec (netloupe spec-help influence) and run it again")
+        return influential_examples(self.layout.influence_path, self.manifest.influence, instance_id).to_pandas()
+
     def dashboard(self):
         """The analyst dashboard as a Panel object: the last expression of a Jupyter cell
         shows it inline (needs the ``dashboard`` extra)."""
@@ -146,6 +157,18 @@ class Comparison:
     def df(self, query: str, parameters: list | dict | None = None) -> pd.DataFrame:
         """:meth:`sql` as a pandas DataFrame."""
         return self.sql(query, parameters).to_pandas()
+
+    def influence(self, instance_id) -> pd.DataFrame:
+        """A run group's influence for ``instance_id``, summed over its checkpoints (as
+        :meth:`Run.influence`)."""
+        from netloupe.storage.run_group import group_of, influence_path
+        from netloupe.storage.training_examples import influential_examples
+
+        group = group_of(list(self.runs.values()))
+        if group is None or group[1].influence is None:
+            raise RunError("these runs are no run group that computed influence; a single run's is "
+                           "Comparison.run(name).influence(id)")
+        return influential_examples(influence_path(group[0]), group[1].influence, instance_id).to_pandas()
 
     def close(self) -> None:
         """Close the connection and the runs opened on their own."""

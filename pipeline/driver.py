@@ -8,6 +8,8 @@
     settle            keep the reported parts, check every instance is there exactly once
     part_pass         fit 2-D projections on a sample; Ray tasks apply them to every part and
                       write each layer's wide form in segments of many parts
+    influence         TracIn's proponents and opponents per instance, in Ray tasks over shards
+                      of the training set (when the spec asks; pipeline/influence.py)
     catalog           the run's SQL catalog, part of the staged run
     commit            manifest last, then the run appears at once
 
@@ -35,6 +37,7 @@ import torch
 from netloupe.contract.errors import RunError, SpecError, netloupe_cause
 from netloupe.contract.spec import JobSpec, spec_to_dict
 from netloupe.pipeline.datasets import resolve_dataset
+from netloupe.pipeline.influence import InfluencePlan, plan_influence, run_influence
 from netloupe.pipeline.model_graph import model_graph
 from netloupe.pipeline.part_pass import run_part_pass
 from netloupe.pipeline.progress import RunProgress, count, duration, size
@@ -63,6 +66,7 @@ from netloupe.storage.manifest import (
     Counts,
     DatasetInfo,
     FidelityInfo,
+    InfluenceInfo,
     ModelFacts,
     ModelIdentity,
     Projections,
@@ -100,6 +104,8 @@ class Validated:
     """The validated model's parameters and buffers: every worker must build the same."""
     weights_unset: list[str]
     """Parameters and buffers ``model.weights`` did not set (the factory's values stand)."""
+    influence: InfluencePlan | None
+    """The influence stage's training set and layer, when the spec asks for influence."""
     seconds: float
 
 
@@ -137,8 +143,9 @@ def validate(spec: JobSpec) -> Validated:
             f"{facts.num_classes} classes; give one name per output"
         )
     bytes_per_row = max(1, head.nbytes // max(1, head.num_rows))
+    influence = plan_influence(spec, model, dataset, head)
     return Validated(dataset, facts, class_names, bytes_per_row, model_graph(model), fingerprint, weights_unset,
-                     time.perf_counter() - started)
+                     influence, time.perf_counter() - started)
 
 
 def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = None,
@@ -159,7 +166,8 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
         try:
             parts, sampled = job.settle(job.explain())
             projections, segments = job.part_pass(parts)
-            manifest = job.catalog(job.manifest(parts, projections, segments, sampled))
+            influence = job.influence()
+            manifest = job.catalog(job.manifest(parts, projections, segments, sampled, influence))
             final, manifest = job.commit(manifest)
         finally:
             job.close()
@@ -461,10 +469,22 @@ class JobRun:
             self.progress.stage(f"projected in {duration(self.timings['part_pass_seconds'])}")
         return described, segments
 
+    # -- influence ------------------------------------------------------------------------
+
+    def influence(self) -> InfluenceInfo | None:
+        """The ``influence`` table of the run's model (one checkpoint), when the spec asks."""
+        plan = self.checked.influence
+        if plan is None:
+            return None
+        table, info = run_influence(self.spec, plan, [self.spec.model], self.checked.dataset, self.progress)
+        write_parquet(self.layout.influence_path, table)
+        self.timings["influence_seconds"] = info.seconds
+        return info
+
     # -- the manifest, the catalog, the commit ----------------------------------------------
 
     def manifest(self, parts: list[BatchReport], projections: Projections, segments: list[WideSegment],
-                 sampled: dict[str, int]) -> RunManifest:
+                 sampled: dict[str, int], influence: InfluenceInfo | None = None) -> RunManifest:
         """The run's self-description (written last: its presence marks a committed run)."""
         spec, checked = self.spec, self.checked
         facts, dataset, instances = checked.facts, checked.dataset, checked.dataset.num_rows
@@ -495,9 +515,11 @@ class JobRun:
                 projections={f"{p.kind}/{p.name}": f"projections/{p.kind}/{p.name}" for p in projections.tables},
                 fidelity={name: f"fidelity/{name}" for name in sampled},
                 tokens=S.TOKENS if facts.input_kind == "tokens" else None,
+                influence=S.INFLUENCE if influence is not None else None,
             ),
             fidelity=FidelityInfo(settings=spec.fidelity, sampled_rows=sampled),
             projections=projections,
+            influence=influence,
             workers=[WorkerInfo(node_id=n, device=d, gpu_ids=g, chunk_rows=c)
                      for n, d, g, c in sorted({(p.node_id, p.device, p.gpu_ids, p.chunk_rows) for p in parts})],
             timings={**self.timings, "compute_seconds_sum": sum(p.compute_seconds for p in parts),

@@ -3,7 +3,9 @@ order, committed as a run group (:mod:`netloupe.storage.run_group`).
 
 Each member is an ordinary job (the spec with that checkpoint as ``model.weights``), so it is
 validated, explained, committed and resumable like any run; the group's record is written
-only once every member is committed. Ray stays up between members (one ``ray.init``).
+only once every member is committed. Ray stays up between members (one ``ray.init``). Influence
+(``spec.influence``) is the group's, not each member's: TracIn sums over the checkpoints, so it
+is computed once every member is, over all of their checkpoints (:mod:`netloupe.pipeline.influence`).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from pathlib import Path
 
 from netloupe.contract.errors import SpecError
 from netloupe.contract.spec import JobSpec
-from netloupe.pipeline.driver import RunResult, run_job
+from netloupe.pipeline.driver import RunResult, run_job, validate
+from netloupe.pipeline.influence import run_influence
 from netloupe.pipeline.progress import RunProgress
 from netloupe.storage.compare import run_name_problem
-from netloupe.storage.layout import RunExistsError
+from netloupe.storage.layout import RunExistsError, write_parquet
 from netloupe.storage.location import is_uri
 from netloupe.storage.run_group import (
     GROUP_FILE,
     GroupMember,
     RunGroupRecord,
+    influence_path,
     member_name,
     read_group,
     write_group,
@@ -75,14 +79,16 @@ def _natural_key(path: Path) -> list:
 def _only_runs(directory: Path) -> bool:
     """Whether ``directory`` holds runs only (a group interrupted before its record: --force
     may replace it), hidden entries (a member's staging) aside."""
-    return all(entry.name.startswith(".") or (entry / "manifest.json").exists() for entry in directory.iterdir())
+    return all(entry.name.startswith(".") or entry == influence_path(directory).parent
+               or (entry / "manifest.json").exists() for entry in directory.iterdir())
 
 
 def member_spec(spec: JobSpec, checkpoint: Path, group_directory: Path) -> JobSpec:
-    """The job of one checkpoint: the spec with it as ``model.weights``, its run inside the group."""
+    """The job of one checkpoint: the spec with it as ``model.weights``, its run inside the
+    group (the group's influence is the group's own)."""
     model = spec.model.model_copy(update={"weights": str(checkpoint), "checkpoints": None})
     output = spec.output.model_copy(update={"root": str(group_directory), "run_name": member_name(checkpoint)})
-    return spec.model_copy(update={"model": model, "output": output})
+    return spec.model_copy(update={"model": model, "output": output, "influence": None})
 
 
 def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | None = None) -> GroupResult:
@@ -92,6 +98,9 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
                         f"got {spec.output.root}: run it to a directory and copy the group")
     files = checkpoint_files(spec)
     directory = (Path(spec.output.root) / spec.output.run_name).resolve()
+    # The influence's training set and layer checked before any member runs.
+    checked = validate(member_spec(spec, files[0], directory).model_copy(update={"influence": spec.influence})) \
+        if spec.influence is not None else None
     old = read_group(directory) if directory.exists() else None
     if directory.exists():
         if not force:
@@ -100,6 +109,7 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
             raise RunExistsError(f"{directory} holds something that is no run group; move it away or choose "
                                  "another output.run_name")
         (directory / GROUP_FILE).unlink(missing_ok=True)  # a group half replaced is no group
+        shutil.rmtree(influence_path(directory).parent, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     members = {}
     for checkpoint in files:
@@ -110,6 +120,11 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
         if stale.is_dir() and not stale.name.startswith(".") and stale.name not in members \
                 and (stale / "manifest.json").exists():
             shutil.rmtree(stale)
-    write_group(directory, RunGroupRecord(run_name=spec.output.run_name, members=[
+    influence = None
+    if checked is not None:
+        table, influence = run_influence(spec, checked.influence, [member_spec(spec, f, directory).model for f in files],
+                                         checked.dataset, progress or RunProgress())
+        write_parquet(influence_path(directory), table)
+    write_group(directory, RunGroupRecord(run_name=spec.output.run_name, influence=influence, members=[
         GroupMember(name=name, checkpoint=str(checkpoint)) for name, checkpoint in zip(members, files)]))
     return GroupResult(directory, members)

@@ -83,6 +83,8 @@ BUILD_SQL = SQL_DIR / "build.sql"
 """Build-time helpers and the views over the statistics tables."""
 TOKEN_VIEW_SQL = (SQL_DIR / "token_view.sql").read_text()
 FEATURE_VIEW_SQL = (SQL_DIR / "feature_view.sql").read_text()
+INFLUENCE_SQL = SQL_DIR / "influence.sql"
+"""The influence operators, for a run with an ``influence`` table."""
 """A text run's long token view of one method (filled in with its names)."""
 FAST_SQL = SQL_DIR / "fast.sql"
 """The analyst connection's override of ``_neuron_moments`` (storage/activation_index.py)."""
@@ -224,10 +226,14 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 parquet_views.append((S.TOKENS, _relative_parts(layout, layout.tokens_dir)))
             if layout.background_path.exists():
                 parquet_views.append(("background", S.BACKGROUND))
+            if manifest.tables.influence:
+                parquet_views.append((S.INFLUENCE, _relative_parts(layout, layout.influence_path.parent)))
             _insert_features(con, manifest)
             for view, relative in parquet_views:
                 con.read_parquet(relative).create_view(view)
             _create_token_views(con, manifest)
+            if manifest.tables.influence:
+                _run_statements(con, INFLUENCE_SQL)
             _create_feature_views(con, manifest)
             for table, rows in (("parquet_views", [{"view": v, "path": p} for v, p in parquet_views]),
                                 ("layers", layers), ("methods", methods)):

@@ -38,7 +38,7 @@ from netloupe.storage.catalog import (
 )
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import RunManifest
-from netloupe.storage.run_group import group_members, read_group
+from netloupe.storage.run_group import group_members, group_of, influence_path, read_group
 from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql, vectors_to_numpy
 
 COMPARE_SQL = SQL_DIR / "compare.sql"
@@ -119,6 +119,7 @@ def open_runs(runs: dict[str, str | os.PathLike]) -> duckdb.DuckDBPyConnection:
                     for position, (name, directory) in enumerate(named.items())]
         _check_same_instances(con, compared)
         _create_run_list(con, compared)
+        influence = _create_group_influence(con, compared)
         _run_statements(con, BUILDING_BLOCKS_SQL)
         _register_comparisons(con, compared)
         _run_statements(con, COMPARE_SQL)
@@ -126,7 +127,8 @@ def open_runs(runs: dict[str, str | os.PathLike]) -> duckdb.DuckDBPyConnection:
         con.close()
         raise
     con.execute("SET temp_directory = ''").fetchall()
-    con.execute("SET allowed_directories = ?", [[str(run.directory) + os.sep for run in compared]]).fetchall()
+    allowed = [str(run.directory) + os.sep for run in compared] + ([str(influence.parent) + os.sep] if influence else [])
+    con.execute("SET allowed_directories = ?", [allowed]).fetchall()
     for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
         con.execute(f"SET {setting} = false").fetchall()  # constant names, no user input
     con.execute("SET lock_configuration = true").fetchall()
@@ -152,6 +154,19 @@ def _attach(con: duckdb.DuckDBPyConnection, position: int, name: str, layout: Ru
         con.read_parquet(pattern).create_view(view)
     con.execute("USE memory.main").fetchall()
     return ComparedRun(name, layout.root, layout.read_manifest(), parquet)
+
+
+def _create_group_influence(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> Path | None:
+    """When the runs are the members of one run group that computed influence (TracIn summed
+    over their checkpoints), its table as the view ``influence``; returns its path."""
+    group = group_of([run.directory for run in compared])
+    if group is None or group[1].influence is None:
+        return None
+    path = influence_path(group[0])
+    con.read_parquet(str(path)).create_view("influence")
+    con.execute("COMMENT ON VIEW influence IS 'The run group''s TracIn proponents and opponents per instance, "
+                "summed over its checkpoints'").fetchall()
+    return path
 
 
 def _quoted(name: str) -> str:

@@ -18,6 +18,7 @@
         wide/<layer>/part-<key>.parquet         the layer, one column per neuron, in segments of
                                                 many parts (named after the first; wide_segments.py)
         index/instance_ids.npy, index/instance_rows.npy   the ids sorted, and where each one's row lies
+        influence/part-0.parquet                TracIn's proponents and opponents per instance
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
 A part's ``<key>`` is derived from the instance ids of the batch it holds, so a batch
@@ -70,6 +71,7 @@ from netloupe.storage.schema import (
     BACKGROUND,
     FIDELITY,
     INDEX,
+    INFLUENCE,
     INSTANCES,
     METHOD_SUMMARY,
     PROJECTIONS,
@@ -156,6 +158,11 @@ class RunLayout:
     def wide_activations_dir(self, layer: str) -> Path:
         """``layer``'s activations with one column per neuron, per part."""
         return self.root / WIDE / table_dir_name(layer)
+
+    @property
+    def influence_path(self) -> Path:
+        """The ``influence`` table (written whole by the driver, after the explain pass)."""
+        return self.root / INFLUENCE / part_name("0")
 
     @property
     def index_dir(self) -> Path:

@@ -164,6 +164,8 @@ class Tables(Record):
     """Method table → directory of its sampled fidelity checks."""
     tokens: str | None = None
     """A text run's tokens table's directory."""
+    influence: str | None = None
+    """The ``influence`` table's directory, when the run computed it."""
 
 
 class FidelityInfo(Record):
@@ -177,6 +179,35 @@ class FidelityInfo(Record):
     @property
     def curve_steps(self) -> int:
         return self.settings.curve_steps
+
+
+class InfluenceInfo(Record):
+    """How the ``influence`` table was computed (TracIn over the last linear layer)."""
+
+    training_path: str
+    """The training set's Parquet file or directory."""
+    training_id_column: str
+    """Its id column, the table's ``train_id``."""
+    training_input_columns: list[str]
+    """Its model input columns (an input column, or the feature columns)."""
+    training_label_column: str
+    """Its label column."""
+    where: str | None = None
+    """The predicate that chose the training rows."""
+    training_rows: int
+    """Training examples scored."""
+    layer: str
+    """The last linear layer whose weights' gradients were compared."""
+    k: int
+    """Proponents and opponents kept per instance."""
+    checkpoints: list[str]
+    """The weights of each checkpoint summed over (a run: its own model's)."""
+    learning_rates: list[float]
+    """Each checkpoint's learning rate."""
+    target: str
+    """``predicted`` or ``label``: whose loss an instance's gradient is of."""
+    seconds: float
+    """Seconds the influence stage took."""
 
 
 class ProjectionTable(Record):
@@ -265,6 +296,8 @@ class RunManifest(Record):
     """The fidelity checks' settings and samples."""
     projections: Projections = Projections()
     """The 2-D maps."""
+    influence: InfluenceInfo | None = None
+    """How the ``influence`` table was computed, when it was."""
     workers: list[WorkerInfo] = []
     """The workers that computed the batches."""
     timings: dict[str, Any] = {}

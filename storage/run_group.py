@@ -3,7 +3,9 @@
 ``<root>/<name>/`` holds each member as a complete run (``<root>/<name>/<member>/``) and
 ``group.json``, written last (atomically) once every member is committed: a directory without
 it is no group. Members keep the checkpoints' order; ``netloupe sql`` and
-``netloupe.compare`` open a group's members side by side, each under its member name.
+``netloupe.compare`` open a group's members side by side, each under its member name. A group
+whose spec asks for influence holds ``influence/part-0.parquet`` too: TracIn summed over every
+member's checkpoint (the ``influence`` table's schema, :func:`netloupe.storage.schema.influence_schema`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import uuid
 from pathlib import Path
 
 from netloupe.contract.errors import RunError
-from netloupe.storage.manifest import Record
+from netloupe.storage.manifest import InfluenceInfo, Record
+from netloupe.storage.schema import INFLUENCE
 
 GROUP_FILE = "group.json"
 GROUP_FORMAT = 1
@@ -40,6 +43,13 @@ class RunGroupRecord(Record):
     """The group's name (``output.run_name``)."""
     members: list[GroupMember]
     """Its runs, in the checkpoints' order."""
+    influence: InfluenceInfo | None = None
+    """How the group's ``influence`` table was computed, when it was."""
+
+
+def influence_path(directory: str | os.PathLike) -> Path:
+    """The group's ``influence`` table (written before ``group.json``)."""
+    return Path(directory) / INFLUENCE / "part-0.parquet"
 
 
 def member_name(checkpoint: str | os.PathLike) -> str:
@@ -77,3 +87,16 @@ def group_members(directory: str | os.PathLike) -> dict[str, Path]:
     if record is None:
         raise RunError(f"{directory} is no run group (no {GROUP_FILE})")
     return {member.name: Path(directory) / member.name for member in record.members}
+
+
+def group_of(run_directories: list[Path]) -> tuple[Path, RunGroupRecord] | None:
+    """The run group whose members are exactly ``run_directories``, with its record; None
+    when they are not one group's members."""
+    parents = {Path(d).resolve().parent for d in run_directories}
+    if len(parents) != 1:
+        return None
+    directory = next(iter(parents))
+    record = read_group(directory)
+    if record is None or {m.name for m in record.members} != {Path(d).resolve().name for d in run_directories}:
+        return None
+    return directory, record

@@ -268,6 +268,22 @@ def fidelity_schema(id_type: str = "int64") -> pa.Schema:
                      + [pa.field(name, pa.float64(), nullable=True) for name in FIDELITY_SAMPLE_COLUMNS])
 
 
+INFLUENCE = "influence"
+"""The training examples' influence on each instance (TracIn: :mod:`netloupe.workers.influence`)."""
+INFLUENCE_SIGNS = ("proponent", "opponent")
+
+
+def influence_schema(id_type: str = "int64") -> pa.Schema:
+    """Schema of the ``influence`` table: per explained instance its ``k`` proponents (largest
+    TracIn scores, ``rank`` 1 the largest) and ``k`` opponents (smallest, ``rank`` 1 the
+    smallest), by the training set's integer id."""
+    return pa.schema([pa.field("instance_id", ID_TYPES[id_type], nullable=False),
+                      pa.field("train_id", pa.int64(), nullable=False),
+                      pa.field("score", pa.float64(), nullable=False),
+                      pa.field("rank", pa.int32(), nullable=False),
+                      pa.field("sign", pa.string(), nullable=False)])
+
+
 def fixed_vectors(matrix, length: int) -> pa.FixedSizeListArray:
     """Wrap a C-contiguous ``(n, length)`` float32 numpy matrix as a vector column, no copy."""
     import numpy as np

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -237,6 +238,8 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
 
     table = tabular_table(60, seed=5)
     pq.write_table(table, tmp_path / "data.parquet")
+    training = tabular_table(30, seed=6)
+    pq.write_table(training, tmp_path / "train.parquet")
     (tmp_path / "ck").mkdir()
     for step, seed in ((10, 3), (2, 2), (1, 1)):
         save_file(SeededMLP(3, 6, 2, seed=seed).state_dict(), str(tmp_path / "ck" / f"step-{step}.safetensors"))
@@ -249,6 +252,10 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
         "layers": [{"name": "relu"}],
         "attributions": [{"method": "saliency"}],
         "execution": {"batch_size": 32, "num_workers": 1},
+        # TracIn over the three checkpoints at their learning rates, of the training rows labelled 1.
+        "influence": {"layer": "head", "k": 2, "learning_rates": [1.0, 0.5, 0.25], "target": "label",
+                      "where": "label = 1", "training": {"source": str(tmp_path / "train.parquet"),
+                                                         "feature_columns": ["x0", "x1", "x2"], "id_column": "row_id"}},
         "output": {"root": str(tmp_path / "runs"), "run_name": "steps"},
     }
     group = run_checkpoints(parse_spec(data))
@@ -265,6 +272,14 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
                      "step_10": group.directory / "step_10"})
     assert run_query(con, "SELECT model FROM runs ORDER BY position")["model"].to_pylist() == [
         m.checkpoint for m in record.members]
+    _check_group_influence(con, record, table, training, tmp_path / "ck")
+    import netloupe
+
+    with netloupe.compare(group.directory) as comparison:
+        shown = comparison.influence(1003)
+    stored = run_query(con, "SELECT train_id FROM influence WHERE instance_id = 1003 ORDER BY sign DESC, rank")
+    assert shown["train_id"].tolist() == stored["train_id"].to_pylist()
+    assert set(shown["train_label"]) == {1}  # the training rows chosen: label = 1
     by_run = run_query(con, "SELECT * FROM representation_change_by_run('relu') ORDER BY position").to_pylist()
     assert [(r["run"], r["compared_with"]) for r in by_run] == [("step_1", "step_2"), ("step_2", "step_10"),
                                                                 ("step_10", None)]
@@ -291,10 +306,51 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     # list keeps its order; the runs the new group has not are gone.
     (group.directory / "group.json").unlink()
     data["model"]["checkpoints"] = [str(tmp_path / "ck" / "step-2.safetensors"), str(tmp_path / "ck" / "step-1.safetensors")]
+    data["influence"] = None
     again = run_checkpoints(parse_spec(data), force=True)
+    assert read_group(again.directory).influence is None and not (again.directory / "influence").exists()
     assert list(again.members) == ["step_2", "step_1"]
     assert [m.name for m in read_group(again.directory).members] == ["step_2", "step_1"]
     assert sorted(p.name for p in again.directory.iterdir() if p.is_dir()) == ["step_1", "step_2"]
+
+
+def _check_group_influence(con, record, table: pa.Table, training: pa.Table, checkpoints) -> None:
+    """The group's influence is TracIn summed over its checkpoints: Captum's TracInCPFast top-k
+    with the same checkpoints and learning rates, over the training rows labelled 1, of each
+    instance's loss at its label."""
+    from captum.influence import TracInCPFast
+    from safetensors.torch import load_file
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    assert record.influence.learning_rates == [1.0, 0.5, 0.25] and record.influence.training_rows == int(
+        (training["label"].to_numpy() == 1).sum())
+    rates = {"step-1": 1.0, "step-2": 0.5, "step-10": 0.25}
+
+    def load(model, path):
+        model.load_state_dict(load_file(path))
+        return rates[path.rsplit("/", 1)[1].split(".")[0]]
+
+    features = ("x0", "x1", "x2")
+    chosen = training.filter(pa.compute.equal(training["label"], 1))
+    train_x = torch.tensor(np.stack([chosen[c].to_numpy() for c in features], axis=1))
+    x = torch.tensor(np.stack([table[c].to_numpy() for c in features], axis=1))
+    model = SeededMLP(3, 6, 2, seed=9).eval()
+    captum = TracInCPFast(model, model.head, TensorDataset(train_x, torch.tensor(chosen["label"].to_numpy())),
+                          [str(checkpoints / f"{name}.safetensors") for name in rates], checkpoints_load_func=load,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=100)
+    indices, scores = captum.influence((x, torch.tensor(table["label"].to_numpy())), k=3, proponents=True)
+    stored = run_query(con, "SELECT instance_id, train_id, score FROM influence WHERE sign = 'proponent' "
+                            "ORDER BY instance_id, rank").to_pandas()
+    order = np.argsort(table["row_id"].to_numpy())  # the stored rows are by instance id
+    expected_ids = chosen["row_id"].to_numpy()[indices.numpy()][order]
+    expected = scores.double().numpy()[order]
+    np.testing.assert_allclose(stored["score"].to_numpy().reshape(-1, 2), expected[:, :2], rtol=1e-4, atol=1e-9)
+    # Where scores tie (an instance whose last layer's input is all zeros scores 0 with every
+    # example) Captum's order is its sort's; netloupe's is the larger id first.
+    distinct = (np.diff(expected, axis=1) < -1e-6 * np.abs(expected[:, :1])).all(axis=1)
+    assert distinct.sum() >= 40
+    np.testing.assert_array_equal(stored["train_id"].to_numpy().reshape(-1, 2)[distinct], expected_ids[distinct, :2])
 
 
 def test_checkpoints_are_a_factory_s_weights_files(tmp_path):

@@ -5,6 +5,8 @@ across shards exactly."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from captum.influence import TracInCPFast
@@ -117,3 +119,101 @@ def test_a_tie_gives_the_same_proponent_however_the_examples_are_split():
     unpruned = TopInfluences(1, 1)
     unpruned.add(scores[:, :2], ids[:2])
     assert unpruned.proponents()[1].tolist() == [[1]]
+
+
+def _influence_spec(data, root, name: str, **influence) -> dict:
+    return {
+        "model": {"factory": "tests.tiny_models:SeededMLP", "kwargs": {"features": 3, "hidden": 6, "classes": 2, "seed": 1}},
+        "dataset": {"source": str(data), "feature_columns": ["x0", "x1", "x2"], "id_column": "row_id"},
+        "influence": {"layer": "head", **influence},
+        "execution": {"batch_size": 32, "num_workers": 1},
+        "output": {"root": str(root), "run_name": name},
+    }
+
+
+def test_a_run_s_influence_table_is_captum_s_top_k_over_the_training_set(ray_local, tmp_path):
+    """60 instances explained, the same 60 as the training set, scored in 4 shards of 16 rows:
+    each instance's 3 proponents and 3 opponents are Captum's TracInCPFast top-k (of the loss
+    at the predicted class, the learning rate 0.5), and the SQL operator lists them in order."""
+    from netloupe.contract.spec import parse_spec
+    from netloupe.pipeline.driver import run_job
+    from netloupe.storage.catalog import open_catalog, run_query
+    from tests.helpers import tabular_table
+
+    table = tabular_table(60, seed=4)
+    pq.write_table(table, tmp_path / "data.parquet")
+    result = run_job(parse_spec(_influence_spec(tmp_path / "data.parquet", tmp_path / "runs", "one", k=3,
+                                                learning_rates=0.5, batch_size=16)))
+    assert result.manifest.influence.training_rows == 60 and result.manifest.influence.learning_rates == [0.5]
+    stored = pq.read_table(result.layout.influence_path).to_pandas()
+    assert len(stored) == 60 * 2 * 3
+
+    x = torch.tensor(np.stack([table[c].to_numpy() for c in ("x0", "x1", "x2")], axis=1))
+    ids = table["row_id"].to_numpy()
+    model = SeededMLP(3, 6, 2, seed=1).eval()
+    predicted = model(x).argmax(1)
+    captum = TracInCPFast(model, model.head, TensorDataset(x, torch.tensor(table["label"].to_numpy())), ["only"],
+                          checkpoints_load_func=lambda _model, _path: 0.5,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=60)
+    for sign, proponents in (("proponent", True), ("opponent", False)):
+        indices, scores = captum.influence((x, predicted), k=3, proponents=proponents)
+        ours = stored[stored["sign"] == sign].sort_values(["instance_id", "rank"])
+        assert ours["rank"].tolist() == [1, 2, 3] * 60
+        np.testing.assert_array_equal(ours["train_id"].to_numpy().reshape(60, 3), ids[indices.numpy()])
+        np.testing.assert_allclose(ours["score"].to_numpy().reshape(60, 3), scores.double().numpy(), rtol=1e-4, atol=1e-7)
+    con = open_catalog(result.layout.root)
+    listed = run_query(con, "SELECT sign, rank, train_id FROM influential_examples(1007)").to_pylist()
+    first = stored[stored["instance_id"] == 1007].sort_values(["sign", "rank"], ascending=[False, True])
+    assert [(r["sign"], r["rank"], r["train_id"]) for r in listed] == list(
+        zip(first["sign"], first["rank"], first["train_id"]))
+    # From Python, with the training examples themselves (their label and features).
+    import netloupe
+
+    shown = netloupe.open_run(result.layout.root).influence(1007)
+    assert shown["train_id"].tolist() == [r["train_id"] for r in listed]
+    rows = table.to_pandas().set_index("row_id").loc[shown["train_id"]]
+    assert shown["train_label"].tolist() == rows["label"].tolist() and shown["x1"].tolist() == rows["x1"].tolist()
+    leaned_on = run_query(con, "SELECT train_id, instances FROM top_proponents('prediction = 1', top := 1)").to_pylist()
+    by_hand = stored[(stored["sign"] == "proponent") & (stored["rank"] == 1)
+                     & stored["instance_id"].isin(ids[predicted.numpy() == 1])]["train_id"].value_counts()
+    assert {r["train_id"]: r["instances"] for r in leaned_on} == by_hand.to_dict()
+
+
+def test_influence_settings_that_cannot_work_are_refused_before_ray(tmp_path):
+    from netloupe.contract.errors import DatasetError, SpecError
+    from netloupe.contract.spec import parse_spec
+    from netloupe.pipeline.driver import validate
+    from tests.helpers import tabular_table
+
+    pq.write_table(tabular_table(20, seed=4), tmp_path / "data.parquet")
+    unlabelled = tabular_table(20, seed=5).drop_columns(["label"])
+    pq.write_table(unlabelled, tmp_path / "unlabelled.parquet")
+    keyed = tabular_table(20, seed=4)
+    pq.write_table(keyed.append_column("key", pa.array([f"k{i}" for i in range(20)])), tmp_path / "keyed.parquet")
+    data = tmp_path / "data.parquet"
+    cases = [
+        ({"layer": "fc9"}, SpecError, r"no module of; its linear layers: \['fc1', 'head'\]"),
+        ({"layer": "relu"}, SpecError, "is a ReLU; TracIn's last-layer form needs the final nn.Linear"),
+        ({"layer": "fc1"}, SpecError, "'fc1' is not the model's last layer"),
+        ({"layer": "head", "where": "colour = 'red'"}, SpecError, "influence.where .* does not work on the training set"),
+        ({"layer": "head", "where": "x0 > 100"}, DatasetError, "chooses no training rows"),
+        ({"layer": "head", "training": {"source": str(tmp_path / "unlabelled.parquet"),
+                                        "feature_columns": ["x0", "x1", "x2"], "id_column": "row_id"}},
+         DatasetError, "influence.training: dataset.label_column names column 'label'"),
+        ({"layer": "head", "training": {"source": str(data), "feature_columns": ["x0", "x1"], "id_column": "row_id"}},
+         DatasetError, "the model cannot take the training rows' inputs"),
+        ({"layer": "head", "training": {"source": str(tmp_path / "keyed.parquet"), "feature_columns": ["x0", "x1", "x2"],
+                                        "id_column": "key"}}, DatasetError, r"ids \('key'\) are string"),
+    ]
+    for settings, error, message in cases:
+        spec = _influence_spec(data, tmp_path / "runs", "bad")
+        spec["influence"] = settings
+        with pytest.raises(error, match=message):
+            validate(parse_spec(spec))
+    spec = _influence_spec(data, tmp_path / "runs", "bad")
+    spec["model"] = {"factory": "tests.tiny_models:linear_softmax", "output": "probabilities"}
+    spec["influence"]["layer"] = "fc"
+    with pytest.raises(SpecError, match="needs a model that outputs logits"):
+        validate(parse_spec(spec))
+    with pytest.raises(SpecError, match="2 rates for 3 checkpoint"):
+        parse_spec(_influence_spec(data, tmp_path / "runs", "bad", learning_rates=[1.0, 0.5])).influence.rate_of(3)

@@ -1,0 +1,57 @@
+"""An instance's most influential training examples, with the examples themselves: the
+``influence`` table's rows joined to the training set's rows where the manifest (or a run
+group's record) says the training set is (:class:`netloupe.storage.manifest.InfluenceInfo`).
+
+The training set is not part of the run (it may be large, and is the user's); it is read by
+id when asked, so an analyst sees what the model learnt from beside the scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from netloupe.contract.errors import RunError
+from netloupe.storage.manifest import InfluenceInfo
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def influential_examples(influence_path: Path, info: InfluenceInfo, instance_id) -> pa.Table:
+    """``instance_id``'s proponents then opponents, strongest first: ``sign, rank, train_id,
+    score, train_label`` and the training example's input columns (None where the training
+    set is no longer where it was)."""
+    con = duckdb.connect()
+    try:
+        rows = con.sql("SELECT sign, rank, train_id, score FROM read_parquet(?) WHERE instance_id = ? "
+                       "ORDER BY sign DESC, rank", params=[str(influence_path), instance_id]).to_arrow_table()
+        examples = training_rows(con, info, rows["train_id"].to_pylist())
+    finally:
+        con.close()
+    if examples is None:
+        return rows
+    by_id = {train_id: i for i, train_id in enumerate(examples["train_id"].to_pylist())}
+    positions = pa.array([by_id.get(train_id) for train_id in rows["train_id"].to_pylist()], pa.int64())
+    for name in examples.column_names[1:]:
+        rows = rows.append_column(name, examples[name].take(positions))
+    return rows
+
+
+def training_rows(con: duckdb.DuckDBPyConnection, info: InfluenceInfo, train_ids: list[int]) -> pa.Table | None:
+    """``train_id, train_label`` and the input columns of the training examples ``train_ids``;
+    None when the training set is gone from ``info.training_path``."""
+    if not Path(info.training_path).exists():
+        return None
+    try:
+        files = pads.dataset(info.training_path, format="parquet").files
+    except (pa.ArrowInvalid, OSError) as error:
+        raise RunError(f"the training set at {info.training_path} cannot be read ({error})") from None
+    inputs = ", ".join(_quoted(c) for c in info.training_input_columns)
+    return con.sql(f"SELECT {_quoted(info.training_id_column)} AS train_id, {_quoted(info.training_label_column)} "
+                   f"AS train_label, {inputs} FROM read_parquet(?) WHERE {_quoted(info.training_id_column)} "
+                   "IN (SELECT unnest(?))", params=[files, train_ids]).to_arrow_table()
