@@ -1,6 +1,8 @@
 """The analyst dashboard: Panel views over one run, each drawing what :class:`RunSession` computes.
 
 ``netloupe dashboard RUN`` serves :func:`build_dashboard` (one session per browser tab).
+Given several runs of the same instances (a run group, or ``NAME=RUN ...``), the single-run
+tabs show one of them and an "Across runs" tab compares them (:class:`AcrossRunsView`).
 The instance view is a Datashader raster of every projected instance, no sampling
 (:mod:`netloupe.dashboards.scatter`); box and lasso selections become id subsets on the server.
 
@@ -11,9 +13,11 @@ matrix) shows in the others.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import time
+from pathlib import Path
 
 import holoviews as hv
 import numpy as np
@@ -21,7 +25,16 @@ import pandas as pd
 import panel as pn
 import param
 
-from netloupe.dashboards.scatter import InstanceScatter
+from netloupe.contract.errors import RunError
+from netloupe.dashboards.comparison import (
+    AGREEMENT,
+    AGREEMENT_COLORS,
+    ALL,
+    METRICS_BY_RUN,
+    RANK_CORRELATION,
+    ComparisonSession,
+)
+from netloupe.dashboards.scatter import CATEGORY_COLORS, InstanceScatter
 from netloupe.dashboards.session import (
     DEPENDENCE_POINTS,
     TOKEN_GROUPINGS,
@@ -66,6 +79,17 @@ MAX_SUBGROUP_ROWS = 200
 """Most rows of the subgroups table (worst first): a bounded number of marks in the browser."""
 CURRENT_SELECTION = "(current selection)"
 """The matrix row of the scatter's selection before it is kept (parentheses: a name no kept subset can take)."""
+NO_SPLIT = "(nothing: one line)"
+"""The choice of no split of the lines over the runs (a text: a Select shows None as blank)."""
+ACROSS_ROW_PIXELS = 1440
+"""Pixels one row of an instance's maps across runs shares (each map at most MAP_SIZE): a
+1600-pixel-wide page holds the row without scrolling sideways."""
+MAX_MAPS_PER_ROW = 8
+"""Images in a row of one method's maps across runs (the input, then a map per run); more runs
+wrap to the next row (a map stays 180 px or more)."""
+AGREEMENT_MIN_ALPHA, AGREEMENT_SPREAD_THRESHOLD = 160, 0.9
+"""The agreement scatter's raster (:class:`InstanceScatter`): a lone point is drawn opaque and
+spread up to 3 pixels, so that one disagreement among thousands of agreements shows."""
 
 
 class Dashboard(param.Parameterized):
@@ -407,19 +431,19 @@ class InstanceView(pn.viewable.Viewer):
 
     @staticmethod
     def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None,
-             segments: np.ndarray | None = None):
+             segments: np.ndarray | None = None, size: int = MAP_SIZE, title: str | None = None):
         """One map at the size of every other, over the input image when given (Captum's
         blended heat map: a patch map or a Grad-CAM covers the whole image), else on its own
         cells with a colour bar; ``bound`` is the value drawn at full colour, either sign; a
         method over the image's own superpixels draws their boundaries."""
-        title = f"{method} (full colour at ±{bound:.3g})"
+        title = title or f"{method} (full colour at ±{bound:.3g})"
         if picture is not None:
             blended = blended_map(picture, values, bound, segments)
             return hv.RGB(blended[::-1], bounds=(0, 0, blended.shape[1], blended.shape[0])).opts(
-                title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None)
+                title=title, width=size, height=size, xaxis=None, yaxis=None)
         bounds = (0, 0, values.shape[1], values.shape[0])
         heat = hv.Image(values[::-1], bounds=bounds).opts(
-            cmap="RdBu_r", clim=(-bound, bound), title=title, width=MAP_SIZE, height=MAP_SIZE, xaxis=None,
+            cmap="RdBu_r", clim=(-bound, bound), title=title, width=size, height=size, xaxis=None,
             yaxis=None, colorbar=True, tools=["hover"])
         if segments is None:
             return heat
@@ -891,6 +915,315 @@ class SqlConsole(pn.viewable.Viewer):
                          sizing_mode="stretch_width")
 
 
+class AcrossRunsView(pn.viewable.Viewer):
+    """Several runs of the same instances (a run group's checkpoints, a model's versions), two
+    at a time (A and B): where their predictions (or maps) agree over the instance scatter, a
+    subset's metric over every run as lines, one instance in every run side by side, and the
+    training examples that influenced it most. Its numbers come from :class:`ComparisonSession`."""
+
+    def __init__(self, dashboard: Dashboard, compared: dict, shown: str, **params):
+        super().__init__(**params)
+        self.dashboard = dashboard
+        self.comparison = ComparisonSession(compared)
+        self.shown = shown
+        names = self.comparison.names
+        self.run_a = pn.widgets.Select(name="Run A", options=names, value=names[0], width=170)
+        self.run_b = pn.widgets.Select(name="Run B", options=names, value=names[-1], width=170)
+        self.placed_by = pn.widgets.Select(name="Points placed by run", options=names, value=shown, width=180)
+        self.projection = pn.widgets.Select(name="Projection", width=220)
+        self.colour = pn.widgets.Select(name="Colour by", options=self.comparison.colour_choices(), value=AGREEMENT,
+                                        width=300)
+        self.counts = pn.pane.Markdown("", css_classes=["agreement-counts"], width=480)
+        self.disagreement_list = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, height=380, width=480,
+                                                      show_index=False, layout="fit_columns",
+                                                      # no sort arrows: they cut the headers short
+                                                      configuration={"columnDefaults": {"headerSort": False}},
+                                                      css_classes=["disagreements"])
+        self.disagreement_header = pn.pane.Markdown("", width=480)
+        self.disagreement_list.on_click(self._on_disagreement)
+        self._disagreements = pd.DataFrame()
+        self.predicate = pn.widgets.TextInput(name="SQL predicate over instances (empty: every instance)", width=360,
+                                              placeholder="stroke = 'thin'")
+        self.grouping = pn.widgets.Select(name="One line per", width=180, value=NO_SPLIT,
+                                          options=[NO_SPLIT] + self.comparison.groupings())
+        self.metric = pn.widgets.Select(name="Metric", options=list(METRICS_BY_RUN), value="accuracy", width=160)
+        self.positive = pn.widgets.Select(name="Positive class (FPR, FNR, precision, recall)", width=220,
+                                          options={n: i for i, n in enumerate(self.comparison.class_names)})
+        self.instance_input = pn.widgets.TextInput(name="Instance id", width=200)
+        self.over_input = pn.widgets.Checkbox(name="Maps over the input", value=True, width=180)
+        self.own_scale = pn.widgets.Checkbox(name="Each run's map on its own scale", value=False, width=260)
+        self.instance_note = pn.pane.Markdown("", css_classes=["across-instance-note"])
+        self._chosen = False
+        """Whether the analyst chose the instance (a click, an id typed): then a new A or B keeps it."""
+        self._defaulting = False
+        self._refresh_projections()
+        self.placed_by.param.watch(lambda _e: self._refresh_projections(), "value")
+        self.instance_input.param.watch(self._on_instance_typed, "value")
+        for widget in (self.run_a, self.run_b):
+            widget.param.watch(lambda _e: self._pair_changed(), "value")
+        self._pair_changed()
+
+    # -- A and B -----------------------------------------------------------------------------
+
+    def _refresh_projections(self) -> None:
+        session = self.comparison.run_session(self.placed_by.value)
+        sources = [f"{kind}/{source}" for kind, source in session.projections]
+        current = self.projection.value or self.dashboard.projection
+        self.projection.options = sources
+        self.projection.value = current if current in sources else (sources[0] if sources else None)
+
+    def _pair_changed(self) -> None:
+        a, b = self.run_a.value, self.run_b.value
+        frame = self.comparison.disagreements(a, b)
+        self._disagreements = frame
+        names = self.comparison.class_names
+        shown = pd.DataFrame({
+            "id": frame["instance_id"],
+            "label": [None if v is None or v != v else names[int(v)] for v in frame["label"]],
+            "A": [names[int(v)] for v in frame["prediction_a"]],
+            "p(A)": frame["confidence_a"].round(3),
+            "B": [names[int(v)] for v in frame["prediction_b"]],
+            "p(B)": frame["confidence_b"].round(3)})
+        self.disagreement_list.value = shown
+        self.disagreement_header.object = (f"Disagreements: what A ({a}) and B ({b}) predict and how sure each is, "
+                                           "the most confident first; click one to open it below.")
+        if not self._chosen:
+            instance_id, why = self.comparison.default_instance(a, b)
+            self._show(instance_id, f"Showing {why}; click a point or a disagreement, or type an id, for another.")
+
+    def _show(self, instance_id, note: str) -> None:
+        """Open ``instance_id`` below, saying why it is the one shown."""
+        self._defaulting = True
+        try:
+            self.instance_input.value = str(instance_id)
+        finally:
+            self._defaulting = False
+        self.instance_note.object = note
+
+    def _on_instance_typed(self, event) -> None:
+        if not self._defaulting:
+            self._chosen = True
+            self.instance_note.object = f"Instance {event.new.strip()}, as chosen."
+
+    def _on_disagreement(self, event) -> None:
+        frame = self._disagreements
+        if 0 <= event.row < len(frame):
+            self._chosen = True
+            self._show(_plain_id(frame["instance_id"].iloc[event.row]),
+                       f"Instance {frame['instance_id'].iloc[event.row]}, from the list of disagreements.")
+
+    def _tapped(self, instance_id) -> None:
+        self._chosen = True
+        self._show(_plain_id(instance_id), f"Instance {instance_id}, clicked in the scatter.")
+
+    def _selected(self, ids: np.ndarray, tool: str) -> None:
+        if len(ids):
+            differ = np.isin(ids, self.comparison.disagreements(self.run_a.value, self.run_b.value, limit=None)
+                             ["instance_id"].to_numpy()).sum()
+            self.dashboard.report(f"{len(ids):,} instances selected ({tool}); {differ:,} of them predicted "
+                                  f"differently by {self.run_a.value} and {self.run_b.value}")
+
+    # -- the agreement scatter ------------------------------------------------------------------
+
+    def _scatter(self, a, b, placed_by, projection, colour):
+        if projection is None:
+            return pn.pane.Markdown(f"Run {placed_by} has no projections to place the instances by.")
+        try:
+            session = self.comparison.run_session(placed_by)
+            points = session.points(*projection.split("/", 1))
+            coloured = self.comparison.agreement_points(points, a, b, colour)
+            self.counts.object = self._counts_text(a, b, colour)
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        title = f"{projection} of {placed_by}, coloured by {colour} ({a} vs {b})"
+        # Every lone disagreement must show: opaque single points, spread on a sparse raster.
+        scatter = InstanceScatter(coloured, colour, title, on_select=self._selected, on_tap=self._tapped,
+                                  colors=AGREEMENT_COLORS, min_alpha=AGREEMENT_MIN_ALPHA,
+                                  spread_threshold=AGREEMENT_SPREAD_THRESHOLD)
+        return pn.pane.Bokeh(scatter.figure, sizing_mode="stretch_width", min_height=520)
+
+    def _counts_text(self, a: str, b: str, colour: str) -> str:
+        counts = self.comparison.agreement(a, b)
+        n = counts["instances"]
+        text = (f"**{a} and {b} predict {counts['disagreements']:,} of {n:,} instances differently** "
+                f"({counts['disagreements'] / n:.1%}).\n\n"
+                f"Both right {counts['both_correct']:,}; only {a} right {counts['only_a_correct']:,}; "
+                f"only {b} right {counts['only_b_correct']:,}; both wrong {counts['both_wrong']:,}.")
+        if colour != AGREEMENT:
+            method = colour[: -len(RANK_CORRELATION)]
+            maps = self.comparison.map_agreement(a, b, method)
+            constant = int(maps["rank_correlation"].isna().sum())
+            text += (f"\n\n{method} maps: mean rank correlation {maps['rank_correlation'].mean():.3f}, "
+                     f"mean top-10 overlap {maps['top_k_overlap'].mean():.2f}"
+                     + (f"; {constant:,} constant maps have none (not drawn)" if constant else "") + ".")
+        return text
+
+    # -- the metric over the runs ---------------------------------------------------------------
+
+    def _lines(self, predicate, grouping, metric, positive):
+        grouping = None if grouping == NO_SPLIT else grouping
+        try:
+            frame = self.comparison.metric_by_run(predicate or "", grouping, positive)
+        except SessionError as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        names = self.comparison.names
+        layers = []
+        for index, (subgroup, rows) in enumerate(frame.groupby("subgroup", sort=False)):
+            rows = rows.assign(**{metric: rows[metric].astype(float)})
+            colour = "#000000" if subgroup == ALL else CATEGORY_COLORS[(index - 1) % len(CATEGORY_COLORS)]
+            vdims = [metric, "run", "size"] if metric != "size" else [metric, "run"]
+            layers.append(hv.Curve(rows, "position", vdims, label=subgroup).opts(
+                color=colour, line_width=3 if subgroup == ALL else 1.5))
+            layers.append(hv.Scatter(rows, "position", vdims, label=subgroup).opts(
+                color=colour, size=7, tools=["hover"]))
+        where = f"where {predicate}" if (predicate or "").strip() else "every instance"
+        split = f", a line per {grouping}" if grouping else ""
+        lines = hv.Overlay(layers).opts(
+            responsive=True, height=380, xticks=list(enumerate(names)), xlabel="run", ylabel=metric,
+            legend_position="right", show_grid=True, title=f"{metric} per run: {where}{split}",
+            padding=0.05)
+        # Unlinked (as every plot of this tab): Panel links the axes of a page's HoloViews panes that
+        # share a dimension's name, and these run positions took the neuron matrix's 128 neuron
+        # positions, the maps' x and y other images' (drawn blank).
+        return pn.pane.HoloViews(lines, linked_axes=False, sizing_mode="stretch_width", height=380)
+
+    # -- one instance across the runs -----------------------------------------------------------
+
+    def _instance(self, text, reference, over_input, own_scale):
+        if not (text or "").strip():
+            return pn.pane.Markdown("Click a point or a disagreement, or type an id.")
+        comparison = self.comparison
+        try:
+            across = comparison.instance_across_runs(comparison.typed_id(text.strip()), reference)
+        except (SessionError, QueryError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        facts = across.facts.copy()
+        for column in facts.columns[2:]:  # numbers to 3 places; a constant map has no rank correlation
+            facts[column] = [v if isinstance(v, (bool, np.bool_)) else "none (constant map)" if v is None or v != v
+                             else f"{v:.3f}" for v in facts[column]]
+        header = pn.pane.Markdown(f"### Instance {across.instance_id}: label **{across.label or 'none'}**",
+                                  css_classes=["across-instance-facts"])
+        table = pn.pane.DataFrame(facts, index=False, css_classes=["across-facts"])
+        per_row = min(len(across.records) + 1, MAX_MAPS_PER_ROW)  # the input, then a map per run
+        size = max(120, min(MAP_SIZE, ACROSS_ROW_PIXELS // per_row))
+        # The input heads each method's row of maps.
+        picture = None if across.input is None else hv.Image(
+            across.input[::-1], bounds=(0, 0, across.input.shape[1], across.input.shape[0])).opts(
+            cmap="gray", title="input", width=size, height=size, xaxis=None, yaxis=None)
+        panels = [header, table]
+        if not across.maps:
+            panels.append(pn.pane.Markdown("These runs stored no maps to draw side by side (summary storage, or "
+                                           "texts: each run's words are coloured in its Instance tab)."))
+        for method, images in across.maps.items():
+            bound = across.bounds[method]
+            scale = ("each run's map on its own scale (full colour at its largest |value|)" if own_scale
+                     else f"one colour scale for every run: full colour at ±{bound:.3g} (a faint run's values are "
+                          "small: its own scale shows their shape)")
+            plots = [] if picture is None else [picture]
+            for run, image in images.items():
+                row = across.records[run].row
+                run_bound = (across.own_bounds[method][run] or 1.0) if own_scale else bound
+                title = f"{run}: {comparison.class_name(row['prediction'])} ({row['confidence']:.2f})"
+                if own_scale:
+                    title += f" ±{run_bound:.2g}"
+                if image.ndim == 2 and image.shape[0] == 1:  # a vector: one bar per feature
+                    plots.append(hv.Bars(pd.DataFrame({"feature": range(image.shape[1]), "attribution": image[0]}),
+                                         "feature", "attribution").opts(title=title, width=size, height=size,
+                                                                        ylim=(-run_bound, run_bound)))
+                    continue
+                plots.append(InstanceView._map(method, image, run_bound, across.input if over_input else None,
+                                               across.records[run].segments.get(method), size=size, title=title))
+            panels.append(pn.pane.Markdown(f"**{method}**: {scale}"))
+            # A row of panes, not one HoloViews layout: a layout below another plot of a tab built
+            # on opening draws blank (Panel 1.9; the tab's scatter and lines are above it).
+            for start in range(0, len(plots), per_row):
+                panels.append(pn.Row(*[pn.pane.HoloViews(plot.opts(toolbar=None), linked_axes=False)
+                                       for plot in plots[start:start + per_row]], css_classes=["across-maps"]))
+        return pn.Column(*panels, sizing_mode="stretch_width")
+
+    def _influence(self, text, reference):
+        source = self.comparison.influence_source(reference)
+        if source is None:
+            return pn.pane.Markdown(
+                "No run here computed influence: runs explained with an `influence:` section (a run group's "
+                "sums over its checkpoints) list each instance's most influential training examples "
+                "(TracIn's proponents and opponents) here.", css_classes=["influence-note"])
+        if not (text or "").strip():
+            return pn.pane.Markdown("Choose an instance above.")
+        try:
+            frame = self.comparison.influential_examples(source, self.comparison.typed_id(text.strip()))
+        except (SessionError, RunError) as error:
+            return pn.pane.Alert(str(error), alert_type="warning")
+        info = source.info
+        intro = pn.pane.Markdown(
+            f"TracIn over {source.what}, of the loss at the {'label' if info.target == 'label' else 'predicted class'}, "
+            f"against {info.training_rows:,} training examples ({info.training_path}): **proponents** pushed the model "
+            "towards this answer, **opponents** away from it; each with its label and score.",
+            css_classes=["influence-note"])
+        if frame.empty:
+            return pn.Column(intro, pn.pane.Markdown(f"No influence rows for instance {text.strip()}."))
+        if "picture" not in frame or frame["picture"].isna().any():  # features, or the training set moved
+            shown = frame.drop(columns=["picture"], errors="ignore")
+            return pn.Column(intro, pn.widgets.Tabulator(shown, disabled=True, show_index=False, height=320,
+                                                         sizing_mode="stretch_width"))
+        rows = [intro]
+        # One grey scale for every example shown, as their stored values compare.
+        low = min(float(p.min()) for p in frame["picture"])
+        high = max(max(float(p.max()) for p in frame["picture"]), low + 1e-6)
+        for sign in ("proponent", "opponent"):
+            chosen = frame[frame["sign"] == sign]
+            rows.append(pn.pane.Markdown(f"**{sign}s**"))
+            # A row of panes, not one HoloViews layout (see _instance).
+            rows.append(pn.Row(*[pn.Column(pn.pane.HoloViews(self._example(row, (low, high)), linked_axes=False),
+                                           pn.pane.Markdown(f"#{row.rank}: {row.train_label} · {row.score:.3g}",
+                                                            css_classes=["influence-caption"], margin=(0, 10)))
+                                 for row in chosen.itertuples()], css_classes=[f"influence-{sign}s"]))
+        return pn.Column(*rows, sizing_mode="stretch_width")
+
+    @staticmethod
+    def _example(row, scale: tuple[float, float]) -> hv.Image:
+        picture = row.picture
+        return hv.Image(picture[::-1], bounds=(0, 0, picture.shape[1], picture.shape[0])).opts(
+            cmap="gray", clim=scale, width=120, height=120, xaxis=None, yaxis=None, toolbar=None,
+            tools=[], title=f"train id {row.train_id}", fontsize={"title": 9})
+
+    def __panel__(self):
+        comparison = self.comparison
+        names = comparison.names
+        instances = comparison.manifests[names[0]].counts.instances
+        scatter = pn.bind(self._scatter, self.run_a, self.run_b, self.placed_by, self.projection, self.colour)
+        lines = pn.bind(self._lines, self.predicate, self.grouping, self.metric, self.positive)
+        instance = pn.bind(self._instance, self.instance_input, self.run_b, self.over_input, self.own_scale)
+        influence = pn.bind(self._influence, self.instance_input, self.run_b)
+        return pn.Column(
+            pn.pane.Markdown(f"**{len(names)} runs of the same {instances:,} instances**, in order: "
+                             f"{', '.join(names)}. The other tabs show run **{self.shown}** "
+                             "(`netloupe dashboard ... --run NAME` shows another).", css_classes=["across-runs-intro"]),
+            pn.Row(self.run_a, self.run_b),
+            pn.pane.Markdown("#### Where A and B agree"),
+            pn.Row(self.placed_by, self.projection, self.colour),
+            pn.Row(pn.panel(scatter, sizing_mode="stretch_width", min_height=520, css_classes=["agreement-scatter"]),
+                   pn.Column(self.counts,
+                             self.disagreement_header, self.disagreement_list, width=500),
+                   sizing_mode="stretch_width"),
+            pn.pane.Markdown("#### A subset's metric over the runs"),
+            pn.Row(self.predicate, self.grouping, self.metric, self.positive),
+            pn.panel(lines, sizing_mode="stretch_width", css_classes=["metric-lines"]),
+            pn.pane.Markdown("#### One instance in every run (map rank correlations against run B)"),
+            pn.Row(self.instance_input, self.over_input, self.own_scale),
+            self.instance_note,
+            pn.panel(instance, sizing_mode="stretch_width", css_classes=["instance-across-runs"]),
+            pn.pane.Markdown("#### Its most influential training examples"),
+            pn.panel(influence, sizing_mode="stretch_width", css_classes=["influence"]),
+            sizing_mode="stretch_width",
+        )
+
+
+def _plain_id(value):
+    """A numpy scalar id as the Python value it holds (it is shown and typed back as text)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 LATER_TABS = {"Instance": InstanceView, "Subgroups": SubgroupsView, "Fidelity": FidelityView,
               "Model": ModelGraphView, "SQL": SqlConsole}
 """The tabs after the first, in order, and the view each shows."""
@@ -899,14 +1232,20 @@ FEATURE_TABS = {"Features": FeaturesView}
 """The tabs a text run adds."""
 
 
-def later_tabs(session: RunSession) -> dict:
+ACROSS_RUNS_TAB = "Across runs"
+
+
+def later_tabs(session: RunSession, compared: dict | None = None, shown: str | None = None) -> dict:
     """The tabs after the first for this run: a text run's after the instance's (which stays
-    second: a click on a point opens it)."""
+    second: a click on a point opens it); with several runs ``compared`` (name → directory),
+    the Across-runs tab right after the instance's, ``shown`` being the run the others show."""
     tabs = list(LATER_TABS.items())
     if session.reads_text:
         tabs[1:1] = TEXT_TABS.items()
     if session.reads_features:
         tabs[1:1] = FEATURE_TABS.items()
+    if compared:
+        tabs[1:1] = [(ACROSS_RUNS_TAB, functools.partial(AcrossRunsView, compared=compared, shown=shown))]
     return dict(tabs)
 
 
@@ -920,11 +1259,20 @@ def _typed_id(text: str, session: RunSession):
     return text
 
 
-def build_dashboard(run_dir) -> pn.template.BaseTemplate:
-    """The page for one browser session over the run at ``run_dir``."""
-    session, views = dashboard_views(run_dir)
+def build_dashboard(run_dir, compared: dict | None = None) -> pn.template.BaseTemplate:
+    """The page for one browser session over the run at ``run_dir``; with ``compared`` (name →
+    directory of several runs of the same instances, ``run_dir`` one of them), comparing them too."""
+    session, views = dashboard_views(run_dir, compared)
     title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
+    if compared:
+        title = f"netloupe: {shown_name(run_dir, compared)} of {len(compared)} runs ({session.manifest.counts.instances:,} instances)"
     return pn.template.BootstrapTemplate(title=title, main=list(views))
+
+
+def shown_name(run_dir, compared: dict) -> str:
+    """The name among ``compared`` of the run at ``run_dir``."""
+    target = Path(run_dir).resolve()
+    return next(name for name, directory in compared.items() if Path(directory).resolve() == target)
 
 
 def notebook_dashboard(run_dir) -> pn.Column:
@@ -939,14 +1287,15 @@ def notebook_dashboard(run_dir) -> pn.Column:
     return views
 
 
-def dashboard_views(run_dir) -> tuple[RunSession, pn.Column]:
-    """The message line and the tabs, over one session of the run at ``run_dir``."""
+def dashboard_views(run_dir, compared: dict | None = None) -> tuple[RunSession, pn.Column]:
+    """The message line and the tabs, over one session of the run at ``run_dir`` (and of the
+    runs ``compared``, when given)."""
     session = RunSession(run_dir)
     dashboard = Dashboard(session)
     message = pn.pane.Alert(pn.bind(lambda m: m or "Ready.", dashboard.param.message), alert_type="info",
                             css_classes=["message"])
     # ActiVis' two linked views side by side: what is selected in one shows in the other.
-    later = later_tabs(session)
+    later = later_tabs(session, compared, shown_name(run_dir, compared) if compared else None)
     instances_and_neurons = pn.Row(InstancesView(dashboard), pn.Column(MatrixView(dashboard), width=620),
                                    sizing_mode="stretch_width")
     tabs = pn.Tabs(
@@ -1013,11 +1362,12 @@ def warm_up(run_dir) -> float:
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False,
-          users: dict[str, str] | None = None, **kwargs):
+          users: dict[str, str] | None = None, compared: dict | None = None, **kwargs):
     """Serve the dashboard (blocking); bound to ``host`` only. With ``users`` (name →
-    password), every page asks to sign in first (Panel's basic authentication)."""
+    password), every page asks to sign in first (Panel's basic authentication). With
+    ``compared`` (name → directory of several runs of the same instances, ``run_dir`` one of
+    them), the page compares them too (the Across-runs tab)."""
     import secrets
-    from pathlib import Path
 
     from bokeh.settings import settings
 
@@ -1028,10 +1378,12 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 5006, show: bool = False
     hv.extension("bokeh")
     pn.extension("tabulator")
     RunSession(run_dir)  # fail here, with the run's error, before the server starts
+    if compared:
+        ComparisonSession(compared).close()  # runs of other data are refused here too
     warm_up(run_dir)
     origins = [f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     if users:
         kwargs.update(basic_auth=dict(users), cookie_secret=secrets.token_hex(32),
                       basic_login_template=str(Path(__file__).with_name("login.html")))
-    return pn.serve({"/": lambda: build_dashboard(run_dir)}, address=host, port=port, show=show,
+    return pn.serve({"/": lambda: build_dashboard(run_dir, compared)}, address=host, port=port, show=show,
                     websocket_origin=origins, title="netloupe", **kwargs)

@@ -59,17 +59,25 @@ class InstanceScatter:
     """A projection's points colored by one column, with selection and tap callbacks.
 
     ``on_select(ids, tool)`` gets the ids inside a finished box or lasso; ``on_tap(id)`` the
-    instance nearest a click (within :data:`TAP_RADIUS` of the visible width).
+    instance nearest a click (within :data:`TAP_RADIUS` of the visible width). ``colors``
+    names the colour of some categories (the others take :data:`CATEGORY_COLORS` by position).
+    ``min_alpha`` (of 255) is the opacity of a categorical pixel of one point, and
+    ``spread_threshold`` Datashader's ``dynspread`` threshold: Datashader's defaults (40, and
+    0.5, which rarely spreads) draw a sparse run's lone points almost invisible; a view where
+    each lone point matters (a disagreement) asks for more of both.
     """
 
     def __init__(self, points: pd.DataFrame, color_by: str, title: str,
-                 on_select: Callable[[np.ndarray, str], None], on_tap: Callable[[object], None]):
+                 on_select: Callable[[np.ndarray, str], None], on_tap: Callable[[object], None],
+                 colors: dict[str, str] | None = None, min_alpha: int = 40, spread_threshold: float = 0.5):
         self.points, self.color_by = points, color_by
+        self.min_alpha, self.spread_threshold = min_alpha, spread_threshold
         self.on_select, self.on_tap = on_select, on_tap
         self.categorical = isinstance(points[color_by].dtype, pd.CategoricalDtype)
         if self.categorical:
             categories = [str(c) for c in points[color_by].cat.categories]
-            self.colors = {c: CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(categories)}
+            self.colors = {c: (colors or {}).get(c, CATEGORY_COLORS[i % len(CATEGORY_COLORS)])
+                           for i, c in enumerate(categories)}
         else:
             values = points[color_by].to_numpy(dtype=float)
             finite = values[np.isfinite(values)]
@@ -90,12 +98,12 @@ class InstanceScatter:
         canvas = ds.Canvas(plot_width=RASTER_SIZE[0], plot_height=RASTER_SIZE[1], x_range=x_range, y_range=y_range)
         if self.categorical:
             counts = canvas.points(self.points, "x", "y", ds.count_cat(self.color_by))
-            image = tf.shade(counts, color_key=self.colors, how="eq_hist")
+            image = tf.shade(counts, color_key=self.colors, how="eq_hist", min_alpha=self.min_alpha)
         else:
             means = canvas.points(self.points, "x", "y", ds.mean(self.color_by))
             image = tf.shade(means, cmap=Viridis256, how="linear", span=self.span)
         # Sparse regions (few points, or far zoomed in) get bigger points; dense ones stay exact.
-        image = tf.dynspread(image, threshold=0.5, max_px=3)
+        image = tf.dynspread(image, threshold=self.spread_threshold, max_px=3)
         # Datashader's first row is the lowest y, as Bokeh draws images: no flip.
         return {"image": [np.ascontiguousarray(image.data)], "x": [x_range[0]], "y": [y_range[0]],
                 "dw": [x_range[1] - x_range[0]], "dh": [y_range[1] - y_range[0]]}

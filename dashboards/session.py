@@ -47,6 +47,13 @@ shows at that size, and a million would cost the browser for nothing."""
 SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
 
 
+def run_key(run_dir) -> tuple[str, int]:
+    """What the process-wide caches know a run by: its directory and its catalog's time. A run
+    rebuilt in place (--force) gets a new catalog file, so what was cached of it goes stale."""
+    catalog = Path(run_dir).resolve() / "catalog.duckdb"
+    return str(catalog.parent), catalog.stat().st_mtime_ns
+
+
 class SessionError(NetloupeError):
     """An analyst's request the dashboard cannot serve (shown in the page, not raised to Panel)."""
 
@@ -66,9 +73,7 @@ class RunSession:
 
     def __init__(self, run_dir):
         self.con = open_catalog(run_dir)
-        # A run rebuilt in place (--force) gets a new catalog file, so cached points go stale.
-        catalog = Path(run_dir).resolve() / "catalog.duckdb"
-        self.run_key = (str(catalog.parent), catalog.stat().st_mtime_ns)
+        self.run_key = run_key(run_dir)
         self.manifest = catalog_manifest(self.con)
         self.subsets: dict[str, Subset] = {}
 

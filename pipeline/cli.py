@@ -242,11 +242,31 @@ def cmd_catalog(args) -> int:
     return 0
 
 
+def dashboard_runs(arguments: list[str], shown: str | None) -> tuple[Path, dict[str, Path] | None]:
+    """What ``netloupe dashboard`` shows: the run of the single-run tabs, and the runs compared
+    (None for one run). Runs are given as ``netloupe sql`` takes them: one run, a run group, or
+    several ``NAME=RUN`` or bare directories; ``shown`` names the run the single-run tabs show
+    (default: the last, a group's final checkpoint)."""
+    from netloupe.contract.errors import RunError
+    from netloupe.storage.compare import runs_to_open, split_run_name
+    from netloupe.storage.location import local_run_dir
+    from netloupe.storage.run_group import read_group
+
+    if len(arguments) == 1 and split_run_name(arguments[0])[1] == arguments[0] and read_group(arguments[0]) is None:
+        if shown is not None:
+            raise RunError(f"--run picks one of several runs (a run group, or NAME=RUN ...); {arguments[0]} is one run")
+        return local_run_dir(arguments[0]), None
+    runs = {name: local_run_dir(location) for name, location in runs_to_open(arguments).items()}
+    shown = list(runs)[-1] if shown is None else shown
+    if shown not in runs:
+        raise RunError(f"--run {shown}: no run of that name here; the runs are {', '.join(runs)}")
+    return runs[shown], (runs if len(runs) > 1 else None)
+
+
 def cmd_dashboard(args) -> int:
     import os
 
     from netloupe.dashboards.app import serve
-    from netloupe.storage.location import local_run_dir
 
     password = os.environ.get("NETLOUPE_DASHBOARD_PASSWORD")
     if args.password_file:
@@ -262,9 +282,11 @@ def cmd_dashboard(args) -> int:
         print(f"warning: {args.host} is reachable from other machines and no password is set "
               "(--password-file or NETLOUPE_DASHBOARD_PASSWORD)", file=sys.stderr, flush=True)
     users = None if password is None else {args.user: password}
-    print(f"serving the dashboard of {args.run} at http://{args.host}:{args.port}/"
+    run_dir, compared = dashboard_runs(args.run, args.shown)
+    what = (f"{run_dir}, across {len(compared)} runs ({', '.join(compared)})," if compared else " ".join(args.run))
+    print(f"serving the dashboard of {what} at http://{args.host}:{args.port}/"
           + (f" (sign in as {args.user})" if users else "") + " (Ctrl-C stops it)", flush=True)
-    serve(local_run_dir(args.run), host=args.host, port=args.port, show=False, users=users)
+    serve(run_dir, host=args.host, port=args.port, show=False, users=users, compared=compared)
     return 0
 
 
@@ -385,8 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="copy each layer's activations into the catalog as a native table: the stock duckdb "
                               "CLI's operators then scan them about twice as fast, for a bigger catalog.duckdb")
     catalog.set_defaults(func=cmd_catalog)
-    dashboard = sub.add_parser("dashboard", help="serve the analyst dashboard of a run (Panel)")
-    dashboard.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")
+    dashboard = sub.add_parser("dashboard", help="serve the analyst dashboard of a run, or of several runs "
+                                                 "of the same data compared (Panel)")
+    dashboard.add_argument("run", nargs="+", metavar="RUN",
+                           help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>); a run group "
+                                "(runs/<group>) or several runs, each as NAME=RUN (or RUN, named by its directory) "
+                                "add an 'Across runs' tab comparing them")
+    dashboard.add_argument("--run", dest="shown", metavar="NAME",
+                           help="with several runs: the one the single-run tabs show (default: the last)")
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to bind (default 127.0.0.1: this machine only)")
     dashboard.add_argument("--port", type=int, default=5006)
