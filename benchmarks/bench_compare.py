@@ -1,7 +1,7 @@
 """Operators across runs at a million instances (issue 18): two runs of the same instances,
 each with a 256-unit layer, queried together through ``netloupe.storage.compare.open_runs``.
 
-    .venv/bin/python benchmarks/bench_compare.py [--size 1000000] [--neurons 256] [--repeats 3]
+    .venv/bin/python benchmarks/bench_compare.py [--size 1000000] [--neurons 256] [--repeats 3] [--keep DIR]
 
 The runs are written by ``storage.handmade.write_handmade_run`` (as bench_sql.py's): run b's
 activations are run a's mixed with fresh noise, so CKA is neither 0 nor 1, and 10% of its
@@ -33,6 +33,7 @@ from netloupe.storage import schema as S  # noqa: E402
 from netloupe.storage.catalog import run_query  # noqa: E402
 from netloupe.storage.compare import open_runs  # noqa: E402
 from netloupe.storage.handmade import write_handmade_run  # noqa: E402
+from netloupe.storage.layout import RunLayout  # noqa: E402
 
 QUERIES = {
     "disagreements (count)": "SELECT count(*) FROM disagreements('a', 'b')",
@@ -79,19 +80,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--neurons", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="write the two runs here and keep them; when they are there "
+                                                  "already, time the queries on them (the written runs take minutes)")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=ROOT / "runs"))
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="bench-compare-", dir=ROOT / "runs"))
     try:
         started = time.perf_counter()
         instances, activations = make_data(args.size, args.neurons)
         table_b, activations_b = second_run(instances, activations)
-        maps = np.random.default_rng(2).normal(size=(args.size, MAP_VALUES)).astype(np.float32)
-        maps_b = maps + np.random.default_rng(3).normal(size=maps.shape).astype(np.float32)
-        a = write_handmade_run(workdir, "a", instances, {LAYER: activations}, {"saliency": maps})
-        b = write_handmade_run(workdir, "b", table_b, {LAYER: activations_b}, {"saliency": maps_b})
-        del maps, maps_b
-        print(f"{args.size:,} instances x {args.neurons} neurons, two runs written in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        a, b = RunLayout(workdir / "a"), RunLayout(workdir / "b")
+        if not (b.manifest_path.exists() and a.manifest_path.exists()):
+            maps = np.random.default_rng(2).normal(size=(args.size, MAP_VALUES)).astype(np.float32)
+            maps_b = maps + np.random.default_rng(3).normal(size=maps.shape).astype(np.float32)
+            a = write_handmade_run(workdir, "a", instances, {LAYER: activations}, {"saliency": maps})
+            b = write_handmade_run(workdir, "b", table_b, {LAYER: activations_b}, {"saliency": maps_b})
+            del maps, maps_b
+            print(f"{args.size:,} instances x {args.neurons} neurons, two runs written in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
         expected = numpy_cka(activations, activations_b)
         del activations, activations_b
         opened = []
@@ -110,7 +115,8 @@ def main() -> None:
         for name, seconds in timed_queries(None, QUERIES, args.repeats, connection=con).items():
             print(f"| {name} | {seconds:.3f} |", flush=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

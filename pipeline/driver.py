@@ -599,7 +599,7 @@ def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) 
     return ([layout.instances_dir] + ([layout.tokens_dir] if facts.input_kind == "tokens" else [])
             + [layout.activations_dir(layer) for layer in facts.layer_neurons]
             + [layout.attributions_dir(method) for method in facts.attribution_shapes]
-            + [layout.index_layer_dir(layer) for layer in wide]
+            + [layout.index_layer_dir(layer) for layer in wide] + [layout.index_gram_dir(layer) for layer in wide]
             + [layout.statistics_dir(name)
                for name in statistics_of(facts.layer_neurons, facts.attribution_shapes, _token_values(facts, spec))]
             + [layout.projection_sample_dir(kind, name) for kind, name in spec.projection_sources])

@@ -13,8 +13,9 @@
         projections/<kind>/<name>/part-<key>.parquet   kind: activations | attributions
         fidelity/<method>/part-<key>.parquet    sampled instances' fidelity checks
         index/layers/<layer>/part-<key>.npy     the layer as a row-major matrix     } written by the
-        stats/<statistic>/part-<key>.parquet    mergeable per-part statistics       } workers beside
-                                                                                    } every batch
+        index/gram/<layer>/part-<key>.npy       its Gram matrix (count, sums, products) } workers
+        stats/<statistic>/part-<key>.parquet    mergeable per-part statistics       } beside every
+                                                                                    } batch
         wide/<layer>/part-<key>.parquet         the layer, one column per neuron, in segments of
                                                 many parts (named after the first; wide_segments.py)
         index/instance_ids.npy, index/instance_rows.npy   the ids sorted, and where each one's row lies
@@ -173,6 +174,11 @@ class RunLayout:
         """``layer``'s row-major ``float32`` matrices, one ``part-<key>.npy`` per part."""
         return self.root / INDEX / "layers" / table_dir_name(layer)
 
+    def index_gram_dir(self, layer: str) -> Path:
+        """``layer``'s Gram matrix per part (:func:`netloupe.storage.part_statistics.layer_gram`),
+        one ``part-<key>.npy`` per part."""
+        return self.root / INDEX / "gram" / table_dir_name(layer)
+
     def projection_sample_dir(self, kind: str, name: str) -> Path:
         """The rows of a projected table that may fall in the projection sample, per part:
         gathered by the workers as they explain, removed once the projection is fitted."""
@@ -205,7 +211,7 @@ class RunLayout:
         the tables whose projection-sample candidates the workers gather; ``tokens``: a text run's."""
         return ([self.instances_dir] + ([self.tokens_dir] if tokens else []) + [self.activations_dir(l) for l in layers]
                 + [self.attributions_dir(m) for m in methods] + [self.fidelity_dir(m) for m in methods]
-                + [self.index_layer_dir(l) for l in layers]
+                + [self.index_layer_dir(l) for l in layers] + [self.index_gram_dir(l) for l in layers]
                 + [self.statistics_dir(s) for s in statistics]
                 + [self.projection_sample_dir(kind, name) for kind, name in projected])
 

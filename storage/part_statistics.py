@@ -88,9 +88,23 @@ class DerivedParts:
 
     tables: dict[Path, pa.Table] = field(default_factory=dict)
     matrices: dict[Path, np.ndarray] = field(default_factory=dict)
-    """Row-major ``float32`` matrices, written as ``.npy``."""
+    """Row-major matrices, written as ``.npy``: each layer's ``float32`` rows, and its Gram
+    matrix (:func:`layer_gram`)."""
     options: dict[Path, dict] = field(default_factory=dict)
     """Parquet options of the tables not written as parts usually are (zstd)."""
+
+
+def layer_gram(values: np.ndarray) -> np.ndarray:
+    """``(d + 1, d + 1)`` ``float64``: the Gram matrix of the rows ``values`` with a column of
+    ones before them: the count, each neuron's sum and every pair's sum of products. Parts'
+    add up to the run's, whose centred second moments linear CKA needs of each run
+    (:mod:`netloupe.storage.compare`): kept per part, they cost nothing at query time. In
+    ``float64``: raw moments about zero cancel in ``float32`` (a neuron of mean 10 and
+    deviation 0.01 would lose its variance)."""
+    augmented = np.empty((len(values), values.shape[1] + 1))
+    augmented[:, 0] = 1.0
+    augmented[:, 1:] = values
+    return augmented.T @ augmented
 
 
 def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attributions: dict[str, pa.Table],
@@ -111,6 +125,7 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
         neuron_cells.append(_neuron_cells(layer, values, cells))
         tops.append(_neuron_top(layer, ids, values, id_type))
         out.matrices[run.index_layer_dir(layer)] = values
+        out.matrices[run.index_gram_dir(layer)] = layer_gram(values)
     attribution_cells, summaries, token_cells = [], [], []
     for method, table in attributions.items():
         if "attribution" in table.column_names:

@@ -187,6 +187,23 @@ def test_representation_change_is_linear_cka_and_neuron_matches_are_correlations
     [change] = run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'relu')").to_pylist()
     assert change == {"instances": ROWS, "neurons_a": 6, "neurons_b": 6, "linear_cka": pytest.approx(cka, rel=1e-5)}
     assert 0 < cka < 0.99
+    # The Parquet path (a layer wider than the activation index) gives the same.
+    from netloupe.storage.compare import _GramSums, _paired_blocks
+
+    moments = _GramSums(selves=True)
+    for a, b in _paired_blocks([str(made[n].layout.activations_dir("relu") / "*.parquet") for n in ("v1", "v2")],
+                               "BIGINT", None):
+        moments.add(a, b)
+    assert moments.comparison().linear_cka == pytest.approx(cka, rel=1e-5)
+    # A run made before the workers kept each part's Gram matrix: its self-products computed here.
+    import shutil
+
+    older = made["v2"].layout.root.parent / "v2_older"
+    shutil.copytree(made["v2"].layout.root, older)
+    shutil.rmtree(older / "index" / "gram")
+    with open_runs({"v1": made["v1"].layout.root, "older": older}) as con_older:
+        [again] = run_query(con_older, "SELECT linear_cka FROM representation_change('v1', 'older', 'relu')").to_pylist()
+    assert again["linear_cka"] == pytest.approx(cka, rel=1e-5)
     [same] = run_query(con, "SELECT linear_cka FROM representation_change('v1', 'v1_again', 'relu')").to_pylist()
     assert same["linear_cka"] == pytest.approx(1.0, abs=1e-6)
     matches = run_query(con, "SELECT * FROM neuron_matches('v1', 'v2', 'relu') ORDER BY neuron").to_pylist()
@@ -203,6 +220,20 @@ def test_representation_change_is_linear_cka_and_neuron_matches_are_correlations
     assert 30 < sampled["instances"] < 90
     with pytest.raises(Exception, match="recorded no layer 'fc9'; it has relu"):
         run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'fc9')")
+
+
+def test_a_layer_s_gram_matrix_keeps_a_small_variance_about_a_large_mean():
+    """The workers' per-part Gram matrices are raw sums in float64: a neuron of mean 10 and
+    deviation 0.01 keeps its variance (float32 products would cancel it)."""
+    from netloupe.storage.compare import _centred_gram
+    from netloupe.storage.part_statistics import layer_gram
+
+    rng = np.random.default_rng(0)
+    values = (10 + 0.01 * rng.normal(size=(20000, 3))).astype(np.float32)
+    values[:, 2] = rng.normal(size=20000)
+    gram = layer_gram(values[:7000]) + layer_gram(values[7000:])
+    expected = np.cov(values.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(_centred_gram(gram, 20000), expected, rtol=1e-6, atol=1e-12)
 
 
 def test_the_cli_opens_several_named_runs_and_refuses_unclear_names(runs, capsys):
