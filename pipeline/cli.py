@@ -290,6 +290,19 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import time
+
+    from netloupe.dashboards.report import write_report
+    from netloupe.storage.location import local_run_dir
+
+    started = time.perf_counter()
+    written = write_report(local_run_dir(args.run), args.output, layer=args.layer, mistakes=args.mistakes)
+    print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB, one self-contained file) "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def cmd_submit(args) -> int:
     from netloupe.pipeline.submit import JobServer, prepare_job
 
@@ -422,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "line (or set NETLOUPE_DASHBOARD_PASSWORD)")
     dashboard.add_argument("--user", default="analyst", help="the user name to sign in with (default analyst)")
     dashboard.set_defaults(func=cmd_dashboard)
+    report = sub.add_parser("report", help="write a run's findings as one self-contained HTML file (opens offline, "
+                                           "no server): summary, fidelity, subgroups, neuron matrix, scatter, "
+                                           "the most confident mistakes with their maps")
+    report.add_argument("run", help="a run directory (runs/<name>) or a run URI (s3://bucket/runs/<name>)")
+    report.add_argument("--output", required=True, metavar="FILE.html", help="the file to write (replaced whole)")
+    report.add_argument("--layer", help="the layer of the neuron matrix and the scatter (default: the last recorded)")
+    report.add_argument("--mistakes", type=int, default=8, metavar="N",
+                        help="how many of the most confident mistakes to show with their maps (default 8; 0: none)")
+    report.set_defaults(func=cmd_report)
     generate = sub.add_parser("generate", help="write an mnist-variants dataset of N instances as Parquet")
     generate.add_argument("--rows", type=int, required=True, help="instances to generate")
     generate.add_argument("--out", required=True, help="directory to create (must not exist)")
