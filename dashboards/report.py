@@ -42,6 +42,8 @@ from netloupe.dashboards.session import (
     segment_boundaries,
 )
 from netloupe.storage.catalog import run_query
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.training_examples import influential_examples
 
 MISTAKES = 8
 """The most confident mistakes shown by default (``--mistakes``)."""
@@ -70,6 +72,8 @@ LEGEND_LIMIT = 20
 MAP_PIXELS = 168
 """Pixels per side (at least) of each input and map of a mistake: a 28-pixel digit enlarged 6 times."""
 FEATURES_PER_MISTAKE = 10
+INFLUENTIAL_PER_SIGN = 3
+"""Proponents and opponents shown per mistake, when the run computed influence."""
 """A tabular mistake's features per method (the largest |values|)."""
 MATRIX_INCHES, MATRIX_MAX_ROW_INCHES = 11.0, 10.0
 """The matrix image's width, and the most height its rows take (a thousand classes stay one page)."""
@@ -468,7 +472,35 @@ def mistake_card(session: RunSession, instance_id) -> str:
     else:
         detail = _map_figures(record)
     return (f'<div class="mistake" id="instance-{html.escape(str(instance_id))}"><h3>Instance '
-            f"{html.escape(str(instance_id))}</h3><p>{facts}</p>{detail}</div>")
+            f"{html.escape(str(instance_id))}</h3><p>{facts}</p>{detail}{_influence_figures(session, instance_id)}</div>")
+
+
+def _influence_figures(session: RunSession, instance_id) -> str:
+    """The instance's strongest proponents and opponents in the training set, when the run
+    computed influence (TracIn): which training examples pushed the model to this mistake."""
+    info = session.manifest.influence
+    if info is None:
+        return ""
+    layout = RunLayout(Path(session.run_key[0]))  # run_key: the run's directory and its catalog's time
+    frame = influential_examples(layout.influence_path, info, instance_id).to_pandas()
+    shown = frame[frame["rank"] <= INFLUENTIAL_PER_SIGN]
+    inputs = info.training_input_columns
+    figures = []
+    for row in shown.itertuples():
+        label = session.class_names[row.train_label] if getattr(row, "train_label", None) is not None else "?"
+        caption = f"{row.sign} #{row.rank}: {label} ({row.score:.3g})"
+        values = getattr(row, inputs[0], None) if len(inputs) == 1 and inputs[0] in frame else None
+        if values is None:
+            figures.append(f"<figure><figcaption>{html.escape(caption)}, train id {row.train_id}</figcaption></figure>")
+            continue
+        shape = session.manifest.preprocess.shape
+        array = np.asarray(values, np.float32)
+        image = array.reshape(shape) if shape and int(np.prod(shape)) == array.size else array.reshape(1, -1)
+        figures.append(_image_figure(_input_pixels(image), caption))
+    if not figures:
+        return ""
+    return (f'<p class="caption">Its most influential training examples (TracIn, of the loss at the '
+            f'{"label" if info.target == "label" else "predicted class"}):</p><div class="grid">{"".join(figures)}</div>')
 
 
 def _map_figures(record) -> str:

@@ -81,3 +81,21 @@ def point_at_dataset(layout: RunLayout, path: Path, id_column: str, input_column
         "model": manifest.model.model_copy(update={"input_shape": tuple(shape)}),
     })
     layout.manifest_path.write_text(manifest.to_json())
+
+
+def add_influence(layout: RunLayout, training_path: Path, rows: list[tuple]) -> None:
+    """Give a committed run an ``influence`` table of ``rows`` (instance id, train id, score,
+    rank, sign) over a training set at ``training_path`` (``id``, ``pixels``, ``label``
+    columns), and record it in the manifest, as an influence stage does."""
+    from netloupe.storage.manifest import InfluenceInfo
+
+    table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(
+        ("instance_id", "train_id", "score", "rank", "sign"))}).cast(S.influence_schema())
+    layout.influence_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, layout.influence_path)
+    manifest = layout.read_manifest()
+    info = InfluenceInfo(training_path=str(training_path), training_id_column="id", training_input_columns=["pixels"],
+                         training_label_column="label", training_rows=pq.read_metadata(training_path).num_rows,
+                         layer="fc", k=3, checkpoints=["handmade"], learning_rates=[1.0], target="predicted",
+                         seconds=0.0)
+    layout.manifest_path.write_text(manifest.model_copy(update={"influence": info}).to_json())

@@ -126,6 +126,35 @@ def test_each_mistake_has_its_input_and_its_map_over_it(report, run_dir):
     assert np.corrcoef(gray.ravel(), picture.ravel())[0, 1] > 0.99
 
 
+def test_a_run_with_influence_shows_each_mistake_s_strongest_training_examples(tmp_path):
+    """A run whose influence table gives its most confident mistake two proponents and one
+    opponent among four training images: the card shows the three, in order, with their
+    labels and scores, each image the training example's own pixels."""
+    import pyarrow.parquet as pq
+
+    from netloupe.storage.layout import RunLayout
+    from tests.report_run import add_influence
+
+    run_dir = make_report_run(tmp_path, rows=30)
+    first = int(re.search(r'id="instance-(\d+)"', render_report(RunSession(run_dir), mistakes=1)).group(1))
+    training = tmp_path / "training.parquet"
+    pixels = np.arange(4 * 16, dtype=np.float32).reshape(4, 16) / 64
+    pq.write_table(pa.table({"id": pa.array([7, 8, 9, 10], pa.int64()), "label": pa.array([0, 1, 2, 1], pa.int64()),
+                             "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 16)}), training)
+    add_influence(RunLayout(run_dir), training, [(first, 9, 0.75, 1, "proponent"), (first, 7, 0.5, 2, "proponent"),
+                                                 (first, 10, -0.25, 1, "opponent"), (first + 1, 8, 1.0, 1, "proponent")])
+    text = render_report(RunSession(run_dir), mistakes=1)
+    card = text[text.index(f'id="instance-{first}"'):]
+    captions = re.findall(r"<figcaption>((?:proponent|opponent)[^<]*)</figcaption>", card)
+    assert captions == ["proponent #1: 2 (0.75)", "proponent #2: 0 (0.5)", "opponent #1: 1 (-0.25)"]
+    shown = Page(card).images[-3:]
+    for image, row in zip(shown, (2, 0, 3)):
+        image = np.asarray(png_of(image["src"]).convert("L"), np.float64)
+        expected = pixels[row].reshape(4, 4)
+        expected = np.round(255 * (expected - expected.min()) / (expected.max() - expected.min()))
+        np.testing.assert_array_equal(image[::image.shape[0] // 4, ::image.shape[1] // 4], expected)
+
+
 def test_the_scatter_is_every_point_coloured_by_class(report):
     page = Page(report.read_text())
     scatter = page.images[page.sections["scatter"]]
