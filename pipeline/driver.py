@@ -223,6 +223,17 @@ class JobRun:
     started: float = field(default_factory=time.perf_counter)
     statistics: StatisticsMerge | None = None
     """The workers' statistics added up as their reports arrive (None: the catalog adds them)."""
+    parts: list[BatchReport] = field(default_factory=list)
+    """Every batch's report so far in the explain pass, kept ones first."""
+    kept: int = 0
+    """Of them, the batches kept from an interrupted run."""
+    to_explain: int = 0
+    """Instances the pass explains (the kept ones aside)."""
+    reports_progress: bool = True
+    """Whether this run reports the pass's progress (of a run group's members, the first)."""
+    explain_started: float = 0.0
+    first_rows: int = 0
+    """Rows of the first results (the steady rate leaves them out)."""
 
     @property
     def layout(self) -> RunLayout:
@@ -294,35 +305,52 @@ class JobRun:
     def explain(self) -> list[BatchReport]:
         """The explain pass: every batch not kept from an interrupted run, by the workers;
         returns every batch's report, kept ones included."""
-        parts = self._kept_parts()
-        self.statistics = self._statistics_merge()
-        self.statistics.add_soon(part.part for part in parts)
-        computed = self.checked.dataset.num_rows - self.timings.get("resumed_rows", 0)
-        self.progress.stage(f"explaining {count(computed, 'instance')} with {_workers_text(self.spec.execution)}"
-                            + (f" ({self.timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
-        results = self._explain_plan(parts)
-        explain_started = time.perf_counter()
-        kept, first_rows = len(parts), 0
-        self.progress.explaining(computed)
+        kept = self.begin_explain()
         try:
-            if computed:
-                for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-                    reports = [BatchReport.model_validate(row) for row in batch.to_pylist()]
-                    if len(parts) == kept:
-                        # Until the first result: actor start-up, model load, first batch.
-                        self.timings["first_result_seconds"] = time.perf_counter() - explain_started
-                        first_rows = sum(r.rows for r in reports)
-                    parts.extend(reports)
-                    self.statistics.add_soon(report.part for report in reports)
-                    self.progress.explained(sum(r.rows for r in reports))
+            if self.to_explain:
+                for batch in self._explain_plan(kept).iter_batches(batch_format="pyarrow", batch_size=None):
+                    self.take([BatchReport.model_validate(row) for row in batch.to_pylist()])
         finally:
             self.progress.explaining_done()
-        seconds = self.timings["explain_seconds"] = time.perf_counter() - explain_started
+        return self.end_explain()
+
+    def begin_explain(self, report_progress: bool = True) -> list[BatchReport]:
+        """Before the pass: the kept batches (a resumed run's), the statistics merge started;
+        returns the kept batches' reports. (A run group's members share one pass:
+        :mod:`netloupe.pipeline.run_group`; only the first reports progress.)"""
+        self.parts = parts = self._kept_parts()
+        self.statistics = self._statistics_merge()
+        self.statistics.add_soon(part.part for part in parts)
+        self.to_explain = self.checked.dataset.num_rows - self.timings.get("resumed_rows", 0)
+        self.reports_progress = report_progress
+        if report_progress:
+            self.progress.stage(f"explaining {count(self.to_explain, 'instance')} with "
+                                f"{_workers_text(self.spec.execution)}"
+                                + (f" ({self.timings['resumed_rows']:,} kept from the interrupted run)" if parts else ""))
+            self.progress.explaining(self.to_explain)
+        self.explain_started, self.first_rows, self.kept = time.perf_counter(), 0, len(parts)
+        return list(parts)
+
+    def take(self, reports: list[BatchReport]) -> None:
+        """The workers' reports of finished batches, as they arrive."""
+        if len(self.parts) == self.kept:
+            # Until the first result: actor start-up, model load, first batch.
+            self.timings["first_result_seconds"] = time.perf_counter() - self.explain_started
+            self.first_rows = sum(r.rows for r in reports)
+        self.parts.extend(reports)
+        self.statistics.add_soon(report.part for report in reports)
+        if self.reports_progress:
+            self.progress.explained(sum(r.rows for r in reports))
+
+    def end_explain(self) -> list[BatchReport]:
+        """After the pass: its timings; every batch's report."""
+        seconds = self.timings["explain_seconds"] = time.perf_counter() - self.explain_started
         self.timings["explain_end_seconds"] = time.perf_counter() - self.started
-        self.progress.stage(f"explained {count(computed, 'instance')} in {duration(seconds)}")
+        if self.reports_progress:
+            self.progress.stage(f"explained {count(self.to_explain, 'instance')} in {duration(seconds)}")
         steady = seconds - self.timings.get("first_result_seconds", seconds)
-        self.timings["steady_instances_per_second"] = (computed - first_rows) / steady if steady > 0 else None
-        return parts
+        self.timings["steady_instances_per_second"] = (self.to_explain - self.first_rows) / steady if steady > 0 else None
+        return self.parts
 
     def _statistics_merge(self) -> StatisticsMerge:
         """The merge of the statistics the workers write, read where they write them."""
@@ -338,6 +366,11 @@ class JobRun:
 
     def _explain_plan(self, kept: list[BatchReport]):
         """The Ray Data plan: read the dataset (less the kept instances), map ExplainWorker."""
+        return self.explain_input(kept).map_batches(ExplainWorker, fn_constructor_kwargs=self.worker_arguments(),
+                                                    **worker_options(self.spec.execution))
+
+    def explain_input(self, kept: list[BatchReport]):
+        """The dataset as Ray Data reads it for the pass (less the kept instances)."""
         import ray
 
         dataset, execution = self.checked.dataset, self.spec.execution
@@ -359,23 +392,13 @@ class JobRun:
             ds = ds.map_batches(_drop_explained, fn_kwargs={"id_column": dataset.id_column,
                                                             "done": _explained_ids(self.layout, kept)},
                                 batch_format="pyarrow", zero_copy_batch=True)
-        return ds.map_batches(
-            ExplainWorker,
-            fn_constructor_kwargs={
-                "spec_data": spec_to_dict(self.spec),
-                "dataset": dataset,
-                "facts": self.checked.facts,
-                "fingerprint": self.checked.fingerprint,
-                "worker_root": self.staging.worker_root,
-                "threads": default_threads(self.spec),
-            },
-            batch_size=execution.batch_size,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            compute=worker_pool(execution),
-            num_cpus=execution.cpus_per_worker,
-            num_gpus=execution.gpus_per_worker or None,
-        )
+        return ds
+
+    def worker_arguments(self) -> dict:
+        """What an ExplainWorker of this run is built with."""
+        return {"spec_data": spec_to_dict(self.spec), "dataset": self.checked.dataset, "facts": self.checked.facts,
+                "fingerprint": self.checked.fingerprint, "worker_root": self.staging.worker_root,
+                "threads": default_threads(self.spec)}
 
     def _kept_parts(self) -> list[BatchReport]:
         """The batches a resumed run keeps (those its interrupted run finished); every other
@@ -546,6 +569,13 @@ class JobRun:
         manifest = manifest.model_copy(update={"timings": {**manifest.timings, "total_seconds": total,
                                                            "driver_tail_seconds": tail}})
         return self.staging.commit(manifest), manifest
+
+
+def worker_options(execution) -> dict:
+    """Ray Data's options of the explain workers' map: batches, the pool, its resources."""
+    return dict(batch_size=execution.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                compute=worker_pool(execution), num_cpus=execution.cpus_per_worker,
+                num_gpus=execution.gpus_per_worker or None)
 
 
 def _package_versions() -> dict[str, str]:

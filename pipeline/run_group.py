@@ -1,9 +1,12 @@
 """A job over a model's checkpoints (``model.checkpoints``): one run per checkpoint, in
 order, committed as a run group (:mod:`netloupe.storage.run_group`).
 
-Each member is an ordinary job (the spec with that checkpoint as ``model.weights``), so it is
-validated, explained, committed and resumable like any run; the group's record is written
-only once every member is committed. Ray stays up between members (one ``ray.init``). Influence
+Each member is an ordinary run (the spec with that checkpoint as ``model.weights``): its own
+:class:`~netloupe.pipeline.driver.JobRun` validates, settles, projects and commits it like any
+run. The explain pass is shared: the dataset is read once and each worker holds every
+checkpoint's model, explaining each batch under each in turn into each member's staged run
+(:class:`~netloupe.workers.explain.CheckpointsWorker`), so the workers start once, not once per
+checkpoint. The group's record is written only once every member is committed. Influence
 (``spec.influence``) is the group's, not each member's: TracIn sums over the checkpoints, so it
 is computed once every member is, over all of their checkpoints (:mod:`netloupe.pipeline.influence`).
 """
@@ -16,14 +19,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from netloupe.contract.errors import SpecError
+from netloupe.contract.errors import SpecError, netloupe_cause
 from netloupe.contract.spec import JobSpec
-from netloupe.pipeline.driver import RunResult, run_job, validate
+from netloupe.pipeline.driver import JobRun, RunResult, validate, worker_options
 from netloupe.pipeline.influence import run_influence
 from netloupe.pipeline.progress import RunProgress
 from netloupe.storage.compare import run_name_problem
-from netloupe.storage.layout import RunExistsError, write_parquet
+from netloupe.storage.layout import RunExistsError, RunStaging, write_parquet
 from netloupe.storage.location import is_uri
+from netloupe.storage.manifest import BatchReport
 from netloupe.storage.run_group import (
     GROUP_FILE,
     GroupMember,
@@ -33,6 +37,7 @@ from netloupe.storage.run_group import (
     read_group,
     write_group,
 )
+from netloupe.workers.explain import CheckpointsWorker
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,15 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
         (directory / GROUP_FILE).unlink(missing_ok=True)  # a group half replaced is no group
         shutil.rmtree(influence_path(directory).parent, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
-    members = {}
-    for checkpoint in files:
-        result = run_job(member_spec(spec, checkpoint, directory), force=force, progress=progress)
-        members[member_name(checkpoint)] = result
+    progress = progress or RunProgress()
+    jobs = [JobRun(member_spec(spec, f, directory), RunStaging.open(directory, member_name(f), force=force), progress)
+            for f in files]
+    for job in jobs:  # every checkpoint checked before any work
+        job.validate()
+    for job in jobs:
+        job.start_ray()
+        job.stage()
+    members = _explain_and_commit(jobs)
     # The replaced group's runs this one has not (an interrupted group's: every run there).
     for stale in directory.iterdir():
         if stale.is_dir() and not stale.name.startswith(".") and stale.name not in members \
@@ -123,8 +133,60 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
     influence = None
     if checked is not None:
         table, influence = run_influence(spec, checked.influence, [member_spec(spec, f, directory).model for f in files],
-                                         checked.dataset, progress or RunProgress())
+                                         checked.dataset, progress)
         write_parquet(influence_path(directory), table)
     write_group(directory, RunGroupRecord(run_name=spec.output.run_name, influence=influence, members=[
         GroupMember(name=name, checkpoint=str(checkpoint)) for name, checkpoint in zip(members, files)]))
     return GroupResult(directory, members)
+
+
+def _explain_and_commit(jobs: list[JobRun]) -> dict[str, RunResult]:
+    """One explain pass for every member, then each member settled, projected, catalogued and
+    committed in turn; on a failure every member not yet committed is removed."""
+    committed: dict[str, RunResult] = {}
+    try:
+        try:
+            _explain_together(jobs)
+            for job in jobs:
+                parts, sampled = job.settle(job.parts)
+                projections, segments = job.part_pass(parts)
+                final, manifest = job.commit(job.catalog(job.manifest(parts, projections, segments, sampled)))
+                committed[job.spec.output.run_name] = RunResult(final, manifest, job.staging.location)
+        finally:
+            for job in jobs:
+                job.close()
+    except BaseException as error:
+        for job in jobs:
+            if job.spec.output.run_name not in committed:
+                job.staging.abort()
+        user_error = netloupe_cause(error)
+        if user_error is not None and user_error is not error:
+            raise user_error from None
+        raise
+    return committed
+
+
+def _explain_together(jobs: list[JobRun]) -> None:
+    """The members' explain pass, shared: each worker holds every checkpoint's model and
+    explains each batch under each in turn (:class:`netloupe.workers.explain.CheckpointsWorker`),
+    writing into each member's staged run; the reports go to their member's run. The dataset
+    is read once and the workers start once, not once per checkpoint."""
+    for position, job in enumerate(jobs):
+        job.begin_explain(report_progress=position == 0)
+    first = jobs[0]
+    try:
+        plan = first.explain_input([]).map_batches(
+            CheckpointsWorker, fn_constructor_kwargs={"members": [job.worker_arguments() for job in jobs]},
+            **worker_options(first.spec.execution))
+        for batch in plan.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = batch.to_pylist()
+            for position, job in enumerate(jobs):
+                reports = [BatchReport.model_validate({k: v for k, v in row.items() if k != "member"})
+                           for row in rows if row["member"] == position]
+                if reports:
+                    job.take(reports)
+    finally:
+        first.progress.explaining_done()
+    for job in jobs:
+        job.end_explain()
+        job.timings["explain_pass_shared_by"] = len(jobs)

@@ -291,6 +291,8 @@ def test_a_spec_over_checkpoints_makes_a_run_group_in_their_order(ray_local, tmp
     }
     group = run_checkpoints(parse_spec(data))
     assert list(group.members) == ["step_1", "step_2", "step_10"]
+    # One explain pass: each worker explained every batch under the three checkpoints in turn.
+    assert [m.manifest.timings["explain_pass_shared_by"] for m in group.members.values()] == [3, 3, 3]
     record = read_group(group.directory)
     assert [m.checkpoint for m in record.members] == [str(tmp_path / "ck" / f"step-{s}.safetensors") for s in (1, 2, 10)]
     for name, seed in (("step_1", 1), ("step_2", 2), ("step_10", 3)):

@@ -686,6 +686,22 @@ class ExplainWorker:
         return size + write_part(root / S.INSTANCES, key, instances, filesystem, root)
 
 
+class CheckpointsWorker:
+    """The Ray Data actor of a run group (``model.checkpoints``): one :class:`ExplainWorker`
+    per checkpoint, each with its own model loaded once, explaining every batch in turn, each
+    into its own member's staged run. Returns each member's report of the batch, tagged with
+    the member's position (``member``)."""
+
+    def __init__(self, members: list[dict]):
+        """``members``: each checkpoint's :class:`ExplainWorker` arguments, in the group's order."""
+        self.workers = [ExplainWorker(**member) for member in members]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reports = [worker(batch) for worker in self.workers]
+        return pa.concat_tables([report.append_column("member", pa.array([position] * report.num_rows, pa.int32()))
+                                 for position, report in enumerate(reports)])
+
+
 def _source_vectors(explained: ExplainedBatch, kind: str, name: str) -> pa.ChunkedArray:
     """The vectors a projection of ``(kind, name)`` is fitted on: a layer's activations, or a
     method's maps for the first target, in instances order."""
