@@ -211,7 +211,7 @@ def cmd_sql(args) -> int:
         if args.format == "csv":
             import pyarrow.csv as pacsv
 
-            pacsv.write_csv(table, out)
+            pacsv.write_csv(_csv_ready(table), out)
         else:
             for row in table.to_pylist():
                 out.write((json.dumps(row, default=str) + "\n").encode())
@@ -221,6 +221,18 @@ def cmd_sql(args) -> int:
         else:
             out.flush()
     return 0
+
+
+def _csv_ready(table):
+    """``table`` with each nested column (a list, a struct, a map: CSV has no cell for them)
+    as its JSON text."""
+    import pyarrow as pa
+
+    for position, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            texts = [None if v is None else json.dumps(v, default=str) for v in table.column(position).to_pylist()]
+            table = table.set_column(position, field.name, pa.array(texts, pa.string()))
+    return table
 
 
 def cmd_catalog(args) -> int:

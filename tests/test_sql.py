@@ -106,6 +106,12 @@ def test_cli_formats(run_dir, tmp_path, capsys):
     expected = np.bincount(logits.argmax(axis=1)).tolist()
     assert cli_main(["sql", str(run_dir), query, "--format", "csv", "--output", str(tmp_path / "o.csv")]) == 0
     assert pacsv.read_csv(tmp_path / "o.csv")["n"].to_pylist() == expected
+    # A list column (a CSV cell cannot hold one) is written as its JSON text.
+    listed = "SELECT list(instance_id ORDER BY instance_id)[1:2] AS first_two, {'n': 1} AS s FROM instances"
+    assert cli_main(["sql", str(run_dir), listed, "--format", "csv", "--output", str(tmp_path / "l.csv")]) == 0
+    row = pacsv.read_csv(tmp_path / "l.csv").to_pylist()[0]
+    first_two = sorted(pq.read_table(run_dir / "instances", columns=["instance_id"])["instance_id"].to_pylist())[:2]
+    assert json.loads(row["first_two"]) == first_two and json.loads(row["s"]) == {"n": 1}
     assert cli_main(["sql", str(run_dir), query, "--format", "json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["n"] for row in lines] == expected
