@@ -41,9 +41,12 @@ from netloupe.dashboards.session import (
     RunSession,
     SessionError,
     Subset,
+    ViewLink,
     blended_map,
     map_image,
+    read_view_link,
     segment_boundaries,
+    write_view_link,
 )
 from netloupe.storage.catalog import QueryError
 
@@ -60,6 +63,8 @@ MATRIX_VALUES = ("mean", "neuron", "size", "frac_active")
 """What each cell of the neuron matrix holds (colored by the first, the rest on hover)."""
 MAP_SIZE = 240
 """Pixels per side of every map in the instance view (and of its input), whatever its cells."""
+MAPS_PER_ROW = 5
+"""Maps (the input first) per row of the instance view: five of MAP_SIZE fit a 1600-pixel page."""
 TOKENS_SHOWN, MAX_TOKENS_SHOWN = 12, 50
 """Bars per subset in the tokens view: by default, and at most (a bounded number of marks)."""
 MAX_TOKEN_SUBSETS = 12
@@ -87,9 +92,9 @@ ACROSS_ROW_PIXELS = 1440
 MAX_MAPS_PER_ROW = 8
 """Images in a row of one method's maps across runs (the input, then a map per run); more runs
 wrap to the next row (a map stays 180 px or more)."""
-AGREEMENT_MIN_ALPHA, AGREEMENT_SPREAD_THRESHOLD = 160, 0.9
-"""The agreement scatter's raster (:class:`InstanceScatter`): a lone point is drawn opaque and
-spread up to 3 pixels, so that one disagreement among thousands of agreements shows."""
+AGREEMENT_MIN_ALPHA = 200
+"""The agreement scatter's opacity of a pixel of one point (:class:`InstanceScatter`): nearly
+opaque, so that one disagreement among thousands of agreements shows."""
 
 
 class Dashboard(param.Parameterized):
@@ -180,6 +185,46 @@ class Dashboard(param.Parameterized):
 
     def report(self, text: str) -> None:
         self.message = text
+
+    def restore(self, link: ViewLink) -> list[str]:
+        """Show the view a link names (subsets, layer, projection, algorithm, colour, instance;
+        the tab is the page's); each value this run does not have is left at its default, and a
+        note per such value says so."""
+        notes = list(link.notes)
+        for name, predicate in link.subsets:
+            try:
+                self.session.add_predicate_subset(name, predicate)
+            except SessionError:
+                notes.append(f"subset {name!r} (its name or its SQL predicate over instances is not valid)")
+        if link.subsets:
+            self.added_subset()
+        # In this order: a layer switches the projection, a projection its algorithms, and the
+        # colours include the subsets.
+        for key, name in (("layer", "layer"), ("projection", "projection"), ("algorithm", "algorithm"),
+                          ("color", "color_by")):
+            value, choices = link.values.get(key), self.param[name].objects
+            if value is None:
+                continue
+            if value in choices:
+                setattr(self, name, value)
+            else:
+                notes.append(f"{key} {value!r} (showing {getattr(self, name)})")
+        text = link.values.get("instance")
+        if text is not None:
+            try:
+                found = self.session.has_instance(self.session.typed_id(text))
+            except SessionError:  # not even of the run's id type
+                found = False
+            if found:
+                self.instance_id = text
+            else:
+                notes.append(f"instance {text!r}")
+        return notes
+
+    def link_values(self) -> dict[str, str | None]:
+        """What a link to this view holds (besides the tab and the subsets)."""
+        return {"layer": self.layer, "projection": self.projection, "algorithm": self.algorithm,
+                "color": self.color_by, "instance": self.instance_id or None}
 
 
 class InstancesView(pn.viewable.Viewer):
@@ -351,7 +396,10 @@ class MatrixView(pn.viewable.Viewer):
 
 
 class InstanceView(pn.viewable.Viewer):
-    """One instance: its input, label, prediction, probabilities, attribution maps, activations."""
+    """One instance: its input, label, prediction, probabilities, attribution maps, activations.
+
+    Opened before the analyst chose one, it shows the run's most confident mistake
+    (:meth:`RunSession.opening_instance`) and says so."""
 
     def __init__(self, dashboard: Dashboard, **params):
         super().__init__(**params)
@@ -360,33 +408,55 @@ class InstanceView(pn.viewable.Viewer):
         self.id_input.param.watch(lambda e: self.dashboard.show_instance(e.new.strip()), "value")
         self.over_input = pn.widgets.Checkbox(name="Maps over the input", value=True, width=180)
         self.shared_scale = pn.widgets.Checkbox(name="One colour scale for every map", value=False, width=240)
+        self.opening, self.opening_reason = None, ""
+        if not dashboard.instance_id:
+            try:
+                self.opening, self.opening_reason = dashboard.session.opening_instance()
+            except SessionError as error:
+                dashboard.report(str(error))
+        # The box shows the instance however it was chosen (a click, a link, the opening one).
+        dashboard.param.watch(lambda e: setattr(self.id_input, "value", e.new), "instance_id")
+        if self.opening is not None:
+            dashboard.show_instance(self.opening)
+        self.id_input.value = dashboard.instance_id
 
     def _detail(self, instance_id, over_input: bool = True, shared_scale: bool = False):
         if not instance_id:
             return pn.pane.Markdown("Click a point in the scatter, an exemplar, or type an id.")
         session = self.dashboard.session
         try:
-            detail = session.instance(_typed_id(instance_id, session))
+            detail = session.instance(session.typed_id(instance_id))
         except (SessionError, QueryError) as error:
             return pn.pane.Alert(str(error), alert_type="warning")
         row, names = detail.row, session.class_names
         label = "none" if row["label"] is None else names[row["label"]]
+        panels = []
+        if self.opening is not None and instance_id == str(self.opening):
+            panels.append(pn.pane.Markdown(
+                f"Showing {self.opening_reason}. Click a point in the scatter, an exemplar, or type an id for "
+                "another.", css_classes=["instance-note"]))
         facts = pn.pane.Markdown(
             f"### Instance {row['instance_id']}\n\nlabel **{label}**, prediction **{names[row['prediction']]}** "
             f"(confidence {row['confidence']:.3f}), {'correct' if row['correct'] else 'incorrect'}"
             + "".join(f"; {c} = {row[c]}" for c in session.metadata_columns),
             css_classes=["instance-facts"])
         probabilities = hv.Bars(pd.DataFrame({"class": names, "probability": row["probabilities"]}),
-                                "class", "probability").opts(height=220, width=360, title="probabilities",
-                                                             ylim=(0, 1))
-        panels = [facts]
+                                "class", "probability").opts(title="probabilities", ylim=(0, 1), frame_width=360,
+                                                             frame_height=160, xrotation=90 if len(names) > 12 else 0)
+        if session.reads_features:
+            panels.append(facts)  # its probabilities head the grid of its features' bars, below
+        else:
+            # The probabilities beside the facts, not in the maps' grid: a grid's column is as
+            # wide as its widest plot's frame and axis, and squeezed the maps below it.
+            panels.append(pn.Row(facts, pn.pane.HoloViews(probabilities.opts(toolbar=None), linked_axes=False)))
         inputs = detail.input
         images = []
         picture = None
         if isinstance(inputs, np.ndarray):
             picture = map_image(inputs)
             images.append(hv.Image(picture[::-1], bounds=(0, 0, picture.shape[1], picture.shape[0])).opts(
-                cmap="gray", title="input", width=MAP_SIZE, height=MAP_SIZE, xaxis=None, yaxis=None))
+                cmap="gray", title="input", frame_width=MAP_SIZE, frame_height=MAP_SIZE, xaxis=None, yaxis=None,
+                fontsize={"title": "10pt"}))
         elif isinstance(inputs, dict) and not session.reads_features:
             panels.append(pn.widgets.Tabulator(pd.DataFrame({"feature": list(inputs), "value": list(inputs.values())}),
                                                disabled=True, height=240, width=320, show_index=False))
@@ -397,31 +467,37 @@ class InstanceView(pn.viewable.Viewer):
         contributions = ([pn.pane.Bokeh(self._contributions(row["instance_id"], method)) for method in session.methods]
                          if session.reads_features else [])
         maps = {} if session.reads_features else {method: map_image(v) for method, v in detail.maps.items()}
-        shared = max((float(np.nanmax(np.abs(m))) for m in maps.values() if m.size), default=0.0) or 1.0
+        bounds = map_bounds(maps, shared_scale)
         for method, image in maps.items():
             if image.shape[0] == 1 and image.ndim == 2:  # a vector: one bar per feature
                 images.append(hv.Bars(pd.DataFrame({"feature": range(image.shape[1]), "attribution": image[0]}),
                                       "feature", "attribution").opts(title=method, width=360, height=240))
                 continue
-            bound = shared if shared_scale else float(np.nanmax(np.abs(image))) or 1.0
-            images.append(self._map(method, image, bound, picture if over_input else None,
-                                    detail.segments.get(method)))
+            images.append(self._map(method, image, bounds[method], picture if over_input else None,
+                                    detail.segments.get(method),
+                                    extent=None if picture is None else picture.shape))
         profile = [hv.Curve(pd.DataFrame({"neuron": np.arange(len(v)), "activation": v}), "neuron", "activation")
                    .opts(title=f"{layer} activations", width=360, height=200, shared_axes=False)
                    for layer, v in detail.activations.items()]
         if contributions:  # a tabular instance: its probabilities beside each method's bars
-            panels.append(pn.GridBox(pn.pane.HoloViews(probabilities), *contributions, ncols=BARS_PER_ROW,
-                                     css_classes=["feature-contributions"]))
-        else:
-            panels.append(pn.pane.HoloViews(hv.Layout([probabilities] + images).cols(4), css_classes=["heatmaps"]))
+            panels.append(pn.GridBox(pn.pane.HoloViews(probabilities.opts(frame_height=220)), *contributions,
+                                     ncols=BARS_PER_ROW, css_classes=["feature-contributions"]))
+        elif images:
+            if picture is not None and bounds:
+                scale = (f"one colour scale for every map, full colour at ±{max(bounds.values()):.3g}" if shared_scale
+                         else "each map on its own scale, full colour at the ± in its title")
+                panels.append(pn.pane.Markdown(f"Red: toward the explained class; blue: against; {scale}.",
+                                               css_classes=["map-scale"]))
+            # Each map a plot of its own (its own axes: a 7x7 Grad-CAM shares none with the
+            # 28x28 input, nor is drawn in its corner), every one at the same frame size.
+            panels.append(plot_rows(images, MAPS_PER_ROW, "heatmaps"))
         panels += fidelity_panels(detail.fidelity)
         if profile:
-            # Grids and HoloViews layouts do not mix in one column of a tab built on opening: one
-            # of them draws collapsed into its corner (Panel 1.9). A tabular instance's charts are
-            # a grid, so its profiles are too; every other instance's, a layout.
+            # Grids and rows of plots do not mix in one column of a tab built on opening: one of
+            # them draws collapsed into its corner (Panel 1.9). A tabular instance's charts are a
+            # grid, so its profiles are too; every other instance's, rows.
             panels.append(pn.GridBox(*[pn.pane.HoloViews(p) for p in profile], ncols=3, css_classes=["activation-profiles"])
-                          if contributions else
-                          pn.pane.HoloViews(hv.Layout(profile).cols(3), css_classes=["activation-profiles"]))
+                          if contributions else plot_rows(profile, 3, "activation-profiles"))
         return pn.Column(*panels)
 
     def _contributions(self, instance_id, method: str):
@@ -431,20 +507,24 @@ class InstanceView(pn.viewable.Viewer):
 
     @staticmethod
     def _map(method: str, values: np.ndarray, bound: float, picture: np.ndarray | None,
-             segments: np.ndarray | None = None, size: int = MAP_SIZE, title: str | None = None):
-        """One map at the size of every other, over the input image when given (Captum's
-        blended heat map: a patch map or a Grad-CAM covers the whole image), else on its own
-        cells with a colour bar; ``bound`` is the value drawn at full colour, either sign; a
-        method over the image's own superpixels draws their boundaries."""
-        title = title or f"{method} (full colour at ±{bound:.3g})"
+             segments: np.ndarray | None = None, size: int = MAP_SIZE, title: str | None = None,
+             extent: tuple[int, int] | None = None):
+        """One map in a square frame of ``size`` pixels, as every other: over the input image
+        when given (Captum's blended heat map: a patch map or a Grad-CAM resized over the whole
+        image), else its own cells spread over the input's ``extent`` (rows, columns; a 7x7
+        Grad-CAM covers the 28x28 image) with a colour bar. ``bound`` is the value drawn at full
+        colour, either sign (a symmetric scale); a method over the image's own superpixels draws
+        their boundaries."""
+        title = title or f"{method} ±{bound:.2g}"
+        square = dict(title=title, frame_width=size, frame_height=size, xaxis=None, yaxis=None,
+                      fontsize={"title": "10pt"})
         if picture is not None:
             blended = blended_map(picture, values, bound, segments)
-            return hv.RGB(blended[::-1], bounds=(0, 0, blended.shape[1], blended.shape[0])).opts(
-                title=title, width=size, height=size, xaxis=None, yaxis=None)
-        bounds = (0, 0, values.shape[1], values.shape[0])
-        heat = hv.Image(values[::-1], bounds=bounds).opts(
-            cmap="RdBu_r", clim=(-bound, bound), title=title, width=size, height=size, xaxis=None,
-            yaxis=None, colorbar=True, tools=["hover"])
+            return hv.RGB(blended[::-1], bounds=(0, 0, blended.shape[1], blended.shape[0])).opts(**square)
+        rows, columns = extent or values.shape
+        bounds = (0, 0, columns, rows)
+        heat = hv.Image(values[::-1], bounds=bounds).opts(cmap="RdBu_r", clim=(-bound, bound), colorbar=True,
+                                                          tools=["hover"], **square)
         if segments is None:
             return heat
         lines = np.where(segment_boundaries(segments), 1.0, np.nan)[::-1]
@@ -456,6 +536,16 @@ class InstanceView(pn.viewable.Viewer):
         choices = [] if self.dashboard.session.reads_features else [self.over_input, self.shared_scale]
         return pn.Column(pn.Row(self.id_input, *choices), pn.panel(detail),
                          sizing_mode="stretch_width")
+
+
+def map_bounds(maps: dict[str, np.ndarray], shared: bool) -> dict[str, float]:
+    """The value each map is drawn at full colour (either sign): its own largest |value|, or
+    with ``shared`` the largest of every map's (one symmetric scale for the instance)."""
+    own = {method: float(np.nanmax(np.abs(image))) if image.size else 0.0 for method, image in maps.items()}
+    if shared:
+        largest = max(own.values(), default=0.0) or 1.0
+        return {method: largest for method in own}
+    return {method: bound or 1.0 for method, bound in own.items()}
 
 
 def colored_text(text: str | None, tokens: dict, values: np.ndarray, method: str) -> str:
@@ -685,8 +775,18 @@ def fidelity_panels(checks: dict[str, dict]) -> list:
         if curves:
             overlays.append(hv.Overlay(curves).opts(title=method, width=320, height=220, legend_position="top_right"))
     if overlays:
-        panels.append(pn.pane.HoloViews(hv.Layout(overlays).cols(4), css_classes=["fidelity-curves"]))
+        panels.append(plot_rows(overlays, 4, "fidelity-curves"))
     return panels
+
+
+def plot_rows(plots: list, per_row: int, css_class: str) -> pn.Column:
+    """Plots in rows of ``per_row``, each a pane of its own, not one HoloViews layout: in a tab
+    built on opening, a layout below another plot draws blank, and a layout's grid makes each
+    column as wide as its widest plot (Panel 1.9). Axes unlinked: Panel links the axes of
+    panes that share a dimension's name (every image's x and y)."""
+    rows = [pn.Row(*[pn.pane.HoloViews(plot.opts(toolbar=None), linked_axes=False) for plot in plots[i:i + per_row]])
+            for i in range(0, len(plots), per_row)]
+    return pn.Column(*rows, css_classes=[css_class])
 
 
 class FidelityView(pn.viewable.Viewer):
@@ -1038,8 +1138,7 @@ class AcrossRunsView(pn.viewable.Viewer):
         title = f"{projection} of {placed_by}, coloured by {colour} ({a} vs {b})"
         # Every lone disagreement must show: opaque single points, spread on a sparse raster.
         scatter = InstanceScatter(coloured, colour, title, on_select=self._selected, on_tap=self._tapped,
-                                  colors=AGREEMENT_COLORS, min_alpha=AGREEMENT_MIN_ALPHA,
-                                  spread_threshold=AGREEMENT_SPREAD_THRESHOLD)
+                                  colors=AGREEMENT_COLORS, min_alpha=AGREEMENT_MIN_ALPHA)
         return pn.pane.Bokeh(scatter.figure, sizing_mode="stretch_width", min_height=520)
 
     def _counts_text(self, a: str, b: str, colour: str) -> str:
@@ -1109,7 +1208,7 @@ class AcrossRunsView(pn.viewable.Viewer):
         # The input heads each method's row of maps.
         picture = None if across.input is None else hv.Image(
             across.input[::-1], bounds=(0, 0, across.input.shape[1], across.input.shape[0])).opts(
-            cmap="gray", title="input", width=size, height=size, xaxis=None, yaxis=None)
+            cmap="gray", title="input", frame_width=size, frame_height=size, xaxis=None, yaxis=None)
         panels = [header, table]
         if not across.maps:
             panels.append(pn.pane.Markdown("These runs stored no maps to draw side by side (summary storage, or "
@@ -1132,7 +1231,8 @@ class AcrossRunsView(pn.viewable.Viewer):
                                                                         ylim=(-run_bound, run_bound)))
                     continue
                 plots.append(InstanceView._map(method, image, run_bound, across.input if over_input else None,
-                                               across.records[run].segments.get(method), size=size, title=title))
+                                               across.records[run].segments.get(method), size=size, title=title,
+                                               extent=None if across.input is None else across.input.shape))
             panels.append(pn.pane.Markdown(f"**{method}**: {scale}"))
             # A row of panes, not one HoloViews layout: a layout below another plot of a tab built
             # on opening draws blank (Panel 1.9; the tab's scatter and lines are above it).
@@ -1249,20 +1349,11 @@ def later_tabs(session: RunSession, compared: dict | None = None, shown: str | N
     return dict(tabs)
 
 
-def _typed_id(text: str, session: RunSession):
-    """An id typed or clicked, as the run's id type."""
-    if session.manifest.dataset.id_type == "int64":
-        try:
-            return int(text)
-        except ValueError:
-            raise SessionError(f"instance ids of this run are integers, got {text!r}") from None
-    return text
-
-
 def build_dashboard(run_dir, compared: dict | None = None) -> pn.template.BaseTemplate:
     """The page for one browser session over the run at ``run_dir``; with ``compared`` (name →
-    directory of several runs of the same instances, ``run_dir`` one of them), comparing them too."""
-    session, views = dashboard_views(run_dir, compared)
+    directory of several runs of the same instances, ``run_dir`` one of them), comparing them too.
+    The view is read from the page's URL and kept in it (:func:`link_to_url`)."""
+    session, views = dashboard_views(run_dir, compared, location=pn.state.location)
     title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
     if compared:
         title = f"netloupe: {shown_name(run_dir, compared)} of {len(compared)} runs ({session.manifest.counts.instances:,} instances)"
@@ -1287,11 +1378,19 @@ def notebook_dashboard(run_dir) -> pn.Column:
     return views
 
 
-def dashboard_views(run_dir, compared: dict | None = None) -> tuple[RunSession, pn.Column]:
+def tab_key(name: str) -> str:
+    """A tab as a link names it: ``Instances and neurons`` → ``instances-and-neurons``."""
+    return name.lower().replace(" ", "-")
+
+
+def dashboard_views(run_dir, compared: dict | None = None, location=None) -> tuple[RunSession, pn.Column]:
     """The message line and the tabs, over one session of the run at ``run_dir`` (and of the
-    runs ``compared``, when given)."""
+    runs ``compared``, when given); with the page's ``location``, opened on the view its URL
+    names and kept in it."""
     session = RunSession(run_dir)
     dashboard = Dashboard(session)
+    link = read_view_link(location.search) if location is not None else ViewLink()
+    notes = dashboard.restore(link)
     message = pn.pane.Alert(pn.bind(lambda m: m or "Ready.", dashboard.param.message), alert_type="info",
                             css_classes=["message"])
     # ActiVis' two linked views side by side: what is selected in one shows in the other.
@@ -1314,7 +1413,32 @@ def dashboard_views(run_dir, compared: dict | None = None) -> tuple[RunSession, 
     tabs.param.watch(build_when_opened, "active")
     # A click on a point or an exemplar opens the instance.
     dashboard.param.watch(lambda _e: setattr(tabs, "active", 1), "instance_id")
+    if location is not None:
+        keys = [tab_key(name) for name in tabs._names]
+        wanted = link.values.get("tab")
+        if wanted in keys:
+            tabs.active = keys.index(wanted)
+        elif wanted is not None:
+            notes.append(f"tab {wanted!r} (one of {', '.join(keys)})")
+        link_to_url(dashboard, tabs, location)
+    if notes:
+        dashboard.report("Not in this run, so left out of the link's view: " + "; ".join(notes) + ".")
     return session, pn.Column(message, tabs, sizing_mode="stretch_width")
+
+
+def link_to_url(dashboard: Dashboard, tabs: pn.Tabs, location) -> None:
+    """Keep the view in the page's URL query (:func:`write_view_link`): the tab, layer,
+    projection, algorithm, colour, instance and predicate subsets, so that a link opens the
+    same view for a colleague. Written once the page has loaded (the browser's own URL is the
+    page's until then; a link's values this run lacks give way to the defaults shown) and on
+    every change."""
+    def write(*_events) -> None:
+        values = {"tab": tab_key(tabs._names[tabs.active]), **dashboard.link_values()}
+        location.search = write_view_link(values, list(dashboard.session.subsets.values()))
+
+    dashboard.param.watch(write, ["layer", "projection", "algorithm", "color_by", "instance_id", "subsets_version"])
+    tabs.param.watch(write, "active")
+    pn.state.onload(write)
 
 
 def _keep_panel_stylesheets_local() -> None:

@@ -41,6 +41,14 @@ TAP_RADIUS = 0.02
 RANGE_REPORT_MS = 60
 """Milliseconds after the last wheel or drag step at which the browser reports the new ranges
 (Bokeh's level-of-detail timeout, 500 ms by default, delays every redraw by that much)."""
+MIN_ALPHA = 150
+"""Opacity (of 255) of a categorical pixel holding a single point: Datashader's default (40)
+leaves a sparse run's points, most of them alone in their pixel, almost invisible."""
+LONE_RADIUS = 2
+"""Pixels by which a lone point is drawn bigger (a disc of radius 2: about 5 pixels across,
+where a point alone in its pixel is one of the raster's 640 across)."""
+LONE_CROWD = 2
+"""Most other occupied pixels within :data:`LONE_RADIUS` of a pixel for it to count as lone."""
 
 
 def padded_bounds(points: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -55,23 +63,60 @@ def padded_bounds(points: pd.DataFrame) -> tuple[tuple[float, float], tuple[floa
     return extents[0], extents[1]
 
 
+def spread_lone_points(image: np.ndarray, radius: int, crowd: int) -> np.ndarray:
+    """A shaded raster (``uint32`` RGBA, alpha 0 where empty) with its lone points drawn as
+    discs, into empty pixels only.
+
+    A point's disc is as wide as its neighbourhood is empty: radius 1 when no other pixel within
+    1 is occupied, and up to ``radius`` while at most ``crowd`` other occupied pixels lie within
+    it; a pixel with an occupied neighbour is not spread. Unlike Datashader's ``dynspread``, which spreads every pixel by one
+    amount chosen from the image's overall density (all or nothing: a dense core keeps its
+    outliers one pixel wide, a sparse image's clusters smear), this grows only what would
+    otherwise be too small to see: an occupied pixel keeps its exact value, and a crowded
+    region keeps its exact shape. Where two discs meet, the nearer point's colour wins.
+    """
+    from scipy.ndimage import convolve
+
+    occupied = (image >> 24) != 0  # alpha, the top byte (Datashader's empty pixels keep a colour)
+    reach = np.zeros(image.shape, np.int8)  # each pixel's disc radius
+    for r in range(1, radius + 1):
+        window = np.ones((2 * r + 1, 2 * r + 1), np.int32)
+        around = convolve(occupied.astype(np.int32), window, mode="constant") - occupied
+        reach[occupied & (around <= (0 if r == 1 else crowd)) & (reach == r - 1)] = r
+    if not reach.any():
+        return image
+    out = image.copy()
+    height, width = image.shape
+    offsets = sorted(((dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+                      if 0 < dy * dy + dx * dx <= radius * radius + radius), key=lambda o: o[0] ** 2 + o[1] ** 2)
+    for dy, dx in offsets:
+        # A disc of radius r covers the offsets with dy² + dx² <= r² + r (a round 3x3 at r = 1).
+        reaching = np.where(reach.astype(np.int32) ** 2 + reach >= dy * dy + dx * dx, image, 0).astype(image.dtype)
+        # shifted[y, x] = reaching[y - dy, x - dx], nothing beyond the edge
+        shifted = np.zeros_like(image)
+        shifted[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+            reaching[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+        fill = ((out >> 24) == 0) & ((shifted >> 24) != 0)
+        out[fill] = shifted[fill]
+    return out
+
+
 class InstanceScatter:
     """A projection's points colored by one column, with selection and tap callbacks.
 
     ``on_select(ids, tool)`` gets the ids inside a finished box or lasso; ``on_tap(id)`` the
     instance nearest a click (within :data:`TAP_RADIUS` of the visible width). ``colors``
     names the colour of some categories (the others take :data:`CATEGORY_COLORS` by position).
-    ``min_alpha`` (of 255) is the opacity of a categorical pixel of one point, and
-    ``spread_threshold`` Datashader's ``dynspread`` threshold: Datashader's defaults (40, and
-    0.5, which rarely spreads) draw a sparse run's lone points almost invisible; a view where
-    each lone point matters (a disagreement) asks for more of both.
+    ``min_alpha`` (of 255) is the opacity of a categorical pixel of one point (a view where each
+    lone point matters, a disagreement, asks for more). Points alone in their neighbourhood are
+    drawn as discs (:func:`spread_lone_points`); dense regions stay pixel-exact.
     """
 
     def __init__(self, points: pd.DataFrame, color_by: str, title: str,
                  on_select: Callable[[np.ndarray, str], None], on_tap: Callable[[object], None],
-                 colors: dict[str, str] | None = None, min_alpha: int = 40, spread_threshold: float = 0.5):
+                 colors: dict[str, str] | None = None, min_alpha: int = MIN_ALPHA):
         self.points, self.color_by = points, color_by
-        self.min_alpha, self.spread_threshold = min_alpha, spread_threshold
+        self.min_alpha = min_alpha
         self.on_select, self.on_tap = on_select, on_tap
         self.categorical = isinstance(points[color_by].dtype, pd.CategoricalDtype)
         if self.categorical:
@@ -102,10 +147,10 @@ class InstanceScatter:
         else:
             means = canvas.points(self.points, "x", "y", ds.mean(self.color_by))
             image = tf.shade(means, cmap=Viridis256, how="linear", span=self.span)
-        # Sparse regions (few points, or far zoomed in) get bigger points; dense ones stay exact.
-        image = tf.dynspread(image, threshold=self.spread_threshold, max_px=3)
+        # Lone points (a sparse run, or far zoomed in) become discs; dense regions stay exact.
+        pixels = spread_lone_points(np.asarray(image.data), LONE_RADIUS, LONE_CROWD)
         # Datashader's first row is the lowest y, as Bokeh draws images: no flip.
-        return {"image": [np.ascontiguousarray(image.data)], "x": [x_range[0]], "y": [y_range[0]],
+        return {"image": [np.ascontiguousarray(pixels)], "x": [x_range[0]], "y": [y_range[0]],
                 "dw": [x_range[1] - x_range[0]], "dh": [y_range[1] - y_range[0]]}
 
     def _hoverable(self, x_range, y_range) -> dict:

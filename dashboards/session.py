@@ -13,7 +13,8 @@ kept under a name for the session and usable in every view.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -45,6 +46,11 @@ DEPENDENCE_POINTS = 20_000
 """Most instances a feature's dependence plot reads (a fixed sample beyond): a scatter's shape
 shows at that size, and a million would cost the browser for nothing."""
 SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
+LINK_KEYS = ("tab", "layer", "projection", "algorithm", "color", "instance")
+"""What a link to the dashboard holds (its URL query's keys) besides its subsets, in order."""
+LINK_SUBSET, LINK_SUBSET_SEPARATOR = "subset", "~"
+"""A kept predicate subset in a link: ``subset=NAME~PREDICATE``, one per subset (``~`` is
+never in a name, :data:`SUBSET_NAME`; the predicate after the first is kept whole)."""
 
 
 def run_key(run_dir) -> tuple[str, int]:
@@ -66,6 +72,44 @@ class Subset:
     predicate: str | None = None
     ids: tuple | np.ndarray | None = None
     size: int = 0
+
+
+@dataclass
+class ViewLink:
+    """The view a dashboard URL's query names: ``values`` by :data:`LINK_KEYS` (as text, not
+    yet checked against any run), the predicate ``subsets`` as (name, predicate), and a note
+    per part of the query that could not be read."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    subsets: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_view_link(search: str) -> ViewLink:
+    """The view named by a URL's query (``?tab=instance&layer=relu3&subset=thin~stroke = 'thin'``);
+    unknown keys and malformed subsets are noted and left out, the last of a repeated key wins."""
+    link = ViewLink()
+    for key, value in urllib.parse.parse_qsl(search.lstrip("?"), keep_blank_values=True):
+        if key == LINK_SUBSET:
+            name, separator, predicate = value.partition(LINK_SUBSET_SEPARATOR)
+            if separator and name.strip() and predicate.strip():
+                link.subsets.append((name.strip(), predicate.strip()))
+            else:
+                link.notes.append(f"subset {value!r} (not NAME{LINK_SUBSET_SEPARATOR}PREDICATE)")
+        elif key in LINK_KEYS:
+            if value.strip():
+                link.values[key] = value.strip()
+        else:
+            link.notes.append(f"{key!r} (not part of a view)")
+    return link
+
+
+def write_view_link(values: dict[str, str | None], subsets: list[Subset]) -> str:
+    """The URL query of a view: ``values`` by :data:`LINK_KEYS` (empty ones left out), then
+    every subset kept by a predicate (a selection's ids would not fit in a URL)."""
+    pairs = [(key, values[key]) for key in LINK_KEYS if values.get(key)]
+    pairs += [(LINK_SUBSET, f"{s.name}{LINK_SUBSET_SEPARATOR}{s.predicate}") for s in subsets if s.predicate is not None]
+    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
 class RunSession:
@@ -163,7 +207,9 @@ class RunSession:
             frame["outcome"] = pd.Categorical(
                 np.where(frame["correct"].isna(), "unlabeled", np.where(correct, "correct", "incorrect")))
             for column in self.metadata_columns:
-                if frame[column].dtype == object:
+                # Texts (object, or pandas' own string dtype) are categories: coloured one colour
+                # per value, not on a scale of numbers.
+                if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
                     frame[column] = frame[column].astype("category")
             _POINTS[key] = frame
         return _POINTS[key]
@@ -342,6 +388,41 @@ class RunSession:
         return run_query(self.con, "SELECT * FROM fidelity_summary ORDER BY method").to_pandas()
 
     # -- instance detail ---------------------------------------------------------------------
+
+    def typed_id(self, text: str):
+        """An id typed, clicked or read from a link, as the run's id type."""
+        if self.manifest.dataset.id_type == "int64":
+            try:
+                return int(text)
+            except ValueError:
+                raise SessionError(f"instance ids of this run are integers, got {text!r}") from None
+        return text
+
+    def has_instance(self, instance_id) -> bool:
+        rows = run_query(self.con, "SELECT count(*) AS n FROM instances WHERE instance_id = ?", [instance_id])
+        return rows["n"][0].as_py() > 0
+
+    def opening_instance(self) -> tuple[object, str]:
+        """The instance the Instance tab opens on, and why: the most confident mistake (the
+        model's surest wrong answer is the one most worth explaining); with none (every
+        prediction right, or no labels), the least confident prediction."""
+        names = self.class_names
+        found = run_query(self.con, """
+            SELECT instance_id, label, prediction, confidence FROM instances WHERE NOT correct
+            ORDER BY confidence DESC, instance_id LIMIT 1""").to_pylist()
+        if found:
+            row = found[0]
+            return row["instance_id"], (f"the most confident mistake: labelled {_class_name(row['label'], names)}, "
+                                        f"predicted {_class_name(row['prediction'], names)} at "
+                                        f"{row['confidence']:.3f}")
+        found = run_query(self.con, """
+            SELECT instance_id, prediction, confidence FROM instances
+            ORDER BY confidence ASC NULLS LAST, instance_id LIMIT 1""").to_pylist()
+        if not found:
+            raise SessionError("this run has no instances")
+        row = found[0]
+        return row["instance_id"], (f"no prediction is a known mistake; the least confident one: "
+                                    f"{_class_name(row['prediction'], names)} at {row['confidence']:.3f}")
 
     def instance(self, instance_id) -> InstanceRecord:
         """Everything about one instance (:func:`netloupe.storage.instance.read_instance`)."""
@@ -636,6 +717,13 @@ def slice_order(label) -> tuple:
         return (1, float(text), text)
     except ValueError:
         return (1, np.inf, text)
+
+
+def _class_name(code, names: list[str]) -> str:
+    """A class index as its name (the index itself beyond the names, "none" when missing)."""
+    if code is None:
+        return "none"
+    return names[int(code)] if 0 <= int(code) < len(names) else str(code)
 
 
 def _names(codes: pd.Series, names: list[str]) -> pd.Categorical:

@@ -16,9 +16,12 @@ from netloupe.dashboards.session import (
     TOWARD,
     RunSession,
     SessionError,
+    Subset,
     blended_map,
     map_image,
+    read_view_link,
     resize_bilinear,
+    write_view_link,
 )
 from netloupe.storage.catalog import QueryError
 from tests.dashboard_run import ROWS, dashboard_images, make_dashboard_run
@@ -159,21 +162,106 @@ def test_the_instance_view_draws_every_map_at_one_size_over_its_input(session, t
 
     def plots(over: bool, shared: bool) -> list:
         panel = view._detail(instance_id, over, shared)
-        layout = next(p.object for p in panel.objects if "heatmaps" in (p.css_classes or []))
-        return [e for e in layout if isinstance(e, (hv.RGB, hv.Image))]
+        rows = next(p for p in panel.objects if "heatmaps" in (p.css_classes or []))
+        return [pane.object for row in rows for pane in row]
+
+    def frame(element) -> tuple:
+        options = hv.Store.lookup_options("bokeh", element, "plot").kwargs
+        return options["frame_width"], options["frame_height"]
 
     over = plots(True, False)
     assert [type(e).__name__ for e in over] == ["Image", "RGB", "RGB"]  # the input, then each map over it
-    assert {(hv.Store.lookup_options("bokeh", e, "plot").kwargs["width"],
-             hv.Store.lookup_options("bokeh", e, "plot").kwargs["height"]) for e in over} == {(MAP_SIZE, MAP_SIZE)}
+    assert {frame(e) for e in over} == {(MAP_SIZE, MAP_SIZE)}  # one size, whatever the titles and bars
     detail = session.instance(int(truth["ids"][7]))
     bounds = {m: float(np.abs(v).max()) for m, v in detail.maps.items()}
     titles = [e.opts.get().kwargs["title"] for e in over[1:]]
-    assert titles == [f"{m} (full colour at ±{bounds[m]:.3g})" for m in detail.maps]
+    assert titles == [f"{m} ±{bounds[m]:.2g}" for m in detail.maps]
     shared = [e.opts.get().kwargs["title"] for e in plots(True, True)[1:]]
-    assert all(t.endswith(f"±{max(bounds.values()):.3g})") for t in shared)
+    assert all(t.endswith(f"±{max(bounds.values()):.2g}") for t in shared)
     alone = plots(False, False)
     assert [type(e).__name__ for e in alone] == ["Image", "Image", "Image"]
+    assert {frame(e) for e in alone} == {(MAP_SIZE, MAP_SIZE)}
+    # Each map on a symmetric scale: its own largest |value| at full colour, either sign.
+    assert [e.opts.get().kwargs["clim"] for e in alone[1:]] == [(-bounds[m], bounds[m]) for m in detail.maps]
+
+
+def test_a_coarse_map_without_its_input_covers_the_input_s_extent():
+    """A 7x7 Grad-CAM beside a 28x28 input: drawn over the same 28x28 extent (filling its
+    frame), not on its own 7x7 cells in a corner of shared axes."""
+    from netloupe.dashboards.app import InstanceView
+
+    coarse = np.arange(49, dtype=np.float32).reshape(7, 7)
+    element = InstanceView._map("grad_cam", coarse, 48.0, None, extent=(28, 28))
+    assert element.bounds.lbrt() == (0, 0, 28, 28)
+    over = InstanceView._map("grad_cam", coarse, 48.0, np.zeros((28, 28), np.float32))
+    assert over.data.shape[:2] == (28, 28)  # resized over the whole image
+
+
+def test_the_instance_tab_opens_on_the_most_confident_mistake(session, truth):
+    from netloupe.dashboards.app import Dashboard, InstanceView
+
+    rows = session.sql("SELECT instance_id, confidence, correct FROM instances").to_pandas()
+    wrong = rows[~rows["correct"]]
+    expected = wrong.sort_values(["confidence", "instance_id"], ascending=[False, True])["instance_id"].iloc[0]
+    instance_id, reason = session.opening_instance()
+    assert instance_id == expected
+    assert truth["group"][list(truth["ids"]).index(instance_id)] == "b"  # group b: every answer wrong
+    assert reason.startswith("the most confident mistake: labelled ")
+    dashboard = Dashboard(session)
+    view = InstanceView(dashboard)
+    assert dashboard.instance_id == str(expected) and view.id_input.value == str(expected)
+
+    def notes() -> list[str]:
+        return [p.object for p in view._detail(dashboard.instance_id).objects if "instance-note" in p.css_classes]
+
+    [note] = notes()
+    assert note.startswith("Showing the most confident mistake") and f"{wrong['confidence'].max():.3f}" in note
+    dashboard.show_instance(int(truth["ids"][3]))  # chosen: the box follows, the note goes
+    assert view.id_input.value == str(int(truth["ids"][3])) and notes() == []
+
+
+def test_a_view_link_is_written_and_read_back():
+    subsets = [Subset("thin wrong", predicate="stroke = 'thin' AND NOT correct"),
+               Subset("picked", ids=(1, 2, 3), size=3),  # a selection's ids stay out of the link
+               Subset("a~b?", predicate="x = '&~#'")]
+    query = write_view_link({"tab": "instance", "layer": "relu3", "projection": "activations/relu3",
+                             "algorithm": "pca", "color": "subset: thin wrong", "instance": "42"}, subsets)
+    assert query.startswith("?tab=instance&layer=relu3&projection=activations%2Frelu3&")
+    link = read_view_link(query)
+    assert link.values == {"tab": "instance", "layer": "relu3", "projection": "activations/relu3",
+                           "algorithm": "pca", "color": "subset: thin wrong", "instance": "42"}
+    # The name ends at the first ~ (never in a name), the predicate is kept whole.
+    assert link.subsets == [("thin wrong", "stroke = 'thin' AND NOT correct"), ("a", "b?~x = '&~#'")]
+    assert link.notes == []
+    assert write_view_link({"instance": None}, []) == ""
+    odd = read_view_link("?layer=&who=me&subset=nothing")
+    assert odd.values == {} and odd.subsets == []
+    assert odd.notes == ["'who' (not part of a view)", "subset 'nothing' (not NAME~PREDICATE)"]
+
+
+def test_a_link_s_view_is_restored_and_what_the_run_lacks_is_noted(session, truth):
+    from netloupe.dashboards.app import Dashboard
+
+    dashboard = Dashboard(session)
+    wanted = {"layer": "conv", "projection": "activations/relu", "color": "subset: wrong",
+              "instance": str(int(truth["ids"][5]))}
+    link = read_view_link(write_view_link(wanted, [Subset("wrong", predicate="NOT correct")]))
+    try:
+        assert dashboard.restore(link) == []
+        assert dashboard.link_values() == {**wanted, "algorithm": "pca"}
+        assert session.subset("wrong").size == int((truth["group"] == "b").sum())
+    finally:
+        session.remove_subset("wrong")
+    fresh = Dashboard(session)
+    defaults = fresh.link_values()
+    bad = read_view_link("?layer=nope&color=zzz&instance=99999&projection=activations/nope&subset=bad~no_such = 1")
+    notes = fresh.restore(bad)
+    assert notes == ["subset 'bad' (its name or its SQL predicate over instances is not valid)",
+                     f"layer 'nope' (showing {defaults['layer']})",
+                     f"projection 'activations/nope' (showing {defaults['projection']})",
+                     "color 'zzz' (showing label_name)", "instance '99999'"]
+    assert fresh.link_values() == defaults and "bad" not in session.subsets
+    assert fresh.restore(read_view_link("?instance=not-a-number")) == ["instance 'not-a-number'"]
 
 
 def test_fidelity_of_an_instance_and_of_the_run(session, truth):
@@ -339,7 +427,7 @@ def test_the_scatter_raster_puts_each_point_in_its_pixel_with_its_class_color():
     for x, y, color in [(0, 0, a_color), (0, 10, a_color), (10, 5, b_color)]:
         found = near(x, y)
         assert len(found) > 0 and (found == color).all(axis=1).any(), (x, y)
-    assert drawn.sum() < 3 * 7 * 7  # three (spread) points, nothing else
+    assert drawn.sum() <= 3 * 21  # three points, each a disc of 21 pixels (radius 2), nothing else
     # Zoomed on the right-hand point only: the a points leave the picture.
     zoomed = scatter.render((9.0, 11.0), (4.0, 6.0))["image"][0].view(np.uint8).reshape(*image.shape, 4)
     colors = {tuple(c) for c in zoomed[zoomed[..., 3] > 0][:, :3]}
@@ -405,3 +493,36 @@ def test_choosing_a_layer_switches_the_projection(session):
     for layer in session.layers:
         dashboard.layer = layer
         assert dashboard.projection == f"activations/{layer}"
+
+
+def test_lone_points_are_drawn_as_discs_and_a_crowd_stays_exact():
+    from netloupe.dashboards.scatter import LONE_CROWD, LONE_RADIUS, spread_lone_points
+
+    opaque = np.uint32(0xFF0000FF)  # alpha in the top byte
+    empty = np.uint32(0x00FFFFFF)  # Datashader's empty pixels keep a colour, with alpha 0
+    image = np.full((40, 40), empty, np.uint32)
+    image[10:20, 10:20] = np.uint32(0x80000000) | np.arange(100, dtype=np.uint32).reshape(10, 10)  # a crowd
+    image[30, 30] = opaque  # alone
+    image[30, 5], image[31, 5] = opaque, opaque  # a pair: neighbours, not lone
+    spread = spread_lone_points(image, LONE_RADIUS, LONE_CROWD)
+    occupied = (image >> 24) != 0
+    np.testing.assert_array_equal(spread[occupied], image[occupied])  # every drawn pixel exact
+    grown = ((spread >> 24) != 0) & ~occupied
+    rows, columns = np.nonzero(grown)
+    # Only the lone point grew: a disc of radius 2 (21 pixels with it) around it, in its colour.
+    assert set(zip(rows.tolist(), columns.tolist())) == {
+        (30 + dy, 30 + dx) for dy in range(-2, 3) for dx in range(-2, 3) if 0 < dy * dy + dx * dx <= 6}
+    assert (spread[grown] == opaque).all()
+    # A crowd's edge stays where it was: nothing is added around it.
+    assert not grown[8:22, 8:22].any() and not grown[28:34, 3:8].any()
+
+
+def test_the_scatter_colours_a_text_column_one_colour_per_value(session):
+    """A metadata column of texts (pandas' string dtype, as DuckDB hands it over) is a category,
+    whatever pandas calls texts: one colour per value, not a scale of numbers."""
+    from netloupe.dashboards.scatter import InstanceScatter
+
+    points = session.points("activations", session.layers[-1])
+    assert isinstance(points["noise"].dtype, pd.CategoricalDtype)
+    scatter = InstanceScatter(points, "noise", "t", on_select=lambda *a: None, on_tap=lambda *a: None)
+    assert set(scatter.colors) == {"high", "low"}
