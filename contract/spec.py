@@ -486,7 +486,8 @@ class InfluenceSpec(StrictModel):
     """Whose loss an instance's gradient is of: the class the model predicts (which training
     examples made the model call it that), or its label."""
     batch_size: int = Field(default=2048, gt=0)
-    """Training rows scored against every instance at a time (memory: instances x this x 8 bytes)."""
+    """Training rows whose factors a task computes at a time (it scores them against the instances
+    in blocks of at most 64 MiB)."""
 
     def rate_of(self, checkpoints: int) -> list[float]:
         """The learning rate of each of ``checkpoints`` checkpoints."""

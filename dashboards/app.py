@@ -1025,6 +1025,7 @@ class AcrossRunsView(pn.viewable.Viewer):
         super().__init__(**params)
         self.dashboard = dashboard
         self.comparison = ComparisonSession(compared)
+        close_with_session(self.comparison.close)
         self.shown = shown
         names = self.comparison.names
         self.run_a = pn.widgets.Select(name="Run A", options=names, value=names[0], width=170)
@@ -1354,10 +1355,19 @@ def build_dashboard(run_dir, compared: dict | None = None) -> pn.template.BaseTe
     directory of several runs of the same instances, ``run_dir`` one of them), comparing them too.
     The view is read from the page's URL and kept in it (:func:`link_to_url`)."""
     session, views = dashboard_views(run_dir, compared, location=pn.state.location)
+    close_with_session(session.con.close)
     title = f"netloupe: {session.manifest.run_name} ({session.manifest.counts.instances:,} instances)"
     if compared:
         title = f"netloupe: {shown_name(run_dir, compared)} of {len(compared)} runs ({session.manifest.counts.instances:,} instances)"
     return pn.template.BootstrapTemplate(title=title, main=list(views))
+
+
+def close_with_session(close) -> None:
+    """Call ``close`` when Panel destroys the browser session (its DuckDB connections would
+    otherwise outlive every page a user opened); nothing outside a served session."""
+    document = pn.state.curdoc
+    if document is not None and document.session_context is not None:
+        pn.state.on_session_destroyed(lambda _context: close())
 
 
 def shown_name(run_dir, compared: dict) -> str:

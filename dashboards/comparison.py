@@ -270,8 +270,11 @@ class ComparisonSession:
                                   label=None if label is None else self.class_name(label))
 
     def class_name(self, index) -> str:
+        """A class index by its name ("?" when unknown: a training example gone from its set)."""
         names = self.class_names
-        return names[int(index)] if index is not None and 0 <= int(index) < len(names) else str(index)
+        if index is None or pd.isna(index):
+            return "?"
+        return names[int(index)] if 0 <= int(index) < len(names) else str(index)
 
     # -- influential training examples --------------------------------------------------------
 

@@ -487,7 +487,8 @@ def _influence_figures(session: RunSession, instance_id) -> str:
     inputs = info.training_input_columns
     figures = []
     for row in shown.itertuples():
-        label = session.class_names[row.train_label] if getattr(row, "train_label", None) is not None else "?"
+        known = getattr(row, "train_label", None)  # none: the training example is gone from its set
+        label = session.class_names[int(known)] if known is not None and pd.notna(known) else "?"
         caption = f"{row.sign} #{row.rank}: {label} ({row.score:.3g})"
         values = getattr(row, inputs[0], None) if len(inputs) == 1 and inputs[0] in frame else None
         if values is None:

@@ -74,7 +74,7 @@ from netloupe.storage.manifest import (
     Tables,
     WorkerInfo,
 )
-from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT, statistics_of
+from netloupe.storage.part_statistics import GRAM_NEURON_LIMIT, WIDE_NEURON_LIMIT, statistics_of
 from netloupe.storage.statistics_merge import StatisticsMerge
 from netloupe.storage.wide_segments import WideSegment
 from netloupe.workers.explain import BatchExplainer, ExplainWorker
@@ -120,8 +120,9 @@ class RunResult:
     """Where the run was committed: its directory, or its URI in an object store."""
 
 
-def validate(spec: JobSpec) -> Validated:
-    """Check the spec against the data and the model on a few rows, on the driver."""
+def validate(spec: JobSpec, checkpoints: int = 1) -> Validated:
+    """Check the spec against the data and the model on a few rows, on the driver
+    (``checkpoints``: how many a run group's influence sums over)."""
     if spec.model.checkpoints is not None:
         raise SpecError("a spec with model.checkpoints is a run group, one run per checkpoint: run it with "
                         "`netloupe run` (pipeline/run_group.py); to check one checkpoint, "
@@ -143,7 +144,7 @@ def validate(spec: JobSpec) -> Validated:
             f"{facts.num_classes} classes; give one name per output"
         )
     bytes_per_row = max(1, head.nbytes // max(1, head.num_rows))
-    influence = plan_influence(spec, model, dataset, head)
+    influence = plan_influence(spec, model, dataset, head, checkpoints)
     return Validated(dataset, facts, class_names, bytes_per_row, model_graph(model), fingerprint, weights_unset,
                      influence, time.perf_counter() - started)
 
@@ -166,7 +167,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: RunProgress | None = N
         try:
             parts, sampled = job.settle(job.explain())
             projections, segments = job.part_pass(parts)
-            influence = job.influence()
+            influence = job.influence(parts)
             manifest = job.catalog(job.manifest(parts, projections, segments, sampled, influence))
             final, manifest = job.commit(manifest)
         finally:
@@ -494,12 +495,14 @@ class JobRun:
 
     # -- influence ------------------------------------------------------------------------
 
-    def influence(self) -> InfluenceInfo | None:
-        """The ``influence`` table of the run's model (one checkpoint), when the spec asks."""
+    def influence(self, parts: list[BatchReport]) -> InfluenceInfo | None:
+        """The ``influence`` table of the run's model (one checkpoint), when the spec asks,
+        over the instances of the settled ``parts``."""
         plan = self.checked.influence
         if plan is None:
             return None
-        table, info = run_influence(self.spec, plan, [self.spec.model], self.checked.dataset, self.progress)
+        explained = sum(part.id_digest for part in parts) % S.DIGEST_MODULUS
+        table, info = run_influence(self.spec, plan, [self.spec.model], self.checked.dataset, self.progress, explained)
         write_parquet(self.layout.influence_path, table)
         self.timings["influence_seconds"] = info.seconds
         return info
@@ -629,7 +632,8 @@ def _tables_of_every_batch(layout: RunLayout, facts: ModelFacts, spec: JobSpec) 
     return ([layout.instances_dir] + ([layout.tokens_dir] if facts.input_kind == "tokens" else [])
             + [layout.activations_dir(layer) for layer in facts.layer_neurons]
             + [layout.attributions_dir(method) for method in facts.attribution_shapes]
-            + [layout.index_layer_dir(layer) for layer in wide] + [layout.index_gram_dir(layer) for layer in wide]
+            + [layout.index_layer_dir(layer) for layer in wide]
+            + [layout.index_gram_dir(layer) for layer in wide if facts.layer_neurons[layer] <= GRAM_NEURON_LIMIT]
             + [layout.statistics_dir(name)
                for name in statistics_of(facts.layer_neurons, facts.attribution_shapes, _token_values(facts, spec))]
             + [layout.projection_sample_dir(kind, name) for kind, name in spec.projection_sources])

@@ -58,20 +58,30 @@ class InfluencePlan:
     """Rows ``settings.where`` chose."""
 
 
-def plan_influence(spec: JobSpec, model: nn.Module, dataset: ResolvedDataset, head: pa.Table) -> InfluencePlan | None:
-    """Check ``spec.influence`` against the model (on the explained set's ``head`` rows) and
-    the training set; None when the spec asks for no influence."""
+def plan_influence(spec: JobSpec, model: nn.Module, dataset: ResolvedDataset, head: pa.Table,
+                   checkpoints: int = 1) -> InfluencePlan | None:
+    """Check ``spec.influence`` against the model (on the explained set's ``head`` rows), the
+    training set and, of the loss at the label, the explained set's labels; ``checkpoints``:
+    how many the influence sums over (a run: one). None when the spec asks for no influence.
+    Everything the stage could fail on is checked here, before any instance is explained."""
     settings = spec.influence
     if settings is None:
         return None
+    settings.rate_of(checkpoints)
     if spec.model.output != "logits":
         raise SpecError(f"influence needs a model that outputs logits (TracIn's gradients are of the cross-entropy "
                         f"of its last linear layer's output); model.output is {spec.model.output!r}")
     final = _final_layer(model, settings.layer)
     decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
-    _check_final(model, final, settings.layer, torch.from_numpy(decoder(head)))
+    classes = _check_final(model, final, settings.layer, torch.from_numpy(decoder(head)))
+    memory = spec.execution.driver_sql_memory_mib
+    if settings.target == "label":
+        if dataset.label_column is None:
+            raise SpecError("influence.target 'label' takes each instance's loss at its label, but the dataset has "
+                            "no label_column; give one, or use target: predicted")
+        _labelled_rows(dataset, None, dataset.limit, classes, memory, "explained instances")
     training = _training_dataset(spec, dataset)
-    rows = _training_rows(training, settings.where, spec.execution.driver_sql_memory_mib)
+    rows = _labelled_rows(training, settings.where, None, classes, memory, "training rows")
     _check_training_inputs(model, final, training, settings.where)
     return InfluencePlan(settings, training, rows)
 
@@ -104,8 +114,9 @@ def _final_layer(model: nn.Module, path: str) -> nn.Linear:
     return layer
 
 
-def _check_final(model: nn.Module, final: nn.Module, path: str, x: torch.Tensor) -> None:
-    """``final``'s output must be the model's: its weights' gradient then factors."""
+def _check_final(model: nn.Module, final: nn.Module, path: str, x: torch.Tensor) -> int:
+    """``final``'s output must be the model's: its weights' gradient then factors. Returns
+    the classes it scores."""
     seen = {}
     handle = final.register_forward_hook(lambda _m, _i, output: seen.setdefault("output", output.detach()))
     try:
@@ -116,6 +127,7 @@ def _check_final(model: nn.Module, final: nn.Module, path: str, x: torch.Tensor)
     if "output" not in seen or seen["output"].shape != output.shape or not torch.equal(seen["output"], output):
         raise SpecError(f"influence.layer {path!r} is not the model's last layer: its output is not the model's "
                         "(TracIn's last-layer form needs the linear layer that computes the logits)")
+    return int(output.shape[1])
 
 
 def _training_dataset(spec: JobSpec, dataset: ResolvedDataset) -> ResolvedDataset:
@@ -141,30 +153,39 @@ def _training_dataset(spec: JobSpec, dataset: ResolvedDataset) -> ResolvedDatase
                    num_rows=pads.dataset(training.path, format="parquet").count_rows())
 
 
-def _training_rows(training: ResolvedDataset, where: str | None, memory_mib: int) -> int:
-    """Rows ``where`` chooses, every one labelled."""
-    files = pads.dataset(training.path, format="parquet").files
-    label = '"' + training.label_column.replace('"', '""') + '"'
-    query = f"SELECT count(*), count({label}) FROM read_parquet(?)" + (f" WHERE ({where})" if where else "")
+def _labelled_rows(dataset: ResolvedDataset, where: str | None, limit: int | None, classes: int, memory_mib: int,
+                   what: str) -> int:
+    """Rows ``where`` chooses (the first ``limit``), every one labelled with a class index of
+    the model's ``classes`` (a label of -1 would index the last class, silently)."""
+    files = pads.dataset(dataset.path, format="parquet").files
+    label = '"' + dataset.label_column.replace('"', '""') + '"'
+    chosen = f"SELECT {label} AS label FROM read_parquet(?)" + (f" WHERE ({where})" if where else "") + (
+        f" LIMIT {int(limit)}" if limit is not None else "")
     with tempfile.TemporaryDirectory(prefix="netloupe-influence-") as spill, \
             driver_connection(memory_mib, Path(spill)) as con:
         try:
-            rows, labelled = con.execute(query, [files]).fetchone()
+            rows, labelled, low, high = con.execute(
+                f"SELECT count(*), count(label), min(label), max(label) FROM ({chosen})", [files]).fetchone()
         except Exception as error:  # DuckDB's parser and binder errors have no common base
             raise SpecError(f"influence.where {where!r} does not work on the training set "
                             f"({str(error).splitlines()[0]}); write a DuckDB predicate over its columns") from None
     if rows == 0:
-        raise DatasetError(f"influence.where {where!r} chooses no training rows of {training.path}")
+        raise DatasetError(f"influence.where {where!r} chooses no training rows of {dataset.path}")
     if labelled != rows:
-        raise DatasetError(f"{rows - labelled:,} of the {rows:,} training rows have no label; choose labelled "
-                           "rows with influence.where")
+        raise DatasetError(f"{rows - labelled:,} of the {rows:,} {what} have no label; TracIn needs each one's "
+                           + ("(choose labelled rows with influence.where)" if where is not None or what.startswith("training")
+                              else "(or use influence.target: predicted)"))
+    if low < 0 or high >= classes:
+        raise DatasetError(f"the {what}' labels run from {low} to {high}, but the model scores {classes} classes "
+                           f"(0..{classes - 1}); labels must be class indices")
     return int(rows)
 
 
 def run_influence(spec: JobSpec, plan: InfluencePlan, checkpoints: list[ModelSpec], explained: ResolvedDataset,
-                  progress: RunProgress) -> tuple[pa.Table, InfluenceInfo]:
+                  progress: RunProgress, expected_ids: int | None = None) -> tuple[pa.Table, InfluenceInfo]:
     """The ``influence`` table of ``explained`` summed over ``checkpoints`` (one model spec
-    each), and how it was computed."""
+    each), and how it was computed; ``expected_ids``: the digest of the ids the run explained
+    (:func:`netloupe.storage.schema.id_digest`), which the instances read here must have."""
     import ray
 
     started = time.perf_counter()
@@ -180,9 +201,10 @@ def run_influence(spec: JobSpec, plan: InfluencePlan, checkpoints: list[ModelSpe
     factors = _gather(ray, [ray.remote(instance_factors_task).options(**options).remote(
         model, settings.layer, explained_rows, by_label, threads) for model in models])
     ids = factors[0].ids
-    if len(ids) != explained.num_rows or any(not f.ids.equals(ids) for f in factors[1:]):
-        raise RunError(f"the influence stage read {len(ids):,} explained instances, expected {explained.num_rows:,} "
-                       "in the same order for every checkpoint; nothing was committed")
+    if len(ids) != explained.num_rows or any(not f.ids.equals(ids) for f in factors[1:]) or (
+            expected_ids is not None and S.id_digest(ids, explained.id_type) != expected_ids):
+        raise RunError(f"the influence stage read {len(ids):,} explained instances, expected the run's "
+                       f"{explained.num_rows:,} in the same order for every checkpoint; nothing was committed")
     shared = ray.put(factors)
     shards = max(1, min(execution.num_workers * SHARDS_PER_WORKER, -(-plan.training_rows // settings.batch_size)))
     task = ray.remote(training_shard_task).options(**options)
@@ -229,6 +251,6 @@ def influence_table(instance_ids: pa.Array, top: TopInfluences, id_type: str) ->
             "train_id": pa.array(ids.reshape(-1), pa.int64()),
             "score": pa.array(scores.reshape(-1), pa.float64()),
             "rank": pa.array(np.tile(np.arange(1, width + 1, dtype=np.int32), n)),
-            "sign": pa.array([sign] * (n * width), pa.string()),
+            "sign": pa.DictionaryArray.from_arrays(np.zeros(n * width, np.int8), [sign]).cast(pa.string()),
         }).cast(S.influence_schema(id_type)))
     return pa.concat_tables(pieces)

@@ -102,10 +102,9 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
         raise SpecError("a run group (model.checkpoints) is written to a local output.root for now; "
                         f"got {spec.output.root}: run it to a directory and copy the group")
     files = checkpoint_files(spec)
+    if spec.influence is not None:
+        spec.influence.rate_of(len(files))
     directory = (Path(spec.output.root) / spec.output.run_name).resolve()
-    # The influence's training set and layer checked before any member runs.
-    checked = validate(member_spec(spec, files[0], directory).model_copy(update={"influence": spec.influence})) \
-        if spec.influence is not None else None
     old = read_group(directory) if directory.exists() else None
     if directory.exists():
         if not force:
@@ -113,31 +112,47 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
         if old is None and not _only_runs(directory):
             raise RunExistsError(f"{directory} holds something that is no run group; move it away or choose "
                                  "another output.run_name")
+    progress = progress or RunProgress()
+    # Everything checked before any work: the influence's training set, layer and labels, and every checkpoint.
+    checked = validate(member_spec(spec, files[0], directory).model_copy(update={"influence": spec.influence}),
+                       checkpoints=len(files)) if spec.influence is not None else None
+    jobs = [JobRun(member_spec(spec, f, directory), RunStaging.open(directory, member_name(f), force=force), progress)
+            for f in files]
+    for job in jobs:
+        job.validate()
+    if directory.exists():
         (directory / GROUP_FILE).unlink(missing_ok=True)  # a group half replaced is no group
         shutil.rmtree(influence_path(directory).parent, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
-    progress = progress or RunProgress()
-    jobs = [JobRun(member_spec(spec, f, directory), RunStaging.open(directory, member_name(f), force=force), progress)
-            for f in files]
-    for job in jobs:  # every checkpoint checked before any work
-        job.validate()
     for job in jobs:
         job.start_ray()
-        job.stage()
+    table = influence = None
+    if checked is not None:  # before any member is staged: a failure here leaves nothing behind
+        table, influence = _group_influence(spec, checked, [job.spec.model for job in jobs], progress)
     members = _explain_and_commit(jobs)
     # The replaced group's runs this one has not (an interrupted group's: every run there).
     for stale in directory.iterdir():
         if stale.is_dir() and not stale.name.startswith(".") and stale.name not in members \
                 and (stale / "manifest.json").exists():
             shutil.rmtree(stale)
-    influence = None
-    if checked is not None:
-        table, influence = run_influence(spec, checked.influence, [member_spec(spec, f, directory).model for f in files],
-                                         checked.dataset, progress)
+    if table is not None:
         write_parquet(influence_path(directory), table)
     write_group(directory, RunGroupRecord(run_name=spec.output.run_name, influence=influence, members=[
         GroupMember(name=name, checkpoint=str(checkpoint)) for name, checkpoint in zip(members, files)]))
     return GroupResult(directory, members)
+
+
+def _group_influence(spec: JobSpec, checked, checkpoints: list, progress: RunProgress):
+    """TracIn summed over every checkpoint of the group (:func:`run_influence`); a user's
+    error raised in a task reaches the caller as itself."""
+    try:
+        return run_influence(spec, checked.influence, checkpoints, checked.dataset, progress,
+                             checked.dataset.id_digest)
+    except BaseException as error:
+        user_error = netloupe_cause(error)
+        if user_error is not None and user_error is not error:
+            raise user_error from None
+        raise
 
 
 def _explain_and_commit(jobs: list[JobRun]) -> dict[str, RunResult]:
@@ -146,6 +161,8 @@ def _explain_and_commit(jobs: list[JobRun]) -> dict[str, RunResult]:
     committed: dict[str, RunResult] = {}
     try:
         try:
+            for job in jobs:
+                job.stage()
             _explain_together(jobs)
             for job in jobs:
                 parts, sampled = job.settle(job.parts)

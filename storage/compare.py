@@ -437,7 +437,10 @@ def _index_comparison(first: ActivationIndex, second: ActivationIndex, layer: st
     each instance is at the same row in both and a part pairs with its namesake; else the
     second run's rows are gathered in the first's order. A ``fraction``: whole parts of the
     first run, chosen by a hash of their names (:func:`_hash_fraction`, as the Parquet path)."""
-    chosen = [p for p, key in enumerate(first.part_keys) if fraction is None or _hash_fraction(part_name(key)) < fraction]
+    hashes = [_hash_fraction(part_name(key)) for key in first.part_keys]
+    chosen = [p for p, value in enumerate(hashes) if fraction is None or value < fraction]
+    if not chosen and hashes:  # a sample smaller than every part's share: the one part of least hash
+        chosen = [int(np.argmin(hashes))]
     aligned = first.part_keys == second.part_keys and np.array_equal(first.rows_of_sorted, second.rows_of_sorted)
     grams = None
     if aligned or fraction is None:  # the second run's own parts cover exactly the rows paired

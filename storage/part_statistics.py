@@ -94,6 +94,12 @@ class DerivedParts:
     """Parquet options of the tables not written as parts usually are (zstd)."""
 
 
+GRAM_NEURON_LIMIT = 512
+"""Widest layer whose Gram matrix is kept per part: (d + 1)² float64 grows past the part's own
+rows beyond it (2 MB per part at 512 units, 134 MB at 4,096); a wider layer's CKA computes its
+self-products at query time."""
+
+
 def layer_gram(values: np.ndarray) -> np.ndarray:
     """``(d + 1, d + 1)`` ``float64``: the Gram matrix of the rows ``values`` with a column of
     ones before them: the count, each neuron's sum and every pair's sum of products. Parts'
@@ -125,7 +131,8 @@ def derive_parts(instances: pa.Table, activations: dict[str, np.ndarray], attrib
         neuron_cells.append(_neuron_cells(layer, values, cells))
         tops.append(_neuron_top(layer, ids, values, id_type))
         out.matrices[run.index_layer_dir(layer)] = values
-        out.matrices[run.index_gram_dir(layer)] = layer_gram(values)
+        if values.shape[1] <= GRAM_NEURON_LIMIT:
+            out.matrices[run.index_gram_dir(layer)] = layer_gram(values)
     attribution_cells, summaries, token_cells = [], [], []
     for method, table in attributions.items():
         if "attribution" in table.column_names:

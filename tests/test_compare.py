@@ -218,6 +218,9 @@ def test_representation_change_is_linear_cka_and_neuron_matches_are_correlations
         assert r["correlation"] == pytest.approx(correlation.max(), abs=1e-5)
     sampled = run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'relu', sample := 60)").to_pylist()[0]
     assert 30 < sampled["instances"] < 90
+    # A sample smaller than any part's share still reads one part (the one of least hash).
+    [tiny] = run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'relu', sample := 1)").to_pylist()
+    assert tiny["instances"] == 16 and tiny["linear_cka"] is not None  # v1's parts: 16 rows
     with pytest.raises(Exception, match="recorded no layer 'fc9'; it has relu"):
         run_query(con, "SELECT * FROM representation_change('v1', 'v2', 'fc9')")
 

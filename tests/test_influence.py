@@ -205,9 +205,28 @@ def test_influence_settings_that_cannot_work_are_refused_before_ray(tmp_path):
         ({"layer": "head", "training": {"source": str(tmp_path / "keyed.parquet"), "feature_columns": ["x0", "x1", "x2"],
                                         "id_column": "key"}}, DatasetError, r"ids \('key'\) are string"),
     ]
+    outside = tabular_table(20, seed=6)
+    labels = outside["label"].to_numpy().copy()
+    labels[3] = -1  # an "unknown" marker would index the last class
+    pq.write_table(outside.set_column(outside.schema.get_field_index("label"), "label", pa.array(labels)),
+                   tmp_path / "minus-one.parquet")
+    cases += [
+        ({"layer": "head", "learning_rates": [1.0, 0.5]}, SpecError, "2 rates for 1 checkpoint"),
+        ({"layer": "head", "training": {"source": str(tmp_path / "minus-one.parquet"),
+                                        "feature_columns": ["x0", "x1", "x2"], "id_column": "row_id"}},
+         DatasetError, r"training rows' labels run from -1 to 1, but the model scores 2 classes"),
+    ]
     for settings, error, message in cases:
         spec = _influence_spec(data, tmp_path / "runs", "bad")
         spec["influence"] = settings
+        with pytest.raises(error, match=message):
+            validate(parse_spec(spec))
+    # Of the loss at the label: the explained instances need labels, class indices all.
+    for source, changes, error, message in (
+            (data, {"label_column": None}, SpecError, "target 'label' .* no label_column"),
+            (tmp_path / "minus-one.parquet", {}, DatasetError, "explained instances' labels run from -1")):
+        spec = _influence_spec(source, tmp_path / "runs", "bad", target="label")
+        spec["dataset"].update(changes)
         with pytest.raises(error, match=message):
             validate(parse_spec(spec))
     spec = _influence_spec(data, tmp_path / "runs", "bad")

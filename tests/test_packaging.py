@@ -54,7 +54,7 @@ def test_installed_from_the_wheel_it_imports_as_netloupe_only(wheel, tmp_path):
     assert done.returncode == 0, done.stderr
     catalog_file, owner, sql = done.stdout.splitlines()
     assert catalog_file.startswith(str(tmp_path / "site" / "netloupe" / "storage"))
-    assert owner == "user" and sql == "['build.sql', 'building_blocks.sql', 'compare.sql', 'fast.sql', 'feature_view.sql', 'merge.sql', 'operators.sql', 'tables.sql', 'token_view.sql']"
+    assert owner == "user" and sql == "['build.sql', 'building_blocks.sql', 'compare.sql', 'fast.sql', 'feature_view.sql', 'influence.sql', 'merge.sql', 'operators.sql', 'tables.sql', 'token_view.sql']"
 
 
 def test_a_model_factory_in_the_old_spelling_names_the_new_one():
