@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,28 +381,37 @@ class _GramSums:
 
     def __init__(self, selves: bool):
         self.selves = selves
+        """Whether the self-products (and the sums) are added here; else the runs' Gram
+        matrices give them (:meth:`comparison`)."""
         self.n, self.shift, self.sums, self.products = 0, None, None, None
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Add aligned blocks (shifted in place when they are writable: fresh arrays)."""
         if self.shift is None:
             self.shift = [x.mean(axis=0, dtype=np.float64).astype(np.float32),
                           y.mean(axis=0, dtype=np.float64).astype(np.float32)]
             self.sums = [np.zeros(x.shape[1]), np.zeros(y.shape[1])]
             self.products = [np.zeros((x.shape[1],) * 2), np.zeros((y.shape[1],) * 2),
                              np.zeros((x.shape[1], y.shape[1]))]
-        x, y = x - self.shift[0], y - self.shift[1]
+        x, y = (np.subtract(v, s, out=v) if v.flags.writeable and v.dtype == np.float32 else v - s
+                for v, s in zip((x, y), self.shift))
         self.n += len(x)
-        self.sums[0] += x.sum(axis=0, dtype=np.float64)
-        self.sums[1] += y.sum(axis=0, dtype=np.float64)
         if self.selves:
+            self.sums[0] += x.sum(axis=0, dtype=np.float64)
+            self.sums[1] += y.sum(axis=0, dtype=np.float64)
             self.products[0] += x.T @ x
             self.products[1] += y.T @ y
         self.products[2] += x.T @ y
 
     def comparison(self, grams: tuple[np.ndarray, np.ndarray] | None = None) -> LayerComparison:
-        """The centred moments; the self-moments from ``grams`` (each run's raw Gram matrix
-        over the same rows, :func:`netloupe.storage.part_statistics.layer_gram`) when given."""
-        n, (mean_a, mean_b) = self.n, (s / self.n for s in self.sums)
+        """The centred moments; the self-moments and the sums from ``grams`` (each run's raw
+        Gram matrix over the same rows, :func:`netloupe.storage.part_statistics.layer_gram`)
+        when given."""
+        n = self.n
+        if grams is None:
+            mean_a, mean_b = (s / n for s in self.sums)
+        else:  # the shifted rows' means, from the raw sums
+            mean_a, mean_b = (gram[0, 1:] / n - shift for gram, shift in zip(grams, self.shift))
         cross = self.products[2] / n - np.outer(mean_a, mean_b)
         if grams is None:
             return LayerComparison(n, self.products[0] / n - np.outer(mean_a, mean_a),
@@ -450,16 +460,25 @@ def _index_comparison(first: ActivationIndex, second: ActivationIndex, layer: st
     if not aligned:
         row_in_second = np.empty(first.rows, np.int64)
         row_in_second[first.rows_of_sorted] = second.rows_of_sorted
-    for part in chosen:
+
+    def pair(part: int) -> tuple[np.ndarray, np.ndarray]:
         x = first.read_part(layer, part)
         if aligned:
-            y = second.read_part(layer, part)
-        else:
-            wanted = row_in_second[first.first_rows[part]:first.first_rows[part] + len(x)]
-            order = np.argsort(wanted)
-            y = np.empty((len(wanted), second.part_matrix(layer, 0).shape[1]), np.float32)
-            y[order] = second.take(layer, wanted[order])
-        moments.add(x, y)
+            return x, second.read_part(layer, part)
+        wanted = row_in_second[first.first_rows[part]:first.first_rows[part] + len(x)]
+        order = np.argsort(wanted)
+        y = np.empty((len(wanted), second.part_matrix(layer, 0).shape[1]), np.float32)
+        y[order] = second.take(layer, wanted[order])
+        return x, y
+
+    # The next pair is read while this one is multiplied (reading and BLAS both release the GIL).
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(pair, chosen[0]) if chosen else None
+        for position in range(len(chosen)):
+            x, y = pending.result()
+            if position + 1 < len(chosen):
+                pending = reader.submit(pair, chosen[position + 1])
+            moments.add(x, y)
     if not moments.n:
         return None
     return moments.comparison(None if moments.selves else grams)
