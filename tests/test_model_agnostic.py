@@ -381,9 +381,19 @@ def test_the_features_tab_and_a_tabular_instance_draw_their_bars(runs, tmp_path)
     dependence; a tabular instance draws one bar chart per method beside its probabilities.
     Each chart has colour over a real share of its canvas (a chart collapsed into its corner
     has none: Bokeh figures in a FlexBox of a tab built on opening did that)."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
-    from tests.test_dashboard_browser import ARTIFACTS, CHROMIUM, colored, open_tab, start_dashboard, wait_for_plot
+    from tests.helpers import wait_until
+    from tests.test_dashboard_browser import (
+        ARTIFACTS,
+        CHROMIUM,
+        colored,
+        open_tab,
+        start_dashboard,
+        wait_for_plot,
+        wait_for_text,
+    )
 
     linear, _, _ = runs
     process, url = start_dashboard(linear.layout.root, tmp_path)
@@ -410,11 +420,20 @@ def test_the_features_tab_and_a_tabular_instance_draw_their_bars(runs, tmp_path)
             open_tab(page, "Instance")
             page.locator("input").first.fill("500")
             page.keyboard.press("Enter")
+            # The tab opened on the most confident mistake first: wait for instance 500's own detail.
+            wait_for_text(page, ".instance-facts", "Instance 500")
             wait_for_plot(page, ".feature-contributions", timeout=60)
             charts = page.locator(".feature-contributions .bk-Figure")
             assert charts.count() == len(LINEAR_METHODS) + 1  # the probabilities, then one per method
+
+            def drawn(i: int) -> bool:
+                try:
+                    return colored(charts.nth(i).screenshot()) > 500
+                except PlaywrightError:  # redrawn while photographed: look again
+                    return False
+
             for i in range(charts.count()):
-                assert colored(charts.nth(i).screenshot()) > 500, f"instance chart {i} is (nearly) empty"
+                wait_until(lambda: drawn(i), 30, f"instance chart {i} drawn", interval=0.5)
             page.screenshot(path=str(ARTIFACTS / "tabular-instance.png"), full_page=True)
             assert not errors, errors
             browser.close()
