@@ -198,18 +198,20 @@ def run_influence(spec: JobSpec, plan: InfluencePlan, checkpoints: list[ModelSpe
                    f"{count(explained.num_rows, 'instance')} (TracIn, {count(len(models), 'checkpoint')})")
     explained_rows = TrainingRows(replace(explained, background=None))
     by_label = settings.target == "label"
-    factors = _gather(ray, [ray.remote(instance_factors_task).options(**options).remote(
-        model, settings.layer, explained_rows, by_label, threads) for model in models])
-    ids = factors[0].ids
-    if len(ids) != explained.num_rows or any(not f.ids.equals(ids) for f in factors[1:]) or (
+    # Each checkpoint's factors stay in the object store (the shard tasks read them there); the ids come here.
+    refs = [ray.remote(instance_factors_task).options(num_returns=2, **options).remote(
+        model, settings.layer, explained_rows, by_label, threads) for model in models]
+    read = _gather(ray, [ids_ref for ids_ref, _ in refs])
+    ids = read[0]
+    if len(ids) != explained.num_rows or any(not other.equals(ids) for other in read[1:]) or (
             expected_ids is not None and S.id_digest(ids, explained.id_type) != expected_ids):
         raise RunError(f"the influence stage read {len(ids):,} explained instances, expected the run's "
                        f"{explained.num_rows:,} in the same order for every checkpoint; nothing was committed")
-    shared = ray.put(factors)
+    factors = [factors_ref for _, factors_ref in refs]
     shards = max(1, min(execution.num_workers * SHARDS_PER_WORKER, -(-plan.training_rows // settings.batch_size)))
     task = ray.remote(training_shard_task).options(**options)
-    pending = [task.remote(models, settings.layer, rates, shared, TrainingRows(plan.training, settings.where, i, shards),
-                           settings.k, settings.batch_size, threads) for i in range(shards)]
+    pending = [task.remote(models, settings.layer, rates, TrainingRows(plan.training, settings.where, i, shards),
+                           settings.k, settings.batch_size, threads, *factors) for i in range(shards)]
     merged = TopInfluences(len(ids), settings.k)
     try:
         while pending:

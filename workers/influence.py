@@ -177,15 +177,6 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@dataclass(frozen=True)
-class InstanceFactors:
-    """The explained instances' last-layer factors at one checkpoint, in read order."""
-
-    ids: pa.Array
-    factors: LastLayerGradients
-    """As numpy arrays."""
-
-
 def _device() -> torch.device:
     from netloupe.workers.explain import pick_device
 
@@ -208,9 +199,11 @@ def _labels(batch: pa.RecordBatch, column: str, what: str) -> np.ndarray:
 
 
 def instance_factors_task(model_data: dict, layer: str, rows: TrainingRows, by_label: bool,
-                          threads: int) -> InstanceFactors:
-    """The factors of every explained instance at one checkpoint (``model_data``: its
-    :class:`ModelSpec`), of the loss at its label or else at its predicted class."""
+                          threads: int) -> tuple[pa.Array, LastLayerGradients]:
+    """The explained instances' ids, in read order, and their factors at one checkpoint
+    (``model_data``: its :class:`ModelSpec`; as numpy arrays), of the loss at each one's label
+    or else at its predicted class. Two results: the driver fetches the ids only, the factors
+    stay in the object store for the shard tasks."""
     torch.set_num_threads(threads)
     device = _device()
     model = load_model(ModelSpec.model_validate(model_data)).to(device)
@@ -225,15 +218,15 @@ def instance_factors_task(model_data: dict, layer: str, rows: TrainingRows, by_l
         ids.append(batch.column(dataset.id_column))
         jacobians.append(factors.jacobians.numpy())
         inputs.append(factors.inputs.numpy())
-    return InstanceFactors(pa.concat_arrays(ids), LastLayerGradients(np.concatenate(jacobians), np.concatenate(inputs)))
+    return pa.concat_arrays(ids), LastLayerGradients(np.concatenate(jacobians), np.concatenate(inputs))
 
 
-def training_shard_task(models_data: list[dict], layer: str, learning_rates: list[float],
-                        instances: list[InstanceFactors], rows: TrainingRows, k: int, batch_size: int,
-                        threads: int) -> TopInfluences:
+def training_shard_task(models_data: list[dict], layer: str, learning_rates: list[float], rows: TrainingRows, k: int,
+                        batch_size: int, threads: int, *instances: LastLayerGradients) -> TopInfluences:
     """Score one shard of the training set against every instance, summed over the
-    checkpoints (``models_data`` and ``instances`` in the same order), ``batch_size`` training
-    rows at a time; return each instance's top ``k`` of both ends among the shard."""
+    checkpoints (``models_data`` and ``instances``, each checkpoint's instance factors, in the
+    same order), ``batch_size`` training rows at a time; return each instance's top ``k`` of
+    both ends among the shard."""
     torch.set_num_threads(threads)
     device = _device()
     models = [load_model(ModelSpec.model_validate(data)).to(device) for data in models_data]
@@ -241,7 +234,7 @@ def training_shard_task(models_data: list[dict], layer: str, learning_rates: lis
     dataset = rows.dataset
     decoder = InputDecoder(dataset.input_column, dataset.feature_columns, dataset.preprocess)
     columns = [dataset.id_column, *dataset.input_columns, dataset.label_column]
-    n = len(instances[0].ids)
+    n = len(instances[0].jacobians)
     block = max(1, SCORE_BLOCK_BYTES // 8 // batch_size)
     tops = [TopInfluences(min(block, n - start), k) for start in range(0, n, block)]
     for batch in _rebatched(rows.batches(columns, threads), batch_size):
@@ -253,7 +246,7 @@ def training_shard_task(models_data: list[dict], layer: str, learning_rates: lis
             training.append(LastLayerGradients(factors.jacobians.numpy(), factors.inputs.numpy()))
         for number, top in enumerate(tops):
             rows_of = slice(number * block, number * block + len(top.scores))
-            tested = [LastLayerGradients(t.factors.jacobians[rows_of], t.factors.inputs[rows_of]) for t in instances]
+            tested = [LastLayerGradients(t.jacobians[rows_of], t.inputs[rows_of]) for t in instances]
             top.add(tracin_scores(tested, training, learning_rates), train_ids)
     return TopInfluences.stacked(tops, k)
 
