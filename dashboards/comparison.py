@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from netloupe.contract.errors import did_you_mean
-from netloupe.dashboards.session import RunSession, SessionError, map_image, run_key
+from netloupe.dashboards.session import RunSession, SessionError, map_image, run_key, typed_id
 from netloupe.storage.catalog import QueryError, checked_layout, run_query
 from netloupe.storage.compare import open_runs, rank_correlations
 from netloupe.storage.instance import InstanceRecord
@@ -127,12 +127,7 @@ class ComparisonSession:
 
     def typed_id(self, text: str):
         """An id typed or clicked, as the runs' id type."""
-        if self.manifests[self.names[0]].dataset.id_type == "int64":
-            try:
-                return int(text)
-            except ValueError:
-                raise SessionError(f"instance ids of these runs are integers, got {text!r}") from None
-        return text
+        return typed_id(text, self.manifests[self.names[0]].dataset.id_type)
 
     def _check_run(self, name: str) -> None:
         if name not in self.runs:

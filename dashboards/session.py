@@ -391,12 +391,7 @@ class RunSession:
 
     def typed_id(self, text: str):
         """An id typed, clicked or read from a link, as the run's id type."""
-        if self.manifest.dataset.id_type == "int64":
-            try:
-                return int(text)
-            except ValueError:
-                raise SessionError(f"instance ids of this run are integers, got {text!r}") from None
-        return text
+        return typed_id(text, self.manifest.dataset.id_type)
 
     def has_instance(self, instance_id) -> bool:
         rows = run_query(self.con, "SELECT count(*) AS n FROM instances WHERE instance_id = ?", [instance_id])
@@ -630,6 +625,16 @@ class RunSession:
     def sql(self, query: str) -> pa.Table:
         """An analyst's read-only query (SELECT/EXPLAIN only; refused otherwise)."""
         return run_query(self.con, query)
+
+
+def typed_id(text: str, id_type: str):
+    """An instance id given as text, as ``id_type`` (``int64`` or ``string``) has it."""
+    if id_type == "int64":
+        try:
+            return int(text)
+        except ValueError:
+            raise SessionError(f"instance ids here are integers, got {text!r}") from None
+    return text
 
 
 def map_image(values: np.ndarray) -> np.ndarray:

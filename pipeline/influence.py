@@ -158,7 +158,7 @@ def _labelled_rows(dataset: ResolvedDataset, where: str | None, limit: int | Non
     """Rows ``where`` chooses (the first ``limit``), every one labelled with a class index of
     the model's ``classes`` (a label of -1 would index the last class, silently)."""
     files = pads.dataset(dataset.path, format="parquet").files
-    label = '"' + dataset.label_column.replace('"', '""') + '"'
+    label = S.quoted_identifier(dataset.label_column)
     chosen = f"SELECT {label} AS label FROM read_parquet(?)" + (f" WHERE ({where})" if where else "") + (
         f" LIMIT {int(limit)}" if limit is not None else "")
     with tempfile.TemporaryDirectory(prefix="netloupe-influence-") as spill, \

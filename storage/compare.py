@@ -42,7 +42,7 @@ from netloupe.storage.layout import RunLayout, part_name
 from netloupe.storage.manifest import RunManifest
 from netloupe.storage.part_statistics import WIDE_NEURON_LIMIT
 from netloupe.storage.run_group import group_members, group_of, influence_path, read_group
-from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql, vectors_to_numpy
+from netloupe.storage.schema import ID_SQL_TYPES, id_digest_sql, quoted_identifier, vectors_to_numpy
 
 COMPARE_SQL = SQL_DIR / "compare.sql"
 RUN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -145,12 +145,12 @@ def _attach(con: duckdb.DuckDBPyConnection, position: int, name: str, layout: Ru
     tables and, by absolute path, of each of its Parquet views."""
     alias = f"_run{position}"
     con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
-    schema = _quoted(name)  # quoted: a name may be a keyword of DuckDB's (end, all, default)
+    schema = quoted_identifier(name)  # quoted: a name may be a keyword of DuckDB's (end, all, default)
     con.execute(f"CREATE SCHEMA {schema}").fetchall()
     tables = con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ? ORDER BY 1",
                          [alias]).fetchall()
     for (table,) in tables:
-        quoted = '"' + table.replace('"', '""') + '"'
+        quoted = quoted_identifier(table)
         con.execute(f"CREATE VIEW {schema}.{quoted} AS SELECT * FROM {alias}.main.{quoted}").fetchall()
     parquet = {view: str(layout.root / relative)
                for view, relative in con.execute(f"SELECT view, path FROM {alias}.main.parquet_views").fetchall()}
@@ -176,9 +176,6 @@ def _create_group_influence(con: duckdb.DuckDBPyConnection, compared: list[Compa
     return path
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
 
 def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
     """Every run holds the same instance ids (count and digest), and where two manifests
@@ -191,7 +188,7 @@ def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[Compare
             raise RunError(f"runs {first.name} and {run.name} are over different data: their instance ids are "
                            f"{first.manifest.dataset.id_type} and {id_type}; compare runs of one dataset")
         [(rows, digest)] = con.execute(
-            f"SELECT count(*), {id_digest_sql('instance_id', id_type)} FROM {_quoted(run.name)}.instances").fetchall()
+            f"SELECT count(*), {id_digest_sql('instance_id', id_type)} FROM {quoted_identifier(run.name)}.instances").fetchall()
         facts[run.name] = (rows, int(digest))
     for run in compared[1:]:
         (rows_a, ids_a), (rows_b, ids_b) = facts[first.name], facts[run.name]
@@ -218,7 +215,7 @@ def _create_run_list(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]
                           "AND column_name = 'run'", [run.name]).fetchall()[0][0]
         # A metadata column called run keeps its values as instance_run (run names the run here).
         selects.append(f"SELECT '{run.name}' AS run, *{' RENAME (run AS instance_run)' if own else ''} "
-                       f"FROM {_quoted(run.name)}.instances")
+                       f"FROM {quoted_identifier(run.name)}.instances")
     union = " UNION ALL BY NAME ".join(selects)
     con.execute(f"CREATE VIEW instances_by_run AS {union}").fetchall()
     con.execute("COMMENT ON VIEW instances_by_run IS 'Every run''s instances, with the run''s name'").fetchall()

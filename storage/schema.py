@@ -57,6 +57,11 @@ ID_TYPES = {"int64": pa.int64(), "string": pa.string()}
 ID_SQL_TYPES = {"int64": "BIGINT", "string": "VARCHAR"}
 
 
+def quoted_identifier(name: str) -> str:
+    """A column or schema name as a DuckDB identifier, whatever it holds."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def id_digest_sql(column: str, id_type: str) -> str:
     """A DuckDB aggregate over the id ``column`` (quoted SQL): the sum of the ids' hashes
     modulo 2**64, as a UBIGINT. Additive, so the digests of disjoint parts add up (mod 2**64)

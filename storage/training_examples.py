@@ -16,10 +16,7 @@ import pyarrow.dataset as pads
 
 from netloupe.contract.errors import RunError
 from netloupe.storage.manifest import InfluenceInfo
-
-
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+from netloupe.storage.schema import quoted_identifier
 
 
 def influential_examples(influence_path: Path, info: InfluenceInfo, instance_id) -> pa.Table:
@@ -51,7 +48,7 @@ def training_rows(con: duckdb.DuckDBPyConnection, info: InfluenceInfo, train_ids
         files = pads.dataset(info.training_path, format="parquet").files
     except (pa.ArrowInvalid, OSError) as error:
         raise RunError(f"the training set at {info.training_path} cannot be read ({error})") from None
-    inputs = ", ".join(_quoted(c) for c in info.training_input_columns)
-    return con.sql(f"SELECT {_quoted(info.training_id_column)} AS train_id, {_quoted(info.training_label_column)} "
-                   f"AS train_label, {inputs} FROM read_parquet(?) WHERE {_quoted(info.training_id_column)} "
-                   "IN (SELECT unnest(?))", params=[files, train_ids]).to_arrow_table()
+    inputs = ", ".join(quoted_identifier(c) for c in info.training_input_columns)
+    train_id, label = quoted_identifier(info.training_id_column), quoted_identifier(info.training_label_column)
+    return con.sql(f"SELECT {train_id} AS train_id, {label} AS train_label, {inputs} FROM read_parquet(?) "
+                   f"WHERE {train_id} IN (SELECT unnest(?))", params=[files, train_ids]).to_arrow_table()

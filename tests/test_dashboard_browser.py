@@ -156,18 +156,22 @@ def active_tab(page) -> str:
     return page.locator(".bk-tab.bk-active").first.text_content().strip()
 
 
-# Every Bokeh figure on the page: its title, frame (the plot area, in its canvas' pixels), the
-# screen box of its first image glyph, and its element box on the page; each canvas is marked
-# (data-plot) so that it can be photographed alone. Hidden tabs' figures have no size: left out.
-PLOTS = """
-() => {
+FIGURE_VIEWS = """
   const figures = [];
   const walk = (view) => {
     if (view.model && view.model.type === "Figure" && view.frame) figures.push(view);
     for (const child of (view.child_views || [])) walk(child);
   };
   for (const root of Object.values(Bokeh.index)) walk(root);
-  const out = [];
+"""
+"""JavaScript: every Bokeh figure view on the page, in ``figures``."""
+
+# Every Bokeh figure on the page: its title, frame (the plot area, in its canvas' pixels), the
+# screen box of its first image glyph, and its element box on the page; each canvas is marked
+# (data-plot) so that it can be photographed alone. Hidden tabs' figures have no size: left out.
+PLOTS = """
+() => {
+""" + FIGURE_VIEWS + """  const out = [];
   figures.forEach((view, index) => {
     const element = view.canvas_view.el;
     const box = element.getBoundingClientRect();
@@ -350,13 +354,7 @@ def test_a_zoom_is_re_aggregated_by_the_server(page):
 # Where the first hoverable point is on the screen, from Bokeh's own scales.
 FIRST_HOVERABLE = """
 () => {
-  const figures = [];
-  const walk = (view) => {
-    if (view.model && view.model.type === "Figure" && view.frame) figures.push(view);
-    for (const child of (view.child_views || [])) walk(child);
-  };
-  for (const root of Object.values(Bokeh.index)) walk(root);
-  for (const figure of figures) {
+""" + FIGURE_VIEWS + """  for (const figure of figures) {
     for (const [model, renderer] of figure.renderer_views) {
       const data = model.data_source ? model.data_source.data : null;
       if (data && data.instance_id && data.instance_id.length > 0) {
@@ -636,13 +634,7 @@ def test_a_text_run_s_tokens_view_selects_the_instances_of_a_clicked_token(brows
     contain its token (listed, a row of the matrix); a click on one opens it, its words coloured."""
     process, url = start_dashboard(text_run_dir, tmp_path)
     try:
-        context = browser.new_context(viewport=VIEWPORT)
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
-        page.goto(url, wait_until="networkidle")
-        page.locator(".scatter canvas").first.wait_for(timeout=60_000)
+        context, page = open_page(browser, url)
         open_tab(page, "Tokens")
         page.locator(".token-bars canvas").first.wait_for(timeout=30_000)
         before = wait_for_plot(page, ".token-bars", min_colored=200)
@@ -675,7 +667,7 @@ def test_a_text_run_s_tokens_view_selects_the_instances_of_a_clicked_token(brows
         wait_for_text(page, ".matrix-rows", f"token {token}")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "text-run-instance.png"), full_page=True)
-        assert errors == [], errors
+        assert page.errors == [], page.errors
         context.close()
     finally:
         process.terminate()

@@ -38,6 +38,7 @@ from tests.test_dashboard_browser import (  # noqa: F401 (browser: a fixture)
     ARTIFACTS,
     browser,
     colored,
+    open_page,
     open_tab,
     start_dashboard,
     text_of,
@@ -235,13 +236,7 @@ def test_the_cli_takes_a_group_or_several_runs_and_refuses_unclear_ones(group, c
 def test_the_across_runs_tab_draws_agreement_lines_and_one_map_per_run(browser, group, tmp_path):  # noqa: F811
     process, url = start_dashboard(group, tmp_path)
     try:
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))
-        page.goto(url, wait_until="networkidle")
-        page.locator(".scatter canvas").first.wait_for(timeout=60_000)
+        context, page = open_page(browser, url)
         assert page.title() == "netloupe: c2 of 3 runs (600 instances)"
         open_tab(page, "Across runs")
         page.locator(".agreement-scatter canvas").first.wait_for(timeout=30_000)
@@ -288,7 +283,7 @@ def test_the_across_runs_tab_draws_agreement_lines_and_one_map_per_run(browser, 
             # Two grey images on one scale (1/8 to 6/8 of the stored range): well over a tenth of the row drawn.
             wait_until(lambda: _drawn_share(row.screenshot()) > 0.1, 30, f"the {sign}' images drawn", interval=0.5)
         page.screenshot(path=str(ARTIFACTS / "across-runs-influence.png"))
-        assert errors == [], errors
+        assert page.errors == [], page.errors
         context.close()
     finally:
         process.terminate()

@@ -26,9 +26,9 @@ from netloupe.pipeline.cli import main
 from netloupe.storage import schema as S
 from netloupe.storage.handmade import write_handmade_run
 from tests.report_run import FIRST_ID, make_report_run, report_arrays
+from tests.test_dashboard_browser import browser  # noqa: F401 (a fixture: Debian's Chromium)
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("NETLOUPE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "report"
 ROWS = 300
 
@@ -262,21 +262,8 @@ def test_a_section_title_is_escaped():
 
 # -- in a real browser, offline ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield chromium
-        chromium.close()
-
-
 @pytest.mark.browser
-def test_the_report_renders_offline_in_a_browser(browser, report):
+def test_the_report_renders_offline_in_a_browser(browser, report):  # noqa: F811
     from tests.helpers import wait_until
 
     context = browser.new_context(viewport={"width": 1300, "height": 1000}, offline=True)

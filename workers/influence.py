@@ -29,6 +29,7 @@ from torch import nn
 
 from netloupe.contract.errors import DatasetError
 from netloupe.contract.spec import ModelSpec
+from netloupe.storage.schema import quoted_identifier
 from netloupe.workers.inputs import InputDecoder, ResolvedDataset
 from netloupe.workers.model_loading import load_model
 
@@ -159,10 +160,10 @@ class TrainingRows:
     def batches(self, columns: list[str], threads: int):
         """Arrow record batches of ``columns``, :data:`READ_ROWS` at a time, in file order."""
         files = pads.dataset(self.dataset.path, format="parquet").files
-        quoted = ", ".join(_quoted(c) for c in columns)
+        quoted = ", ".join(quoted_identifier(c) for c in columns)
         conditions = [f"({self.where})"] if self.where else []
         if self.shards > 1:
-            conditions.append(f"hash({_quoted(self.dataset.id_column)}) % {self.shards} = {self.shard}")
+            conditions.append(f"hash({quoted_identifier(self.dataset.id_column)}) % {self.shards} = {self.shard}")
         query = f"SELECT {quoted} FROM read_parquet(?)"
         query += f" WHERE {' AND '.join(conditions)}" if conditions else ""
         query += f" LIMIT {self.dataset.limit}" if self.dataset.limit is not None else ""
@@ -172,9 +173,6 @@ class TrainingRows:
         finally:
             con.close()
 
-
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _device() -> torch.device:
