@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from panel.custom import JSComponent
 
 from netloupe.contract.errors import RunError
 from netloupe.dashboards.comparison import (
@@ -159,7 +160,7 @@ class Dashboard(param.Parameterized):
 
     def _color_choices(self) -> list[str]:
         """What the scatter can be colored by: the instance's facts, metadata, kept subsets."""
-        return (list(COLOR_FIELDS) + list(self.session.metadata_columns)
+        return (list(COLOR_FIELDS) + self.session.colour_columns
                 + [SUBSET_COLOR + name for name in self.session.subsets])
 
     def points(self) -> pd.DataFrame:
@@ -668,6 +669,12 @@ class TokensView(pn.viewable.Viewer):
         )
 
 
+BAR_ROOM = 240
+"""Pixels a bar chart keeps for its bars whatever its labels' length."""
+LABEL_PIXELS_PER_CHARACTER = 7
+"""About the width of a character of Bokeh's axis labels (13 px sans-serif)."""
+
+
 def signed_bars(labels: list[str], values: np.ndarray, title: str, axis_label: str, colour_by: np.ndarray | None = None,
                 width: int = 360):
     """Horizontal bars, the first label on top, red where ``colour_by`` (default the values)
@@ -679,6 +686,8 @@ def signed_bars(labels: list[str], values: np.ndarray, title: str, axis_label: s
     # Copies: Bokeh sends a reversed numpy view (negative strides) to the browser as garbage.
     source = ColumnDataSource({"label": labels[::-1], "value": np.array(values, float)[::-1].copy(),
                                "colour": np.where(signs > 0, "#b2182b", "#2166ac").tolist()})
+    # Long labels ("education = Some-college, 10") take their room from the bars otherwise.
+    width = max(width, BAR_ROOM + LABEL_PIXELS_PER_CHARACTER * max((len(str(v)) for v in labels), default=0))
     plot = figure(y_range=labels[::-1], width=width, height=60 + 22 * len(labels), title=title, tools="hover",
                   toolbar_location=None, x_axis_label=axis_label, tooltips=[("", "@label"), ("value", "@value{0.0000}")])
     plot.hbar(y="label", right="value", height=0.8, source=source, color="colour")
@@ -1430,25 +1439,92 @@ def dashboard_views(run_dir, compared: dict | None = None, location=None) -> tup
             tabs.active = keys.index(wanted)
         elif wanted is not None:
             notes.append(f"tab {wanted!r} (one of {', '.join(keys)})")
-        link_to_url(dashboard, tabs, location)
+        history = link_to_url(dashboard, tabs)
     if notes:
         dashboard.report("Not in this run, so left out of the link's view: " + "; ".join(notes) + ".")
-    return session, pn.Column(message, tabs, sizing_mode="stretch_width")
+    page = [message, tabs] + ([history] if location is not None else [])
+    return session, pn.Column(*page, sizing_mode="stretch_width")
 
 
-def link_to_url(dashboard: Dashboard, tabs: pn.Tabs, location) -> None:
+class BrowserHistory(JSComponent):
+    """The page's URL query, kept by the server (``query``), and where the browser's Back or
+    Forward went (``popped``). Panel's own location is not used to write: it pushes a page of
+    history for every value it is given (the opening view's too), and knows nothing of Back and
+    Forward (told the URL they went to, it pushes it again, and Forward has nowhere to go)."""
+
+    query = param.String(default=None, allow_None=True,
+                         doc="The view's URL query (``?tab=…``): the first replaces the page's URL, "
+                             "each later one is a new page of the browser's history")
+    popped = param.String(default="", doc="``<time>|<query>`` of the last Back or Forward: with the time, "
+                                          "a return to the query of the one before is a change too")
+    _esm = """
+    export function render({ model }) {
+      let written = false
+      const write = () => {
+        if (model.query == null) return
+        if (model.query !== window.location.search) {
+          const url = window.location.pathname + model.query + window.location.hash
+          if (written) window.history.pushState({}, "", url)
+          else window.history.replaceState({}, "", url)  // the page opened: no page of its own
+        }
+        written = true
+      }
+      // Back or Forward: the server restores that view and writes its query back, which is
+      // then the URL already (no new page).
+      const listener = () => { model.popped = `${Date.now()}|${window.location.search}` }
+      window.addEventListener("popstate", listener)
+      model.on("query", write)
+      model.on("remove", () => window.removeEventListener("popstate", listener))
+      write()
+      const element = document.createElement("div")
+      element.style.display = "none"
+      return element
+    }
+    """
+
+
+def link_to_url(dashboard: Dashboard, tabs: pn.Tabs) -> BrowserHistory:
     """Keep the view in the page's URL query (:func:`write_view_link`): the tab, layer,
     projection, algorithm, colour, instance and predicate subsets, so that a link opens the
-    same view for a colleague. Written once the page has loaded (the browser's own URL is the
-    page's until then; a link's values this run lacks give way to the defaults shown) and on
-    every change."""
-    def write(*_events) -> None:
-        values = {"tab": tab_key(tabs._names[tabs.active]), **dashboard.link_values()}
-        location.search = write_view_link(values, list(dashboard.session.subsets.values()))
+    same view for a colleague. The view shown when the page opens replaces the page's URL (a
+    link's values this run lacks give way to the defaults shown); every later change is a page
+    of the browser's history, one per change however many values it moved (a layer moves the
+    projection too), which Back and Forward restore. The returned component does it, placed in
+    the page."""
+    history = BrowserHistory()
+    pending, restoring = [False], [False]
 
-    dashboard.param.watch(write, ["layer", "projection", "algorithm", "color_by", "instance_id", "subsets_version"])
-    tabs.param.watch(write, "active")
-    pn.state.onload(write)
+    def write() -> None:
+        pending[0] = False
+        values = {"tab": tab_key(tabs._names[tabs.active]), **dashboard.link_values()}
+        history.query = write_view_link(values, list(dashboard.session.subsets.values()))
+
+    def changed(*_events) -> None:
+        if restoring[0] or pending[0]:
+            return
+        pending[0] = True
+        # Once all of this change's values have moved (watchers run in one go).
+        pn.state.curdoc.add_next_tick_callback(write)
+
+    def went_back_or_forward(event) -> None:
+        link = read_view_link(event.new.partition("|")[2])
+        restoring[0] = True
+        try:
+            dashboard.restore(link)
+            if "instance" not in link.values:
+                dashboard.instance_id = ""
+            keys = [tab_key(name) for name in tabs._names]
+            wanted = link.values.get("tab")
+            tabs.active = keys.index(wanted) if wanted in keys else 0
+        finally:
+            restoring[0] = False
+        changed()
+
+    dashboard.param.watch(changed, ["layer", "projection", "algorithm", "color_by", "instance_id", "subsets_version"])
+    tabs.param.watch(changed, "active")
+    history.param.watch(went_back_or_forward, "popped")
+    write()
+    return history
 
 
 def _keep_panel_stylesheets_local() -> None:

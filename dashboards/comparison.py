@@ -11,6 +11,7 @@ each run through that run's own :class:`RunSession`, as the Instance tab reads i
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,9 +45,11 @@ MAX_SUBGROUP_LINES = 12
 DISAGREEMENTS_LISTED = 200
 """Disagreements the tab lists (the most confident first)."""
 
-_MAP_AGREEMENT: dict[tuple, pd.DataFrame] = {}
+_MAP_AGREEMENT: OrderedDict[tuple, pd.DataFrame] = OrderedDict()
 """Per-instance map agreement by (run A, run B, method), shared by every session of the
-process like the projected points: read-only, and a million maps take seconds to compare."""
+process like the projected points: read-only, and a million maps take seconds to compare.
+The :data:`MAP_AGREEMENT_KEPT` last used only: a group of K runs has K² pairs, 24 MB each at 1M."""
+MAP_AGREEMENT_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,9 @@ class ComparisonSession:
             frame = run_query(self.con, "SELECT instance_id, rank_correlation, top_k_overlap "
                                         "FROM map_agreement(?, ?, ?) WHERE target_rank = 0", [a, b, method]).to_pandas()
             _MAP_AGREEMENT[key] = frame.set_index("instance_id").astype(float)
+            while len(_MAP_AGREEMENT) > MAP_AGREEMENT_KEPT:
+                _MAP_AGREEMENT.popitem(last=False)
+        _MAP_AGREEMENT.move_to_end(key)
         return _MAP_AGREEMENT[key]
 
     def agreement_points(self, points: pd.DataFrame, a: str, b: str, colour: str) -> pd.DataFrame:

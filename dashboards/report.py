@@ -42,8 +42,7 @@ from netloupe.dashboards.session import (
     segment_boundaries,
 )
 from netloupe.storage.catalog import run_query
-from netloupe.storage.layout import RunLayout
-from netloupe.storage.training_examples import influential_examples
+from netloupe.storage.training_examples import influential_examples_of
 
 MISTAKES = 8
 """The most confident mistakes shown by default (``--mistakes``)."""
@@ -445,7 +444,8 @@ def mistakes_section(session: RunSession, count: int) -> Section:
                                  "ORDER BY confidence DESC, instance_id LIMIT ?", [count])["instance_id"].to_pylist()
     if not ids:
         return Section("mistakes", title, note("The model made no mistake on a labeled instance of this run."))
-    cards = "".join(mistake_card(session, instance_id) for instance_id in ids)
+    influence = _influential_examples(session, ids)
+    cards = "".join(mistake_card(session, instance_id, influence) for instance_id in ids)
     what = ("each method's largest values per feature, with the instance's own value of it" if session.reads_features
             else "each token coloured by its value" if session.reads_text
             else "each map over its input in gray, full colour at the ± value in its title (each on its own scale)")
@@ -453,7 +453,7 @@ def mistakes_section(session: RunSession, count: int) -> Section:
     return Section("mistakes", f"{title} ({len(ids)})", f'<p class="caption">{caption}</p>{cards}')
 
 
-def mistake_card(session: RunSession, instance_id) -> str:
+def mistake_card(session: RunSession, instance_id, influence: pd.DataFrame | None) -> str:
     record = session.instance(instance_id)
     row, names = record.row, session.class_names
     facts = (f"label <b>{html.escape(names[row['label']])}</b>, predicted <b>{html.escape(names[row['prediction']])}"
@@ -472,25 +472,33 @@ def mistake_card(session: RunSession, instance_id) -> str:
     else:
         detail = _map_figures(record)
     return (f'<div class="mistake" id="instance-{html.escape(str(instance_id))}"><h3>Instance '
-            f"{html.escape(str(instance_id))}</h3><p>{facts}</p>{detail}{_influence_figures(session, instance_id)}</div>")
+            f"{html.escape(str(instance_id))}</h3><p>{facts}</p>{detail}{_influence_figures(session, instance_id, influence)}</div>")
 
 
-def _influence_figures(session: RunSession, instance_id) -> str:
-    """The instance's strongest proponents and opponents in the training set, when the run
-    computed influence (TracIn): which training examples pushed the model to this mistake."""
+def _influential_examples(session: RunSession, ids: list) -> pd.DataFrame | None:
+    """The strongest proponents and opponents of each of ``ids`` with the training examples
+    themselves (one read of the training set for all), when the run computed influence."""
     info = session.manifest.influence
     if info is None:
+        return None
+    frame = influential_examples_of(session.layout.influence_path, info, ids).to_pandas()
+    return frame[frame["rank"] <= INFLUENTIAL_PER_SIGN]
+
+
+def _influence_figures(session: RunSession, instance_id, influence: pd.DataFrame | None) -> str:
+    """The instance's strongest proponents and opponents in the training set (TracIn): which
+    training examples pushed the model to this mistake."""
+    if influence is None:
         return ""
-    layout = RunLayout(Path(session.run_key[0]))  # run_key: the run's directory and its catalog's time
-    frame = influential_examples(layout.influence_path, info, instance_id).to_pandas()
-    shown = frame[frame["rank"] <= INFLUENTIAL_PER_SIGN]
+    info = session.manifest.influence
+    shown = influence[influence["instance_id"] == instance_id]
     inputs = info.training_input_columns
     figures = []
     for row in shown.itertuples():
         known = getattr(row, "train_label", None)  # none: the training example is gone from its set
         label = session.class_names[int(known)] if known is not None and pd.notna(known) else "?"
         caption = f"{row.sign} #{row.rank}: {label} ({row.score:.3g})"
-        values = getattr(row, inputs[0], None) if len(inputs) == 1 and inputs[0] in frame else None
+        values = getattr(row, inputs[0], None) if len(inputs) == 1 and inputs[0] in shown else None
         if values is None:
             figures.append(f"<figure><figcaption>{html.escape(caption)}, train id {row.train_id}</figcaption></figure>")
             continue

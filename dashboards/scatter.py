@@ -53,11 +53,12 @@ LONE_CROWD = 2
 
 def padded_bounds(points: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float]]:
     """The points' x and y extents, 2% wider each side (so no point sits on the frame)."""
-    if not len(points):
+    if not len(points) or points["x"].isna().all():
         return (0.0, 1.0), (0.0, 1.0)
     extents = []
     for axis in ("x", "y"):
-        low, high = float(points[axis].min()), float(points[axis].max())
+        values = points[axis].to_numpy()
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
         pad = 0.02 * (high - low) or 0.5
         extents.append((low - pad, high + pad))
     return extents[0], extents[1]

@@ -12,6 +12,7 @@ kept under a name for the session and usable in every view.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,10 +33,13 @@ from netloupe.storage.catalog import (
     run_query,
 )
 from netloupe.storage.instance import InstanceRecord, NoSuchInstance, read_instance
+from netloupe.storage.layout import RunLayout
+from netloupe.storage.location import cache_root
+from netloupe.storage.point_columns import PointColumns, read_point_columns, write_point_columns
 
-_POINTS: dict[tuple, pd.DataFrame] = {}
-"""Projected points by (run, kind, source, algorithm), shared by every session of the process:
-they are read-only, and a million of them cost a second to load and ~100 MB to hold."""
+_POINTS: dict[tuple, PointColumns] = {}
+"""Each run's mapped point columns by :func:`run_key`, shared by every session of the process
+(read-only; the pages are the operating system's to keep or drop)."""
 
 _DISTRIBUTIONS: dict[tuple, pd.DataFrame] = {}
 """Each column's slices by (run, column, bins), shared like the points: read-only, and a
@@ -45,6 +49,10 @@ TOKEN_GROUPINGS = ("prediction", "label", "correct")
 DEPENDENCE_POINTS = 20_000
 """Most instances a feature's dependence plot reads (a fixed sample beyond): a scatter's shape
 shows at that size, and a million would cost the browser for nothing."""
+SESSION_SQL_MEMORY_MIB = 256
+"""What each session's DuckDB may hold (a session has one; by default DuckDB keeps what it
+read up to most of the machine's memory: 200 MB more per metadata column read at 10M). Every
+view's query over ten million instances runs within it, as fast (benchmarks/RESULTS.md)."""
 SUBSET_NAME = re.compile(r"^[\w .:=<>!-]{1,60}$")
 LINK_KEYS = ("tab", "layer", "projection", "algorithm", "color", "instance")
 """What a link to the dashboard holds (its URL query's keys) besides its subsets, in order."""
@@ -116,7 +124,8 @@ class RunSession:
     """One analyst's view of a run: the catalog connection, the run's facts, named subsets."""
 
     def __init__(self, run_dir):
-        self.con = open_catalog(run_dir)
+        self.con = open_catalog(run_dir, SESSION_SQL_MEMORY_MIB)
+        self.layout = RunLayout(Path(run_dir).resolve())
         self.run_key = run_key(run_dir)
         self.manifest = catalog_manifest(self.con)
         self.subsets: dict[str, Subset] = {}
@@ -138,6 +147,12 @@ class RunSession:
     @property
     def metadata_columns(self) -> list[str]:
         return list(self.manifest.dataset.metadata_columns)
+
+    @property
+    def colour_columns(self) -> list[str]:
+        """The metadata columns the scatter can be coloured by: all but a text column of too
+        many values (:data:`netloupe.storage.point_columns.CATEGORY_LIMIT`)."""
+        return [c for c in self.metadata_columns if c in self.point_columns.columns]
 
     @property
     def projections(self) -> list[tuple[str, str]]:
@@ -185,41 +200,37 @@ class RunSession:
 
     def points(self, kind: str, source: str, algorithm: str = "pca") -> pd.DataFrame:
         """Every instance of a projection: ``instance_id, x, y`` and what it can be colored by
-        (label, prediction, correct, confidence, metadata). Cached for the session."""
-        key = (self.run_key, kind, source, algorithm)
-        if key not in _POINTS:
-            if algorithm not in self.algorithms(kind, source):
-                raise SessionError(f"no {algorithm} projection of {kind} {source!r}; projected: "
-                                   f"{self.projections} with {self.algorithms(kind, source) or 'nothing'}")
-            # Column names come from the fixed list of algorithms above, never from input. A
-            # tabular run's values per feature stay out: an array per point, a million of them.
-            dropped = ", feature_value" if has_feature_values(self.con) else ""
-            table = run_query(self.con, f"""
-                SELECT p.instance_id, p.{algorithm}_x AS x, p.{algorithm}_y AS y, i.* EXCLUDE (instance_id,
-                       probabilities, node_id, device{dropped})
-                FROM projections p JOIN instances i USING (instance_id)
-                WHERE p.kind = ? AND p.source = ? AND isfinite(p.{algorithm}_x) AND isfinite(p.{algorithm}_y)
-            """, [kind, source])
-            frame = table.to_pandas()
-            frame["label_name"] = _names(frame["label"], self.class_names)
-            frame["prediction_name"] = _names(frame["prediction"], self.class_names)
-            correct = frame["correct"].fillna(False).astype(bool).to_numpy()
-            frame["outcome"] = pd.Categorical(
-                np.where(frame["correct"].isna(), "unlabeled", np.where(correct, "correct", "incorrect")))
-            for column in self.metadata_columns:
-                # Texts (object, or pandas' own string dtype) are categories: coloured one colour
-                # per value, not on a scale of numbers.
-                if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
-                    frame[column] = frame[column].astype("category")
-            _POINTS[key] = frame
-        return _POINTS[key]
+        (label, prediction, outcome, confidence, metadata), over the run's memory-mapped point
+        columns (:mod:`netloupe.storage.point_columns`): nothing of it is copied into memory.
+        An instance whose vector was not finite has NaN coordinates, which no view draws."""
+        if algorithm not in self.algorithms(kind, source):
+            raise SessionError(f"no {algorithm} projection of {kind} {source!r}; projected: "
+                               f"{self.projections} with {self.algorithms(kind, source) or 'nothing'}")
+        return self.point_columns.frame(kind, source, algorithm)
+
+    @property
+    def point_columns(self) -> PointColumns:
+        """The run's mapped point columns, opened once per run and process. A run whose catalog
+        predates them gets them written once into the local cache (the run is never written)."""
+        if self.run_key not in _POINTS:
+            columns = read_point_columns(self.layout.points_dir)
+            if columns is None:
+                cached = cache_root() / "points" / hashlib.blake2b(repr(self.run_key).encode(),
+                                                                   digest_size=8).hexdigest()
+                columns = read_point_columns(cached)
+                if columns is None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    write_point_columns(self.con, cached, self.class_names)
+                    columns = read_point_columns(cached)
+            _POINTS[self.run_key] = columns
+        return _POINTS[self.run_key]
 
     @staticmethod
     def ids_in_box(points: pd.DataFrame, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
         """Ids of the points inside a box (corners in any order)."""
         xs, ys = sorted((x0, x1)), sorted((y0, y1))
         inside = points["x"].between(*xs) & points["y"].between(*ys)
-        return points["instance_id"].to_numpy()[inside.to_numpy()]
+        return points["instance_id"][inside.to_numpy()].to_numpy()
 
     @staticmethod
     def points_in_view(points: pd.DataFrame, x_range, y_range, limit: int) -> pd.DataFrame | None:
@@ -243,15 +254,15 @@ class RunSession:
             with np.errstate(divide="ignore", invalid="ignore"):
                 x_cross = (vx[j] - vx[i]) * (py - vy[i]) / (vy[j] - vy[i]) + vx[i]
             inside ^= crosses & (px < x_cross)
-        return points["instance_id"].to_numpy()[inside]
+        return points["instance_id"][inside].to_numpy()
 
     @staticmethod
     def nearest(points: pd.DataFrame, x: float, y: float, within: float):
         """The id of the point nearest ``(x, y)`` if it lies within ``within``, else None."""
-        if points.empty:
-            return None
         distance = np.hypot(points["x"].to_numpy() - x, points["y"].to_numpy() - y)
-        best = int(np.argmin(distance))
+        if not np.isfinite(distance).any():  # no points, or none with coordinates
+            return None
+        best = int(np.nanargmin(distance))
         return points["instance_id"].iloc[best] if distance[best] <= within else None
 
     # -- subsets -----------------------------------------------------------------------------
@@ -730,9 +741,3 @@ def _class_name(code, names: list[str]) -> str:
         return "none"
     return names[int(code)] if 0 <= int(code) < len(names) else str(code)
 
-
-def _names(codes: pd.Series, names: list[str]) -> pd.Categorical:
-    """Class indices as class names (NaN where unlabeled), vectorised for a million rows."""
-    values = codes.to_numpy(dtype=float, na_value=np.nan)
-    valid = np.isfinite(values) & (values >= 0) & (values < len(names))
-    return pd.Categorical.from_codes(np.where(valid, np.nan_to_num(values), -1).astype(int), categories=names)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +42,11 @@ ROWS_FILE = "instance_rows.npy"
 THREADS = min(4, os.cpu_count() or 1)
 """Threads that gather and reduce a subset's rows (numpy releases the GIL for both)."""
 
+ID_INDEXES_KEPT = 4
+"""Runs whose sorted ids a process keeps (the last used): two at a time across runs."""
+
+_ID_INDEXES: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+"""The sorted ids and their rows by (file, time), shared by every index of the process."""
 
 _NP_LOAD = threading.Lock()
 """Held around every np.load here: it parses each header with ast.literal_eval, and CPython
@@ -67,14 +73,34 @@ class ActivationIndex:
         (from the catalog's neuron_cells): the layers there are, and the answer by complement.
         ``parts``: each part's key and first row, in row order (``activation_index_parts``)."""
         self.layout = RunLayout(run_root)
-        # In memory (8 bytes per int id): searching a memory-mapped array was 10x slower.
-        with _NP_LOAD:
-            self.sorted_ids = np.load(self.layout.index_dir / IDS_FILE)
-            self.rows_of_sorted = np.load(self.layout.index_dir / ROWS_FILE)
         self.totals = totals
         self.part_keys = [key for key, _ in parts]
         self.first_rows = np.array([first for _, first in parts], dtype=np.int64)
         self._matrices: dict[str, list[np.ndarray | None]] = {}
+
+    @property
+    def sorted_ids(self) -> np.ndarray:
+        """Every instance id, sorted (:func:`write_id_index`)."""
+        return self._id_index()[0]
+
+    @property
+    def rows_of_sorted(self) -> np.ndarray:
+        """Each of :attr:`sorted_ids`' row in the parts' key order."""
+        return self._id_index()[1]
+
+    def _id_index(self) -> tuple[np.ndarray, np.ndarray]:
+        # In memory (8 bytes per int id; searching a memory-mapped array was 10x slower), read
+        # when first searched and shared by every index of the run in the process: a dashboard
+        # opens one per session, and at 10M instances the two arrays are 160 MB.
+        path = self.layout.index_dir / IDS_FILE
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        with _NP_LOAD:
+            if key not in _ID_INDEXES:
+                _ID_INDEXES[key] = (np.load(path), np.load(self.layout.index_dir / ROWS_FILE))
+                while len(_ID_INDEXES) > ID_INDEXES_KEPT:
+                    _ID_INDEXES.popitem(last=False)
+            _ID_INDEXES.move_to_end(key)
+            return _ID_INDEXES[key]
 
     @property
     def rows(self) -> int:

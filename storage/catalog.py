@@ -55,6 +55,7 @@ from netloupe.storage.features import features_of
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.manifest import DatasetInfo, ProjectionTable, RunManifest
 from netloupe.storage.part_statistics import NEURON_TOP_KEPT, WIDE_NEURON_LIMIT, statistics_of
+from netloupe.storage.point_columns import write_point_columns
 from netloupe.storage.schema import ID_SQL_TYPES, ID_TYPES
 from netloupe.storage.statistics_merge import StatisticsMerge
 
@@ -203,6 +204,7 @@ def build_catalog(layout: RunLayout, manifest: RunManifest, memory_mib: int = DR
                 timed("statistics tables", _insert_statistics, con, statistics)
             timed("activation index", _write_index, con, layout)
             timed("projections", _build_projections, con, layout, manifest.projections.tables, id_type)
+            timed("point columns", write_point_columns, con, layout.points_dir, manifest.class_names)
             parquet_views, layers, methods = [], [], []
             for layer, neurons in model.layer_neurons.items():
                 wide = neurons <= WIDE_NEURON_LIMIT
@@ -355,15 +357,19 @@ def checked_layout(run_dir: str | os.PathLike) -> RunLayout:
     return layout
 
 
-def open_catalog(run_dir: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+def open_catalog(run_dir: str | os.PathLike, memory_mib: int | None = None) -> duckdb.DuckDBPyConnection:
     """A read-only, sandboxed DuckDB connection over the committed run at ``run_dir``.
 
     Every view, table and operator of the run's ``catalog.duckdb`` is reachable by its
-    plain name. Run analysts' SQL through :func:`run_query`.
+    plain name. Run analysts' SQL through :func:`run_query`. ``memory_mib`` bounds what the
+    connection's DuckDB holds (else DuckDB's default, most of the machine's memory): each
+    connection is a DuckDB of its own, which keeps what it read until that bound.
     """
     layout = checked_layout(run_dir)
     manifest = layout.read_manifest()
     con = duckdb.connect(":memory:")
+    if memory_mib is not None:
+        con.execute(f"SET memory_limit = '{int(memory_mib)}MiB'").fetchall()
     con.execute(f"ATTACH ? AS {ATTACHED} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
     # Names resolve here first (the views and macros below), then in the run's catalog.
     con.execute(f"SET search_path = 'memory.main,{ATTACHED}.main'").fetchall()

@@ -20,6 +20,7 @@
                                                 many parts (named after the first; wide_segments.py)
         index/instance_ids.npy, index/instance_rows.npy   the ids sorted, and where each one's row lies
         influence/part-0.parquet                TracIn's proponents and opponents per instance
+        points/                                 the scatter's columns, memory-mapped (point_columns.py)
       .staging/<run>-<uuid>/      a run being written; never read by anyone else
 
 A part's ``<key>`` is derived from the instance ids of the batch it holds, so a batch
@@ -83,6 +84,7 @@ from netloupe.storage.schema import (
 )
 
 CATALOG = "catalog.duckdb"
+POINTS = "points"
 CANDIDATES = "candidates"
 """Under ``projections/``: the projection sample's candidates, in the staged run only."""
 STAGING_DIR = ".staging"
@@ -164,6 +166,11 @@ class RunLayout:
     def influence_path(self) -> Path:
         """The ``influence`` table (written whole by the driver, after the explain pass)."""
         return self.root / INFLUENCE / part_name("0")
+
+    @property
+    def points_dir(self) -> Path:
+        """The scatter's memory-mapped columns (:mod:`netloupe.storage.point_columns`), written at the catalog."""
+        return self.root / POINTS
 
     @property
     def index_dir(self) -> Path:

@@ -23,11 +23,19 @@ def influential_examples(influence_path: Path, info: InfluenceInfo, instance_id)
     """``instance_id``'s proponents then opponents, strongest first: ``sign, rank, train_id,
     score, train_label`` and the training example's input columns (None where the training
     set is no longer where it was)."""
+    return influential_examples_of(influence_path, info, [instance_id]).drop_columns(["instance_id"])
+
+
+def influential_examples_of(influence_path: Path, info: InfluenceInfo, instance_ids: list) -> pa.Table:
+    """:func:`influential_examples` of several instances at once (``instance_id`` first, in
+    the order given): the training set is read once for all of them (a report's mistakes)."""
     con = duckdb.connect()
     try:
-        rows = con.sql("SELECT sign, rank, train_id, score FROM read_parquet(?) WHERE instance_id = ? "
-                       "ORDER BY sign DESC, rank", params=[str(influence_path), instance_id]).to_arrow_table()
-        examples = training_rows(con, info, rows["train_id"].to_pylist())
+        rows = con.sql("SELECT i.instance_id, sign, rank, train_id, score FROM read_parquet(?) i "
+                       "JOIN (SELECT unnest(?) AS instance_id, generate_subscripts(?, 1) AS position) USING (instance_id) "
+                       "ORDER BY position, sign DESC, rank",
+                       params=[str(influence_path), instance_ids, instance_ids]).to_arrow_table()
+        examples = training_rows(con, info, sorted(set(rows["train_id"].to_pylist())))
     finally:
         con.close()
     if examples is None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh cache, a real local Ray per test module, small Parquet files.
+"""Shared fixtures: a fresh cache, a real local Ray shared by the test modules, small Parquet files.
 Everything else the tests share is in :mod:`tests.helpers`."""
 
 from __future__ import annotations
@@ -26,12 +26,33 @@ def netloupe_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One real local Ray cluster for the whole test module (start-up costs seconds)."""
+    """A real local Ray for the test module: started by the first module that asks (start-up
+    costs seconds, twenty modules ask) and left running for the next, stopped at the end."""
     import ray
 
-    # As the driver starts one: a cluster of its own even when `ray start` runs here.
+    if not ray.is_initialized():
+        # As the driver starts one: a cluster of its own even when `ray start` runs here.
+        start_local_ray(log_to_driver=False, configure_logging=False)
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def fresh_ray_local():
+    """A local Ray started anew for the test module, after the module's fixtures have set the
+    environment its workers need (they inherit the environment of the Ray that starts them:
+    an object store's credentials, say); the next modules share it."""
+    import ray
+
+    ray.shutdown()
     start_local_ray(log_to_driver=False, configure_logging=False)
     yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_local_ray_at_the_end():
+    yield
+    import ray
+
     ray.shutdown()
 
 

@@ -489,6 +489,9 @@ def test_every_tab_draws_on_a_run_with_a_continuous_column(page):
     choice = page.locator(".choices__input--cloned").first
     choice.click()
     choice.press_sequentially("rotation")  # typed, so that the choices are searched
+    # Enter takes the highlighted choice: once the search has narrowed it to rotation (on a busy
+    # machine the keys arrive before the list is filtered).
+    page.locator(".choices__item--choice.is-highlighted").filter(has_text="rotation").first.wait_for(timeout=30_000)
     choice.press("Enter")
     shown = wait_for_text(page, ".subgroups", "rotation in [")
     assert "rotation <" in shown and "rotation >=" in shown
@@ -548,6 +551,36 @@ def test_a_link_opens_the_same_view_and_the_url_follows_the_view(browser, server
         wait_for_text(page, ".matrix-rows", "wrong")
         wait_until(lambda: plots(page, "activations/relu (pca), colored by noise"), 30, "the colleague's scatter")
         page.screenshot(path=str(ARTIFACTS / "link-colleague.png"), full_page=True)
+        assert page.errors == [], page.errors
+    finally:
+        context.close()
+
+
+def test_back_and_forward_restore_the_views_a_change_at_a_time(browser, server):
+    """Each change of the view is one page of the browser's history (a layer moves the
+    projection too, yet once), and Back and Forward show the view of that page again."""
+    context, page = open_page(browser, server)
+    try:
+        wait_until(lambda: query_of(page).get("layer") == ["head"], 15, "the URL to name the opening view")
+        opened = page.evaluate("history.length")
+        page.get_by_label("Layer").select_option("conv")
+        wait_until(lambda: query_of(page).get("projection") == ["activations/conv"], 15, "the layer in the URL")
+        page.get_by_label("Color by").select_option("noise")
+        wait_until(lambda: query_of(page).get("color") == ["noise"], 15, "the colour in the URL")
+        assert page.evaluate("history.length") == opened + 2  # two changes, two pages
+        page.go_back()
+        wait_until(lambda: page.get_by_label("Color by").input_value() == "label_name", 15, "Back to the colour")
+        assert page.get_by_label("Layer").input_value() == "conv"
+        wait_until(lambda: plots(page, "activations/conv (pca), colored by label_name"), 30, "the scatter of that view")
+        page.go_back()
+        wait_until(lambda: page.get_by_label("Layer").input_value() == "head", 15, "Back to the first layer")
+        assert query_of(page).get("projection") == ["activations/head"]
+        page.go_forward()
+        wait_until(lambda: page.get_by_label("Layer").input_value() == "conv", 15, "Forward to the layer")
+        assert page.get_by_label("Color by").input_value() == "label_name"
+        page.go_forward()
+        wait_until(lambda: page.get_by_label("Color by").input_value() == "noise", 15, "Forward to the colour")
+        assert page.evaluate("history.length") == opened + 2  # going back and forth added no page
         assert page.errors == [], page.errors
     finally:
         context.close()

