@@ -1457,23 +1457,31 @@ class BrowserHistory(JSComponent):
                              "each later one is a new page of the browser's history")
     popped = param.String(default="", doc="``<time>|<query>`` of the last Back or Forward: with the time, "
                                           "a return to the query of the one before is a change too")
+    answers = param.String(default="", doc="The ``popped`` that ``query`` answers (the view restored): "
+                                           "it replaces the URL, and is dropped if the browser has gone "
+                                           "on since; empty for a change the analyst made")
     _esm = """
     export function render({ model }) {
       let written = false
+      let latest = ""
       const write = () => {
         if (model.query == null) return
+        if (model.answers !== "" && model.answers !== latest) return  // Back pressed again meanwhile
         if (model.query !== window.location.search) {
           const url = window.location.pathname + model.query + window.location.hash
-          if (written) window.history.pushState({}, "", url)
-          else window.history.replaceState({}, "", url)  // the page opened: no page of its own
+          // A new page per change; the page opened, or one Back/Forward went to, keeps its place.
+          if (written && model.answers === "") window.history.pushState({}, "", url)
+          else window.history.replaceState({}, "", url)
         }
         written = true
       }
-      // Back or Forward: the server restores that view and writes its query back, which is
-      // then the URL already (no new page).
-      const listener = () => { model.popped = `${Date.now()}|${window.location.search}` }
+      const listener = () => {
+        latest = `${Date.now()}|${window.location.search}`
+        model.popped = latest
+      }
       window.addEventListener("popstate", listener)
       model.on("query", write)
+      model.on("answers", write)
       model.on("remove", () => window.removeEventListener("popstate", listener))
       write()
       const element = document.createElement("div")
@@ -1492,12 +1500,14 @@ def link_to_url(dashboard: Dashboard, tabs: pn.Tabs) -> BrowserHistory:
     projection too), which Back and Forward restore. The returned component does it, placed in
     the page."""
     history = BrowserHistory()
-    pending, restoring = [False], [False]
+    pending, restoring, answering = [False], [False], [""]
 
     def write() -> None:
         pending[0] = False
         values = {"tab": tab_key(tabs._names[tabs.active]), **dashboard.link_values()}
-        history.query = write_view_link(values, list(dashboard.session.subsets.values()))
+        history.param.update(query=write_view_link(values, list(dashboard.session.subsets.values())),
+                             answers=answering[0])
+        answering[0] = ""
 
     def changed(*_events) -> None:
         if restoring[0] or pending[0]:
@@ -1518,6 +1528,7 @@ def link_to_url(dashboard: Dashboard, tabs: pn.Tabs) -> BrowserHistory:
             tabs.active = keys.index(wanted) if wanted in keys else 0
         finally:
             restoring[0] = False
+        answering[0] = event.new
         changed()
 
     dashboard.param.watch(changed, ["layer", "projection", "algorithm", "color_by", "instance_id", "subsets_version"])

@@ -177,13 +177,12 @@ class ComparisonSession:
     def agreement_points(self, points: pd.DataFrame, a: str, b: str, colour: str) -> pd.DataFrame:
         """The projected ``points`` with a ``colour`` column: whether ``a`` and ``b`` predict
         each alike (:data:`AGREE`/:data:`DISAGREE`), or a method's map rank correlation."""
-        ids = points["instance_id"].to_numpy()
         if colour == AGREEMENT:
-            differ = np.isin(ids, self.disagreements(a, b, limit=None)["instance_id"].to_numpy())
+            differ = points["instance_id"].isin(self.disagreements(a, b, limit=None)["instance_id"]).to_numpy()
             values = pd.Categorical.from_codes(differ.astype(np.int8), categories=[AGREE, DISAGREE])
         elif colour.endswith(RANK_CORRELATION):
             found = self.map_agreement(a, b, colour[: -len(RANK_CORRELATION)])["rank_correlation"]
-            values = found.reindex(ids).to_numpy()
+            values = found.reindex(points["instance_id"]).to_numpy()
         else:
             raise SessionError(f"the agreement scatter is coloured by {self.colour_choices()}, not {colour!r}")
         # A new frame sharing the cached points' columns: the cache is never written to.

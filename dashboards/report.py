@@ -352,6 +352,9 @@ def scatter_section(session: RunSession, layer: str | None) -> Section:
     chosen = f"activations/{layer}" if f"activations/{layer}" in projections else projections[0]
     kind, source = chosen.split("/", 1)
     points = session.points(kind, source, "pca")
+    finite = np.isfinite(points["x"].to_numpy()) & np.isfinite(points["y"].to_numpy())
+    if not finite.all():  # a copy only then: the frame maps the run's columns
+        points = points[finite]
     if points.empty:
         return Section("scatter", title, note(f"The PCA of {chosen} has no finite point."))
     column = "label_name" if points["label_name"].notna().any() else "prediction_name"

@@ -31,11 +31,12 @@ from netloupe.storage.catalog import (
     has_feature_values,
     open_catalog,
     run_query,
+    write_point_columns_of,
 )
 from netloupe.storage.instance import InstanceRecord, NoSuchInstance, read_instance
 from netloupe.storage.layout import RunLayout
 from netloupe.storage.location import cache_root
-from netloupe.storage.point_columns import PointColumns, read_point_columns, write_point_columns
+from netloupe.storage.point_columns import PointColumns, read_point_columns
 
 _POINTS: dict[tuple, PointColumns] = {}
 """Each run's mapped point columns by :func:`run_key`, shared by every session of the process
@@ -219,8 +220,7 @@ class RunSession:
                                                                    digest_size=8).hexdigest()
                 columns = read_point_columns(cached)
                 if columns is None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    write_point_columns(self.con, cached, self.class_names)
+                    write_point_columns_of(self.layout, cached, self.class_names)
                     columns = read_point_columns(cached)
             _POINTS[self.run_key] = columns
         return _POINTS[self.run_key]
@@ -301,7 +301,8 @@ class RunSession:
         else:
             ids = run_query(self.con, "SELECT unnest(subset_ids(?)) AS instance_id",
                             [subset.predicate])["instance_id"].to_numpy()
-        inside = np.isin(points["instance_id"].to_numpy(), ids)
+        # Series.isin: text ids are Arrow's, and to_numpy would make ten million Python strings.
+        inside = points["instance_id"].isin(ids).to_numpy()
         return pd.Categorical.from_codes(inside.astype(np.int8), categories=["other", f"in {name}"])
 
     def add_ids_subset(self, name: str, ids) -> Subset:

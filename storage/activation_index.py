@@ -43,10 +43,10 @@ THREADS = min(4, os.cpu_count() or 1)
 """Threads that gather and reduce a subset's rows (numpy releases the GIL for both)."""
 
 ID_INDEXES_KEPT = 4
-"""Runs whose sorted ids a process keeps (the last used): two at a time across runs."""
+"""Runs whose sorted ids a process keeps, the last used (an operator across runs searches two)."""
 
-_ID_INDEXES: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-"""The sorted ids and their rows by (file, time), shared by every index of the process."""
+_ID_INDEXES: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+"""The sorted ids and their rows by their files and times, shared by every index of the process."""
 
 _NP_LOAD = threading.Lock()
 """Held around every np.load here: it parses each header with ast.literal_eval, and CPython
@@ -92,11 +92,11 @@ class ActivationIndex:
         # In memory (8 bytes per int id; searching a memory-mapped array was 10x slower), read
         # when first searched and shared by every index of the run in the process: a dashboard
         # opens one per session, and at 10M instances the two arrays are 160 MB.
-        path = self.layout.index_dir / IDS_FILE
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        paths = [self.layout.index_dir / IDS_FILE, self.layout.index_dir / ROWS_FILE]
+        key = tuple((str(path.resolve()), path.stat().st_mtime_ns) for path in paths)
         with _NP_LOAD:
             if key not in _ID_INDEXES:
-                _ID_INDEXES[key] = (np.load(path), np.load(self.layout.index_dir / ROWS_FILE))
+                _ID_INDEXES[key] = (np.load(paths[0]), np.load(paths[1]))
                 while len(_ID_INDEXES) > ID_INDEXES_KEPT:
                     _ID_INDEXES.popitem(last=False)
             _ID_INDEXES.move_to_end(key)
@@ -164,16 +164,17 @@ class ActivationIndex:
         ids = np.asarray(ids)
         if ids.dtype == object:
             ids = ids.astype(str)
-        if len(ids) == 0 or len(self.sorted_ids) == 0:
+        sorted_ids, rows_of_sorted = self._id_index()  # one fetch: both of the same build
+        if len(ids) == 0 or len(sorted_ids) == 0:
             return np.empty(0, np.int64)
         # Sorted needles: numpy's search then walks the ids in order (10x fewer cache misses
         # than random needles), and the positions come out sorted and distinct.
         # Strings stay as they are: a cast to the stored width would truncate longer ids.
-        needles = np.sort(ids.astype(str) if self.sorted_ids.dtype.kind == "U" else ids.astype(self.sorted_ids.dtype))
+        needles = np.sort(ids.astype(str) if sorted_ids.dtype.kind == "U" else ids.astype(sorted_ids.dtype))
         # (np.unique took 50x longer than this sort for 333k int64 ids with numpy 2.x)
         needles = needles[np.concatenate(([True], needles[1:] != needles[:-1]))]
-        found = np.minimum(np.searchsorted(self.sorted_ids, needles), len(self.sorted_ids) - 1)
-        return np.sort(self.rows_of_sorted[found[self.sorted_ids[found] == needles]])
+        found = np.minimum(np.searchsorted(sorted_ids, needles), len(sorted_ids) - 1)
+        return np.sort(rows_of_sorted[found[sorted_ids[found] == needles]])
 
     def vector(self, layer: str, instance_id) -> np.ndarray | None:
         """One instance's activations of ``layer``, or None for an unknown id."""

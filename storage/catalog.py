@@ -406,6 +406,18 @@ def open_catalog(run_dir: str | os.PathLike, memory_mib: int | None = None) -> d
     return con
 
 
+def write_point_columns_of(layout: RunLayout, directory: Path, class_names: list[str]) -> None:
+    """Write the point columns of the committed run at ``layout``, whose catalog an older
+    netloupe built without them, into ``directory`` (a local cache; the run is not written):
+    over a connection of the driver's kind, bounded and spilling to disk (the columns are
+    sorted by id: an analyst's sandbox, which cannot spill, runs out of memory at millions)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with driver_connection(DRIVER_SQL_MEMORY_MIB, directory.parent / f".spill-{uuid.uuid4().hex}") as con:
+        con.execute(f"ATTACH ? AS {ATTACHED} (READ_ONLY)", [str(layout.catalog_path)]).fetchall()
+        con.execute(f"USE {ATTACHED}").fetchall()
+        write_point_columns(con, directory, class_names)
+
+
 def _create_inputs_view(con: duckdb.DuckDBPyConnection, dataset: DatasetInfo) -> tuple[list[str], list[str]]:
     """The view ``inputs`` (``instance_id`` and the model's input column or feature columns)
     over the dataset the run was made from, when it is still where the run found it; returns

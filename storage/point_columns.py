@@ -48,6 +48,9 @@ per pixel and value (a free-text column of a million values would be a million c
 pixel). A column of more is left out of the points."""
 DERIVED = ("label_name", "prediction_name", "outcome")
 """Columns made here from netloupe's own (class names, and whether the prediction was right)."""
+FRAME_NAMES = ("x", "y", *DERIVED)
+"""Names the frame gives its own columns: a metadata column of one of them is left out (it
+would hide the coordinates, or be hidden)."""
 OUTCOMES = ("correct", "incorrect", "unlabeled")
 EXCLUDED = ("instance_id", "probabilities", "node_id", "device", "feature_value", "correct", "input_finite")
 """Instance columns the scatter never shows: vectors (a million arrays), where a row was
@@ -89,7 +92,12 @@ def write_point_columns(con: duckdb.DuckDBPyConnection, directory: Path, class_n
             os.replace(tmp, final)
             shutil.rmtree(trash)
         else:
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / POINTS_FILE).exists():
+                    raise
+                shutil.rmtree(tmp)  # another process wrote the same columns meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,7 +174,7 @@ def _instance_columns(con, schema: pa.Schema, class_names: list[str]) -> list[di
     classes = len(class_names)
     columns = []
     for field in schema:
-        if field.name in EXCLUDED:
+        if field.name in EXCLUDED or field.name in FRAME_NAMES:
             continue
         quoted = '"' + field.name.replace('"', '""') + '"'
         nulls = con.execute(f"SELECT count(*) - count({quoted}) FROM instances").fetchall()[0][0]
@@ -238,8 +246,10 @@ def _write_projections(con, directory: Path, rows: int) -> list[dict]:
         for batch in reader:
             end = start + batch.num_rows
             for array, values in zip(files, batch.columns):
-                # Not fitted for this instance (NULL) or not finite: NaN, which no view draws.
-                array[start:end] = pc.cast(values, pa.float32()).to_numpy(zero_copy_only=False)
+                # Not fitted for this instance (NULL) or not finite (or beyond float32): NaN,
+                # which no view draws.
+                coordinates = pc.cast(values, pa.float32(), safe=False).to_numpy(zero_copy_only=False)
+                array[start:end] = np.where(np.isfinite(coordinates), coordinates, np.float32(np.nan))
             start = end
         for array in files:
             array.flush()

@@ -40,12 +40,13 @@ def ray_local():
 def fresh_ray_local():
     """A local Ray started anew for the test module, after the module's fixtures have set the
     environment its workers need (they inherit the environment of the Ray that starts them:
-    an object store's credentials, say); the next modules share it."""
+    an object store's credentials, say); stopped after it."""
     import ray
 
     ray.shutdown()
     start_local_ray(log_to_driver=False, configure_logging=False)
     yield ray
+    ray.shutdown()  # its workers keep the module's environment: not for the next modules
 
 
 @pytest.fixture(scope="session", autouse=True)

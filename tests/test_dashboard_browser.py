@@ -581,6 +581,18 @@ def test_back_and_forward_restore_the_views_a_change_at_a_time(browser, server):
         page.go_forward()
         wait_until(lambda: page.get_by_label("Color by").input_value() == "noise", 15, "Forward to the colour")
         assert page.evaluate("history.length") == opened + 2  # going back and forth added no page
+        # Back twice before the server has answered the first: its answer comes late and is
+        # dropped (written, it would replace the page Back went to, and Forward would be lost).
+        page.go_back()
+        page.go_back()
+        wait_until(lambda: page.get_by_label("Layer").input_value() == "head", 15, "Back twice to the first layer")
+        wait_until(lambda: query_of(page).get("layer") == ["head"], 15, "the first page's URL")
+        assert page.get_by_label("Color by").input_value() == "label_name"
+        page.go_forward()
+        page.go_forward()
+        wait_until(lambda: page.get_by_label("Color by").input_value() == "noise", 15, "Forward twice to the colour")
+        assert page.get_by_label("Layer").input_value() == "conv"
+        assert page.evaluate("history.length") == opened + 2
         assert page.errors == [], page.errors
     finally:
         context.close()

@@ -32,9 +32,11 @@ def _instances(ids) -> tuple[pa.Table, np.ndarray]:
         "group": pa.array([None if i % 11 == 0 else f"g{i % 4}" for i in range(ROWS)]),
         "count": pa.array([None if i % 5 == 0 else i for i in range(ROWS)], pa.int64()),
         "score": rng.normal(size=ROWS),
+        "x": np.zeros(ROWS),  # a metadata column named as a coordinate: left out of the points
     })
     xy = rng.normal(size=(ROWS, 2)).astype(np.float32)
-    xy[[3, 17]] = np.nan  # vectors that were not finite
+    xy[3] = np.nan  # vectors that were not finite
+    xy[17] = np.inf
     return table, xy
 
 
@@ -65,9 +67,10 @@ def test_every_column_equals_what_sql_says(run_dir):
     expected = _by_sql(run_dir)
     assert len(points) == ROWS
     assert points["instance_id"].tolist() == expected["instance_id"].tolist()  # instance_id order
-    np.testing.assert_array_equal(points["x"].to_numpy(), expected["x"].to_numpy(np.float32))
-    np.testing.assert_array_equal(points["y"].to_numpy(), expected["y"].to_numpy(np.float32))
-    assert int(points["x"].isna().sum()) == 2  # kept, with no coordinates: nothing draws them
+    for axis in "xy":  # NaN and Inf alike become NaN: kept, with no coordinates, drawn nowhere
+        stored = expected[axis].to_numpy(np.float32)
+        np.testing.assert_array_equal(points[axis].to_numpy(), np.where(np.isfinite(stored), stored, np.nan))
+    assert int(points["x"].isna().sum()) == 2 and np.isinf(expected["x"]).sum() == 1
     for column in ("label", "prediction", "confidence", "count", "score"):
         np.testing.assert_array_equal(points[column].to_numpy(float), expected[column].to_numpy(float), err_msg=column)
     assert points["label"].dtype == np.float64 and points["prediction"].dtype == np.int64  # nulls → NaN, as pandas
@@ -99,6 +102,14 @@ def test_the_frame_maps_the_files_and_copies_nothing(run_dir):
         assert isinstance(columns.ids, np.memmap) and np.shares_memory(points["instance_id"].to_numpy(), columns.ids)
     # Another session of the process maps the same columns (one set of pages).
     assert RunSession(run_dir).point_columns is columns
+
+
+def test_a_kept_subset_colours_the_points_by_their_ids(run_dir):
+    session = RunSession(run_dir)
+    points = session.points("activations", "layer")
+    session.add_predicate_subset("second group", "\"group\" = 'g1'")
+    inside = session.membership(points, "second group")
+    assert (inside == "in second group").tolist() == (points["group"] == "g1").fillna(False).tolist()
 
 
 def test_box_lasso_and_nearest_skip_points_without_coordinates(run_dir):
@@ -141,6 +152,7 @@ def test_a_text_column_of_too_many_values_is_left_out_of_the_colours(tmp_path, m
     session = RunSession(layout.root)
     assert "group" not in session.point_columns.columns
     assert session.colour_columns == ["count", "score"] and "group" in session.metadata_columns
+    assert "x" in session.metadata_columns and "x" not in session.point_columns.columns
 
 
 def test_a_session_s_duckdb_holds_a_bounded_amount(run_dir):
