@@ -172,9 +172,10 @@ def _labelled_rows(dataset: ResolvedDataset, where: str | None, limit: int | Non
     if rows == 0:
         raise DatasetError(f"influence.where {where!r} chooses no training rows of {dataset.path}")
     if labelled != rows:
+        fix = ("choose labelled rows with influence.where" if where is not None or what.startswith("training")
+               else "or use influence.target: predicted")
         raise DatasetError(f"{rows - labelled:,} of the {rows:,} {what} have no label; TracIn needs each one's "
-                           + ("(choose labelled rows with influence.where)" if where is not None or what.startswith("training")
-                              else "(or use influence.target: predicted)"))
+                           f"label ({fix})")
     if low < 0 or high >= classes:
         raise DatasetError(f"the {what}' labels run from {low} to {high}, but the model scores {classes} classes "
                            f"(0..{classes - 1}); labels must be class indices")

@@ -102,8 +102,6 @@ def run_checkpoints(spec: JobSpec, force: bool = False, progress: RunProgress | 
         raise SpecError("a run group (model.checkpoints) is written to a local output.root for now; "
                         f"got {spec.output.root}: run it to a directory and copy the group")
     files = checkpoint_files(spec)
-    if spec.influence is not None:
-        spec.influence.rate_of(len(files))
     directory = (Path(spec.output.root) / spec.output.run_name).resolve()
     old = read_group(directory) if directory.exists() else None
     if directory.exists():

@@ -176,7 +176,6 @@ def _create_group_influence(con: duckdb.DuckDBPyConnection, compared: list[Compa
     return path
 
 
-
 def _check_same_instances(con: duckdb.DuckDBPyConnection, compared: list[ComparedRun]) -> None:
     """Every run holds the same instance ids (count and digest), and where two manifests
     record their inputs' digest, the same inputs."""

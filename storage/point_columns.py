@@ -61,7 +61,6 @@ computed, and the flags ``outcome`` already says."""
 class PointColumns:
     """A run's mapped point columns (:func:`read_point_columns`)."""
 
-    rows: int
     ids: pd.api.extensions.ExtensionArray | np.ndarray
     """The instance ids, in the order of every column."""
     columns: dict[str, np.ndarray | pd.Categorical]
@@ -132,7 +131,7 @@ def read_point_columns(directory: Path) -> PointColumns | None:
         columns[column["name"]] = values
     projections = {(p["kind"], p["source"], p["algorithm"]): (mapped(p["x"]), mapped(p["y"]))
                    for p in description["projections"]}
-    return PointColumns(description["rows"], ids, columns, projections)
+    return PointColumns(ids, columns, projections)
 
 
 # -- writing --------------------------------------------------------------------------------

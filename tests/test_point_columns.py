@@ -174,3 +174,12 @@ def test_the_sorted_ids_are_read_when_first_searched_and_shared_by_sessions(run_
     first, second = run_query(a.con, query, [ids]), run_query(b.con, query, [ids])
     assert first == second and first["size"].to_pylist() == [5, 5]
     assert len(activation_index._ID_INDEXES) == 1
+
+
+def test_the_report_counts_and_tallies_only_the_points_it_draws(run_dir):
+    """The frame keeps instances without coordinates (NaN); the report's scatter counts those it draws."""
+    from netloupe.dashboards.report import scatter_section
+
+    body = scatter_section(RunSession(run_dir), "layer").body
+    assert f"Every one of the {ROWS - 2:,} projected instances" in body
+    assert "2 instances without a finite projection are left out" in body

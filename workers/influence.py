@@ -174,7 +174,6 @@ class TrainingRows:
             con.close()
 
 
-
 def _device() -> torch.device:
     from netloupe.workers.explain import pick_device
 
